@@ -1,0 +1,76 @@
+"""Engine configuration: frozen dataclasses, derived values as cached properties."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from functools import cached_property
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+class SchedulePolicy(str, Enum):
+    SPLITFUSE = "splitfuse"  # decodes first, then prompt chunks, up to the token budget
+    PREFILL_FIRST = "prefill_first"  # waiting prompts before any decode (for comparison)
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    key = name.removeprefix("torch.").lower()
+    if key not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(_DTYPES)}")
+    return _DTYPES[key]
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    num_blocks: int | None = None
+    """Number of KV blocks; None sizes the cache from the memory options below."""
+    gpu_memory_utilization: float = 0.9
+    """Fraction of the GPU's memory the engine may use in all (weights, activations, cache)."""
+    cpu_kv_cache_gib: float = 1.0
+    """KV cache size on the CPU."""
+    enable_prefix_caching: bool = True
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int = 512
+    """Token budget of one forward pass (Dynamic SplitFuse)."""
+    max_num_seqs: int = 256
+    policy: SchedulePolicy = SchedulePolicy.SPLITFUSE
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str
+    """Path of a local Hugging Face model folder."""
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    """'auto' takes the checkpoint's dtype on the GPU and float32 on the CPU."""
+    device: str = "auto"
+    max_model_len: int | None = None
+    tensor_parallel: int = 1
+    enforce_eager: bool = False
+    """Skip CUDA graphs for decode-only steps."""
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    @cached_property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)

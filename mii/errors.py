@@ -1,0 +1,25 @@
+"""Exceptions the public API raises."""
+
+
+class MIIError(Exception):
+    """Base class of every error mii raises on purpose."""
+
+
+class InvalidRequestError(MIIError, ValueError):
+    """A prompt or a generation option is not acceptable."""
+
+
+class DeploymentNotFoundError(MIIError):
+    """No deployment of that name is recorded in the Redis server."""
+
+
+class QueueFullError(MIIError):
+    """The deployment's request stream holds more pending work than its configured limit."""
+
+
+class GenerationError(MIIError):
+    """A worker reported that a request failed."""
+
+
+class RequestTimeoutError(MIIError, TimeoutError):
+    """A request's deadline passed before it finished."""

@@ -1,0 +1,121 @@
+"""Generation options: MII's names and defaults, validated with pydantic at the API edge.
+
+`GenerateParams` is what users pass as keyword arguments to `pipe(...)` or
+`client.generate(...)`; the engine receives the frozen `SamplingParams` that
+`GenerateParams.to_sampling_params` derives from it.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mii.engine.sampling_params import SamplingParams
+from mii.errors import InvalidRequestError
+
+MAX_LOGPROBS = 20
+
+
+class GenerateParams(BaseModel):
+    """Options for text generation (DeepSpeed-MII's `GenerateParamsConfig`, plus vLLM's extras).
+
+    Defaults follow MII: sampling is on (`do_sample=True`, `top_p=0.9`); pass
+    `do_sample=False` for greedy decoding.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_length: int = Field(1024, gt=0)
+    """Maximum of prompt tokens + generated tokens."""
+    max_new_tokens: int | None = Field(None, gt=0)
+    """Maximum number of generated tokens; `max_length` also applies."""
+    min_new_tokens: int = Field(0, ge=0)
+    """EOS and stop tokens are suppressed until this many tokens were generated."""
+    stream: bool = False
+    ignore_eos: bool = False
+    return_full_text: bool = False
+    do_sample: bool = True
+    top_p: float = Field(0.9, gt=0, le=1)
+    top_k: int | None = Field(None, gt=0)
+    temperature: float | None = Field(None, gt=0)
+    stop: list[str] = Field(default_factory=list)
+    # Extensions beyond MII.
+    min_p: float = Field(0.0, ge=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop_token_ids: list[int] = Field(default_factory=list)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    """Return the chosen token's log-probability and this many top alternatives."""
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_list(cls, value):
+        if isinstance(value, str):
+            return [value]
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, value: list[str]) -> list[str]:
+        if any(s == "" for s in value):
+            raise ValueError("stop strings must not be empty")
+        return sorted(set(value))
+
+    @model_validator(mode="after")
+    def _min_below_max(self) -> GenerateParams:
+        if self.max_new_tokens is not None and self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(
+                f"min_new_tokens ({self.min_new_tokens}) exceeds "
+                f"max_new_tokens ({self.max_new_tokens})"
+            )
+        return self
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> GenerateParams:
+        """Validate user keyword arguments; raise `InvalidRequestError` naming what is wrong."""
+        unknown = sorted(set(kwargs) - set(cls.model_fields))
+        if unknown:
+            raise InvalidRequestError(
+                f"unknown generation option(s): {', '.join(unknown)}; "
+                f"known options: {', '.join(sorted(cls.model_fields))}"
+            )
+        try:
+            return cls(**kwargs)
+        except ValidationError as exc:
+            raise InvalidRequestError(_describe(exc)) from None
+
+    def max_new_tokens_for(self, prompt_length: int, max_model_len: int) -> int:
+        """How many tokens a prompt of this length may generate, or an error if none."""
+        limit = min(self.max_length, max_model_len)
+        if prompt_length >= limit:
+            raise InvalidRequestError(
+                f"prompt is {prompt_length} tokens, which leaves no room to generate: "
+                f"max_length is {self.max_length} and the model's context is {max_model_len} "
+                "tokens"
+            )
+        room = limit - prompt_length
+        return room if self.max_new_tokens is None else min(room, self.max_new_tokens)
+
+    def to_sampling_params(self, prompt_length: int, max_model_len: int) -> SamplingParams:
+        greedy = not self.do_sample
+        return SamplingParams(
+            max_new_tokens=self.max_new_tokens_for(prompt_length, max_model_len),
+            min_new_tokens=self.min_new_tokens,
+            temperature=0.0 if greedy else (self.temperature or 1.0),
+            top_p=1.0 if greedy else self.top_p,
+            top_k=None if greedy else self.top_k,
+            min_p=0.0 if greedy else self.min_p,
+            repetition_penalty=self.repetition_penalty,
+            seed=self.seed,
+            ignore_eos=self.ignore_eos,
+            stop=tuple(self.stop),
+            stop_token_ids=tuple(self.stop_token_ids),
+            logprobs=self.logprobs,
+        )
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "options"
+        parts.append(f"{where}: {err['msg']} (got {err.get('input')!r})")
+    return "invalid generation options: " + "; ".join(parts)
