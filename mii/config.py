@@ -1,0 +1,123 @@
+"""MII's `ModelConfig` and `MIIConfig` as pydantic models, with mii's engine options added."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from mii.constants import DeploymentType, TaskType
+from mii.engine.config import CacheConfig, EngineConfig, SchedulePolicy, SchedulerConfig
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+
+
+class ModelConfig(_Model):
+    """Which model to load and how (DeepSpeed-MII's field names, then mii's engine knobs)."""
+
+    model_name_or_path: str
+    tokenizer: str | None = None
+    task: TaskType = TaskType.TEXT_GENERATION
+    tensor_parallel: int = Field(default_factory=lambda: int(os.getenv("WORLD_SIZE", "1")), gt=0)
+    quantization_mode: str | None = None
+    inference_engine_config: dict[str, Any] = Field(default_factory=dict)
+    """MII's ragged engine options; `state_manager.max_ragged_batch_size`,
+    `state_manager.max_ragged_sequence_count` and `state_manager.max_context` are honoured."""
+    torch_dist_port: int = 29500
+    zmq_port_number: int = 25555
+    replica_num: int = Field(1, gt=0)
+    replica_configs: list[dict[str, Any]] = Field(default_factory=list)
+    device_map: Literal["auto"] | dict[str, list[list[int]]] = "auto"
+    max_length: int | None = Field(None, gt=0)
+    """Largest prompt + generation the deployment accepts (defaults to the model's context)."""
+    sync_debug: bool = False
+    profile_model_time: bool = False
+    # mii's engine options.
+    dtype: str = "auto"
+    device: str = "auto"
+    block_size: int = Field(16, gt=0)
+    max_num_batched_tokens: int | None = Field(None, gt=0)
+    """SplitFuse token budget per forward pass (MII: max_ragged_batch_size, default 768)."""
+    max_num_seqs: int | None = Field(None, gt=0)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    cpu_kv_cache_gib: float = Field(1.0, gt=0)
+    num_kv_blocks: int | None = Field(None, gt=0)
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False
+    schedule_policy: SchedulePolicy = SchedulePolicy.SPLITFUSE
+
+    @field_validator("device_map", mode="before")
+    @classmethod
+    def _device_map_dict(cls, value):
+        if isinstance(value, int):
+            return {"localhost": [[value]]}
+        if isinstance(value, list) and value and isinstance(value[0], int):
+            return {"localhost": [value]}
+        if isinstance(value, list) and value and isinstance(value[0], list):
+            return {"localhost": value}
+        return value
+
+    @model_validator(mode="after")
+    def _quantization_unsupported(self) -> ModelConfig:
+        if self.quantization_mode is not None:
+            raise ValueError(f"quantization_mode {self.quantization_mode!r} is not supported")
+        return self
+
+    def _state_manager(self, key: str):
+        return self.inference_engine_config.get("state_manager", {}).get(key)
+
+    def to_engine_config(self, model_path: str | None = None) -> EngineConfig:
+        """The engine's frozen config; `model_path` replaces a short name already resolved."""
+        budget = self.max_num_batched_tokens or self._state_manager("max_ragged_batch_size")
+        max_seqs = self.max_num_seqs or self._state_manager("max_ragged_sequence_count")
+        scheduler = SchedulerConfig(
+            max_num_batched_tokens=budget or 768,
+            max_num_seqs=max_seqs or 256,
+            policy=self.schedule_policy,
+        )
+        cache = CacheConfig(
+            block_size=self.block_size,
+            num_blocks=self.num_kv_blocks,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            cpu_kv_cache_gib=self.cpu_kv_cache_gib,
+            enable_prefix_caching=self.enable_prefix_caching,
+        )
+        path = model_path or self.model_name_or_path
+        return EngineConfig(
+            model=path,
+            tokenizer=self.tokenizer if self.tokenizer != self.model_name_or_path else path,
+            dtype=self.dtype,
+            device=self.device,
+            max_model_len=self.max_length or self._state_manager("max_context"),
+            tensor_parallel=self.tensor_parallel,
+            enforce_eager=self.enforce_eager,
+            cache=cache,
+            scheduler=scheduler,
+        )
+
+
+class MIIConfig(_Model):
+    """A deployment: its name, its model and where its Redis is."""
+
+    deployment_name: str = ""
+    deployment_type: DeploymentType = DeploymentType.LOCAL
+    model_conf: ModelConfig = Field(alias="model_config")
+    port_number: int = 50050
+    enable_restful_api: bool = False
+    restful_api_host: str = "localhost"
+    restful_api_port: int = 51080
+    restful_processes: int = Field(32, ge=1)
+    # mii's broker options.
+    redis_url: str | None = None
+    """Redis URL (redis://, rediss://, with user and password); None: MII_REDIS_URL or an
+    embedded redis-server."""
+
+    @model_validator(mode="after")
+    def _default_deployment_name(self) -> MIIConfig:
+        if not self.deployment_name:
+            name = os.path.basename(self.model_conf.model_name_or_path.rstrip("/"))
+            self.deployment_name = f"{name}-mii-deployment"
+        return self
