@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import random
+from collections.abc import Sequence as SequenceType
 from dataclasses import dataclass
+from typing import Any
 
-from mii.engine.config import EngineConfig
-from mii.engine.outputs import RequestOutput
+from mii.constants import GenerationFinishReason
+from mii.engine.block_manager import BlockManager
+from mii.engine.config import EngineConfig, parse_dtype
+from mii.engine.detokenizer import IncrementalDetokenizer
+from mii.engine.loader import eos_token_ids, load_hf_config, load_tokenizer, resolve_model_path
+from mii.engine.model_runner import ModelRunner
+from mii.engine.outputs import RequestOutput, TokenLogprob
+from mii.engine.parallel import SINGLE, ParallelContext
+from mii.engine.sampler import Sampler, SamplerOutput
 from mii.engine.sampling_params import SamplingParams
+from mii.engine.scheduler import Scheduler, SchedulerOutput
+from mii.engine.sequence import Sequence
+from mii.errors import InvalidRequestError
 
 
 @dataclass(frozen=True)
@@ -22,33 +34,205 @@ class EngineStats:
     steps: int
 
 
+class _Request:
+    """A sequence with what only the engine's front half needs: its detokenizer."""
+
+    def __init__(self, seq: Sequence, detokenizer: IncrementalDetokenizer | None) -> None:
+        self.seq = seq
+        self.detokenizer = detokenizer
+        self.emitted = seq.num_generated  # generated tokens already reported
+
+
+def max_context(hf_config: Any) -> int:
+    """The longest context the model attends over correctly."""
+    limit = getattr(hf_config, "max_position_embeddings", None) or 2048
+    window = getattr(hf_config, "sliding_window", None)
+    if window and getattr(hf_config, "use_sliding_window", True):
+        # Without sliding-window attention, stay inside the window to stay exact.
+        limit = min(limit, window)
+    return limit
+
+
 class LLMEngine:
-    """Interface (implementation in progress)."""
+    def __init__(
+        self,
+        config: EngineConfig,
+        tp: ParallelContext = SINGLE,
+        random_weights: bool = False,
+        load_tokenizer_files: bool = True,
+    ) -> None:
+        self.config = config
+        path = resolve_model_path(config.model)
+        self.hf_config = load_hf_config(path)
+        tok_path = config.tokenizer or path
+        self.tokenizer = load_tokenizer(tok_path) if load_tokenizer_files else None
+        model_len = config.max_model_len or max_context(self.hf_config)
+        self.runner = ModelRunner(
+            config, self.hf_config, path, self._dtype(), model_len, tp, random_weights
+        )
+        self.runner.sampler = Sampler(eos_token_ids(path, self.hf_config, self.tokenizer))
+        self.eos_token_ids = frozenset(self.runner.sampler.eos_token_ids)
+        cache_tokens = self.runner.num_blocks * config.cache.block_size
+        self.max_model_len = min(model_len, cache_tokens)
+        self.vocab_size = self.hf_config.vocab_size
+        self.block_manager = BlockManager(
+            self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.requests: dict[str, _Request] = {}
+        self._arrivals = 0
+        self._rng = random.Random()
+        self._tokens_generated = self._prompt_tokens = self._steps = 0
 
-    def __init__(self, config: EngineConfig) -> None:
-        raise NotImplementedError
+    def _dtype(self):
+        if self.config.dtype != "auto":
+            return parse_dtype(self.config.dtype)
+        if self.config.torch_device.type == "cpu":
+            return parse_dtype("float32")
+        stored = getattr(self.hf_config, "dtype", None) or getattr(
+            self.hf_config, "torch_dtype", None
+        )
+        dtype = parse_dtype(str(stored)) if stored else parse_dtype("bfloat16")
+        return parse_dtype("bfloat16") if dtype == parse_dtype("float32") else dtype
 
+    # ---- requests ----------------------------------------------------------------------
     def add_request(
         self,
         request_id: str,
-        prompt_token_ids: Sequence[int],
+        prompt_token_ids: SequenceType[int],
         params: SamplingParams,
-        generated_token_ids: Sequence[int] = (),
+        generated_token_ids: SequenceType[int] = (),
     ) -> None:
         """Queue a request. `generated_token_ids` resumes one that another worker began."""
-        raise NotImplementedError
+        self._validate(request_id, prompt_token_ids, params, generated_token_ids)
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        seq = Sequence(request_id, prompt_token_ids, params, self._arrivals,
+                       generated_token_ids, seed)
+        self._arrivals += 1
+        detok = None
+        if self.tokenizer is not None:
+            detok = IncrementalDetokenizer(self.tokenizer, params.stop, generated_token_ids)
+        self.requests[request_id] = _Request(seq, detok)
+        self.scheduler.add(seq)
+
+    def _validate(self, request_id, prompt, params: SamplingParams, generated) -> None:
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in the engine")
+        if len(prompt) == 0:
+            raise InvalidRequestError("prompt is empty")
+        total = len(prompt) + len(generated)
+        if total >= self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt is {total} tokens; the model's context is {self.max_model_len} tokens"
+            )
+        bad = [t for t in (*prompt, *generated) if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"token ids outside the vocabulary: {bad[:5]}")
+        if params.max_new_tokens < 1:
+            raise InvalidRequestError("max_new_tokens must be at least 1")
 
     def abort_request(self, request_id: str) -> bool:
-        raise NotImplementedError
-
-    def step(self) -> list[RequestOutput]:
-        raise NotImplementedError
+        """Drop a request and free its KV blocks; False when it is not here."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        self.scheduler.remove(req.seq)
+        return True
 
     def has_unfinished_requests(self) -> bool:
-        raise NotImplementedError
+        return bool(self.requests)
 
     def can_admit(self, num_prompt_tokens: int) -> bool:
-        raise NotImplementedError
+        """Whether a new prompt of this length fits beside the work already queued."""
+        if len(self.requests) >= self.config.scheduler.max_num_seqs:
+            return False
+        bs = self.config.cache.block_size
+        queued = sum(-(-s.num_tokens // bs) for s in self.scheduler.waiting)
+        return queued + -(-num_prompt_tokens // bs) <= self.block_manager.num_free_blocks
 
     def stats(self) -> EngineStats:
-        raise NotImplementedError
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_blocks_total=self.block_manager.num_blocks,
+            kv_blocks_free=self.block_manager.num_free_blocks,
+            tokens_generated=self._tokens_generated,
+            prompt_tokens_processed=self._prompt_tokens,
+            steps=self._steps,
+        )
+
+    # ---- the step ----------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run one forward pass, then turn the samples into outputs."""
+        schedule = self.scheduler.schedule()
+        if not schedule.chunks:
+            return []
+        samples = self.runner.run(schedule.chunks)
+        self.scheduler.finish_step(schedule)
+        self._steps += 1
+        return self._postprocess(schedule, samples)
+
+    def _postprocess(self, schedule: SchedulerOutput, samples: SamplerOutput | None):
+        sampling = [c.seq for c in schedule.chunks if c.samples]
+        self._prompt_tokens += schedule.num_tokens - len(sampling)
+        if samples is None:
+            return []
+        token_ids = samples.token_ids.tolist()  # the step's one host synchronisation
+        logprobs = _logprob_rows(samples, token_ids)
+        outputs = []
+        for seq, token_id, lp in zip(sampling, token_ids, logprobs, strict=True):
+            seq.append_token(token_id)
+            self._tokens_generated += 1
+            outputs.append(self._output(self.requests[seq.request_id], token_id, lp))
+        return outputs
+
+    def _output(self, req: _Request, token_id: int, logprob: TokenLogprob | None) -> RequestOutput:
+        seq = req.seq
+        reason = self._finish_reason(seq, token_id)
+        text = ""
+        if req.detokenizer is not None:
+            req.detokenizer.add_token(token_id)
+            if reason is None and req.detokenizer.stopped:
+                reason = GenerationFinishReason.STOP
+            text = req.detokenizer.take(finished=reason is not None)
+        first_index = req.emitted
+        req.emitted = seq.num_generated
+        if reason is not None:
+            seq.finish_reason = reason
+            self.requests.pop(seq.request_id)
+            self.scheduler.remove(seq)
+        return RequestOutput(
+            request_id=seq.request_id,
+            token_ids=(token_id,),
+            text=text,
+            first_token_index=first_index,
+            prompt_length=seq.num_prompt_tokens,
+            generated_length=seq.num_generated,
+            finished=reason is not None,
+            finish_reason=reason,
+            logprobs=None if logprob is None or seq.params.logprobs is None else (logprob,),
+        )
+
+    def _finish_reason(self, seq: Sequence, token_id: int) -> GenerationFinishReason | None:
+        params = seq.params
+        may_stop = seq.num_generated > params.min_new_tokens
+        if may_stop and not params.ignore_eos and token_id in self.eos_token_ids:
+            return GenerationFinishReason.STOP
+        if may_stop and token_id in params.stop_token_ids:
+            return GenerationFinishReason.STOP
+        if seq.num_generated >= params.max_new_tokens or seq.num_tokens >= self.max_model_len:
+            return GenerationFinishReason.LENGTH
+        return None
+
+
+def _logprob_rows(samples: SamplerOutput, token_ids: list[int]) -> list[TokenLogprob | None]:
+    n = len(token_ids)
+    if samples.logprobs is None:
+        return [None] * n
+    chosen = samples.logprobs.tolist()
+    ids = samples.top_ids.tolist() if samples.top_ids is not None else [[]] * n
+    vals = samples.top_logprobs.tolist() if samples.top_logprobs is not None else [[]] * n
+    return [
+        TokenLogprob(t, lp, tuple(zip(i, v, strict=True)))
+        for t, lp, i, v in zip(token_ids, chosen, ids, vals, strict=True)
+    ]

@@ -1,0 +1,59 @@
+"""Attention over the paged KV cache, and the per-step metadata that drives it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mii.kernels import dispatch
+
+
+@dataclass
+class AttentionMetadata:
+    """Where one step's tokens sit in the paged cache (see mii/kernels/torch_ref.py)."""
+
+    slot_mapping: torch.Tensor  # (T,) int64
+    block_tables: torch.Tensor  # (B, max_blocks) int32
+    query_start_loc: torch.Tensor  # (B + 1,) int32
+    seq_lens: torch.Tensor  # (B,) int32
+    max_query_len: int
+    max_seq_len: int
+
+    @property
+    def decode_only(self) -> bool:
+        return self.max_query_len == 1
+
+
+class PagedAttention(nn.Module):
+    """Writes this step's keys and values into the cache (rotating q and k on the way when
+    the model uses rotary embeddings), then attends over each sequence's cached context."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = scale
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    def bind_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+        self.k_cache, self.v_cache = k_cache, v_cache
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor,
+        cos_sin: torch.Tensor | None,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """q: (T, Hq, D); k, v: (T, Hkv, D). Returns (T, Hq, D)."""
+        dispatch.rope_kv_write(
+            q, k, v, positions, cos_sin, self.k_cache, self.v_cache, meta.slot_mapping
+        )
+        return dispatch.paged_attention(
+            q, self.k_cache, self.v_cache, meta.block_tables, meta.query_start_loc,
+            meta.seq_lens, self.scale, max_query_len=meta.max_query_len,
+        )

@@ -1,0 +1,132 @@
+"""Linear layers that shard their weights across a tensor-parallel group.
+
+Each parameter carries a `weight_loader(param, loaded, shard_id)` that copies this rank's
+slice of a checkpoint tensor into place, so a rank reads only what it keeps.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mii.engine.parallel import ParallelContext
+
+
+def _param(shape: tuple[int, ...], loader) -> nn.Parameter:
+    p = nn.Parameter(torch.empty(shape), requires_grad=False)
+    p.weight_loader = loader
+    return p
+
+
+class ReplicatedLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__()
+        self.weight = _param((out_features, in_features), self._load)
+        self.bias = _param((out_features,), self._load) if bias else None
+
+    @staticmethod
+    def _load(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        param.data.copy_(loaded)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T with W's output rows split across ranks; output stays sharded."""
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, tp: ParallelContext
+    ) -> None:
+        super().__init__()
+        self.tp = tp
+        self.out_per_rank = tp.shard(out_features, "output features")
+        self.weight = _param((self.out_per_rank, in_features), self._load)
+        self.bias = _param((self.out_per_rank,), self._load) if bias else None
+
+    def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        param.data.copy_(loaded.narrow(0, self.tp.rank * self.out_per_rank, self.out_per_rank))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel outputs in one matmul (gate and up projections)."""
+
+    def __init__(self, in_features: int, sizes: list[int], bias: bool, tp: ParallelContext):
+        self.sizes = sizes
+        super().__init__(in_features, sum(sizes), bias, tp)
+
+    def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int) -> None:
+        size = self.sizes[shard_id] // self.tp.world_size
+        offset = sum(self.sizes[:shard_id]) // self.tp.world_size
+        part = loaded.narrow(0, self.tp.rank * size, size)
+        param.data.narrow(0, offset, size).copy_(part)
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """Fused q, k, v projections; heads split across ranks, KV heads replicated when fewer
+    KV heads than ranks."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        head_dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        bias: bool,
+        tp: ParallelContext,
+    ) -> None:
+        self.head_dim = head_dim
+        self.num_heads = tp.shard(num_heads, "attention heads")
+        if num_kv_heads >= tp.world_size:
+            self.num_kv_heads = tp.shard(num_kv_heads, "KV heads")
+            self.kv_replicas = 1
+        else:
+            self.num_kv_heads = 1
+            self.kv_replicas = tp.world_size // num_kv_heads
+        out = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp.world_size
+        super().__init__(hidden_size, out, bias, tp)
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str) -> None:
+        if shard_id == "q":
+            offset, size, index = 0, self.q_size, self.tp.rank
+        else:
+            size, index = self.kv_size, self.tp.rank // self.kv_replicas
+            offset = self.q_size + (0 if shard_id == "k" else self.kv_size)
+        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, index * size, size))
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T with W's input columns split across ranks; partial sums all-reduced."""
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, tp: ParallelContext
+    ) -> None:
+        super().__init__()
+        self.tp = tp
+        self.in_per_rank = tp.shard(in_features, "input features")
+        self.weight = _param((out_features, self.in_per_rank), self._load)
+        self.bias = _param((out_features,), self._load_bias) if bias else None
+
+    def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        param.data.copy_(loaded.narrow(1, self.tp.rank * self.in_per_rank, self.in_per_rank))
+
+    @staticmethod
+    def _load_bias(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        param.data.copy_(loaded)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.tp.all_reduce(F.linear(x, self.weight))
+        # The bias joins after the reduction so that it is added once, not once per rank.
+        return y if self.bias is None else y + self.bias

@@ -1,0 +1,138 @@
+"""Loading a model from a local Hugging Face folder: config, tokenizer, weights."""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from mii.engine.demo_model import SHORT_NAMES, ensure_demo_model
+from mii.engine.models import model_class
+from mii.engine.parallel import ParallelContext
+
+
+def resolve_model_path(name: str) -> str:
+    """A local folder as given, or the demo model for its short name (fetched on first use)."""
+    if os.path.isdir(name):
+        return name
+    if name.lower() in SHORT_NAMES:
+        return str(ensure_demo_model(name))
+    raise FileNotFoundError(
+        f"model {name!r} is neither a local Hugging Face folder nor a known short name "
+        f"({', '.join(sorted(SHORT_NAMES))}); mii loads weights offline from local folders"
+    )
+
+
+def load_hf_config(path: str) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path, local_files_only=True)
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def eos_token_ids(path: str, hf_config: Any, tokenizer) -> frozenset[int]:
+    """EOS ids as transformers' generate sees them: generation_config first, then config."""
+    from transformers import GenerationConfig
+
+    try:
+        eos = GenerationConfig.from_pretrained(path, local_files_only=True).eos_token_id
+    except OSError:
+        eos = None
+    if eos is None:
+        eos = getattr(hf_config, "eos_token_id", None)
+    if eos is None and tokenizer is not None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return frozenset()
+    return frozenset([eos] if isinstance(eos, int) else eos)
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def build_model(
+    hf_config: Any, dtype: torch.dtype, device: torch.device, tp: ParallelContext, max_pos: int
+) -> nn.Module:
+    """The model with uninitialised weights, created in place on the device."""
+    cls = model_class(hf_config)
+    with _default_dtype(dtype), device:
+        return cls(hf_config, tp, max_pos).eval()
+
+
+def _checkpoint_files(path: str) -> tuple[list[str], bool]:
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if files:
+        return files, True
+    files = sorted(glob.glob(os.path.join(path, "pytorch_model*.bin")))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors or pytorch_model*.bin weights in {path}")
+    return files, False
+
+
+def iterate_checkpoint(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    files, is_safetensors = _checkpoint_files(path)
+    for file in files:
+        if is_safetensors:
+            from safetensors import safe_open
+
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    yield name, f.get_tensor(name)
+        else:
+            yield from torch.load(file, map_location="cpu", weights_only=True).items()
+
+
+def _copy(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+    param.data.copy_(loaded)
+
+
+def load_weights(model: nn.Module, path: str) -> None:
+    """Copy a checkpoint into the model, fusing q/k/v and gate/up; fail on missing weights."""
+    params = dict(model.named_parameters())
+    missing = set(params)
+    rename = getattr(model, "checkpoint_name", lambda n: n)
+    for raw_name, tensor in iterate_checkpoint(path):
+        name = rename(raw_name)
+        if any(skip in name for skip in model.skipped_weights):
+            continue
+        name, shard = _packed_target(model, name)
+        if name not in params:
+            if name == "lm_head.weight" and model.tie_word_embeddings:
+                continue
+            raise KeyError(f"checkpoint weight {raw_name!r} has no place in {type(model).__name__}")
+        param = params[name]
+        getattr(param, "weight_loader", _copy)(param, tensor, shard)
+        missing.discard(name)
+    if missing:
+        raise KeyError(f"checkpoint {path} lacks weights: {', '.join(sorted(missing)[:8])}")
+
+
+def _packed_target(model: nn.Module, name: str) -> tuple[str, Any]:
+    for part, (fused, shard) in model.packed_modules.items():
+        if f".{part}." in name:
+            return name.replace(f".{part}.", f".{fused}."), shard
+    return name, None
+
+
+def init_random_weights(model: nn.Module, std: float = 0.02, seed: int = 0) -> None:
+    """Normal(0, std) weights on the model's device, for benchmarks of real shapes."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for param in model.parameters():
+        param.data.normal_(0.0, std, generator=gen)

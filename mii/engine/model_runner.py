@@ -1,0 +1,154 @@
+"""Runs one scheduled step: flattens its chunks into one ragged batch, runs the model over
+the paged KV cache, samples the sequences that reached their last token."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from mii.engine.config import EngineConfig
+from mii.engine.layers.attention import AttentionMetadata, PagedAttention
+from mii.engine.loader import build_model, init_random_weights, load_weights
+from mii.engine.parallel import SINGLE, ParallelContext
+from mii.engine.sampler import Sampler, SamplerOutput
+from mii.engine.scheduler import ScheduledChunk
+
+GIB = 1 << 30
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor  # (T,) int64
+    positions: torch.Tensor  # (T,) int64
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor  # (N,) rows of the sequences that sample
+    sampling_chunks: list[ScheduledChunk]
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        config: EngineConfig,
+        hf_config: Any,
+        model_path: str,
+        dtype: torch.dtype,
+        max_positions: int,
+        tp: ParallelContext = SINGLE,
+        random_weights: bool = False,
+    ) -> None:
+        self.config = config
+        self.device = config.torch_device
+        self.dtype = dtype
+        self.block_size = config.cache.block_size
+        self.model = build_model(hf_config, dtype, self.device, tp, max_positions)
+        if random_weights:
+            init_random_weights(self.model)
+        else:
+            load_weights(self.model, model_path)
+        self.attention_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
+        self.num_blocks = config.cache.num_blocks or self._blocks_that_fit()
+        self._allocate_cache()
+        self.sampler: Sampler | None = None
+
+    # ---- memory planning -------------------------------------------------------------
+    @property
+    def bytes_per_block(self) -> int:
+        layer = self.attention_layers[0]
+        per_token = 2 * layer.num_kv_heads * layer.head_dim * self.dtype.itemsize
+        return per_token * self.block_size * len(self.attention_layers)
+
+    def _blocks_that_fit(self) -> int:
+        if self.device.type != "cuda":
+            return max(1, int(self.config.cache.cpu_kv_cache_gib * GIB) // self.bytes_per_block)
+        free, total = torch.cuda.mem_get_info(self.device)
+        peak = self._profile_activation_peak()
+        budget = total * self.config.cache.gpu_memory_utilization - (total - free) - peak
+        if budget < self.bytes_per_block:
+            raise RuntimeError(
+                f"no GPU memory left for the KV cache (free {free / GIB:.1f} GiB, activation "
+                f"peak {peak / GIB:.1f} GiB); raise gpu_memory_utilization or max_length lower"
+            )
+        return int(budget // self.bytes_per_block)
+
+    def _profile_activation_peak(self) -> int:
+        """Peak memory of a full-budget forward pass, run without a KV cache to write to."""
+        tokens = self.config.scheduler.max_num_batched_tokens
+        dummy_cache = torch.empty(
+            (1, self.block_size, self.attention_layers[0].num_kv_heads,
+             self.attention_layers[0].head_dim), dtype=self.dtype, device=self.device,
+        )
+        for layer in self.attention_layers:
+            layer.bind_cache(dummy_cache, dummy_cache)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        meta = AttentionMetadata(
+            slot_mapping=torch.full((tokens,), -1, dtype=torch.int64, device=self.device),
+            block_tables=torch.zeros((1, 1), dtype=torch.int32, device=self.device),
+            query_start_loc=torch.tensor([0, tokens], dtype=torch.int32, device=self.device),
+            seq_lens=torch.tensor([tokens], dtype=torch.int32, device=self.device),
+            max_query_len=tokens, max_seq_len=tokens,
+        )
+        with torch.inference_mode():
+            ids = torch.zeros(tokens, dtype=torch.int64, device=self.device)
+            hidden = self.model(ids, torch.arange(tokens, device=self.device), meta)
+            self.model.compute_logits(hidden[-self.config.scheduler.max_num_seqs :])
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - before
+        torch.cuda.empty_cache()
+        return peak
+
+    def _allocate_cache(self) -> None:
+        layer = self.attention_layers[0]
+        shape = (2, len(self.attention_layers), self.num_blocks, self.block_size,
+                 layer.num_kv_heads, layer.head_dim)
+        self.kv_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        for i, attn in enumerate(self.attention_layers):
+            attn.bind_cache(self.kv_cache[0, i], self.kv_cache[1, i])
+
+    # ---- one step ----------------------------------------------------------------------
+    def prepare(self, chunks: list[ScheduledChunk]) -> StepInputs:
+        """Flatten the chunks into one ragged batch. Loops run per sequence, not per token."""
+        bs = self.block_size
+        q_lens = np.array([c.num_tokens for c in chunks], dtype=np.int32)
+        query_start = np.zeros(len(chunks) + 1, dtype=np.int32)
+        np.cumsum(q_lens, out=query_start[1:])
+        positions = np.concatenate([np.arange(c.start, c.end) for c in chunks])
+        max_blocks = max(len(c.seq.block_table) for c in chunks)
+        tables = np.zeros((len(chunks), max_blocks), dtype=np.int32)
+        input_ids: list[int] = []
+        for row, c in enumerate(chunks):
+            tables[row, : len(c.seq.block_table)] = c.seq.block_table
+            input_ids.extend(c.seq.token_ids[c.start : c.end])
+        rows = np.repeat(np.arange(len(chunks)), q_lens)
+        slots = tables[rows, positions // bs].astype(np.int64) * bs + positions % bs
+        seq_lens = np.array([c.end for c in chunks], dtype=np.int32)
+        sampling = [i for i, c in enumerate(chunks) if c.samples]
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.from_numpy(slots).to(dev, non_blocking=True),
+            block_tables=torch.from_numpy(tables).to(dev, non_blocking=True),
+            query_start_loc=torch.from_numpy(query_start).to(dev, non_blocking=True),
+            seq_lens=torch.from_numpy(seq_lens).to(dev, non_blocking=True),
+            max_query_len=int(q_lens.max()),
+            max_seq_len=int(seq_lens.max()),
+        )
+        return StepInputs(
+            input_ids=torch.tensor(input_ids, dtype=torch.int64).to(dev, non_blocking=True),
+            positions=torch.from_numpy(positions).to(dev, non_blocking=True),
+            meta=meta,
+            logits_indices=torch.from_numpy(query_start[1:][sampling] - 1).to(dev).long(),
+            sampling_chunks=[chunks[i] for i in sampling],
+        )
+
+    @torch.inference_mode()
+    def run(self, chunks: list[ScheduledChunk]) -> SamplerOutput | None:
+        """One forward pass; returns the samples of the chunks that end their sequence."""
+        inputs = self.prepare(chunks)
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
+        if not inputs.sampling_chunks:
+            return None
+        logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        return self.sampler(logits, [c.seq for c in inputs.sampling_chunks])
