@@ -119,3 +119,20 @@ def _describe(exc: ValidationError) -> str:
         where = ".".join(str(p) for p in err["loc"]) or "options"
         parts.append(f"{where}: {err['msg']} (got {err.get('input')!r})")
     return "invalid generation options: " + "; ".join(parts)
+
+
+def encode_prompt(tokenizer, prompt: str | list[int]) -> list[int]:
+    """Token ids of a prompt given as text or as ids; a clear error for an empty one."""
+    if isinstance(prompt, str):
+        if not prompt:
+            raise InvalidRequestError("prompt is empty")
+        return tokenizer.encode(prompt)
+    if isinstance(prompt, list | tuple) and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in prompt
+    ):
+        if not prompt:
+            raise InvalidRequestError("prompt is empty")
+        return list(prompt)
+    raise InvalidRequestError(
+        f"a prompt is a string or a list of token ids, not {type(prompt).__name__}"
+    )

@@ -1,0 +1,123 @@
+"""`MIIPipeline`: the engine in this process, no Redis (what `mii.pipeline()` returns)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+from mii.config import ModelConfig
+from mii.constants import GenerationFinishReason
+from mii.engine.engine import LLMEngine
+from mii.engine.loader import resolve_model_path
+from mii.engine.outputs import RequestOutput
+from mii.errors import InvalidRequestError
+from mii.params import GenerateParams, encode_prompt
+from mii.response import Response
+
+Prompt = str | list[int]
+
+
+class _Pending:
+    """What a request accumulates until it finishes."""
+
+    def __init__(self, prompt: Prompt, prompt_length: int, params: GenerateParams) -> None:
+        self.prompt, self.prompt_length, self.params = prompt, prompt_length, params
+        self.text: list[str] = []
+        self.token_ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.finish_reason = GenerationFinishReason.NONE
+
+    def add(self, out: RequestOutput) -> None:
+        self.text.append(out.text)
+        self.token_ids.extend(out.token_ids)
+        if out.logprobs:
+            self.logprobs.extend(lp.logprob for lp in out.logprobs)
+        if out.finished:
+            self.finish_reason = out.finish_reason
+
+    def response(self) -> Response:
+        text = "".join(self.text)
+        if self.params.return_full_text and isinstance(self.prompt, str):
+            text = self.prompt + text
+        return Response(
+            generated_text=text,
+            prompt_length=self.prompt_length,
+            generated_length=len(self.token_ids),
+            finish_reason=self.finish_reason,
+            token_ids=self.token_ids,
+            logprobs=self.logprobs if self.params.logprobs is not None else None,
+        )
+
+
+class MIIPipeline:
+    """Call it with prompts and generation options; get one `Response` per prompt."""
+
+    def __init__(self, model_config: ModelConfig, all_rank_output: bool = False) -> None:
+        self.model_config = model_config
+        self.all_rank_output = all_rank_output
+        path = resolve_model_path(model_config.model_name_or_path)
+        self.engine = LLMEngine(model_config.to_engine_config(path))
+        self.tokenizer = self.engine.tokenizer
+
+    def __call__(self, prompts: Prompt | list[Prompt], **kwargs) -> list[Response]:
+        pending = self._submit(prompts, kwargs)
+        try:
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    pending[out.request_id].add(out)
+        finally:
+            self._abort(pending)
+        return [p.response() for p in pending.values()]
+
+    def stream(self, prompt: Prompt, **kwargs) -> Iterator[Response]:
+        """Yield one `Response` per engine step holding that step's new text and tokens."""
+        pending = self._submit([prompt], kwargs)
+        (request_id,) = pending
+        try:
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.request_id == request_id:
+                        yield _delta(out)
+        finally:
+            self._abort(pending)
+
+    def _submit(self, prompts, kwargs) -> dict[str, _Pending]:
+        """Validate every prompt before queueing any, so a bad one leaves nothing behind."""
+        if isinstance(prompts, str) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        ):
+            prompts = [prompts]
+        if not prompts:
+            raise InvalidRequestError("no prompts given")
+        params = GenerateParams.from_kwargs(**kwargs)
+        prepared = []
+        for prompt in prompts:
+            ids = encode_prompt(self.tokenizer, prompt)
+            sampling = params.to_sampling_params(len(ids), self.engine.max_model_len)
+            prepared.append((prompt, ids, sampling))
+        pending: dict[str, _Pending] = {}
+        for prompt, ids, sampling in prepared:
+            request_id = uuid.uuid4().hex
+            self.engine.add_request(request_id, ids, sampling)
+            pending[request_id] = _Pending(prompt, len(ids), params)
+        return pending
+
+    def _abort(self, pending: dict[str, _Pending]) -> None:
+        """Free what an interrupted call left in the engine (an exception, a closed stream)."""
+        for request_id in pending:
+            self.engine.abort_request(request_id)
+
+    def destroy(self) -> None:
+        """Release the model and its KV cache."""
+        self.engine = None
+        self.tokenizer = None
+
+
+def _delta(out: RequestOutput) -> Response:
+    return Response(
+        generated_text=out.text,
+        prompt_length=out.prompt_length,
+        generated_length=out.generated_length,
+        finish_reason=out.finish_reason or GenerationFinishReason.NONE,
+        token_ids=list(out.token_ids),
+    )
