@@ -32,7 +32,7 @@ def pipeline(
     `pipe(prompts, **generate_options)` returns one `Response` per prompt.
     Keyword arguments are `ModelConfig` fields (`tensor_parallel`, `max_length`, `dtype`, ...).
     """
-    from mii.pipeline import MIIPipeline
+    from mii.local_pipeline import MIIPipeline
 
     config = _model_config(model_name_or_path, model_config, kwargs)
     _reject_unknown(kwargs, "pipeline")
