@@ -67,6 +67,7 @@ def _convert(gguf: Path, out: Path) -> None:
         state.pop("lm_head.weight", None)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     config = model.config
+    config.architectures = [type(model).__name__]
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.save_pretrained(str(out))

@@ -17,8 +17,14 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
 }
 
 
+_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                  "qwen2": "Qwen2ForCausalLM", "opt": "OPTForCausalLM"}
+
+
 def model_class(hf_config: Any) -> type[nn.Module]:
-    for arch in getattr(hf_config, "architectures", None) or []:
+    archs = getattr(hf_config, "architectures", None) or []
+    fallback = _BY_MODEL_TYPE.get(getattr(hf_config, "model_type", None))
+    for arch in [*archs, fallback]:
         if arch in MODEL_REGISTRY:
             return MODEL_REGISTRY[arch]
     raise ValueError(
