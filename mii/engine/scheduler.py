@@ -24,15 +24,17 @@ class ScheduledChunk:
     seq: Sequence
     start: int
     num_tokens: int
+    samples: bool
+    """The chunk reaches the sequence's last token, so the step samples a new one."""
+
+    @classmethod
+    def next_of(cls, seq: Sequence, num_tokens: int) -> ScheduledChunk:
+        start = seq.num_computed_tokens
+        return cls(seq, start, num_tokens, start + num_tokens == seq.num_tokens)
 
     @property
     def end(self) -> int:
         return self.start + self.num_tokens
-
-    @property
-    def samples(self) -> bool:
-        """The chunk reaches the sequence's last token, so the step samples a new one."""
-        return self.end == self.seq.num_tokens
 
 
 @dataclass
@@ -80,7 +82,7 @@ class Scheduler:
                 continue  # preempted earlier in this pass
             n = min(seq.num_uncomputed, budget)
             if self._make_room(seq, n, out):
-                out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
+                out.chunks.append(ScheduledChunk.next_of(seq, n))
                 budget -= n
         return budget
 
@@ -117,7 +119,7 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
+            out.chunks.append(ScheduledChunk.next_of(seq, n))
             budget -= n
         return budget
 
