@@ -14,8 +14,11 @@ BOS, EOS = 256, 257
 
 def _byte_symbols() -> list[str]:
     """GPT-2's printable stand-in for each byte 0..255 (what ByteLevel pre-tokenizes into)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     symbols, extra = {}, 0
     for b in range(256):
         if b in printable:
@@ -45,25 +48,54 @@ def byte_tokenizer():
 def _tiny_config(arch: str):
     from transformers import LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
 
-    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  max_position_embeddings=1024, bos_token_id=BOS, eos_token_id=EOS,
-                  initializer_range=0.2)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        max_position_embeddings=1024,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        initializer_range=0.2,
+    )
     if arch == "llama":
         return LlamaConfig(num_attention_heads=4, num_key_value_heads=4, **common)
     if arch == "llama3":
-        scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                   "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
-        return LlamaConfig(num_attention_heads=8, num_key_value_heads=2, rope_theta=500000.0,
-                           rope_scaling=scaling, tie_word_embeddings=True, **common)
+        scaling = {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        }
+        return LlamaConfig(
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            rope_theta=500000.0,
+            rope_scaling=scaling,
+            tie_word_embeddings=True,
+            **common,
+        )
     if arch == "mistral":
-        return MistralConfig(num_attention_heads=4, num_key_value_heads=2, sliding_window=None,
-                             **common)
+        return MistralConfig(
+            num_attention_heads=4, num_key_value_heads=2, sliding_window=None, **common
+        )
     if arch == "qwen2":
-        return Qwen2Config(num_attention_heads=4, num_key_value_heads=2,
-                           tie_word_embeddings=True, **common)
-    opt = dict(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
-               num_attention_heads=4, max_position_embeddings=1024, bos_token_id=BOS,
-               eos_token_id=EOS, pad_token_id=1, init_std=0.2)
+        return Qwen2Config(
+            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, **common
+        )
+    opt = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        ffn_dim=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=1024,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        pad_token_id=1,
+        init_std=0.2,
+    )
     if arch == "opt":
         return OPTConfig(word_embed_proj_dim=64, **opt)
     if arch == "opt350":  # post-norm with projections in and out, as facebook/opt-350m

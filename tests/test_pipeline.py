@@ -20,8 +20,10 @@ def test_returns_one_response_per_prompt_with_mii_fields(pipe):
         assert isinstance(r, mii.Response)
         assert r.prompt_length == len(pipe.tokenizer.encode(prompt))
         assert r.generated_length == len(r.token_ids) <= 5
-        assert r.finish_reason in (mii.GenerationFinishReason.LENGTH,
-                                   mii.GenerationFinishReason.STOP)
+        assert r.finish_reason in (
+            mii.GenerationFinishReason.LENGTH,
+            mii.GenerationFinishReason.STOP,
+        )
         assert str(r) == r.generated_text
 
 
@@ -34,8 +36,7 @@ def test_text_and_token_id_prompts_agree(pipe):
 
 def test_stream_yields_deltas_that_join_to_the_blocking_text(pipe):
     blocking = pipe("stream me", max_new_tokens=12, min_new_tokens=12, do_sample=False)[0]
-    deltas = list(pipe.stream("stream me", max_new_tokens=12, min_new_tokens=12,
-                              do_sample=False))
+    deltas = list(pipe.stream("stream me", max_new_tokens=12, min_new_tokens=12, do_sample=False))
     assert "".join(d.generated_text for d in deltas) == blocking.generated_text
     assert [t for d in deltas for t in d.token_ids] == blocking.token_ids
     assert deltas[-1].finish_reason == mii.GenerationFinishReason.LENGTH
@@ -88,8 +89,7 @@ def test_stop_string_ends_generation_and_is_cut(pipe):
         ([3.5], {}, "a prompt is a string or a list of token ids"),
     ],
 )
-def test_bad_input_is_a_clear_error_and_the_pipeline_keeps_working(pipe, prompts, options,
-                                                                      message):
+def test_bad_input_is_a_clear_error_and_the_pipeline_keeps_working(pipe, prompts, options, message):
     with pytest.raises(InvalidRequestError, match=message):
         pipe(prompts, **options)
     assert not pipe.engine.has_unfinished_requests()

@@ -106,8 +106,9 @@ class LLMEngine:
         """Queue a request. `generated_token_ids` resumes one that another worker began."""
         self._validate(request_id, prompt_token_ids, params, generated_token_ids)
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
-        seq = Sequence(request_id, prompt_token_ids, params, self._arrivals,
-                       generated_token_ids, seed)
+        seq = Sequence(
+            request_id, prompt_token_ids, params, self._arrivals, generated_token_ids, seed
+        )
         self._arrivals += 1
         detok = None
         if self.tokenizer is not None:

@@ -77,8 +77,14 @@ class ModelRunner:
         """Peak memory of a full-budget forward pass, run without a KV cache to write to."""
         tokens = self.config.scheduler.max_num_batched_tokens
         dummy_cache = torch.empty(
-            (1, self.block_size, self.attention_layers[0].num_kv_heads,
-             self.attention_layers[0].head_dim), dtype=self.dtype, device=self.device,
+            (
+                1,
+                self.block_size,
+                self.attention_layers[0].num_kv_heads,
+                self.attention_layers[0].head_dim,
+            ),
+            dtype=self.dtype,
+            device=self.device,
         )
         for layer in self.attention_layers:
             layer.bind_cache(dummy_cache, dummy_cache)
@@ -89,7 +95,8 @@ class ModelRunner:
             block_tables=torch.zeros((1, 1), dtype=torch.int32, device=self.device),
             query_start_loc=torch.tensor([0, tokens], dtype=torch.int32, device=self.device),
             seq_lens=torch.tensor([tokens], dtype=torch.int32, device=self.device),
-            max_query_len=tokens, max_seq_len=tokens,
+            max_query_len=tokens,
+            max_seq_len=tokens,
         )
         with torch.inference_mode():
             ids = torch.zeros(tokens, dtype=torch.int64, device=self.device)
@@ -102,8 +109,14 @@ class ModelRunner:
 
     def _allocate_cache(self) -> None:
         layer = self.attention_layers[0]
-        shape = (2, len(self.attention_layers), self.num_blocks, self.block_size,
-                 layer.num_kv_heads, layer.head_dim)
+        shape = (
+            2,
+            len(self.attention_layers),
+            self.num_blocks,
+            self.block_size,
+            layer.num_kv_heads,
+            layer.head_dim,
+        )
         self.kv_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
         for i, attn in enumerate(self.attention_layers):
             attn.bind_cache(self.kv_cache[0, i], self.kv_cache[1, i])

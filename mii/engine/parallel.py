@@ -31,7 +31,9 @@ class ParallelContext:
 
     def shard(self, size: int, what: str) -> int:
         if size % self.world_size:
-            raise ValueError(f"{what} ({size}) is not divisible by tensor_parallel={self.world_size}")
+            raise ValueError(
+                f"{what} ({size}) is not divisible by tensor_parallel={self.world_size}"
+            )
         return size // self.world_size
 
 

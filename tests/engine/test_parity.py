@@ -18,9 +18,14 @@ def hf_greedy(path: str, prompts: list[list[int]], max_new_tokens: int, **kw) ->
     outs = []
     for p in prompts:
         ids = torch.tensor([p])
-        gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                             max_new_tokens=max_new_tokens, **kw)
-        outs.append(gen[0, len(p):].tolist())
+        gen = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            **kw,
+        )
+        outs.append(gen[0, len(p) :].tolist())
     return outs
 
 

@@ -20,8 +20,9 @@ _arrival = iter(range(10**6))
 
 
 def add(sched: Scheduler, n_tokens: int, rid: str) -> Sequence:
-    s = Sequence(rid, list(range(1, n_tokens + 1)), SamplingParams(max_new_tokens=100),
-                 next(_arrival))
+    s = Sequence(
+        rid, list(range(1, n_tokens + 1)), SamplingParams(max_new_tokens=100), next(_arrival)
+    )
     sched.add(s)
     return s
 

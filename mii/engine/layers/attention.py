@@ -54,6 +54,12 @@ class PagedAttention(nn.Module):
             q, k, v, positions, cos_sin, self.k_cache, self.v_cache, meta.slot_mapping
         )
         return dispatch.paged_attention(
-            q, self.k_cache, self.v_cache, meta.block_tables, meta.query_start_loc,
-            meta.seq_lens, self.scale, max_query_len=meta.max_query_len,
+            q,
+            self.k_cache,
+            self.v_cache,
+            meta.block_tables,
+            meta.query_start_loc,
+            meta.seq_lens,
+            self.scale,
+            max_query_len=meta.max_query_len,
         )

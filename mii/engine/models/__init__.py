@@ -17,8 +17,12 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
 }
 
 
-_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                  "qwen2": "Qwen2ForCausalLM", "opt": "OPTForCausalLM"}
+_BY_MODEL_TYPE = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "opt": "OPTForCausalLM",
+}
 
 
 def model_class(hf_config: Any) -> type[nn.Module]:

@@ -42,11 +42,19 @@ class LlamaAttention(nn.Module):
         super().__init__()
         head_dim = _head_dim(cfg)
         self.qkv_proj = QKVParallelLinear(
-            cfg.hidden_size, head_dim, cfg.num_attention_heads, _num_kv_heads(cfg),
-            _qkv_bias(cfg), tp,
+            cfg.hidden_size,
+            head_dim,
+            cfg.num_attention_heads,
+            _num_kv_heads(cfg),
+            _qkv_bias(cfg),
+            tp,
         )
-        self.o_proj = RowParallelLinear(cfg.num_attention_heads * head_dim, cfg.hidden_size,
-                                        bool(getattr(cfg, "attention_bias", False)), tp)
+        self.o_proj = RowParallelLinear(
+            cfg.num_attention_heads * head_dim,
+            cfg.hidden_size,
+            bool(getattr(cfg, "attention_bias", False)),
+            tp,
+        )
         heads, kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.attn = PagedAttention(heads, kv_heads, head_dim, scale=head_dim**-0.5)
 
