@@ -48,10 +48,19 @@ class ModelRunner:
             init_random_weights(self.model)
         else:
             load_weights(self.model, model_path)
+        self._pack_cpu_weights()
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
         self.num_blocks = config.cache.num_blocks or self._blocks_that_fit()
         self._allocate_cache()
         self.sampler: Sampler | None = None
+
+    def _pack_cpu_weights(self) -> None:
+        if self.device.type != "cpu":
+            return
+        hint = min(64, self.config.scheduler.max_num_seqs)  # decode batches dominate
+        for module in self.model.modules():
+            if hasattr(module, "pack_for_cpu"):
+                module.pack_for_cpu(hint)
 
     # ---- memory planning -------------------------------------------------------------
     @property

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mii.engine.layers.cpu_linear import pack_weight, packed_linear
 from mii.engine.parallel import ParallelContext
 
 
@@ -45,7 +46,14 @@ class ParallelLMHead(VocabParallelEmbedding):
         if bias:
             self.bias = nn.Parameter(torch.empty(self.per_rank), requires_grad=False)
             self.bias.weight_loader = self._load
+        self.packed: torch.Tensor | None = None
+
+    def pack_for_cpu(self, batch_hint: int) -> None:
+        self.packed = pack_weight(self.weight, batch_hint)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight, self.bias)
+        if self.packed is not None:
+            logits = packed_linear(hidden, self.packed, self.bias)
+        else:
+            logits = F.linear(hidden, self.weight, self.bias)
         return self.tp.all_gather_last_dim(logits)[..., : self.vocab_size]

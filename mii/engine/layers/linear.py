@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mii.engine.layers.cpu_linear import pack_weight, packed_linear
 from mii.engine.parallel import ParallelContext
 
 
@@ -19,7 +20,25 @@ def _param(shape: tuple[int, ...], loader) -> nn.Parameter:
     return p
 
 
-class ReplicatedLinear(nn.Module):
+class LinearBase(nn.Module):
+    """x @ weight.T (+ bias), through oneDNN-packed weights once `pack_for_cpu` ran."""
+
+    weight: nn.Parameter
+    packed: torch.Tensor | None = None
+
+    def pack_for_cpu(self, batch_hint: int) -> None:
+        self.packed = pack_weight(self.weight, batch_hint)
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.packed is not None:
+            return packed_linear(x, self.packed, bias)
+        return F.linear(x, self.weight, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matmul(x, self.bias)
+
+
+class ReplicatedLinear(LinearBase):
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
         self.weight = _param((out_features, in_features), self._load)
@@ -29,11 +48,8 @@ class ReplicatedLinear(nn.Module):
     def _load(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         param.data.copy_(loaded)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
 
-
-class ColumnParallelLinear(nn.Module):
+class ColumnParallelLinear(LinearBase):
     """y = x W^T with W's output rows split across ranks; output stays sharded."""
 
     def __init__(
@@ -47,9 +63,6 @@ class ColumnParallelLinear(nn.Module):
 
     def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         param.data.copy_(loaded.narrow(0, self.tp.rank * self.out_per_rank, self.out_per_rank))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -107,7 +120,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         param.data.narrow(0, offset, size).copy_(loaded.narrow(0, index * size, size))
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(LinearBase):
     """y = x W^T with W's input columns split across ranks; partial sums all-reduced."""
 
     def __init__(
@@ -127,6 +140,6 @@ class RowParallelLinear(nn.Module):
         param.data.copy_(loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.tp.all_reduce(F.linear(x, self.weight))
+        y = self.tp.all_reduce(self.matmul(x, None))
         # The bias joins after the reduction so that it is added once, not once per rank.
         return y if self.bias is None else y + self.bias
