@@ -126,7 +126,9 @@ class ModelRunner:
             layer.num_kv_heads,
             layer.head_dim,
         )
-        self.kv_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        # Zeros, not garbage: attention multiplies masked-out slots by a zero weight, and
+        # a NaN bit pattern left in never-written memory would survive that product.
+        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         for i, attn in enumerate(self.attention_layers):
             attn.bind_cache(self.kv_cache[0, i], self.kv_cache[1, i])
 

@@ -89,7 +89,7 @@ def paged_attention_ref(
     seq_lens: (B,) int32. Returns (T, Hq, D) in q's dtype. Computes in float32.
     Decode rows (one query token) are batched into one call; each prompt chunk is its own.
     """
-    out = torch.empty_like(q)
+    out = q.new_empty(q.shape)  # dense, even when q is a strided view of a fused qkv
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
     q_lens = [b - a for a, b in zip(starts[:-1], starts[1:], strict=True)]

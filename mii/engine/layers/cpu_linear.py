@@ -23,4 +23,5 @@ def pack_weight(weight: torch.Tensor, batch_hint: int) -> torch.Tensor | None:
 
 
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    # oneDNN misreads rows of a strided (non-contiguous) input: hand it dense rows.
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
