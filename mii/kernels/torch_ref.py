@@ -21,7 +21,7 @@ import torch.nn.functional as F
 def rotate_neox(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding, rotate-half ("neox") layout used by HF llama checkpoints.
 
-    x: (T, H, D); cos, sin: (T, D // 2).
+    x: (T, H, D); cos, sin: (T, D // 2). Computes in float32, returns x's dtype.
     """
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half].float(), x[..., half:].float()
@@ -49,12 +49,12 @@ def rope_kv_write_ref(
         cos, sin = cos_sin_cache[positions].chunk(2, dim=-1)
         q.copy_(rotate_neox(q, cos, sin))
         k.copy_(rotate_neox(k, cos, sin))
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep]
-    block_size = k_cache.shape[1]
-    blocks, offsets = slots // block_size, slots % block_size
-    k_cache[blocks, offsets] = k[keep].to(k_cache.dtype)
-    v_cache[blocks, offsets] = v[keep].to(v_cache.dtype)
+    if bool((slot_mapping < 0).any()):
+        keep = slot_mapping >= 0
+        slot_mapping, k, v = slot_mapping[keep], k[keep], v[keep]
+    heads, dim = k_cache.shape[2:]
+    k_cache.view(-1, heads, dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, heads, dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
 def _gather_context(cache: torch.Tensor, block_tables: torch.Tensor, max_len: int) -> torch.Tensor:
@@ -63,15 +63,6 @@ def _gather_context(cache: torch.Tensor, block_tables: torch.Tensor, max_len: in
     gathered = cache[block_tables[:, :num_blocks].long()]  # (B, nb, bs, Hkv, D)
     batch, nb, bs, heads, dim = gathered.shape
     return gathered.reshape(batch, nb * bs, heads, dim)[:, :max_len]
-
-
-def _attend(q, k, v, mask, scale):
-    """q: (B, Hq, Lq, D); k, v: (B, Hkv, Lk, D); mask: (B, 1, Lq, Lk) bool (True = attend)."""
-    group = q.shape[1] // k.shape[1]
-    if group > 1:
-        k = k.repeat_interleave(group, dim=1)
-        v = v.repeat_interleave(group, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
 def paged_attention_ref(
@@ -87,44 +78,53 @@ def paged_attention_ref(
 
     q: (T, Hq, D); block_tables: (B, max_blocks) int32; query_start_loc: (B + 1,) int32;
     seq_lens: (B,) int32. Returns (T, Hq, D) in q's dtype. Computes in float32.
-    Decode rows (one query token) are batched into one call; each prompt chunk is its own.
+    Decodes run as one padded batch; prompt chunks as another when padding them to the
+    longest chunk wastes less than half the work, else one by one.
     """
     out = q.new_empty(q.shape)  # dense, even when q is a strided view of a fused qkv
     starts = query_start_loc.tolist()
-    lens = seq_lens.tolist()
     q_lens = [b - a for a, b in zip(starts[:-1], starts[1:], strict=True)]
     decodes = [i for i, n in enumerate(q_lens) if n == 1]
-    if decodes:
-        rows = torch.tensor([starts[i] for i in decodes], device=q.device)
-        out[rows] = _decode_ref(
-            q[rows], k_cache, v_cache, block_tables[decodes], seq_lens[decodes], scale
-        )
-    for i, n in enumerate(q_lens):
-        if n > 1:
-            sl = slice(starts[i], starts[i + 1])
-            out[sl] = _chunk_ref(q[sl], k_cache, v_cache, block_tables[i], lens[i], scale)
+    chunks = [i for i, n in enumerate(q_lens) if n > 1]
+    groups = [decodes] if decodes else []
+    if chunks and 2 * sum(q_lens[i] for i in chunks) >= len(chunks) * max(q_lens):
+        groups.append(chunks)
+    else:
+        groups.extend([i] for i in chunks)
+    lens = seq_lens.tolist()
+    for group in groups:
+        _attend_group(q, out, k_cache, v_cache, block_tables, starts, q_lens, lens, group, scale)
     return out
 
 
-def _decode_ref(q, k_cache, v_cache, block_tables, seq_lens, scale):
-    max_len = int(seq_lens.max())
-    k = _gather_context(k_cache, block_tables, max_len).float().transpose(1, 2)  # (B, Hkv, L, D)
-    v = _gather_context(v_cache, block_tables, max_len).float().transpose(1, 2)
-    key_pos = torch.arange(max_len, device=q.device)
-    mask = (key_pos[None, :] < seq_lens[:, None].to(q.device))[:, None, None, :]  # (B,1,1,L)
-    out = _attend(q.float().unsqueeze(2), k, v, mask, scale)  # (B, Hq, 1, D)
-    return out.squeeze(2).to(q.dtype)
-
-
-def _chunk_ref(q, k_cache, v_cache, block_table, seq_len, scale):
-    q_len = q.shape[0]
-    k = _gather_context(k_cache, block_table[None], seq_len).float().transpose(1, 2)
-    v = _gather_context(v_cache, block_table[None], seq_len).float().transpose(1, 2)
-    q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
-    key_pos = torch.arange(seq_len, device=q.device)
-    mask = (key_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, Lq, Lk)
-    out = _attend(q.float().transpose(0, 1).unsqueeze(0), k, v, mask, scale)  # (1, Hq, Lq, D)
-    return out[0].transpose(0, 1).to(q.dtype)
+def _attend_group(q, out, k_cache, v_cache, block_tables, starts, q_lens, lens, group, scale):
+    """Attention of the sequences in `group`, queries padded to the longest among them."""
+    device = q.device
+    batch, max_q = len(group), max(q_lens[i] for i in group)
+    max_len = max(lens[i] for i in group)
+    j = torch.arange(max_q, device=device)
+    start = torch.tensor([starts[i] for i in group], device=device)
+    q_len = torch.tensor([q_lens[i] for i in group], device=device)
+    seq_len = torch.tensor([lens[i] for i in group], device=device)
+    valid = j[None, :] < q_len[:, None]  # (B, Lq)
+    rows = torch.where(valid, start[:, None] + j[None, :], 0)  # token row of each query
+    q_pos = (seq_len - q_len)[:, None] + j[None, :]  # (B, Lq) absolute positions
+    mask = torch.arange(max_len, device=device)[None, None, :] <= q_pos[:, :, None]  # (B,Lq,L)
+    tables = block_tables[group]
+    k = _gather_context(k_cache, tables, max_len).float().transpose(1, 2)  # (B, Hkv, L, D)
+    v = _gather_context(v_cache, tables, max_len).float().transpose(1, 2)
+    hq, dim = q.shape[1:]
+    hkv = k.shape[1]
+    g = hq // hkv
+    # GQA without copying K and V: fold each KV head's query group into the query axis.
+    qg = q[rows].float().view(batch, max_q, hkv, g, dim)
+    qg = qg.permute(0, 2, 3, 1, 4).reshape(batch, hkv, g * max_q, dim)  # (B, Hkv, G*Lq, D)
+    mask = mask[:, None, None].expand(batch, 1, g, max_q, max_len)
+    o = F.scaled_dot_product_attention(
+        qg, k, v, attn_mask=mask.reshape(batch, 1, g * max_q, max_len), scale=scale
+    )
+    o = o.view(batch, hkv, g, max_q, dim).permute(0, 3, 1, 2, 4).reshape(batch, max_q, hq, dim)
+    out[rows[valid]] = o[valid].to(out.dtype)
 
 
 def rms_norm_ref(
