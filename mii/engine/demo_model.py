@@ -73,3 +73,7 @@ def _convert(gguf: Path, out: Path) -> None:
     config.save_pretrained(str(out))
     model.generation_config.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
+
+
+if __name__ == "__main__":
+    print(ensure_demo_model())
