@@ -1,0 +1,160 @@
+"""Shared pieces of the GPU benchmarks: model presets with random weights, peak rates
+measured in the same run, and roofline accounting of the steps an engine ran."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+PRESETS = {
+    "mistral-7b": ("MistralConfig", dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=32000, max_position_embeddings=32768,
+        rope_theta=1e6, sliding_window=None)),
+    "llama-2-7b": ("LlamaConfig", dict(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)),
+    "llama-3-8b": ("LlamaConfig", dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
+        rope_theta=500000.0)),
+    "qwen2-7b": ("Qwen2Config", dict(
+        hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768,
+        rope_theta=1e6)),
+    "opt-6.7b": ("OPTConfig", dict(
+        hidden_size=4096, ffn_dim=16384, num_hidden_layers=32, num_attention_heads=32,
+        vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=4096)),
+}
+
+
+def preset_folder(name: str) -> str:
+    """A folder holding only the preset's config.json (weights are drawn at load)."""
+    import transformers
+
+    cls_name, kwargs = PRESETS[name]
+    config = getattr(transformers, cls_name)(**kwargs, torch_dtype="bfloat16")
+    folder = tempfile.mkdtemp(prefix=f"mii-{name}-")
+    config.save_pretrained(folder)
+    return folder
+
+
+def hf_model(name: str, device: str = "cuda"):
+    """transformers' model of the preset, random bf16 weights drawn on the device."""
+    import transformers
+
+    cls_name, kwargs = PRESETS[name]
+    config = getattr(transformers, cls_name)(**kwargs)
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    return model.eval()
+
+
+def measure_peaks() -> dict[str, float]:
+    """bf16 matmul FLOP/s (8192^3) and device copy bytes/s (1 GiB, read + write)."""
+    import triton.testing
+
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = triton.testing.do_bench(lambda: a @ b, warmup=50, rep=300, return_mode="median")
+    flops = 2 * 8192**3 / (ms * 1e-3)
+    src = torch.randn(1 << 29, device="cuda", dtype=torch.bfloat16)  # 1 GiB
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    bw = 2 * src.numel() * 2 / (ms * 1e-3)
+    del a, b, src, dst
+    torch.cuda.empty_cache()
+    return {"matmul_flops": flops, "copy_bytes_per_s": bw}
+
+
+@dataclass
+class ModelShape:
+    matmul_params: int  # parameters in matmuls per token (incl. the LM head)
+    weight_bytes: int
+    layers: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    dtype_bytes: int = 2
+
+    @staticmethod
+    def of(model: torch.nn.Module, hf_config) -> ModelShape:
+        embed = 0
+        for name, p in model.named_parameters():
+            if "embed_tokens" in name or "embed_positions" in name:
+                embed += p.numel()
+        total = sum(p.numel() for p in model.parameters())
+        tied = getattr(model, "tie_word_embeddings", False)
+        head = hf_config.vocab_size * (getattr(hf_config, "word_embed_proj_dim", None)
+                                       or hf_config.hidden_size)
+        heads = hf_config.num_attention_heads
+        return ModelShape(
+            matmul_params=total - embed + (head if tied else 0),
+            weight_bytes=total * 2,
+            layers=hf_config.num_hidden_layers,
+            q_heads=heads,
+            kv_heads=getattr(hf_config, "num_key_value_heads", None) or heads,
+            head_dim=getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads,
+        )
+
+
+@dataclass
+class Roofline:
+    """Sums each step's floor: max(FLOPs / peak FLOP/s, bytes / peak bytes/s)."""
+
+    shape: ModelShape
+    peaks: dict[str, float]
+    floor_s: float = 0.0
+    steps: int = 0
+    tokens: int = 0
+    detail: list = field(default_factory=list)
+
+    def record(self, chunks) -> None:
+        s = self.shape
+        kv_token_bytes = 2 * s.layers * s.kv_heads * s.head_dim * s.dtype_bytes
+        tokens = sum(c.num_tokens for c in chunks)
+        sampled = sum(1 for c in chunks if c.samples)
+        attn_pairs = sum(c.num_tokens * c.start + c.num_tokens * (c.num_tokens + 1) // 2
+                         for c in chunks)
+        flops = 2 * s.matmul_params * tokens + 4 * s.layers * s.q_heads * s.head_dim * attn_pairs
+        kv_read = sum(c.end for c in chunks) * kv_token_bytes
+        moved = s.weight_bytes + kv_read + tokens * kv_token_bytes
+        del sampled
+        self.floor_s += max(flops / self.peaks["matmul_flops"],
+                            moved / self.peaks["copy_bytes_per_s"])
+        self.steps += 1
+        self.tokens += tokens
+
+
+def attach_roofline(engine, roofline: Roofline) -> None:
+    """Record every step the engine's model runner executes."""
+    run = engine.runner.run
+
+    def recorded(chunks):
+        roofline.record(chunks)
+        return run(chunks)
+
+    engine.runner.run = recorded
+
+
+def write_json(name: str, payload: dict) -> None:
+    out = os.environ.get("OUT")
+    path = os.path.join(out, name) if out else name
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2, default=str)
+
+
+class Timer:
+    def __enter__(self):
+        torch.cuda.synchronize()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        torch.cuda.synchronize()
+        self.seconds = time.perf_counter() - self.start

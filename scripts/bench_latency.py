@@ -1,0 +1,93 @@
+"""Batch-1 latency on the GPU: ms per output token and time to first token.
+
+One request of --prompt-len random tokens generating --new-tokens, on a random-weight model
+of a real shape; transformers' `generate` on the same shape in the same process; the floor
+is the weights' bytes over the copy bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+
+import torch
+from bench_common import ModelShape, Timer, hf_model, measure_peaks, preset_folder, write_json
+from bench_offline import random_prompts
+
+from mii.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from mii.engine.engine import LLMEngine
+from mii.engine.sampling_params import SamplingParams
+
+
+def bench_hf(preset: str, prompt, new_tokens: int) -> float:
+    model = hf_model(preset)
+    ids = torch.tensor([prompt], device="cuda")
+    model.generate(ids, max_new_tokens=4, do_sample=False)
+    with Timer() as short:
+        model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)
+    with Timer() as full:
+        model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                       do_sample=False)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return (full.seconds - short.seconds) / (new_tokens - 1) * 1e3
+
+
+def bench_mii(engine: LLMEngine, prompt, new_tokens: int, repeats: int = 3) -> dict:
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    runs = []
+    for r in range(repeats + 1):  # the first run warms up (kernel compiles, graph capture)
+        engine.add_request(f"r{r}", prompt, params)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        stamps = []
+        while engine.has_unfinished_requests():
+            if engine.step():
+                stamps.append(time.perf_counter())
+        ttft = stamps[0] - start
+        per_token = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+        runs.append((ttft * 1e3, per_token * 1e3))
+    runs = sorted(runs[1:], key=lambda x: x[1])
+    ttft, per_token = runs[len(runs) // 2]
+    return {"ttft_ms": ttft, "ms_per_token": per_token}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--preset", default="mistral-7b")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--hf-new-tokens", type=int, default=64)
+    ap.add_argument("--eager", action="store_true")
+    ap.add_argument("--skip-hf", action="store_true")
+    args = ap.parse_args()
+
+    peaks = measure_peaks()
+    prompt = random_prompts(1, args.prompt_len, 32000)[0]
+    hf_ms = None if args.skip_hf else bench_hf(args.preset, prompt, args.hf_new_tokens)
+    config = EngineConfig(
+        model=preset_folder(args.preset), dtype="bfloat16", enforce_eager=args.eager,
+        scheduler=SchedulerConfig(max_num_batched_tokens=2048, max_num_seqs=64),
+        cache=CacheConfig(gpu_memory_utilization=0.5),
+    )
+    engine = LLMEngine(config, random_weights=True, load_tokenizer_files=False)
+    shape = ModelShape.of(engine.runner.model, engine.hf_config)
+    floor_ms = shape.weight_bytes / peaks["copy_bytes_per_s"] * 1e3
+    ours = bench_mii(engine, prompt, args.new_tokens)
+    result = {"device": torch.cuda.get_device_name(), "args": vars(args), "peaks": peaks,
+              "floor_ms": floor_ms, "hf_ms_per_token": hf_ms, **ours,
+              "ratio_to_floor": ours["ms_per_token"] / floor_ms}
+    write_json(f"latency_{args.preset}.json", result)
+    print(f"device {result['device']}  copy {peaks['copy_bytes_per_s'] / 1e9:.0f} GB/s")
+    print(f"{'what':<22}{'ms/token':>10}{'TTFT ms':>10}")
+    if hf_ms:
+        print(f"{'hf generate':<22}{hf_ms:>10.2f}{'':>10}")
+    print(f"{'mii':<22}{ours['ms_per_token']:>10.2f}{ours['ttft_ms']:>10.2f}")
+    print(f"{'weight floor':<22}{floor_ms:>10.2f}")
+    print(f"mii / floor = {result['ratio_to_floor']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

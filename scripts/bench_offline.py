@@ -1,0 +1,124 @@
+"""Offline throughput on the GPU: random-weight model of a real shape, fixed-length requests.
+
+Runs, in one process: the device's peak matmul rate and copy bandwidth; transformers'
+static batching (`generate` on batches of --hf-batch); then mii's engine on all requests.
+Reports output tok/s for both, their ratio, and the engine's roofline efficiency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import random
+
+import torch
+from bench_common import (
+    ModelShape,
+    Roofline,
+    Timer,
+    attach_roofline,
+    hf_model,
+    measure_peaks,
+    preset_folder,
+    write_json,
+)
+
+from mii.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from mii.engine.engine import LLMEngine
+from mii.engine.sampling_params import SamplingParams
+
+
+def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(100, vocab - 100) for _ in range(length)] for _ in range(n)]
+
+
+def bench_hf(preset: str, prompts, new_tokens: int, batch: int) -> dict:
+    model = hf_model(preset)
+    ids = torch.tensor(prompts[:batch], device="cuda")
+    model.generate(ids[:, :16], max_new_tokens=4, do_sample=False)  # warm-up
+    produced = 0
+    with Timer() as t:
+        for lo in range(0, len(prompts), batch):
+            ids = torch.tensor(prompts[lo : lo + batch], device="cuda")
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+            produced += (out.shape[1] - ids.shape[1]) * ids.shape[0]
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"requests": len(prompts), "output_tokens": produced, "seconds": t.seconds,
+            "tok_per_s": produced / t.seconds}
+
+
+def build_engine(preset: str, budget: int, max_seqs: int, eager: bool) -> LLMEngine:
+    config = EngineConfig(
+        model=preset_folder(preset), dtype="bfloat16", enforce_eager=eager,
+        scheduler=SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs),
+        cache=CacheConfig(gpu_memory_utilization=0.9, enable_prefix_caching=False),
+    )
+    return LLMEngine(config, random_weights=True, load_tokenizer_files=False)
+
+
+def bench_mii(engine: LLMEngine, prompts, new_tokens: int, roofline: Roofline | None) -> dict:
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    for i, p in enumerate(prompts[:8]):  # warm-up: compile kernels, capture graphs
+        engine.add_request(f"warm{i}", p[:64], SamplingParams(max_new_tokens=4))
+    while engine.has_unfinished_requests():
+        engine.step()
+    if roofline is not None:
+        attach_roofline(engine, roofline)
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, params)
+    produced = 0
+    with Timer() as t:
+        while engine.has_unfinished_requests():
+            produced += sum(len(o.token_ids) for o in engine.step())
+    return {"requests": len(prompts), "output_tokens": produced, "seconds": t.seconds,
+            "tok_per_s": produced / t.seconds, "steps": engine.stats().steps}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--preset", default="mistral-7b")
+    ap.add_argument("--requests", type=int, default=1000)
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--hf-requests", type=int, default=256)
+    ap.add_argument("--hf-batch", type=int, default=64)
+    ap.add_argument("--budget", type=int, default=4096)
+    ap.add_argument("--max-seqs", type=int, default=256)
+    ap.add_argument("--eager", action="store_true")
+    ap.add_argument("--skip-hf", action="store_true")
+    args = ap.parse_args()
+
+    peaks = measure_peaks()
+    cls_vocab = 32000
+    prompts = random_prompts(args.requests, args.prompt_len, cls_vocab)
+    hf = None
+    if not args.skip_hf:
+        hf = bench_hf(args.preset, prompts[: args.hf_requests], args.new_tokens, args.hf_batch)
+    engine = build_engine(args.preset, args.budget, args.max_seqs, args.eager)
+    roofline = Roofline(ModelShape.of(engine.runner.model, engine.hf_config), peaks)
+    ours = bench_mii(engine, prompts, args.new_tokens, roofline)
+    ours["roofline_floor_s"] = roofline.floor_s
+    ours["efficiency"] = roofline.floor_s / ours["seconds"]
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "args": vars(args), "peaks": peaks, "hf_static": hf, "mii": ours,
+              "kv_blocks": engine.runner.num_blocks}
+    if hf:
+        result["ratio_vs_hf"] = ours["tok_per_s"] / hf["tok_per_s"]
+    write_json(f"offline_{args.preset}.json", result)
+    print(f"device {result['device']}  matmul {peaks['matmul_flops'] / 1e12:.0f} TFLOP/s  "
+          f"copy {peaks['copy_bytes_per_s'] / 1e9:.0f} GB/s  kv blocks {result['kv_blocks']}")
+    print(f"{'engine':<14}{'requests':>9}{'tokens':>9}{'seconds':>9}{'tok/s':>9}")
+    for name, r in (("hf static", hf), ("mii", ours)):
+        if r:
+            print(f"{name:<14}{r['requests']:>9}{r['output_tokens']:>9}{r['seconds']:>9.2f}"
+                  f"{r['tok_per_s']:>9.0f}")
+    print(f"mii roofline efficiency {ours['efficiency']:.2f} over {ours['steps']} steps"
+          + (f"; {result['ratio_vs_hf']:.1f}x hf static" if hf else ""))
+
+
+if __name__ == "__main__":
+    main()
