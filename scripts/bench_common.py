@@ -12,24 +12,70 @@ from dataclasses import dataclass, field
 import torch
 
 PRESETS = {
-    "mistral-7b": ("MistralConfig", dict(
-        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, vocab_size=32000, max_position_embeddings=32768,
-        rope_theta=1e6, sliding_window=None)),
-    "llama-2-7b": ("LlamaConfig", dict(
-        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)),
-    "llama-3-8b": ("LlamaConfig", dict(
-        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
-        rope_theta=500000.0)),
-    "qwen2-7b": ("Qwen2Config", dict(
-        hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-        num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768,
-        rope_theta=1e6)),
-    "opt-6.7b": ("OPTConfig", dict(
-        hidden_size=4096, ffn_dim=16384, num_hidden_layers=32, num_attention_heads=32,
-        vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=4096)),
+    "mistral-7b": (
+        "MistralConfig",
+        dict(
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=32000,
+            max_position_embeddings=32768,
+            rope_theta=1e6,
+            sliding_window=None,
+        ),
+    ),
+    "llama-2-7b": (
+        "LlamaConfig",
+        dict(
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            vocab_size=32000,
+            max_position_embeddings=4096,
+        ),
+    ),
+    "llama-3-8b": (
+        "LlamaConfig",
+        dict(
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=128256,
+            max_position_embeddings=8192,
+            rope_theta=500000.0,
+        ),
+    ),
+    "qwen2-7b": (
+        "Qwen2Config",
+        dict(
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            vocab_size=152064,
+            max_position_embeddings=32768,
+            rope_theta=1e6,
+        ),
+    ),
+    "opt-6.7b": (
+        "OPTConfig",
+        dict(
+            hidden_size=4096,
+            ffn_dim=16384,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            vocab_size=50272,
+            max_position_embeddings=2048,
+            word_embed_proj_dim=4096,
+        ),
+    ),
 }
 
 
@@ -67,7 +113,6 @@ def measure_peaks() -> dict[str, float]:
     dst = torch.empty_like(src)
     ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
     bw = 2 * src.numel() * 2 / (ms * 1e-3)
-    del a, b, src, dst
     torch.cuda.empty_cache()
     return {"matmul_flops": flops, "copy_bytes_per_s": bw}
 
@@ -90,8 +135,9 @@ class ModelShape:
                 embed += p.numel()
         total = sum(p.numel() for p in model.parameters())
         tied = getattr(model, "tie_word_embeddings", False)
-        head = hf_config.vocab_size * (getattr(hf_config, "word_embed_proj_dim", None)
-                                       or hf_config.hidden_size)
+        head = hf_config.vocab_size * (
+            getattr(hf_config, "word_embed_proj_dim", None) or hf_config.hidden_size
+        )
         heads = hf_config.num_attention_heads
         return ModelShape(
             matmul_params=total - embed + (head if tied else 0),
@@ -119,14 +165,16 @@ class Roofline:
         kv_token_bytes = 2 * s.layers * s.kv_heads * s.head_dim * s.dtype_bytes
         tokens = sum(c.num_tokens for c in chunks)
         sampled = sum(1 for c in chunks if c.samples)
-        attn_pairs = sum(c.num_tokens * c.start + c.num_tokens * (c.num_tokens + 1) // 2
-                         for c in chunks)
+        attn_pairs = sum(
+            c.num_tokens * c.start + c.num_tokens * (c.num_tokens + 1) // 2 for c in chunks
+        )
         flops = 2 * s.matmul_params * tokens + 4 * s.layers * s.q_heads * s.head_dim * attn_pairs
         kv_read = sum(c.end for c in chunks) * kv_token_bytes
         moved = s.weight_bytes + kv_read + tokens * kv_token_bytes
         del sampled
-        self.floor_s += max(flops / self.peaks["matmul_flops"],
-                            moved / self.peaks["copy_bytes_per_s"])
+        self.floor_s += max(
+            flops / self.peaks["matmul_flops"], moved / self.peaks["copy_bytes_per_s"]
+        )
         self.steps += 1
         self.tokens += tokens
 

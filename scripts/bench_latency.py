@@ -27,8 +27,7 @@ def bench_hf(preset: str, prompt, new_tokens: int) -> float:
     with Timer() as short:
         model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)
     with Timer() as full:
-        model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                       do_sample=False)
+        model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     del model
     gc.collect()
     torch.cuda.empty_cache()
@@ -68,7 +67,9 @@ def main() -> None:
     prompt = random_prompts(1, args.prompt_len, 32000)[0]
     hf_ms = None if args.skip_hf else bench_hf(args.preset, prompt, args.hf_new_tokens)
     config = EngineConfig(
-        model=preset_folder(args.preset), dtype="bfloat16", enforce_eager=args.eager,
+        model=preset_folder(args.preset),
+        dtype="bfloat16",
+        enforce_eager=args.eager,
         scheduler=SchedulerConfig(max_num_batched_tokens=2048, max_num_seqs=64),
         cache=CacheConfig(gpu_memory_utilization=0.5),
     )
@@ -76,9 +77,15 @@ def main() -> None:
     shape = ModelShape.of(engine.runner.model, engine.hf_config)
     floor_ms = shape.weight_bytes / peaks["copy_bytes_per_s"] * 1e3
     ours = bench_mii(engine, prompt, args.new_tokens)
-    result = {"device": torch.cuda.get_device_name(), "args": vars(args), "peaks": peaks,
-              "floor_ms": floor_ms, "hf_ms_per_token": hf_ms, **ours,
-              "ratio_to_floor": ours["ms_per_token"] / floor_ms}
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "args": vars(args),
+        "peaks": peaks,
+        "floor_ms": floor_ms,
+        "hf_ms_per_token": hf_ms,
+        **ours,
+        "ratio_to_floor": ours["ms_per_token"] / floor_ms,
+    }
     write_json(f"latency_{args.preset}.json", result)
     print(f"device {result['device']}  copy {peaks['copy_bytes_per_s'] / 1e9:.0f} GB/s")
     print(f"{'what':<22}{'ms/token':>10}{'TTFT ms':>10}")

@@ -41,19 +41,30 @@ def bench_hf(preset: str, prompts, new_tokens: int, batch: int) -> dict:
     with Timer() as t:
         for lo in range(0, len(prompts), batch):
             ids = torch.tensor(prompts[lo : lo + batch], device="cuda")
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+            )
             produced += (out.shape[1] - ids.shape[1]) * ids.shape[0]
     del model
     gc.collect()
     torch.cuda.empty_cache()
-    return {"requests": len(prompts), "output_tokens": produced, "seconds": t.seconds,
-            "tok_per_s": produced / t.seconds}
+    return {
+        "requests": len(prompts),
+        "output_tokens": produced,
+        "seconds": t.seconds,
+        "tok_per_s": produced / t.seconds,
+    }
 
 
 def build_engine(preset: str, budget: int, max_seqs: int, eager: bool) -> LLMEngine:
     config = EngineConfig(
-        model=preset_folder(preset), dtype="bfloat16", enforce_eager=eager,
+        model=preset_folder(preset),
+        dtype="bfloat16",
+        enforce_eager=eager,
         scheduler=SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs),
         cache=CacheConfig(gpu_memory_utilization=0.9, enable_prefix_caching=False),
     )
@@ -74,8 +85,13 @@ def bench_mii(engine: LLMEngine, prompts, new_tokens: int, roofline: Roofline | 
     with Timer() as t:
         while engine.has_unfinished_requests():
             produced += sum(len(o.token_ids) for o in engine.step())
-    return {"requests": len(prompts), "output_tokens": produced, "seconds": t.seconds,
-            "tok_per_s": produced / t.seconds, "steps": engine.stats().steps}
+    return {
+        "requests": len(prompts),
+        "output_tokens": produced,
+        "seconds": t.seconds,
+        "tok_per_s": produced / t.seconds,
+        "steps": engine.stats().steps,
+    }
 
 
 def main() -> None:
@@ -103,21 +119,33 @@ def main() -> None:
     ours = bench_mii(engine, prompts, args.new_tokens, roofline)
     ours["roofline_floor_s"] = roofline.floor_s
     ours["efficiency"] = roofline.floor_s / ours["seconds"]
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "args": vars(args), "peaks": peaks, "hf_static": hf, "mii": ours,
-              "kv_blocks": engine.runner.num_blocks}
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "args": vars(args),
+        "peaks": peaks,
+        "hf_static": hf,
+        "mii": ours,
+        "kv_blocks": engine.runner.num_blocks,
+    }
     if hf:
         result["ratio_vs_hf"] = ours["tok_per_s"] / hf["tok_per_s"]
     write_json(f"offline_{args.preset}.json", result)
-    print(f"device {result['device']}  matmul {peaks['matmul_flops'] / 1e12:.0f} TFLOP/s  "
-          f"copy {peaks['copy_bytes_per_s'] / 1e9:.0f} GB/s  kv blocks {result['kv_blocks']}")
+    print(
+        f"device {result['device']}  matmul {peaks['matmul_flops'] / 1e12:.0f} TFLOP/s  "
+        f"copy {peaks['copy_bytes_per_s'] / 1e9:.0f} GB/s  kv blocks {result['kv_blocks']}"
+    )
     print(f"{'engine':<14}{'requests':>9}{'tokens':>9}{'seconds':>9}{'tok/s':>9}")
     for name, r in (("hf static", hf), ("mii", ours)):
         if r:
-            print(f"{name:<14}{r['requests']:>9}{r['output_tokens']:>9}{r['seconds']:>9.2f}"
-                  f"{r['tok_per_s']:>9.0f}")
-    print(f"mii roofline efficiency {ours['efficiency']:.2f} over {ours['steps']} steps"
-          + (f"; {result['ratio_vs_hf']:.1f}x hf static" if hf else ""))
+            print(
+                f"{name:<14}{r['requests']:>9}{r['output_tokens']:>9}{r['seconds']:>9.2f}"
+                f"{r['tok_per_s']:>9.0f}"
+            )
+    print(
+        f"mii roofline efficiency {ours['efficiency']:.2f} over {ours['steps']} steps"
+        + (f"; {result['ratio_vs_hf']:.1f}x hf static" if hf else "")
+    )
 
 
 if __name__ == "__main__":
