@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from mii.engine.config import EngineConfig
+from mii.engine.cuda_graphs import DecodeGraphs
 from mii.engine.layers.attention import AttentionMetadata, PagedAttention
 from mii.engine.loader import build_model, init_random_weights, load_weights
 from mii.engine.parallel import SINGLE, ParallelContext
@@ -53,6 +54,12 @@ class ModelRunner:
         self.num_blocks = config.cache.num_blocks or self._blocks_that_fit()
         self._allocate_cache()
         self.sampler: Sampler | None = None
+        self.graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            max_blocks = -(-max_positions // self.block_size)
+            batch = min(config.scheduler.max_num_seqs, 256)
+            self.graphs = DecodeGraphs(self.model, self.device, batch, max_blocks)
+            self.graphs.capture()
 
     def _pack_cpu_weights(self) -> None:
         if self.device.type != "cpu":
@@ -72,6 +79,7 @@ class ModelRunner:
     def _blocks_that_fit(self) -> int:
         if self.device.type != "cuda":
             return max(1, int(self.config.cache.cpu_kv_cache_gib * GIB) // self.bytes_per_block)
+        torch.cuda.empty_cache()  # memory cached but unused is free for our purpose
         free, total = torch.cuda.mem_get_info(self.device)
         peak = self._profile_activation_peak()
         budget = total * self.config.cache.gpu_memory_utilization - (total - free) - peak
@@ -171,8 +179,11 @@ class ModelRunner:
     def run(self, chunks: list[ScheduledChunk]) -> SamplerOutput | None:
         """One forward pass; returns the samples of the chunks that end their sequence."""
         inputs = self.prepare(chunks)
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
-        if not inputs.sampling_chunks:
-            return None
-        logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        if self.graphs is not None and self.graphs.fits(inputs.meta):
+            logits = self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
+        else:
+            hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
+            if not inputs.sampling_chunks:
+                return None
+            logits = self.model.compute_logits(hidden[inputs.logits_indices])
         return self.sampler(logits, [c.seq for c in inputs.sampling_chunks])

@@ -1,0 +1,89 @@
+"""CUDA graphs of decode-only steps.
+
+A decode step of a 7B model launches hundreds of small kernels; replaying them as one
+captured graph removes the launch gaps that otherwise dominate batch-1 latency. One graph
+is captured per padded batch size; a step pads its batch up to the nearest size (padding
+rows write nothing to the cache and their logits are dropped).
+"""
+
+from __future__ import annotations
+
+import bisect
+
+import torch
+from torch import nn
+
+from mii.engine.layers.attention import AttentionMetadata
+
+
+def graph_batch_sizes(max_batch: int) -> list[int]:
+    sizes = [b for b in (1, 2, 4, 8) if b < max_batch]
+    sizes += list(range(16, max_batch, 16))
+    return sorted({*sizes, max_batch})
+
+
+class DecodeGraphs:
+    def __init__(self, model: nn.Module, device: torch.device, max_batch: int, max_blocks: int):
+        self.model = model
+        self.sizes = graph_batch_sizes(max_batch)
+        self.max_blocks = max_blocks
+        i32, i64 = torch.int32, torch.int64
+        self.input_ids = torch.zeros(max_batch, dtype=i64, device=device)
+        self.positions = torch.zeros(max_batch, dtype=i64, device=device)
+        self.slot_mapping = torch.full((max_batch,), -1, dtype=i64, device=device)
+        self.block_tables = torch.zeros((max_batch, max_blocks), dtype=i32, device=device)
+        self.query_start_loc = torch.arange(max_batch + 1, dtype=i32, device=device)
+        self.seq_lens = torch.ones(max_batch, dtype=i32, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+
+    def _meta(self, batch: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:batch],
+            block_tables=self.block_tables[:batch],
+            query_start_loc=self.query_start_loc[: batch + 1],
+            seq_lens=self.seq_lens[:batch],
+            max_query_len=1,
+            max_seq_len=self.max_blocks,
+        )
+
+    def _forward(self, batch: int) -> torch.Tensor:
+        hidden = self.model(self.input_ids[:batch], self.positions[:batch], self._meta(batch))
+        return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture largest first, so the smaller graphs reuse the same memory pool."""
+        pool = None
+        for batch in reversed(self.sizes):
+            self._forward(batch)  # warm-up: kernel compilation and autotuning happen here
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.logits[batch] = self._forward(batch)
+            pool = graph.pool()
+            self.graphs[batch] = graph
+        torch.cuda.synchronize()
+
+    def fits(self, meta: AttentionMetadata) -> bool:
+        batch = meta.seq_lens.shape[0]
+        return (
+            meta.decode_only
+            and batch <= self.sizes[-1]
+            and meta.block_tables.shape[1] <= self.max_blocks
+        )
+
+    def run(self, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:
+        """Logits (batch, vocab) of a decode-only step, by replaying the nearest graph."""
+        batch = input_ids.shape[0]
+        size = self.sizes[bisect.bisect_left(self.sizes, batch)]
+        self.input_ids[:batch].copy_(input_ids)
+        self.positions[:batch].copy_(positions)
+        self.slot_mapping[:batch].copy_(meta.slot_mapping)
+        self.slot_mapping[batch:size].fill_(-1)
+        self.seq_lens[:batch].copy_(meta.seq_lens)
+        self.seq_lens[batch:size].fill_(1)
+        width = meta.block_tables.shape[1]
+        self.block_tables[:batch, :width].copy_(meta.block_tables)
+        self.graphs[size].replay()
+        return self.logits[size][:batch]
