@@ -16,6 +16,7 @@ from mii.engine.loader import build_model, init_random_weights, load_weights
 from mii.engine.parallel import SINGLE, ParallelContext
 from mii.engine.sampler import Sampler, SamplerOutput
 from mii.engine.scheduler import ScheduledChunk
+from mii.engine.step_plan import StepPlan
 
 GIB = 1 << 30
 
@@ -26,7 +27,6 @@ class StepInputs:
     positions: torch.Tensor  # (T,) int64
     meta: AttentionMetadata
     logits_indices: torch.Tensor  # (N,) rows of the sequences that sample
-    sampling_chunks: list[ScheduledChunk]
 
 
 class ModelRunner:
@@ -51,7 +51,8 @@ class ModelRunner:
             load_weights(self.model, model_path)
         self._pack_cpu_weights()
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
-        self.num_blocks = config.cache.num_blocks or self._blocks_that_fit()
+        # Every rank of a tensor-parallel group must hold the same number of blocks.
+        self.num_blocks = tp.min_over_ranks(config.cache.num_blocks or self._blocks_that_fit())
         self._allocate_cache()
         self.sampler: Sampler | None = None
         self.graphs: DecodeGraphs | None = None
@@ -141,49 +142,47 @@ class ModelRunner:
             attn.bind_cache(self.kv_cache[0, i], self.kv_cache[1, i])
 
     # ---- one step ----------------------------------------------------------------------
-    def prepare(self, chunks: list[ScheduledChunk]) -> StepInputs:
-        """Flatten the chunks into one ragged batch. Loops run per sequence, not per token."""
-        bs = self.block_size
-        q_lens = np.array([c.num_tokens for c in chunks], dtype=np.int32)
-        query_start = np.zeros(len(chunks) + 1, dtype=np.int32)
-        np.cumsum(q_lens, out=query_start[1:])
-        positions = np.concatenate([np.arange(c.start, c.end) for c in chunks])
-        max_blocks = max(len(c.seq.block_table) for c in chunks)
-        tables = np.zeros((len(chunks), max_blocks), dtype=np.int32)
-        input_ids: list[int] = []
-        for row, c in enumerate(chunks):
-            tables[row, : len(c.seq.block_table)] = c.seq.block_table
-            input_ids.extend(c.seq.token_ids[c.start : c.end])
-        rows = np.repeat(np.arange(len(chunks)), q_lens)
-        slots = tables[rows, positions // bs].astype(np.int64) * bs + positions % bs
-        seq_lens = np.array([c.end for c in chunks], dtype=np.int32)
-        sampling = [i for i, c in enumerate(chunks) if c.samples]
+    def prepare(self, plan: StepPlan) -> StepInputs:
+        """The plan's arrays as tensors on the device."""
         dev = self.device
+
+        def tensor(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(a).to(dev, non_blocking=True)
+
         meta = AttentionMetadata(
-            slot_mapping=torch.from_numpy(slots).to(dev, non_blocking=True),
-            block_tables=torch.from_numpy(tables).to(dev, non_blocking=True),
-            query_start_loc=torch.from_numpy(query_start).to(dev, non_blocking=True),
-            seq_lens=torch.from_numpy(seq_lens).to(dev, non_blocking=True),
-            max_query_len=int(q_lens.max()),
-            max_seq_len=int(seq_lens.max()),
+            slot_mapping=tensor(plan.slot_mapping),
+            block_tables=tensor(plan.block_tables),
+            query_start_loc=tensor(plan.query_start_loc),
+            seq_lens=tensor(plan.seq_lens),
+            max_query_len=plan.max_query_len,
+            max_seq_len=plan.max_seq_len,
         )
         return StepInputs(
-            input_ids=torch.tensor(input_ids, dtype=torch.int64).to(dev, non_blocking=True),
-            positions=torch.from_numpy(positions).to(dev, non_blocking=True),
+            input_ids=tensor(plan.input_ids),
+            positions=tensor(plan.positions),
             meta=meta,
-            logits_indices=torch.from_numpy(query_start[1:][sampling] - 1).to(dev).long(),
-            sampling_chunks=[chunks[i] for i in sampling],
+            logits_indices=tensor(plan.logits_indices),
         )
 
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk]) -> SamplerOutput | None:
         """One forward pass; returns the samples of the chunks that end their sequence."""
-        inputs = self.prepare(chunks)
+        logits = self.execute(StepPlan.build(chunks, self.block_size))
+        if logits is None:
+            return None
+        return self.sampler(logits, [c.seq for c in chunks if c.samples])
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> torch.Tensor | None:
+        """The forward pass (what every tensor-parallel rank runs): logits of the rows that
+        sample, None when none does."""
+        inputs = self.prepare(plan)
         if self.graphs is not None and self.graphs.fits(inputs.meta):
-            logits = self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
-        else:
-            hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
-            if not inputs.sampling_chunks:
-                return None
-            logits = self.model.compute_logits(hidden[inputs.logits_indices])
-        return self.sampler(logits, [c.seq for c in inputs.sampling_chunks])
+            return self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
+        if len(plan.logits_indices) == 0:
+            return None
+        return self.model.compute_logits(hidden[inputs.logits_indices])
+
+    def close(self) -> None:
+        """Release what the runner holds beyond memory (none here; see tp_group.py)."""

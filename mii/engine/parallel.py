@@ -29,6 +29,16 @@ class ParallelContext:
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=-1)
 
+    def min_over_ranks(self, value: int) -> int:
+        """The smallest of each rank's `value` (an agreed cache size)."""
+        if self.world_size == 1:
+            return value
+        on_gpu = dist.get_backend(self.group) == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else None
+        t = torch.tensor([value], dtype=torch.int64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
+        return int(t.item())
+
     def shard(self, size: int, what: str) -> int:
         if size % self.world_size:
             raise ValueError(

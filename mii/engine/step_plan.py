@@ -1,0 +1,91 @@
+"""One step's ragged batch as plain integer arrays: what the model runner turns into device
+tensors, and what rank 0 of a tensor-parallel group sends to the other ranks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from mii.engine.scheduler import ScheduledChunk
+
+_HEADER = 4  # tokens, sequences, block-table width, sampling rows
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    input_ids: np.ndarray  # (T,) int64
+    positions: np.ndarray  # (T,) int64
+    slot_mapping: np.ndarray  # (T,) int64, block * block_size + offset
+    block_tables: np.ndarray  # (B, max_blocks) int32
+    query_start_loc: np.ndarray  # (B + 1,) int32
+    seq_lens: np.ndarray  # (B,) int32, context length after this step
+    logits_indices: np.ndarray  # (N,) int64, rows of the sequences that sample
+
+    @classmethod
+    def build(cls, chunks: list[ScheduledChunk], block_size: int) -> StepPlan:
+        """Flatten the chunks into one ragged batch. Loops run per sequence, not per token."""
+        q_lens = np.array([c.num_tokens for c in chunks], dtype=np.int32)
+        query_start = np.zeros(len(chunks) + 1, dtype=np.int32)
+        np.cumsum(q_lens, out=query_start[1:])
+        positions = np.concatenate([np.arange(c.start, c.end, dtype=np.int64) for c in chunks])
+        max_blocks = max(len(c.seq.block_table) for c in chunks)
+        tables = np.zeros((len(chunks), max_blocks), dtype=np.int32)
+        input_ids: list[int] = []
+        for row, c in enumerate(chunks):
+            tables[row, : len(c.seq.block_table)] = c.seq.block_table
+            input_ids.extend(c.seq.token_ids[c.start : c.end])
+        rows = np.repeat(np.arange(len(chunks)), q_lens)
+        slots = tables[rows, positions // block_size].astype(np.int64) * block_size
+        slots += positions % block_size
+        sampling = [i for i, c in enumerate(chunks) if c.samples]
+        return cls(
+            input_ids=np.array(input_ids, dtype=np.int64),
+            positions=positions,
+            slot_mapping=slots,
+            block_tables=tables,
+            query_start_loc=query_start,
+            seq_lens=np.array([c.end for c in chunks], dtype=np.int32),
+            logits_indices=(query_start[1:][sampling] - 1).astype(np.int64),
+        )
+
+    @property
+    def max_query_len(self) -> int:
+        return int(np.diff(self.query_start_loc).max())
+
+    @property
+    def max_seq_len(self) -> int:
+        return int(self.seq_lens.max())
+
+    def pack(self) -> np.ndarray:
+        """All arrays in one int64 vector behind a header of their sizes."""
+        num_seqs, width = self.block_tables.shape
+        header = [len(self.input_ids), num_seqs, width, len(self.logits_indices)]
+        parts = [
+            np.array(header, dtype=np.int64),
+            self.input_ids,
+            self.positions,
+            self.slot_mapping,
+            self.block_tables.ravel(),
+            self.query_start_loc,
+            self.seq_lens,
+            self.logits_indices,
+        ]
+        return np.concatenate([p.astype(np.int64, copy=False) for p in parts])
+
+    @classmethod
+    def unpack(cls, packed: np.ndarray) -> StepPlan:
+        tokens, num_seqs, width, sampling = (int(v) for v in packed[:_HEADER])
+        sizes = [tokens, tokens, tokens, num_seqs * width, num_seqs + 1, num_seqs, sampling]
+        ids, pos, slots, tables, qsl, lens, logit_rows = np.split(
+            packed[_HEADER:], np.cumsum(sizes)[:-1]
+        )
+        return cls(
+            input_ids=ids,
+            positions=pos,
+            slot_mapping=slots,
+            block_tables=tables.astype(np.int32).reshape(num_seqs, width),
+            query_start_loc=qsl.astype(np.int32),
+            seq_lens=lens.astype(np.int32),
+            logits_indices=logit_rows,
+        )
