@@ -59,10 +59,12 @@ def rope_kv_write_ref(
 
 def _gather_context(cache: torch.Tensor, block_tables: torch.Tensor, max_len: int) -> torch.Tensor:
     """Gather the cached keys (or values) of each sequence: (B, max_len, Hkv, D)."""
-    num_blocks = -(-max_len // cache.shape[1])
-    gathered = cache[block_tables[:, :num_blocks].long()]  # (B, nb, bs, Hkv, D)
-    batch, nb, bs, heads, dim = gathered.shape
-    return gathered.reshape(batch, nb * bs, heads, dim)[:, :max_len]
+    num_blocks, block_size, heads, dim = cache.shape
+    used = -(-max_len // block_size)
+    ids = block_tables[:, :used].reshape(-1).long()
+    # index_select over whole blocks moves memory several times faster than fancy indexing.
+    gathered = cache.view(num_blocks, -1).index_select(0, ids)  # (B * used, bs * Hkv * D)
+    return gathered.view(block_tables.shape[0], used * block_size, heads, dim)[:, :max_len]
 
 
 def paged_attention_ref(
@@ -117,14 +119,19 @@ def _attend_group(q, out, k_cache, v_cache, block_tables, starts, q_lens, lens, 
     hkv = k.shape[1]
     g = hq // hkv
     # GQA without copying K and V: fold each KV head's query group into the query axis.
-    qg = q[rows].float().view(batch, max_q, hkv, g, dim)
+    # A group that is the whole batch in order (every decode-only step) needs no gather.
+    in_order = rows.shape == (q.shape[0], 1) and group == list(range(q.shape[0]))
+    qg = (q.unsqueeze(1) if in_order else q[rows]).float().view(batch, max_q, hkv, g, dim)
     qg = qg.permute(0, 2, 3, 1, 4).reshape(batch, hkv, g * max_q, dim)  # (B, Hkv, G*Lq, D)
     mask = mask[:, None, None].expand(batch, 1, g, max_q, max_len)
     o = F.scaled_dot_product_attention(
         qg, k, v, attn_mask=mask.reshape(batch, 1, g * max_q, max_len), scale=scale
     )
     o = o.view(batch, hkv, g, max_q, dim).permute(0, 3, 1, 2, 4).reshape(batch, max_q, hq, dim)
-    out[rows[valid]] = o[valid].to(out.dtype)
+    if in_order:
+        out.copy_(o.squeeze(1))
+    else:
+        out[rows[valid]] = o[valid].to(out.dtype)
 
 
 def rms_norm_ref(
