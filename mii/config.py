@@ -69,8 +69,27 @@ class ModelConfig(_Model):
     def _state_manager(self, key: str):
         return self.inference_engine_config.get("state_manager", {}).get(key)
 
-    def to_engine_config(self, model_path: str | None = None) -> EngineConfig:
-        """The engine's frozen config; `model_path` replaces a short name already resolved."""
+    def device_ids(self, replica: int = 0) -> tuple[int, ...] | None:
+        """CUDA devices of one replica's tensor-parallel ranks: its entry of `device_map`;
+        with "auto", the replica's block of `tensor_parallel` consecutive visible devices
+        (None for replica 0: the engine counts from `device`'s index)."""
+        tp = self.tensor_parallel
+        if self.device_map == "auto":
+            return None if replica == 0 else tuple(range(replica * tp, (replica + 1) * tp))
+        replicas = [ids for host in self.device_map.values() for ids in host]
+        if replica >= len(replicas):
+            raise ValueError(f"device_map has {len(replicas)} replica(s), none for {replica}")
+        ids = tuple(replicas[replica])
+        if len(ids) != tp:
+            raise ValueError(
+                f"device_map gives replica {replica} devices {list(ids)}; "
+                f"tensor_parallel={tp} needs {tp}"
+            )
+        return ids
+
+    def to_engine_config(self, model_path: str | None = None, replica: int = 0) -> EngineConfig:
+        """The engine's frozen config; `model_path` replaces a short name already resolved;
+        `replica` picks the devices of that replica of a deployment."""
         budget = self.max_num_batched_tokens or self._state_manager("max_ragged_batch_size")
         max_seqs = self.max_num_seqs or self._state_manager("max_ragged_sequence_count")
         scheduler = SchedulerConfig(
@@ -93,6 +112,7 @@ class ModelConfig(_Model):
             device=self.device,
             max_model_len=self.max_length or self._state_manager("max_context"),
             tensor_parallel=self.tensor_parallel,
+            device_ids=self.device_ids(replica),
             enforce_eager=self.enforce_eager,
             cache=cache,
             scheduler=scheduler,

@@ -23,3 +23,8 @@ class GenerationError(MIIError):
 
 class RequestTimeoutError(MIIError, TimeoutError):
     """A request's deadline passed before it finished."""
+
+
+class TensorParallelError(MIIError):
+    """A rank of the engine's tensor-parallel group died or fell out of step; the engine
+    cannot continue and its host should exit so that others take over its requests."""

@@ -108,7 +108,9 @@ class MIIPipeline:
             self.engine.abort_request(request_id)
 
     def destroy(self) -> None:
-        """Release the model and its KV cache."""
+        """Release the model and its KV cache, and stop the tensor-parallel ranks."""
+        if self.engine is not None:
+            self.engine.close()
         self.engine = None
         self.tokenizer = None
 

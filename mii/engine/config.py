@@ -64,6 +64,9 @@ class EngineConfig:
     device: str = "auto"
     max_model_len: int | None = None
     tensor_parallel: int = 1
+    device_ids: tuple[int, ...] | None = None
+    """CUDA devices of the tensor-parallel ranks in rank order, as indices among the visible
+    devices; None: `tensor_parallel` consecutive devices from `device`'s index (0)."""
     enforce_eager: bool = False
     """Skip CUDA graphs for decode-only steps."""
     cache: CacheConfig = field(default_factory=CacheConfig)

@@ -12,13 +12,13 @@ from mii.engine.block_manager import BlockManager
 from mii.engine.config import EngineConfig, parse_dtype
 from mii.engine.detokenizer import IncrementalDetokenizer
 from mii.engine.loader import eos_token_ids, load_hf_config, load_tokenizer, resolve_model_path
-from mii.engine.model_runner import ModelRunner
 from mii.engine.outputs import RequestOutput, TokenLogprob
 from mii.engine.parallel import SINGLE, ParallelContext
 from mii.engine.sampler import Sampler, SamplerOutput
 from mii.engine.sampling_params import SamplingParams
 from mii.engine.scheduler import Scheduler, SchedulerOutput
 from mii.engine.sequence import Sequence
+from mii.engine.tp_group import make_runner
 from mii.errors import InvalidRequestError
 
 
@@ -67,7 +67,8 @@ class LLMEngine:
         tok_path = config.tokenizer or path
         self.tokenizer = load_tokenizer(tok_path) if load_tokenizer_files else None
         model_len = config.max_model_len or max_context(self.hf_config)
-        self.runner = ModelRunner(
+        # With tensor_parallel > 1 this process is rank 0 and starts the other ranks.
+        self.runner = make_runner(
             config, self.hf_config, path, self._dtype(), model_len, tp, random_weights
         )
         self.runner.sampler = Sampler(eos_token_ids(path, self.hf_config, self.tokenizer))
@@ -139,6 +140,10 @@ class LLMEngine:
             return False
         self.scheduler.remove(req.seq)
         return True
+
+    def close(self) -> None:
+        """Stop the tensor-parallel ranks this engine started (a no-op for one process)."""
+        self.runner.close()
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)

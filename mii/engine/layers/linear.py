@@ -97,9 +97,14 @@ class QKVParallelLinear(ColumnParallelLinear):
         if num_kv_heads >= tp.world_size:
             self.num_kv_heads = tp.shard(num_kv_heads, "KV heads")
             self.kv_replicas = 1
-        else:
+        elif tp.world_size % num_kv_heads == 0:
             self.num_kv_heads = 1
             self.kv_replicas = tp.world_size // num_kv_heads
+        else:
+            raise ValueError(
+                f"tensor_parallel={tp.world_size} neither divides nor is a multiple of the "
+                f"{num_kv_heads} KV heads"
+            )
         out = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp.world_size
         super().__init__(hidden_size, out, bias, tp)
 
