@@ -1,30 +1,75 @@
-"""Kernel dispatch: Triton on CUDA tensors, the torch references otherwise.
+"""Kernel dispatch: the Triton launchers for CUDA tensors, the torch references otherwise.
 
-(Provisional: references only, until the Triton launchers land.)
+The engine calls only these functions. Triton is imported inside the CUDA branch, so CPU
+users never pay for the import; `MII_DISABLE_TRITON=1` forces the references everywhere.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
 from mii.kernels import torch_ref
 
 
-def rms_norm(x, weight, eps, residual=None):
+def _triton_on(t: torch.Tensor) -> bool:
+    return t.is_cuda and os.environ.get("MII_DISABLE_TRITON", "0") != "1"
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if _triton_on(x):
+        from mii.kernels.rms_norm import rms_norm as kernel
+
+        return kernel(x, weight, eps, residual)
     return torch_ref.rms_norm_ref(x, weight, eps, residual)
 
 
-def silu_and_mul(x):
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    if _triton_on(x):
+        from mii.kernels.activation import silu_and_mul as kernel
+
+        return kernel(x)
     return torch_ref.silu_and_mul_ref(x)
 
 
 def rope_kv_write(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping) -> None:
-    torch_ref.rope_kv_write_ref(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping)
+    if _triton_on(q):
+        from mii.kernels.rope_kv_write import rope_kv_write as kernel
+    else:
+        kernel = torch_ref.rope_kv_write_ref
+    kernel(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping)
 
 
 def paged_attention(
     q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, *, max_query_len: int
 ) -> torch.Tensor:
-    return torch_ref.paged_attention_ref(
-        q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale
-    )
+    """Decode-only steps (max_query_len == 1, known on the host) take the split-K kernel,
+    which keeps the GPU busy at small batches; mixed steps take the ragged kernel."""
+    if not _triton_on(q):
+        return torch_ref.paged_attention_ref(
+            q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale
+        )
+    if max_query_len == 1 and q.shape[0] == seq_lens.shape[0]:
+        from mii.kernels.decode_attention import decode_attention as decode
+
+        return decode(q, k_cache, v_cache, block_tables, seq_lens, scale)
+    from mii.kernels.paged_attention import paged_attention as kernel
+
+    return kernel(
+        q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
+        max_query_len=max_query_len,
+    )  # fmt: skip
+
+
+def decode_attention(
+    q, k_cache, v_cache, block_tables, seq_lens, scale, *, num_splits: int | None = None
+) -> torch.Tensor:
+    if _triton_on(q):
+        from mii.kernels.decode_attention import decode_attention as kernel
+
+        return kernel(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits=num_splits)
+    starts = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device)
+    return torch_ref.paged_attention_ref(q, k_cache, v_cache, block_tables, starts, seq_lens, scale)

@@ -1,0 +1,125 @@
+"""Pieces shared by the paged attention kernels: the online-softmax loop over a range of
+cached keys, and the launcher checks of the paged cache.
+
+The loop reads keys and values straight from the paged cache through a sequence's block
+table row; one tile of `BLOCK_N` key positions spans `BLOCK_N // BLOCK_SIZE` cache blocks.
+Scores live in the log2 domain (`scale * log2(e)` folded into one multiply) so the
+softmax runs on `exp2`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def load_kv_tile(
+    cache_ptr,
+    table_ptr,
+    offs_n,
+    offs_d,
+    seq_len,
+    stride_block,
+    stride_slot,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """(BLOCK_N, BLOCK_D) keys or values at positions `offs_n`; `cache_ptr` is already
+    offset to the kv head. Positions past `seq_len` read zeros when MASKED."""
+    if MASKED:
+        in_seq = offs_n < seq_len
+        block = tl.load(table_ptr + offs_n // BLOCK_SIZE, mask=in_seq, other=0)
+    else:
+        block = tl.load(table_ptr + offs_n // BLOCK_SIZE)
+    # int64: block * stride_block overflows int32 in caches of a few GiB per layer.
+    rows = block.to(tl.int64) * stride_block + (offs_n % BLOCK_SIZE) * stride_slot
+    ptrs = cache_ptr + rows[:, None] + offs_d[None, :]
+    if MASKED:
+        mask = in_seq[:, None] & (offs_d[None, :] < HEAD_DIM)
+        return tl.load(ptrs, mask=mask, other=0.0)
+    if BLOCK_D == HEAD_DIM:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+
+
+@triton.jit
+def attend_range(
+    acc,
+    m_i,
+    l_i,
+    q,
+    q_pos,
+    k_ptr,
+    v_ptr,
+    table_ptr,
+    start,
+    end,
+    seq_len,
+    scale_log2e,
+    stride_k_block,
+    stride_k_slot,
+    stride_v_block,
+    stride_v_slot,
+    BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    MASKED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Online softmax of the (BLOCK_M, BLOCK_D) queries `q` over key positions
+    [start, end). MASKED applies the causal mask `key <= q_pos` per row (and the sequence
+    end); unmasked ranges must lie wholly below every row's position.
+
+    acc: (BLOCK_M, BLOCK_D) fp32 unnormalised output; m_i, l_i: (BLOCK_M,) running max
+    (log2 domain) and running sum of exp2.
+    """
+    offs_d = tl.arange(0, BLOCK_D)
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = load_kv_tile(
+            k_ptr, table_ptr, offs_n, offs_d, seq_len, stride_k_block, stride_k_slot,
+            BLOCK_SIZE, HEAD_DIM, BLOCK_D, MASKED,
+        )  # fmt: skip
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        qk = qk * scale_log2e
+        if MASKED:
+            qk = tl.where(offs_n[None, :] <= q_pos[:, None], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = load_kv_tile(
+            v_ptr, table_ptr, offs_n, offs_d, seq_len, stride_v_block, stride_v_slot,
+            BLOCK_SIZE, HEAD_DIM, BLOCK_D, MASKED,
+        )  # fmt: skip
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 tests want exact fp32 products, not the TF32 that tl.dot uses by default."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def check_paged_inputs(q, k_cache, v_cache, block_tables, seq_lens) -> None:
+    """Shapes, dtypes, devices and strides the attention kernels rely on."""
+    assert q.dim() == 3 and q.stride(-1) == 1, "q: (tokens, heads, head_dim), last dim dense"
+    assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape, "caches: (blocks, bs, Hkv, D)"
+    assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "cache rows must be dense"
+    assert k_cache.shape[3] == q.shape[2], "q and cache head_dim differ"
+    assert q.shape[1] % k_cache.shape[2] == 0, "q heads must be a multiple of kv heads"
+    assert q.dtype == k_cache.dtype == v_cache.dtype, "q and caches must share a dtype"
+    assert q.dtype in (torch.float32, torch.float16, torch.bfloat16), q.dtype
+    assert block_tables.dtype == torch.int32 and block_tables.dim() == 2
+    assert block_tables.stride(1) == 1, "block table rows must be dense"
+    assert seq_lens.dtype == torch.int32 and seq_lens.shape == (block_tables.shape[0],)
+    for t in (k_cache, v_cache, block_tables, seq_lens):
+        assert t.device == q.device, "all inputs must sit on one device"

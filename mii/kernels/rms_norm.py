@@ -1,0 +1,64 @@
+"""Residual add fused with RMSNorm: one program per row, the row held in registers."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr, residual_ptr, weight_ptr, out_ptr, new_residual_ptr,
+    hidden, eps, stride_x, stride_residual, stride_out, stride_new_residual,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < hidden
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(residual_ptr + row * stride_residual + offs, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)  # rounded as torch's x + r
+        tl.store(new_residual_ptr + row * stride_new_residual + offs, x, mask=mask)
+    h = x.to(tl.float32)
+    inv_rms = tl.math.rsqrt(tl.sum(h * h, 0) / hidden + eps)
+    normed = (h * inv_rms).to(x.dtype).to(tl.float32)  # HF rounds before the weight
+    w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    out_dtype = out_ptr.dtype.element_ty
+    tl.store(out_ptr + row * stride_out + offs, (w * normed).to(out_dtype), mask=mask)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(..., H) -> (N, H) with dense rows (a view when possible)."""
+    assert t.stride(-1) == 1, "the hidden dim must be dense"
+    return t.reshape(-1, t.shape[-1])  # (N, H)
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton version of `torch_ref.rms_norm_ref`: (weight * norm(x + residual),
+    x + residual); without a residual the second result is x itself."""
+    hidden = x.shape[-1]
+    assert weight.shape == (hidden,) and weight.stride(0) == 1
+    assert weight.device == x.device
+    if residual is not None:
+        assert residual.shape == x.shape and residual.dtype == x.dtype
+        assert residual.device == x.device
+    out_dtype = torch.promote_types(weight.dtype, x.dtype)  # as torch's weight * normed
+    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    new_residual = x if residual is None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    x2, out2 = _rows(x), out.view(-1, hidden)  # (N, H)
+    res2 = x2 if residual is None else _rows(residual)
+    new2 = x2 if residual is None else new_residual.view(-1, hidden)
+    if x2.shape[0] == 0:
+        return out, new_residual
+    block = triton.next_power_of_2(hidden)
+    _rms_norm_kernel[(x2.shape[0],)](
+        x2, res2, weight, out2, new2, hidden, eps,
+        x2.stride(0), res2.stride(0), out2.stride(0), new2.stride(0),
+        HAS_RESIDUAL=residual is not None, BLOCK=block,
+        num_warps=min(16, max(1, block // 512)),
+    )  # fmt: skip
+    return out, new_residual

@@ -1,0 +1,139 @@
+"""Rotary embedding of q and k (in place) fused with the write of k and v into the paged
+KV cache: one program per token reads its q, k and v once."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rotate_heads(
+    ptr, stride_tok, stride_head, token, cos, sin, num_heads,
+    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, ROTATE: tl.constexpr,
+):  # fmt: skip
+    """Load one token's (heads, D) as two halves; rotate them in place when ROTATE.
+    Returns the halves in the tensor's dtype, as stored."""
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_HALF)
+    mask = (offs_h[:, None] < num_heads) & (offs_d[None, :] < HALF)
+    ptrs = ptr + token * stride_tok + offs_h[:, None] * stride_head + offs_d[None, :]
+    x1 = tl.load(ptrs, mask=mask, other=0.0)
+    x2 = tl.load(ptrs + HALF, mask=mask, other=0.0)
+    if ROTATE:
+        a, b = x1.to(tl.float32), x2.to(tl.float32)
+        x1 = (a * cos[None, :] - b * sin[None, :]).to(x1.dtype)
+        x2 = (b * cos[None, :] + a * sin[None, :]).to(x2.dtype)
+        tl.store(ptrs, x1, mask=mask)
+        tl.store(ptrs + HALF, x2, mask=mask)
+    return x1, x2
+
+
+@triton.jit
+def _store_slot(
+    cache_ptr, block, offset, stride_block, stride_slot, stride_head, x1, x2, num_heads,
+    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):  # fmt: skip
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_HALF)
+    mask = (offs_h[:, None] < num_heads) & (offs_d[None, :] < HALF)
+    base = cache_ptr + block * stride_block + offset * stride_slot
+    ptrs = base + offs_h[:, None] * stride_head + offs_d[None, :]
+    dtype = cache_ptr.dtype.element_ty
+    tl.store(ptrs, x1.to(dtype), mask=mask)
+    tl.store(ptrs + HALF, x2.to(dtype), mask=mask)
+
+
+@triton.jit
+def _rope_kv_write_kernel(
+    q_ptr, k_ptr, v_ptr, positions_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr, slots_ptr,
+    q_heads, kv_heads,
+    stride_q_tok, stride_q_head, stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
+    stride_cos_sin,
+    stride_kc_block, stride_kc_slot, stride_kc_head,
+    stride_vc_block, stride_vc_slot, stride_vc_head,
+    HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_HQ: tl.constexpr,
+    BLOCK_HKV: tl.constexpr, BLOCK_HALF: tl.constexpr, ROTATE: tl.constexpr,
+):  # fmt: skip
+    token = tl.program_id(0).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_HALF)
+    cos = tl.zeros((BLOCK_HALF,), dtype=tl.float32)
+    sin = tl.zeros((BLOCK_HALF,), dtype=tl.float32)
+    if ROTATE:
+        row = cos_sin_ptr + tl.load(positions_ptr + token).to(tl.int64) * stride_cos_sin
+        cos = tl.load(row + offs_d, mask=offs_d < HALF, other=0.0).to(tl.float32)
+        sin = tl.load(row + HALF + offs_d, mask=offs_d < HALF, other=0.0).to(tl.float32)
+        _rotate_heads(
+            q_ptr, stride_q_tok, stride_q_head, token, cos, sin, q_heads,
+            HALF, BLOCK_HQ, BLOCK_HALF, True,
+        )  # fmt: skip
+    k1, k2 = _rotate_heads(
+        k_ptr, stride_k_tok, stride_k_head, token, cos, sin, kv_heads,
+        HALF, BLOCK_HKV, BLOCK_HALF, ROTATE,
+    )  # fmt: skip
+    slot = tl.load(slots_ptr + token).to(tl.int64)
+    if slot >= 0:  # negative slots are padding rows: rotate, but write nothing
+        v1, v2 = _rotate_heads(
+            v_ptr, stride_v_tok, stride_v_head, token, cos, sin, kv_heads,
+            HALF, BLOCK_HKV, BLOCK_HALF, False,
+        )  # fmt: skip
+        block, offset = slot // BLOCK_SIZE, slot % BLOCK_SIZE
+        _store_slot(
+            k_cache_ptr, block, offset, stride_kc_block, stride_kc_slot, stride_kc_head,
+            k1, k2, kv_heads, HALF, BLOCK_HKV, BLOCK_HALF,
+        )  # fmt: skip
+        _store_slot(
+            v_cache_ptr, block, offset, stride_vc_block, stride_vc_slot, stride_vc_head,
+            v1, v2, kv_heads, HALF, BLOCK_HKV, BLOCK_HALF,
+        )  # fmt: skip
+
+
+def _check(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping) -> None:
+    tokens, _, dim = q.shape
+    assert k.dim() == 3 and k.shape == v.shape and k.shape[0] == tokens and k.shape[2] == dim
+    assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape
+    assert k_cache.shape[2:] == k.shape[1:], "cache (blocks, bs, Hkv, D) must match k"
+    for t in (q, k, v, k_cache, v_cache):
+        assert t.stride(-1) == 1, "head_dim must be dense"
+    assert dim % 2 == 0
+    assert positions.shape == (tokens,) and slot_mapping.shape == (tokens,)
+    assert not positions.is_floating_point() and not slot_mapping.is_floating_point()
+    if cos_sin_cache is not None:
+        assert cos_sin_cache.dim() == 2 and cos_sin_cache.shape[1] == dim
+        assert cos_sin_cache.stride(1) == 1
+    tensors = (k, v, positions, k_cache, v_cache, slot_mapping, cos_sin_cache)
+    assert all(t.device == q.device for t in tensors if t is not None), "one device"
+
+
+def rope_kv_write(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor | None,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Triton version of `torch_ref.rope_kv_write_ref`. q, k and v may be strided views
+    (e.g. of one fused qkv projection) as long as each head's vector is dense."""
+    _check(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping)
+    tokens, q_heads, dim = q.shape
+    kv_heads = k.shape[1]
+    if tokens == 0:
+        return
+    rotate = cos_sin_cache is not None
+    cos_sin = cos_sin_cache if rotate else q  # never read: a placeholder pointer
+    _rope_kv_write_kernel[(tokens,)](
+        q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping,
+        q_heads, kv_heads,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        cos_sin.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        HALF=dim // 2, BLOCK_SIZE=k_cache.shape[1],
+        BLOCK_HQ=triton.next_power_of_2(q_heads), BLOCK_HKV=triton.next_power_of_2(kv_heads),
+        BLOCK_HALF=triton.next_power_of_2(dim // 2), ROTATE=rotate,
+        num_warps=4,
+    )  # fmt: skip

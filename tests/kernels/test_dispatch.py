@@ -1,0 +1,72 @@
+"""Dispatch: torch references for CPU tensors (without importing triton), Triton on CUDA
+unless MII_DISABLE_TRITON=1."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from kernel_testing import TOLERANCE, make_paged_batch, rel_err
+
+from mii.kernels import dispatch, torch_ref
+
+CPU_CALLS = """
+    import sys
+    import torch
+    from mii.kernels import dispatch
+
+    x = torch.randn(3, 64)
+    dispatch.rms_norm(x, torch.ones(64), 1e-6, x)
+    dispatch.silu_and_mul(x)
+    q, k, v = torch.randn(2, 4, 64), torch.randn(2, 2, 64), torch.randn(2, 2, 64)
+    cache = torch.zeros(2, 16, 2, 64)
+    pos, slots = torch.tensor([0, 1]), torch.tensor([0, 1])
+    dispatch.rope_kv_write(q, k, v, pos, torch.randn(8, 64), cache, cache.clone(), slots)
+    tables, lens = torch.zeros(2, 1, dtype=torch.int32), torch.tensor([1, 2], dtype=torch.int32)
+    starts = torch.tensor([0, 1, 2], dtype=torch.int32)
+    dispatch.paged_attention(q, cache, cache, tables, starts, lens, 0.1, max_query_len=1)
+    dispatch.decode_attention(q, cache, cache, tables, lens, 0.1)
+    assert "triton" not in sys.modules, "CPU dispatch imported triton"
+"""
+
+
+@pytest.mark.timeout(120)
+def test_cpu_dispatch_never_imports_triton():
+    subprocess.run([sys.executable, "-c", textwrap.dedent(CPU_CALLS)], check=True)
+
+
+def test_cpu_decode_attention_is_the_reference_with_unit_queries():
+    batch = make_paged_batch([1, 1, 1], [3, 20, 40], 8, 2, 64, dtype=torch.float32, device="cpu")
+    args = (batch.q, batch.k_cache, batch.v_cache, batch.block_tables)
+    out = dispatch.decode_attention(*args, batch.seq_lens, batch.scale)
+    expected = torch_ref.paged_attention_ref(
+        *args, batch.query_start_loc, batch.seq_lens, batch.scale
+    )
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.gpu
+def test_cuda_tensors_take_triton_unless_disabled(compiled, monkeypatch):
+    x = torch.randn(4, 64, device="cuda")
+    calls = []
+    monkeypatch.setattr(compiled.activation, "silu_and_mul", lambda t: calls.append("triton"))
+    monkeypatch.setattr(torch_ref, "silu_and_mul_ref", lambda t: calls.append("torch"))
+    dispatch.silu_and_mul(x)
+    monkeypatch.setenv("MII_DISABLE_TRITON", "1")
+    dispatch.silu_and_mul(x)
+    assert calls == ["triton", "torch"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seq_lens", [[5, 300, 4097], [2000]])
+def test_decode_steps_match_the_reference_through_dispatch(compiled, seq_lens):
+    batch = make_paged_batch(
+        [1] * len(seq_lens), seq_lens, 32, 8, 128, dtype=torch.bfloat16, device="cuda"
+    )
+    args = (batch.q, batch.k_cache, batch.v_cache, batch.block_tables, batch.query_start_loc)
+    out = dispatch.paged_attention(*args, batch.seq_lens, batch.scale, max_query_len=1)
+    expected = torch_ref.paged_attention_ref(*args, batch.seq_lens, batch.scale)
+    assert rel_err(out, expected) < TOLERANCE[torch.bfloat16]

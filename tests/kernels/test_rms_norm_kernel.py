@@ -1,0 +1,44 @@
+"""Fused residual add + RMSNorm against `rms_norm_ref`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_testing import TOLERANCE, poisoned_allocations, rel_err
+
+from mii.kernels.torch_ref import rms_norm_ref
+
+
+def _check(module, tokens, hidden, dtype, weight_dtype, with_residual, device):
+    gen = torch.Generator().manual_seed(hidden)
+    x = torch.randn(tokens, hidden, generator=gen).to(device=device, dtype=dtype)
+    residual = torch.randn(tokens, hidden, generator=gen).to(device=device, dtype=dtype)
+    residual = residual if with_residual else None
+    weight = (1 + 0.1 * torch.randn(hidden, generator=gen)).to(device=device, dtype=weight_dtype)
+    expected, expected_residual = rms_norm_ref(x, weight, 1e-6, residual)
+    with poisoned_allocations():
+        out, new_residual = module.rms_norm(x, weight, 1e-6, residual)
+    assert out.dtype == expected.dtype and new_residual.dtype == dtype
+    assert rel_err(out, expected) < TOLERANCE[dtype]
+    assert torch.equal(new_residual, expected_residual)  # one rounding, as torch's add
+    assert with_residual or new_residual is x
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("with_residual", [True, False])
+@pytest.mark.parametrize("hidden", [64, 576, 4096])  # 576: SmolLM2, not a power of two
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_matches_reference_interpreted(interpreted, with_residual, hidden, dtype):
+    _check(interpreted.rms_norm, 5, hidden, dtype, dtype, with_residual, "cpu")
+
+
+def test_float32_weight_promotes_like_torch_interpreted(interpreted):
+    _check(interpreted.rms_norm, 3, 64, torch.float16, torch.float32, True, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("with_residual", [True, False])
+@pytest.mark.parametrize("hidden", [576, 4096, 8192])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_matches_reference_gpu(compiled, with_residual, hidden, dtype):
+    _check(compiled.rms_norm, 300, hidden, dtype, dtype, with_residual, "cuda")
