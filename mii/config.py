@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from mii.broker_config.settings import BrokerSettings
 from mii.constants import DeploymentType, TaskType
 from mii.engine.config import CacheConfig, EngineConfig, SchedulePolicy, SchedulerConfig
 
@@ -134,6 +135,8 @@ class MIIConfig(_Model):
     redis_url: str | None = None
     """Redis URL (redis://, rediss://, with user and password); None: MII_REDIS_URL or an
     embedded redis-server."""
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    """Queue limits and timings (queue depth, reclaim idle time, delivery limit, TTLs)."""
 
     @model_validator(mode="after")
     def _default_deployment_name(self) -> MIIConfig:

@@ -1,0 +1,94 @@
+"""Connecting to Redis: one place for timeouts, TLS and retry with backoff.
+
+redis-py retries a failed command a few times on its own (short outages); the loops of the
+worker and the client add `Backoff` on top, so a Redis restart of any length is waited out.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import redis
+import redis.asyncio
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from mii.broker_config.settings import check_redis_url
+
+T = TypeVar("T")
+CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, ConnectionError)
+SOCKET_TIMEOUT_S = 15.0  # above every blocking read we issue (they block at most 2 s)
+
+
+def _options() -> dict:
+    return dict(
+        socket_timeout=SOCKET_TIMEOUT_S,
+        socket_connect_timeout=5.0,
+        socket_keepalive=True,
+        health_check_interval=15,
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.02), retries=3),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+    )
+
+
+def connect(url: str, **overrides) -> redis.Redis:
+    """A client for `url` (redis://user:password@host:port/db, rediss:// for TLS)."""
+    check_redis_url(url)
+    return redis.Redis.from_url(url, **{**_options(), **overrides})
+
+
+def connect_async(url: str, **overrides) -> redis.asyncio.Redis:
+    """The asyncio client for `url`; bound to the event loop that first uses it."""
+    check_redis_url(url)
+    return redis.asyncio.Redis.from_url(url, **{**_options(), **overrides})
+
+
+def answers(url: str, timeout_s: float = 1.0) -> bool:
+    """Whether a Redis answers PING at `url` within the timeout."""
+    try:
+        client = connect(
+            url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s, retry=None
+        )
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except (*CONNECTION_ERRORS, OSError, redis.ResponseError):
+        return False
+
+
+class Backoff:
+    """Exponential backoff with jitter for retry loops; `reset()` after a success."""
+
+    def __init__(self, base_s: float = 0.05, cap_s: float = 2.0) -> None:
+        self.base_s, self.cap_s = base_s, cap_s
+        self.failures = 0
+
+    def next_delay(self) -> float:
+        delay = min(self.cap_s, self.base_s * 2**self.failures)
+        self.failures += 1
+        return delay * random.uniform(0.5, 1.0)
+
+    def sleep(self) -> None:
+        time.sleep(self.next_delay())
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+def retry_until(
+    operation: Callable[[], T], give_up_after_s: float, backoff: Backoff | None = None
+) -> T:
+    """Run `operation`, retrying connection errors with backoff for up to `give_up_after_s`."""
+    backoff = backoff or Backoff()
+    deadline = time.monotonic() + give_up_after_s
+    while True:
+        try:
+            return operation()
+        except CONNECTION_ERRORS:
+            if time.monotonic() >= deadline:
+                raise
+            backoff.sleep()

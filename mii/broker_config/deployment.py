@@ -1,0 +1,77 @@
+"""A deployment's record in Redis (`mii:{dep}:config`) and, for embedded Redis servers, on
+this host, so that `mii.client(name)` finds the deployment from any process."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mii.broker_config.keys import DeploymentKeys
+from mii.broker_config.wire import WIRE_VERSION
+from mii.errors import DeploymentNotFoundError
+
+
+class DeploymentRecord(BaseModel):
+    """What `mii.serve` writes and every client and worker of the deployment reads."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    mii_config: dict
+    """`MIIConfig.model_dump(mode="json", by_alias=True)`: model, replicas, broker limits."""
+    wire_version: int = WIRE_VERSION
+    embedded_redis: bool = False
+    """Whether the Redis was started by `mii.serve` (terminate_server then stops it)."""
+    created: float = Field(default_factory=time.time)
+
+
+def save_record(client, keys: DeploymentKeys, record: DeploymentRecord) -> None:
+    client.set(keys.config, record.model_dump_json())
+
+
+def load_record(client, keys: DeploymentKeys) -> DeploymentRecord:
+    raw = client.get(keys.config)
+    if raw is None:
+        raise DeploymentNotFoundError(f"no deployment named {keys.deployment!r} in this Redis")
+    return DeploymentRecord.model_validate_json(raw)
+
+
+def _local_dir() -> Path:
+    root = os.environ.get("MII_CACHE_DIR") or Path.home() / ".cache" / "mii"
+    return Path(root) / "deployments"
+
+
+def remember_url(deployment: str, url: str) -> None:
+    """Note on this host where an embedded Redis of a deployment listens."""
+    folder = _local_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{deployment.replace('/', '_')}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"redis_url": url}))
+    tmp.replace(path)
+
+
+def remembered_url(deployment: str) -> str | None:
+    path = _local_dir() / f"{deployment.replace('/', '_')}.json"
+    try:
+        return json.loads(path.read_text())["redis_url"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def forget_url(deployment: str) -> None:
+    path = _local_dir() / f"{deployment.replace('/', '_')}.json"
+    path.unlink(missing_ok=True)
+
+
+def read_workers(client, keys: DeploymentKeys) -> dict[str, dict]:
+    """Consumer name -> last reported status of every worker that registered."""
+    raw = client.hgetall(keys.workers)
+    return {_text(k): json.loads(v) for k, v in raw.items()}
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,83 @@
+"""Broker settings: where the Redis is and how the queue behaves (typed, validated).
+
+`BrokerSettings` is part of a deployment's `MIIConfig` (field `broker`), so every worker
+and client of a deployment reads the same limits from the config stored in Redis.
+The URL itself is not stored there: each process names its own (`redis_url=` or
+`MII_REDIS_URL`), since a password belongs to whoever connects.
+"""
+
+from __future__ import annotations
+
+import os
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+REDIS_URL_ENV = "MII_REDIS_URL"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+class BrokerSettings(BaseModel):
+    """Queue limits and timings of one deployment."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_queue_depth: int | None = Field(10_000, gt=0)
+    """Most entries the interactive request stream may hold (queued + in flight); a submit
+    beyond it fails with `QueueFullError`. None: no limit."""
+    max_bulk_depth: int | None = Field(None, gt=0)
+    """The same limit for the bulk stream."""
+    reclaim_idle_s: float = Field(30.0, gt=0)
+    """A pending entry idle this long belongs to a dead worker and is reclaimed."""
+    heartbeat_interval_s: float = Field(5.0, gt=0)
+    """How often a worker refreshes the idle time of the entries it holds."""
+    max_deliveries: int = Field(3, gt=0)
+    """A request delivered more often than this goes to the dead-letter stream."""
+    response_ttl_s: int = Field(3600, gt=0)
+    """Lifetime of a response stream after its last refresh (late readers replay it)."""
+    admit_batch: int = Field(16, gt=0)
+    """Most entries one XREADGROUP takes, so that idle workers share a burst."""
+    block_ms: int = Field(100, gt=0)
+    """How long an idle worker blocks on the request stream before looking around."""
+    drain_timeout_s: float = Field(60.0, ge=0)
+    """On SIGTERM, how long in-flight requests may take before they are handed back."""
+    reconnect_timeout_s: float = Field(120.0, gt=0)
+    """How long a client keeps retrying a lost Redis connection before it gives up."""
+    control_maxlen: int = Field(10_000, gt=0)
+    """Approximate length the control stream (cancels, terminate) is trimmed to."""
+
+    @model_validator(mode="after")
+    def _heartbeat_faster_than_reclaim(self) -> BrokerSettings:
+        if self.heartbeat_interval_s * 2 > self.reclaim_idle_s:
+            raise ValueError(
+                f"heartbeat_interval_s ({self.heartbeat_interval_s}) must be at most half of "
+                f"reclaim_idle_s ({self.reclaim_idle_s}), or live workers lose their requests"
+            )
+        return self
+
+
+def explicit_redis_url(redis_url: str | None = None) -> str | None:
+    """The URL a user named: the argument, else `MII_REDIS_URL`, else None."""
+    url = redis_url or os.environ.get(REDIS_URL_ENV) or None
+    if url is not None:
+        check_redis_url(url)
+    return url
+
+
+def check_redis_url(url: str) -> None:
+    """Refuse URLs redis-py would misread (a clear error instead of a connection hang)."""
+    scheme = urlsplit(url).scheme
+    if scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(f"Redis URL must start with redis://, rediss:// or unix://, got {url!r}")
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password replaced, for logs and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    netloc = f"{user}:***@{host}{port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))

@@ -1,0 +1,154 @@
+"""The wire contract: msgpack maps, validated by pydantic, versioned. No pickle anywhere.
+
+Request stream entry (`mii:{dep}:requests` / `:bulk`), two fields:
+    rid  the request id (plain, so that even an undecodable entry can be answered)
+    m    msgpack of `RequestMessage`
+
+Response stream entry (`mii:{dep}:resp:{rid}`), one field:
+    m    msgpack of `ResponseChunk`; the chunk with `reason` set is the last one
+
+Control stream entry (`mii:{dep}:control`), one field:
+    m    msgpack of `ControlMessage` (cancel one request, or terminate the deployment)
+
+A reader refuses a message whose `v` it does not know; a new version adds fields with
+defaults, so old messages stay readable.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any, Literal
+
+import msgpack
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from mii.constants import GenerationFinishReason
+from mii.errors import MIIError
+
+WIRE_VERSION = 1
+PAYLOAD = b"m"
+RID = b"rid"
+_RID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+class WireError(MIIError):
+    """A message that is not msgpack, not a map, or does not match its schema."""
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    v: Literal[1] = WIRE_VERSION
+
+
+class RequestMessage(_Message):
+    """One generation request, as a client submits it."""
+
+    rid: str = Field(pattern=_RID_PATTERN)
+    prompt: str | list[int]
+    params: dict[str, Any] = Field(default_factory=dict)
+    """Generation options by MII's names; the worker validates them with `GenerateParams`."""
+    timeout_s: float | None = Field(None, gt=0)
+    """Deadline, counted from the entry's id (the Redis server's clock when it was added)."""
+    resume: bool = False
+    """Handed back by a draining worker: tokens may already be published, continue them."""
+    client: str = ""
+    """`<hostname>:<pid>` of the submitting process, for operators."""
+
+
+class ErrorKind(str, Enum):
+    """Why a request failed, so that clients raise the matching exception."""
+
+    INVALID_REQUEST = "invalid_request"  # bad options, prompt too long, undecodable entry
+    DEADLETTER = "deadletter"  # delivered too often (it kept killing workers)
+    GENERATION = "generation"  # the worker failed while serving it
+
+
+class ResponseChunk(_Message):
+    """Tokens of one engine step for one request; the last chunk has `reason` set."""
+
+    i: int = Field(0, ge=0)
+    """Index of `ids[0]` among the request's generated tokens (replays drop duplicates)."""
+    ids: list[int] = Field(default_factory=list)
+    text: str = ""
+    """Newly releasable text (held-back bytes of a character or of a stop string come later)."""
+    lp: list[float] | None = None
+    """Log-probability of each token in `ids`, when asked for."""
+    plen: int = Field(0, ge=0)
+    """Prompt length in tokens."""
+    glen: int = Field(0, ge=0)
+    """Generated tokens so far, these included."""
+    reason: GenerationFinishReason | None = None
+    error: str | None = None
+    etype: ErrorKind | None = None
+    worker: str = ""
+    """Consumer name of the worker that wrote this chunk."""
+
+    @property
+    def final(self) -> bool:
+        return self.reason is not None
+
+
+class ControlMessage(_Message):
+    """A broadcast to every worker of the deployment."""
+
+    op: Literal["cancel", "terminate"]
+    rid: str | None = Field(None, pattern=_RID_PATTERN)
+
+
+def pack(fields: dict[str, Any]) -> bytes:
+    return msgpack.packb(fields, use_bin_type=True)
+
+
+def unpack(model: type[_Message], payload: bytes | None) -> Any:
+    """Decode and validate one payload; `WireError` says what is wrong with it."""
+    if payload is None:
+        raise WireError("entry has no 'm' field")
+    try:
+        data = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise WireError(f"payload is not msgpack: {exc}") from None
+    if not isinstance(data, dict):
+        raise WireError(f"payload is a {type(data).__name__}, not a map")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'message'}: {e['msg']}" for e in exc.errors()
+        )
+        raise WireError(f"invalid {model.__name__}: {problems}") from None
+
+
+def request_fields(msg: RequestMessage) -> dict[bytes, bytes]:
+    """XADD fields of a request entry."""
+    data = msg.model_dump(exclude_defaults=True)
+    data["v"] = WIRE_VERSION
+    return {RID: msg.rid.encode(), PAYLOAD: pack(data)}
+
+
+def chunk_payload(**fields: Any) -> bytes:
+    """A response chunk, packed without a pydantic pass (this is the worker's hot path);
+    tests check that it decodes as a valid `ResponseChunk`."""
+    fields["v"] = WIRE_VERSION
+    reason = fields.get("reason")
+    if reason is not None:
+        fields["reason"] = GenerationFinishReason(reason).value
+    if fields.get("etype") is not None:
+        fields["etype"] = ErrorKind(fields["etype"]).value
+    return pack(fields)
+
+
+def decode_request(fields: dict[bytes, bytes]) -> RequestMessage:
+    return unpack(RequestMessage, fields.get(PAYLOAD))
+
+
+def decode_chunk(fields: dict[bytes, bytes]) -> ResponseChunk:
+    return unpack(ResponseChunk, fields.get(PAYLOAD))
+
+
+def control_fields(msg: ControlMessage) -> dict[bytes, bytes]:
+    return {PAYLOAD: pack(msg.model_dump(exclude_none=True))}  # `v` has no None default
+
+
+def decode_control(fields: dict[bytes, bytes]) -> ControlMessage:
+    return unpack(ControlMessage, fields.get(PAYLOAD))

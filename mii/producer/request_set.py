@@ -1,0 +1,98 @@
+"""The requests one client call waits on: which streams to read from where, what arrived,
+which deadlines passed. No I/O here: the blocking and the asyncio clients drive it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from mii.broker_config import wire
+from mii.broker_config.keys import DeploymentKeys
+from mii.broker_config.wire import RequestMessage
+from mii.errors import RequestTimeoutError
+from mii.params import GenerateParams
+from mii.producer.assembler import ResponseAssembler
+from mii.response import Response
+
+DEADLINE_GRACE_S = 2.0  # a worker reports a passed deadline itself; wait that long for it
+MAX_STREAMS_PER_READ = 256
+MAX_BLOCK_MS = 1000
+
+
+@dataclass
+class PendingRequest:
+    message: RequestMessage
+    key: str
+    assembler: ResponseAssembler
+    give_up_at: float | None  # monotonic time after which the client stops waiting
+
+    @property
+    def rid(self) -> str:
+        return self.message.rid
+
+    @property
+    def done(self) -> bool:
+        return self.assembler.done
+
+
+class RequestSet:
+    def __init__(
+        self, keys: DeploymentKeys, messages: list[RequestMessage], params: GenerateParams
+    ) -> None:
+        now = time.monotonic()
+        self.requests = [
+            PendingRequest(
+                message=m,
+                key=keys.response(m.rid),
+                assembler=ResponseAssembler(m.rid, m.prompt, params),
+                give_up_at=None if m.timeout_s is None else now + m.timeout_s + DEADLINE_GRACE_S,
+            )
+            for m in messages
+        ]
+        self._by_key = {r.key: r for r in self.requests}
+
+    @property
+    def done(self) -> bool:
+        return all(r.done for r in self.requests)
+
+    def open(self) -> list[PendingRequest]:
+        return [r for r in self.requests if not r.done]
+
+    def streams(self) -> dict[str, str]:
+        """XREAD arguments: each unfinished response stream from the last id seen."""
+        return {r.key: r.assembler.last_id for r in self.open()[:MAX_STREAMS_PER_READ]}
+
+    def block_ms(self) -> int:
+        ends = [r.give_up_at for r in self.open() if r.give_up_at is not None]
+        if not ends:
+            return MAX_BLOCK_MS
+        left = min(ends) - time.monotonic()
+        return max(1, min(MAX_BLOCK_MS, int(left * 1000)))
+
+    def feed(self, reply) -> list[tuple[PendingRequest, Response]]:
+        """Take an XREAD reply; return the new deltas in arrival order."""
+        deltas = []
+        for key, entries in reply or []:
+            request = self._by_key[key.decode() if isinstance(key, bytes) else key]
+            for entry_id, fields in entries:
+                request.assembler.last_id = entry_id
+                delta = request.assembler.feed(wire.decode_chunk(fields))
+                if delta is not None:
+                    deltas.append((request, delta))
+        return deltas
+
+    def failed(self) -> PendingRequest | None:
+        return next((r for r in self.requests if r.assembler.error is not None), None)
+
+    def check_deadlines(self) -> None:
+        """Raise when a request is past its deadline and no worker said so (none alive)."""
+        now = time.monotonic()
+        late = [r for r in self.open() if r.give_up_at is not None and now > r.give_up_at]
+        if late:
+            raise RequestTimeoutError(
+                f"request {late[0].rid} got no answer within its timeout of "
+                f"{late[0].message.timeout_s}s (are any workers serving this deployment?)"
+            )
+
+    def responses(self) -> list[Response]:
+        return [r.assembler.response() for r in self.requests]

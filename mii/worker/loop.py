@@ -1,0 +1,403 @@
+"""The worker loop: pull what the engine can admit, step the engine, publish the tokens.
+
+`WorkerLoop` owns an engine and talks to one deployment's streams. A plain process hosts
+it (`mii.worker.main`); a Celery bootstep can host the same object: call `run()` in the
+thread that owns the engine, and `drain()` / `stop()` from any thread.
+
+One iteration: housekeeping when due (heartbeat, reclaim, status), one round trip that
+reads the control stream and, if the engine has room, new entries (blocking only while
+idle), deadlines, then one engine step whose outputs go to the publisher thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+
+from mii.broker_config import wire
+from mii.broker_config.connection import CONNECTION_ERRORS, Backoff
+from mii.broker_config.keys import WORKER_GROUP, DeploymentKeys, process_name
+from mii.broker_config.settings import BrokerSettings
+from mii.constants import GenerationFinishReason as Reason
+from mii.errors import InvalidRequestError
+from mii.worker.intake import Admission, Entry, Refusal, parse_entry, requeue_fields
+from mii.worker.leases import Leases
+from mii.worker.publisher import Batch, Publisher, final_chunk
+from mii.worker.registry import DRAINING, READY, WorkerRegistry
+from mii.worker.stats import LoopStats
+
+log = logging.getLogger(__name__)
+
+
+class WorkerLoop:
+    def __init__(
+        self,
+        engine,
+        redis,
+        deployment: str,
+        settings: BrokerSettings,
+        consumer: str | None = None,
+        registry: WorkerRegistry | None = None,
+    ) -> None:
+        self.engine, self.redis, self.settings = engine, redis, settings
+        self.keys = DeploymentKeys(deployment)
+        self.consumer = consumer or process_name()
+        self.publisher = Publisher(redis, self.keys, self.consumer, settings.response_ttl_s)
+        self.leases = Leases(redis, self.keys, self.consumer, settings.reclaim_idle_s)
+        self.registry = registry or WorkerRegistry(redis, self.keys, self.consumer)
+        self.active: dict[str, Admission] = {}
+        self.generated: dict[str, int] = {}  # request id -> tokens generated so far
+        self.backlog: deque[tuple[Admission, list[int]]] = deque()  # read, not yet admitted
+        self.stats = LoopStats()
+        self._drain_requested = threading.Event()
+        self._stop_requested = threading.Event()
+        self._control_id = "0-0"
+        self._clock_offset = 0.0  # Redis clock minus ours, for deadlines
+        self._next_housekeeping = 0.0
+        self._redis_retry_at = 0.0
+        self._backoff = Backoff()
+        self._typical_prompt = 16
+
+    # ---- control from other threads --------------------------------------------------
+    @property
+    def draining(self) -> bool:
+        return self._drain_requested.is_set()
+
+    def drain(self) -> None:
+        """Stop reading new work; finish in-flight requests (up to `drain_timeout_s`)."""
+        self._drain_requested.set()
+
+    def stop(self) -> None:
+        """Stop soon: hand in-flight requests back to the queue for other workers."""
+        self._drain_requested.set()
+        self._stop_requested.set()
+
+    # ---- the loop --------------------------------------------------------------------
+    def run(self) -> None:
+        """Serve until drained or stopped. An engine failure propagates after publishing
+        what was generated; its requests stay pending for other workers to reclaim."""
+        self.setup()
+        drain_deadline = None
+        try:
+            while True:
+                if self._drain_requested.is_set() and drain_deadline is None:
+                    drain_deadline = time.monotonic() + self.settings.drain_timeout_s
+                    self._report(DRAINING)
+                if drain_deadline is not None and self._drained(drain_deadline):
+                    break
+                self.iterate()
+        except BaseException:
+            self.publisher.stop()
+            raise
+        self.shutdown()
+
+    def _drained(self, deadline: float) -> bool:
+        idle = not self.active and not self.backlog
+        return idle or self._stop_requested.is_set() or time.monotonic() >= deadline
+
+    def setup(self) -> None:
+        """Create the consumer group, start publishing, announce readiness."""
+        for stream in self.keys.request_streams():
+            try:
+                self.redis.xgroup_create(stream, WORKER_GROUP, id="0", mkstream=True)
+            except Exception as exc:  # BUSYGROUP: another worker made it first
+                if "BUSYGROUP" not in str(exc):
+                    raise
+        last = self.redis.xrevrange(self.keys.control, count=1)
+        self._control_id = _text(last[0][0]) if last else "0-0"
+        self._sync_clock()
+        self.publisher.start()
+        self._report(READY)
+
+    def iterate(self) -> None:
+        if time.monotonic() >= self._redis_retry_at:
+            try:
+                self._housekeeping()
+                self._poll()
+                self._backoff.reset()
+            except CONNECTION_ERRORS as exc:
+                delay = self._backoff.next_delay()
+                log.warning("Redis unreachable (%s); retrying in %.2fs", exc, delay)
+                self._redis_retry_at = time.monotonic() + delay
+        self._expire_deadlines()
+        if self.engine.has_unfinished_requests():
+            self._step()
+        elif time.monotonic() < self._redis_retry_at:
+            time.sleep(min(0.05, self._redis_retry_at - time.monotonic()))
+
+    def _step(self) -> None:
+        outputs = self.engine.step()
+        self.stats.steps += 1
+        batch = Batch(outputs=outputs)
+        for out in outputs:
+            self.generated[out.request_id] = out.generated_length
+            if out.finished:
+                batch.acks.append(self._forget(out.request_id).entry)
+                self.stats.finished += 1
+        self.publisher.put(batch)
+
+    def shutdown(self) -> None:
+        """Hand back what is still here, flush the publisher, deregister."""
+        self._hand_back()
+        self.publisher.flush(timeout_s=30)
+        self.publisher.stop()
+        try:
+            self.registry.remove()
+        except CONNECTION_ERRORS:
+            log.warning("could not deregister: Redis unreachable")
+
+    # ---- reading ---------------------------------------------------------------------
+    def _capacity(self) -> int:
+        self._admit_backlog()
+        if self._drain_requested.is_set() or self.backlog:
+            return 0
+        if not self.engine.can_admit(self._typical_prompt):
+            return 0
+        return self.settings.admit_batch
+
+    def _poll(self) -> None:
+        """One round trip: control messages and, with room, new interactive entries."""
+        count = self._capacity()
+        idle = count > 0 and not self.active
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xread({self.keys.control: self._control_id}, count=256)
+        if count:
+            block = self.settings.block_ms if idle else None
+            streams = {self.keys.requests: ">"}
+            pipe.xreadgroup(WORKER_GROUP, self.consumer, streams, count=count, block=block)
+        replies = pipe.execute()
+        self._on_control(replies[0])
+        entries = _entries(replies[1]) if count else []
+        if count and not entries:  # bulk only when no interactive work is waiting
+            streams = {self.keys.bulk: ">"}
+            reply = self.redis.xreadgroup(WORKER_GROUP, self.consumer, streams, count=count)
+            entries = _entries(reply)
+        if entries:
+            self._intake(entries)
+
+    def _intake(self, entries: list[tuple[Entry, dict]]) -> None:
+        parsed = [self._parse(entry, fields) for entry, fields in entries]
+        self._take([p for p in parsed if isinstance(p, Admission)], resume=False)
+        for refusal in [p for p in parsed if isinstance(p, Refusal)]:
+            self._refuse(refusal)
+
+    def _parse(self, entry: Entry, fields: dict) -> Admission | Refusal:
+        return parse_entry(entry, fields, self.engine.tokenizer, self.engine.max_model_len)
+
+    def _take(self, admissions: list[Admission], resume: bool, generated=None) -> None:
+        """Queue admissions for the engine, minus cancelled and expired ones."""
+        cancelled = self._cancelled([a.rid for a in admissions])
+        for adm in admissions:
+            self.stats.received += 1
+            if adm.rid in cancelled:
+                self._end(adm, Reason.CANCELLED)
+            elif self._expired(adm):
+                self._end(adm, Reason.TIMEOUT)
+            elif resume or adm.message.resume:
+                self._resume(adm, generated.get(adm.rid) if generated else None)
+            else:
+                self.backlog.append((adm, []))
+        self._admit_backlog()
+
+    def _resume(self, adm: Admission, tokens: list[int] | None) -> None:
+        published = self.leases.published_tokens(adm.rid)
+        if published.final:  # the previous owner finished it but died before the ack
+            self.publisher.put(Batch(acks=[adm.entry]))
+            return
+        self.stats.resumed += 1
+        self.backlog.appendleft((adm, tokens if tokens is not None else published.token_ids))
+
+    def _admit_backlog(self) -> None:
+        while self.backlog:
+            adm, tokens = self.backlog[0]
+            total = len(adm.prompt_token_ids) + len(tokens)
+            if self.active and not self.engine.can_admit(total):
+                return
+            self.backlog.popleft()
+            self._add(adm, tokens)
+
+    def _add(self, adm: Admission, tokens: list[int]) -> None:
+        try:
+            self.engine.add_request(adm.rid, adm.prompt_token_ids, adm.sampling, tokens)
+        except InvalidRequestError as exc:
+            self._refuse(Refusal(adm.entry, adm.rid, str(exc)))
+            return
+        self.active[adm.rid] = adm
+        self.generated[adm.rid] = len(tokens)
+        self.publisher.refresh_ttl(adm.rid)
+        n = len(adm.prompt_token_ids)
+        self._typical_prompt = max(1, (3 * self._typical_prompt + n) // 4)
+
+    def _cancelled(self, rids: list[str]) -> set[str]:
+        if not rids:
+            return set()
+        pipe = self.redis.pipeline(transaction=False)
+        for rid in rids:
+            pipe.exists(self.keys.cancelled(rid))
+        return {rid for rid, hit in zip(rids, pipe.execute(), strict=True) if hit}
+
+    # ---- ending requests outside the engine --------------------------------------------
+    def _forget(self, rid: str) -> Admission:
+        self.generated.pop(rid, None)
+        return self.active.pop(rid)
+
+    def _end(self, adm: Admission, reason: Reason, error: str | None = None, etype=None) -> None:
+        """Publish a final chunk for a request the engine will not finish, then ack it."""
+        glen = self.generated.get(adm.rid, 0)
+        if adm.rid in self.active:
+            self.engine.abort_request(adm.rid)
+            self._forget(adm.rid)
+        payload = final_chunk(
+            self.consumer,
+            reason,
+            error=error,
+            etype=etype,
+            plen=len(adm.prompt_token_ids),
+            glen=glen,
+        )
+        self.publisher.put(Batch(finals=[(adm.rid, payload)], acks=[adm.entry]))
+        self.stats.count_end(reason)
+
+    def _refuse(self, refusal: Refusal, deadletter: bool = False) -> None:
+        log.warning("refusing entry %s: %s", refusal.entry.entry_id, refusal.error)
+        batch = Batch(acks=[refusal.entry])
+        if refusal.rid is not None:
+            payload = final_chunk(
+                self.consumer, Reason.ERROR, error=refusal.error, etype=refusal.kind
+            )
+            batch.finals.append((refusal.rid, payload))
+        if deadletter or refusal.rid is None:
+            batch.deadletters.append(self._deadletter_fields(refusal))
+            self.stats.deadlettered += 1
+        self.stats.refused += 1
+        self.publisher.put(batch)
+
+    def _deadletter_fields(self, refusal: Refusal) -> dict:
+        return {
+            "rid": refusal.rid or "",
+            "stream": refusal.entry.stream,
+            "entry_id": refusal.entry.entry_id,
+            "deliveries": refusal.entry.deliveries,
+            "error": refusal.error,
+            "worker": self.consumer,
+            wire.PAYLOAD: refusal.payload or b"",
+        }
+
+    def _expired(self, adm: Admission) -> bool:
+        deadline = adm.deadline
+        return deadline is not None and time.time() + self._clock_offset > deadline
+
+    def _expire_deadlines(self) -> None:
+        for adm in [a for a in self.active.values() if self._expired(a)]:
+            self._end(adm, Reason.TIMEOUT)
+        for adm, tokens in [b for b in self.backlog if self._expired(b[0])]:
+            self.backlog.remove((adm, tokens))
+            self._end(adm, Reason.TIMEOUT)
+
+    # ---- control messages --------------------------------------------------------------
+    def _on_control(self, reply) -> None:
+        for _, entries in reply or []:
+            for entry_id, fields in entries:
+                self._control_id = _text(entry_id)
+                self._apply_control(fields)
+
+    def _apply_control(self, fields: dict) -> None:
+        try:
+            message = wire.decode_control(fields)
+        except wire.WireError as exc:
+            log.warning("ignoring malformed control entry: %s", exc)
+            return
+        if message.op == "terminate":
+            log.info("deployment terminated: stopping")
+            self.stop()
+        elif message.rid in self.active:
+            self._end(self.active[message.rid], Reason.CANCELLED)
+        else:
+            for adm, tokens in [b for b in self.backlog if b[0].rid == message.rid]:
+                self.backlog.remove((adm, tokens))
+                self._end(adm, Reason.CANCELLED)
+
+    # ---- housekeeping ------------------------------------------------------------------
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        if now < self._next_housekeeping:
+            return
+        self._next_housekeeping = now + self.settings.heartbeat_interval_s
+        self._sync_clock()
+        held = [a.entry for a in self.active.values()] + [a.entry for a, _ in self.backlog]
+        for entry in self.leases.heartbeat(held):
+            self._drop_lost(entry)
+        for rid in self.active:
+            self.publisher.refresh_ttl(rid)
+        if not self._drain_requested.is_set() and self._capacity():
+            self._reclaim()
+        self._report(DRAINING if self._drain_requested.is_set() else READY)
+
+    def _drop_lost(self, entry: Entry) -> None:
+        """Another worker owns this entry now: stop working on it, publish nothing more."""
+        for adm in [a for a in self.active.values() if a.entry == entry]:
+            self.engine.abort_request(adm.rid)
+            self._forget(adm.rid)
+        self.backlog = deque(b for b in self.backlog if b[0].entry != entry)
+        self.stats.lost += 1
+
+    def _reclaim(self) -> None:
+        for entry, fields in self.leases.reclaim(self.settings.admit_batch):
+            self.stats.reclaimed += 1
+            if fields is None:  # deleted meanwhile: nothing to serve
+                self.publisher.put(Batch(acks=[entry]))
+                continue
+            parsed = self._parse(entry, fields)
+            if entry.deliveries > self.settings.max_deliveries:
+                self._give_up(entry, parsed, fields)
+            elif isinstance(parsed, Refusal):
+                self._refuse(parsed)
+            else:
+                self._take([parsed], resume=True)
+
+    def _give_up(self, entry: Entry, parsed, fields: dict) -> None:
+        error = (
+            f"request was delivered {entry.deliveries} times (limit "
+            f"{self.settings.max_deliveries}); each worker holding it died: dead-lettered"
+        )
+        rid = parsed.rid
+        refusal = Refusal(entry, rid, error, wire.ErrorKind.DEADLETTER, fields.get(wire.PAYLOAD))
+        self._refuse(refusal, deadletter=True)
+
+    def _hand_back(self) -> None:
+        """Requeue what this worker still holds, as new entries marked to resume."""
+        held = list(self.active.values()) + [adm for adm, _ in self.backlog]
+        if not held:
+            return
+        for adm in self.active.values():
+            self.engine.abort_request(adm.rid)
+        batch = Batch(acks=[adm.entry for adm in held])
+        batch.requeue = [(adm.entry.stream, requeue_fields(adm.message)) for adm in held]
+        self.publisher.put(batch)
+        self.stats.handed_back += len(held)
+        self.active.clear()
+        self.backlog.clear()
+
+    def _sync_clock(self) -> None:
+        seconds, micros = self.redis.time()
+        self._clock_offset = seconds + micros / 1e6 - time.time()
+
+    def _report(self, state: str) -> None:
+        info = self.stats.as_dict()
+        info.update(active=len(self.active), backlog=len(self.backlog))
+        info.update(tokens_published=self.publisher.tokens_published)
+        self.registry.report(state, stats=info)
+
+
+def _entries(reply) -> list[tuple[Entry, dict]]:
+    return [
+        (Entry(_text(stream), _text(entry_id)), fields)
+        for stream, entries in reply or []
+        for entry_id, fields in entries
+    ]
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,74 @@
+"""Worker processes that `mii.serve` starts on this host, and their logs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from mii.broker_config.settings import REDIS_URL_ENV
+from mii.worker.engine_factory import DEFAULT_FACTORY
+
+
+@dataclass
+class WorkerProcess:
+    replica: int
+    process: subprocess.Popen
+    log_path: str
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def exit_code(self) -> int | None:
+        return self.process.poll()
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            text = Path(self.log_path).read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def spawn_worker(
+    deployment: str,
+    redis_url: str,
+    replica: int,
+    log_dir: str | None = None,
+    engine_factory: str = DEFAULT_FACTORY,
+) -> WorkerProcess:
+    """Start `python -m mii.worker.main` for one replica. The URL travels in the
+    environment, not the command line, so its password stays out of `ps`. The worker
+    gets its own session: like MII's server it outlives the process that served it."""
+    log_dir = log_dir or tempfile.mkdtemp(prefix=f"mii-{deployment.replace('/', '_')}-")
+    log_path = os.path.join(log_dir, f"worker-{replica}.log")
+    cmd = [sys.executable, "-m", "mii.worker.main", "--deployment", deployment]
+    cmd += ["--replica", str(replica), "--engine-factory", engine_factory]
+    env = {**os.environ, REDIS_URL_ENV: redis_url, "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+    return WorkerProcess(replica, process, log_path)
+
+
+def stop_processes(workers: list[WorkerProcess], timeout_s: float) -> None:
+    """SIGTERM (drain), then SIGKILL whoever is still there after the timeout."""
+    for worker in workers:
+        if worker.exit_code() is None:
+            worker.process.terminate()
+    for worker in workers:
+        try:
+            worker.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            worker.process.kill()
+            worker.process.wait()

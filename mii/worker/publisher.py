@@ -1,0 +1,172 @@
+"""The token publisher: a thread that writes each engine step's chunks to Redis.
+
+The engine thread only enqueues a step's outputs; this thread packs them and sends one
+MULTI/EXEC pipeline per step (or per several steps, when it fell behind), so publishing
+overlaps the next forward pass. A final chunk, its XACK and the XDEL of the request entry
+travel in the same transaction: an entry is never acknowledged before its client can see
+the end. Lost connections are retried with backoff, in order, until they succeed.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+
+from mii.broker_config import wire
+from mii.broker_config.connection import CONNECTION_ERRORS, Backoff
+from mii.broker_config.keys import WORKER_GROUP, DeploymentKeys
+from mii.engine.outputs import RequestOutput
+from mii.worker.intake import Entry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Batch:
+    """What one engine step (or one loop event) publishes."""
+
+    outputs: list[RequestOutput] = field(default_factory=list)
+    finals: list[tuple[str, bytes]] = field(default_factory=list)
+    """(request id, packed final chunk) for requests ended outside the engine."""
+    acks: list[Entry] = field(default_factory=list)
+    """Entries to acknowledge and delete once the chunks above are written."""
+    deadletters: list[dict] = field(default_factory=list)
+    """Entries (fields) to append to the dead-letter stream."""
+    requeue: list[tuple[str, dict]] = field(default_factory=list)
+    """(stream, fields) of handed-back requests, added before the acks of their old entries."""
+
+
+class Publisher:
+    def __init__(self, redis, keys: DeploymentKeys, consumer: str, ttl_s: int) -> None:
+        self.redis, self.keys, self.consumer, self.ttl_s = redis, keys, consumer, ttl_s
+        self._queue: queue.Queue[Batch | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="mii-publisher", daemon=True)
+        self._fresh: set[str] = set()  # response streams this worker has not written yet
+        self.tokens_published = 0
+        self.chunks_published = 0
+        self.transactions = 0
+        self.failed_attempts = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def put(self, batch: Batch) -> None:
+        if batch.outputs or batch.finals or batch.acks or batch.deadletters or batch.requeue:
+            self._queue.put(batch)
+
+    def refresh_ttl(self, request_id: str) -> None:
+        """The next write to this request's stream also (re)sets its TTL: called when it is
+        admitted, and now and then for long generations."""
+        self._fresh.add(request_id)
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until everything enqueued so far is written; False on timeout."""
+        done = threading.Event()
+        self._queue.put(_Marker(done))
+        return done.wait(timeout_s)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout_s)
+
+    @property
+    def backlog(self) -> int:
+        return self._queue.qsize()
+
+    # ---- the thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            batches, stop = self._take_more([first])
+            self._write(batches)
+            if stop:
+                return
+
+    def _take_more(self, items: list) -> tuple[list[Batch], bool]:
+        """Everything queued right now, so one transaction catches up after a slow one."""
+        while len(items) < 64:
+            try:
+                items.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        stop = any(item is None for item in items)
+        return [i for i in items if i is not None], stop
+
+    def _write(self, items: list) -> None:
+        batches = [i for i in items if isinstance(i, Batch)]
+        if batches:
+            self._send(batches)
+        for marker in [i for i in items if isinstance(i, _Marker)]:
+            marker.done.set()
+
+    def _send(self, batches: list[Batch]) -> None:
+        commands: list[tuple] = []
+        tokens = sum(self._add_batch(commands, b) for b in batches)
+        backoff = Backoff()
+        while True:
+            pipe = self.redis.pipeline(transaction=True)
+            for name, *args in commands:
+                getattr(pipe, name)(*args)
+            try:
+                pipe.execute()
+                break
+            except CONNECTION_ERRORS as exc:
+                self.failed_attempts += 1
+                log.warning("publishing failed (%s); retrying", exc)
+                backoff.sleep()
+        self.transactions += 1
+        self.tokens_published += tokens
+
+    def _add_batch(self, commands: list[tuple], batch: Batch) -> int:
+        """Append the batch's commands; return how many tokens they publish."""
+        tokens = 0
+        for out in batch.outputs:
+            self._xadd(commands, out.request_id, _chunk(out, self.consumer), out.finished)
+            tokens += len(out.token_ids)
+        for rid, payload in batch.finals:
+            self._xadd(commands, rid, payload, True)
+        for fields in batch.deadletters:
+            commands.append(("xadd", self.keys.deadletter, fields))
+        for stream, fields in batch.requeue:
+            commands.append(("xadd", stream, fields))
+        for entry in batch.acks:
+            commands.append(("xack", entry.stream, WORKER_GROUP, entry.entry_id))
+            commands.append(("xdel", entry.stream, entry.entry_id))
+        return tokens
+
+    def _xadd(self, commands: list[tuple], rid: str, payload: bytes, final: bool) -> None:
+        key = self.keys.response(rid)
+        commands.append(("xadd", key, {wire.PAYLOAD: payload}))
+        self.chunks_published += 1
+        if final or rid in self._fresh:
+            self._fresh.discard(rid)
+            commands.append(("expire", key, self.ttl_s))
+
+
+@dataclass
+class _Marker:
+    done: threading.Event
+
+
+def _chunk(out: RequestOutput, consumer: str) -> bytes:
+    fields = dict(i=out.first_token_index, ids=list(out.token_ids), text=out.text)
+    fields.update(plen=out.prompt_length, glen=out.generated_length)
+    if out.logprobs is not None:
+        fields["lp"] = [lp.logprob for lp in out.logprobs]
+    if out.finished:
+        fields.update(reason=out.finish_reason, worker=consumer)
+    if out.error is not None:
+        fields.update(error=out.error, etype=wire.ErrorKind.GENERATION)
+    return wire.chunk_payload(**fields)
+
+
+def final_chunk(
+    consumer: str, reason, *, error=None, etype=None, plen: int = 0, glen: int = 0
+) -> bytes:
+    """A final chunk for a request ended outside the engine (cancel, deadline, refusal)."""
+    fields = dict(i=glen, plen=plen, glen=glen, reason=reason, worker=consumer)
+    if error is not None:
+        fields.update(error=error, etype=etype or wire.ErrorKind.GENERATION)
+    return wire.chunk_payload(**fields)
