@@ -86,7 +86,10 @@ def _checkpoint_files(path: str) -> tuple[list[str], bool]:
     return files, False
 
 
-def iterate_checkpoint(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+def iterate_checkpoint(path: str) -> Iterator[tuple[str, Any]]:
+    """(name, weight) pairs. A safetensors weight comes as a lazy slice that reads from the
+    file only what is indexed (`w[a:b]`, `w[:, a:b]`, `w[...]`), so that a tensor-parallel
+    rank reads its own shard and never the whole tensor; a torch tensor indexes alike."""
     files, is_safetensors = _checkpoint_files(path)
     for file in files:
         if is_safetensors:
@@ -94,13 +97,13 @@ def iterate_checkpoint(path: str) -> Iterator[tuple[str, torch.Tensor]]:
 
             with safe_open(file, framework="pt", device="cpu") as f:
                 for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                    yield name, f.get_tensor(name)
+                    yield name, f.get_slice(name)
         else:
             yield from torch.load(file, map_location="cpu", weights_only=True).items()
 
 
-def _copy(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
-    param.data.copy_(loaded)
+def _copy(param: nn.Parameter, loaded: Any, shard_id=None) -> None:
+    param.data.copy_(loaded[...])
 
 
 def load_weights(model: nn.Module, path: str) -> None:

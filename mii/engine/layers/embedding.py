@@ -24,8 +24,9 @@ class VocabParallelEmbedding(nn.Module):
 
     def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         rows = max(0, min(self.per_rank, self.vocab_size - self.start))
-        param.data[:rows].copy_(loaded.narrow(0, self.start, rows))
-        param.data[rows:].zero_()
+        if rows:
+            param.data[:rows].copy_(loaded[self.start : self.start + rows])
+        param.data[rows:].zero_()  # padding rows: the vocabulary does not divide evenly
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.tp.world_size == 1:

@@ -1,7 +1,8 @@
 """Linear layers that shard their weights across a tensor-parallel group.
 
 Each parameter carries a `weight_loader(param, loaded, shard_id)` that copies this rank's
-slice of a checkpoint tensor into place, so a rank reads only what it keeps.
+slice of a checkpoint weight into place, so a rank reads only what it keeps. `loaded` is a
+tensor or a lazy safetensors slice: loaders only index it (`[a:b]`, `[:, a:b]`, `[...]`).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class ReplicatedLinear(LinearBase):
 
     @staticmethod
     def _load(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
-        param.data.copy_(loaded)
+        param.data.copy_(loaded[...])
 
 
 class ColumnParallelLinear(LinearBase):
@@ -62,7 +63,8 @@ class ColumnParallelLinear(LinearBase):
         self.bias = _param((self.out_per_rank,), self._load) if bias else None
 
     def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
-        param.data.copy_(loaded.narrow(0, self.tp.rank * self.out_per_rank, self.out_per_rank))
+        start = self.tp.rank * self.out_per_rank
+        param.data.copy_(loaded[start : start + self.out_per_rank])
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -75,8 +77,8 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int) -> None:
         size = self.sizes[shard_id] // self.tp.world_size
         offset = sum(self.sizes[:shard_id]) // self.tp.world_size
-        part = loaded.narrow(0, self.tp.rank * size, size)
-        param.data.narrow(0, offset, size).copy_(part)
+        start = self.tp.rank * size
+        param.data.narrow(0, offset, size).copy_(loaded[start : start + size])
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -122,7 +124,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         else:
             size, index = self.kv_size, self.tp.rank // self.kv_replicas
             offset = self.q_size + (0 if shard_id == "k" else self.kv_size)
-        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, index * size, size))
+        param.data.narrow(0, offset, size).copy_(loaded[index * size : (index + 1) * size])
 
 
 class RowParallelLinear(LinearBase):
@@ -138,11 +140,12 @@ class RowParallelLinear(LinearBase):
         self.bias = _param((out_features,), self._load_bias) if bias else None
 
     def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
-        param.data.copy_(loaded.narrow(1, self.tp.rank * self.in_per_rank, self.in_per_rank))
+        start = self.tp.rank * self.in_per_rank
+        param.data.copy_(loaded[:, start : start + self.in_per_rank])
 
     @staticmethod
     def _load_bias(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
-        param.data.copy_(loaded)
+        param.data.copy_(loaded[...])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.tp.all_reduce(self.matmul(x, None))
