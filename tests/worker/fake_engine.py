@@ -75,7 +75,9 @@ class FakeEngine:
             raise InvalidRequestError(f"request id {request_id!r} is already in the engine")
         if len(prompt_token_ids) + len(generated_token_ids) >= self.max_model_len:
             raise InvalidRequestError("prompt is longer than the model's context")
-        self.requests[request_id] = _Request(list(prompt_token_ids), params, list(generated_token_ids))
+        self.requests[request_id] = _Request(
+            list(prompt_token_ids), params, list(generated_token_ids)
+        )
         self.added.append(request_id)
         self.resumed_from[request_id] = len(generated_token_ids)
 

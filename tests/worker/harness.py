@@ -6,8 +6,8 @@ import threading
 import time
 
 import fakeredis
-
 from fake_engine import FakeEngine
+
 from mii.broker_config.deployment import DeploymentRecord, save_record
 from mii.broker_config.keys import DeploymentKeys
 from mii.broker_config.settings import BrokerSettings

@@ -1,0 +1,29 @@
+"""Key names: one module, one hash tag per deployment."""
+
+from __future__ import annotations
+
+import pytest
+
+from mii.broker_config.keys import DeploymentKeys
+
+pytestmark = pytest.mark.timeout(5)
+
+
+def _hash_tag(key: str) -> str:
+    return key[key.index("{") + 1 : key.index("}")]
+
+
+def test_every_key_carries_the_deployment_hash_tag():
+    keys = DeploymentKeys("smollm2-mii-deployment")
+    names = [keys.requests, keys.bulk, keys.deadletter, keys.control, keys.config, keys.workers]
+    names += [keys.response("abc"), keys.cancelled("abc")]
+    assert {_hash_tag(n) for n in names} == {"smollm2-mii-deployment"}
+    assert len(set(names)) == len(names)
+    assert keys.requests == "mii:{smollm2-mii-deployment}:requests"
+    assert keys.response("r1") == "mii:{smollm2-mii-deployment}:resp:r1"
+
+
+@pytest.mark.parametrize("bad", ["", "a{b}", "has space", "x" * 201])
+def test_names_that_would_break_keys_are_refused(bad):
+    with pytest.raises(ValueError, match="deployment name"):
+        DeploymentKeys(bad)
