@@ -201,3 +201,50 @@ def test_device_map_places_replicas():
     assert auto.to_engine_config(replica=1).device_ids == (2, 3)
     with pytest.raises(ValueError, match="needs 2"):
         ModelConfig(model_name_or_path="m", tensor_parallel=2, device_map=[0]).to_engine_config()
+
+
+# ---- on two GPUs (NCCL for the model, gloo for the step plans) -------------------------
+needs_two_gpus = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs"
+)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("arch", ["llama3", "qwen2", "opt350"])
+@pytest.mark.parametrize("eager", [False, True], ids=["graphs", "eager"])
+@pytest.mark.gpu
+@needs_two_gpus
+def test_gpu_tp2_matches_tp1(tiny_model, arch, eager):
+    path = tiny_model(arch)
+    prompts = mixed_prompts(6, (1, 17, 70, 5, 130, 2), seed=len(arch))
+    opts = dict(device="cuda", dtype="float32", max_num_batched_tokens=64, enforce_eager=eager)
+    expected = greedy(path, prompts, 16, **opts)
+    assert greedy(path, prompts, 16, tensor_parallel=2, **opts) == expected
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.gpu
+@needs_two_gpus
+def test_gpu_killed_rank_fails_the_step_within_seconds(tiny_model):
+    with pipeline(tiny_model("llama"), tensor_parallel=2, device="cuda") as pipe:
+        assert pipe.engine.runner.kv_cache.device == torch.device("cuda", 0)
+        stream = pipe.stream([5, 6, 7], max_new_tokens=900, min_new_tokens=900, **GREEDY)
+        for _ in range(3):
+            next(stream)
+        os.kill(pipe.engine.runner.group.pids[0], signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(TensorParallelError, match="rank 1"):
+            for _ in stream:
+                pass
+        assert time.monotonic() - start < 30
+    assert no_rank_processes_left()
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.gpu
+@needs_two_gpus
+def test_gpu_device_map_places_rank0(tiny_model):
+    with pipeline(tiny_model("llama"), tensor_parallel=2, device_map=[[1, 0]]) as pipe:
+        assert pipe.engine.runner.kv_cache.device == torch.device("cuda", 1)
+        (resp,) = pipe([5, 6, 7], max_new_tokens=4)
+        assert resp.generated_length == 4
