@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.testing
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -36,24 +37,26 @@ DEVICE = "cuda"
 BLOCK_SIZE = 16
 MAX_REL_ERR = 2e-2  # bf16 outputs against a bf16 (SDPA) or fp32 (reference) baseline
 PREFILL_CONFIGS = [
-    paged_mod.TileConfig(128, 64, 8, 3),
-    paged_mod.TileConfig(128, 64, 8, 4),
-    paged_mod.TileConfig(128, 128, 8, 2),
-    paged_mod.TileConfig(128, 128, 8, 3),
     paged_mod.TileConfig(128, 64, 4, 3),
-    paged_mod.TileConfig(64, 64, 4, 3),
+    paged_mod.TileConfig(128, 64, 4, 2),
+    paged_mod.TileConfig(128, 64, 4, 4),
+    paged_mod.TileConfig(128, 32, 4, 3),
+    paged_mod.TileConfig(128, 128, 8, 2),
+    paged_mod.TileConfig(64, 128, 4, 3),
+    paged_mod.TileConfig(128, 64, 8, 3),
 ]
 DECODE_CONFIGS = [
-    paged_mod.TileConfig(16, 32, 4, 4),
-    paged_mod.TileConfig(16, 64, 4, 3),
-    paged_mod.TileConfig(16, 64, 4, 4),
-    paged_mod.TileConfig(16, 128, 4, 2),
     paged_mod.TileConfig(16, 128, 4, 3),
-    paged_mod.TileConfig(16, 128, 8, 3),
-    paged_mod.TileConfig(16, 64, 2, 4),
+    paged_mod.TileConfig(16, 128, 4, 2),
+    paged_mod.TileConfig(16, 64, 4, 3),
+    paged_mod.TileConfig(16, 32, 4, 4),
 ]
-SPLIT_CONFIGS = [(s, decode_mod.SplitConfig(n, 4, st)) for s in (1, 2, 4) for n, st in
-                 ((64, 3), (64, 4), (128, 3))]  # fmt: skip
+SPLIT_CONFIGS = [
+    (1, decode_mod.SplitConfig(64, 4, 3)),
+    (1, decode_mod.SplitConfig(128, 4, 3)),
+    (2, decode_mod.SplitConfig(128, 4, 3)),
+    (4, decode_mod.SplitConfig(128, 4, 3)),
+]
 
 
 def bench_ms(fn) -> float:
@@ -115,23 +118,33 @@ def bench_prefill(batch=8, heads=32, seq=2048, dim=128) -> dict:
     scale = dim**-0.5
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, S, D)
 
-    def sdpa():
-        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+    def sdpa(backend=SDPBackend.FLASH_ATTENTION):
+        with sdpa_kernel(backend):
             return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
 
     expected = sdpa().transpose(1, 2).reshape(batch * seq, heads, dim)
+    flops = 4 * batch * heads * dim * seq * (seq + 1) / 2  # causal: half the score matrix
+    others = {}  # SDPA's other backends, for context: the target compares with flash
+    for name in ("CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
+        backend = getattr(SDPBackend, name)
+        try:
+            ms = bench_ms(lambda b=backend: sdpa(b))
+        except RuntimeError as e:
+            print(f"SDPA {name}: unavailable ({e})"[:200], flush=True)
+            continue
+        others[name] = flops / (ms * 1e-3) / 1e12
     q_flat = q.view(batch * seq, heads, dim)  # (T, H, D)
 
     def run(config):
         return paged_mod.launch(q_flat, k_cache, v_cache, tables, starts, lens, scale, config)
 
-    flops = 4 * batch * heads * dim * seq * (seq + 1) / 2  # causal: half the score matrix
     sdpa_ms = bench_ms(sdpa)
     default = paged_mod.tile_config(seq, dim)
     rows = sweep("prefill", PREFILL_CONFIGS, run, lambda o: rel_err(o, expected), default)
     for row in rows:
         row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
-    return {"sdpa_ms": sdpa_ms, "sdpa_tflops": flops / (sdpa_ms * 1e-3) / 1e12, "rows": rows}
+    sdpa_tflops = flops / (sdpa_ms * 1e-3) / 1e12
+    return {"sdpa_ms": sdpa_ms, "sdpa_tflops": sdpa_tflops, "sdpa_others": others, "rows": rows}
 
 
 def bench_decode(copy_bw, batch=64, context=4096, q_heads=32, kv_heads=8, dim=128) -> dict:
@@ -166,6 +179,27 @@ def bench_decode(copy_bw, batch=64, context=4096, q_heads=32, kv_heads=8, dim=12
         lambda: torch_ref.paged_attention_ref(q, k_cache, v_cache, tables, starts, lens, scale)
     )
     return {"bytes": moved, "torch_ref_ms": ref_ms, "rows": rows}
+
+
+def bench_decode_batch1(copy_bw, context=4096, q_heads=32, kv_heads=8, dim=128) -> dict:
+    """Batch 1 (the latency workload): split-K against one program per kv head."""
+    k, v = (torch.randn(1, context, kv_heads, dim, device=DEVICE, dtype=DTYPE) for _ in "kv")
+    k_cache, v_cache, tables = paged_from_dense(k, v)
+    q = torch.randn(1, q_heads, dim, device=DEVICE, dtype=DTYPE)
+    lens = torch.full((1,), context, dtype=torch.int32, device=DEVICE)
+    moved = 2 * context * kv_heads * dim * 2
+    splits = decode_mod._num_splits(q, k_cache, tables)
+    result = {"default_splits": splits}
+    for n in sorted({1, splits}):
+        ms = bench_ms(
+            lambda n=n: decode_mod.decode_attention(
+                q, k_cache, v_cache, tables, lens, dim**-0.5, num_splits=n
+            )
+        )
+        result[f"splits_{n}_us"] = ms * 1e3
+        result[f"splits_{n}_fraction_of_copy"] = moved / (ms * 1e-3) / copy_bw
+    print(f"decode batch 1: {result}", flush=True)
+    return result
 
 
 def bench_elementwise(tokens=4096, hidden=4096, inner=14336) -> list[dict]:
@@ -235,6 +269,8 @@ def table(result) -> str:
     lines = [f"device: {result['device']}  triton {triton.__version__}  torch {torch.__version__}"]
     lines.append(f"copy bandwidth: {result['copy_gbps']:.0f} GB/s")
     lines.append(f"prefill SDPA flash: {pre['sdpa_tflops']:.0f} TFLOP/s")
+    for name, tflops in pre["sdpa_others"].items():
+        lines.append(f"  (SDPA {name}: {tflops:.0f} TFLOP/s)")
     for row in pre["rows"]:
         mark = (" (default)" if row["default"] else "") + ("" if row["ok"] else " WRONG")
         ratio = row["tflops"] / pre["sdpa_tflops"]
@@ -251,6 +287,7 @@ def table(result) -> str:
         )
     top = best(dec["rows"])
     lines.append(f"  best {top['config']}: {top['fraction_of_copy']:.2f} of copy")
+    lines.append(f"decode batch 1: {result['decode_batch1']}")
     for row in result["elementwise"]:
         lines.append(f"{row['kernel']}: {row['ms']:.3f} ms vs torch {row['ref_ms']:.3f} ms "
                      f"({row['speedup']:.1f}x, {row['gbps']:.0f} GB/s)")  # fmt: skip
@@ -267,6 +304,7 @@ def main() -> None:
     torch.cuda.empty_cache()
     result["decode"] = bench_decode(copy_bw)
     torch.cuda.empty_cache()
+    result["decode_batch1"] = bench_decode_batch1(copy_bw)
     result["elementwise"] = bench_elementwise()
     result["rope_rel_err"] = check_rope_once()
     print(table(result))
