@@ -20,7 +20,8 @@ from collections.abc import Callable, Iterator
 import redis
 
 from mii.broker_config import wire
-from mii.broker_config.connection import CONNECTION_ERRORS, Backoff, connect
+from mii.broker_config.connection import CONNECTION_ERRORS, Backoff
+from mii.broker_config.connection import connect as redis_connect
 from mii.broker_config.keys import DeploymentKeys
 from mii.broker_config.wire import ControlMessage
 from mii.config import MIIConfig
@@ -54,7 +55,7 @@ class Client(AsyncClientMixin):
         self.keys = DeploymentKeys(self.deployment_name)
         self.settings = mii_config.broker
         self.redis_url = redis_url
-        self.redis = redis_client if redis_client is not None else connect(redis_url)
+        self.redis = redis_client if redis_client is not None else redis_connect(redis_url)
         self.delete_responses = delete_responses
         self._owner = owner
         self._submit_script = self.redis.register_script(SUBMIT_SCRIPT)
@@ -188,3 +189,11 @@ class Client(AsyncClientMixin):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def connect(model_or_deployment_name: str, redis_url: str | None = None, **kwargs) -> Client:
+    """What `mii.client(name)` calls: a `Client` for a running deployment (see
+    `mii.producer.connect` for how its Redis is found)."""
+    from mii.producer.connect import connect_deployment
+
+    return connect_deployment(model_or_deployment_name, redis_url, **kwargs)

@@ -20,7 +20,9 @@ def candidate_names(name: str) -> list[str]:
     return [name] if derived == name else [name, derived]
 
 
-def connect(model_or_deployment_name: str, redis_url: str | None = None, **kwargs) -> Client:
+def connect_deployment(
+    model_or_deployment_name: str, redis_url: str | None = None, **kwargs
+) -> Client:
     """A `Client` for a running deployment. The Redis is `redis_url`, else `MII_REDIS_URL`,
     else an embedded one this host's `mii.serve` noted, else redis://127.0.0.1:6379."""
     names = candidate_names(model_or_deployment_name)

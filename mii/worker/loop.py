@@ -11,6 +11,7 @@ idle), deadlines, then one engine step whose outputs go to the publisher thread.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -388,7 +389,12 @@ class WorkerLoop:
         info = self.stats.as_dict()
         info.update(active=len(self.active), backlog=len(self.backlog))
         info.update(tokens_published=self.publisher.tokens_published)
-        self.registry.report(state, stats=info)
+        self.registry.report(state, stats=info, engine=_engine_stats(self.engine))
+
+
+def _engine_stats(engine) -> dict:
+    stats = engine.stats()
+    return dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else {}
 
 
 def _entries(reply) -> list[tuple[Entry, dict]]:

@@ -1,0 +1,144 @@
+"""The `mii` command: a small argparse dispatcher.
+
+    mii serve smollm2 --prompt "What is the capital of France?"   # serve, stream, stop
+    mii serve smollm2                                            # serve until Ctrl-C
+    mii generate smollm2-mii-deployment "Hello" --max-new-tokens 32
+    mii terminate smollm2-mii-deployment
+
+To add a subcommand, write `_add_NAME(parser)` and `_run_NAME(args) -> int` and list it in
+`COMMANDS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import sys
+import threading
+
+
+def _add_serve(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="local HF folder or a short name such as smollm2")
+    p.add_argument("--deployment-name", default="")
+    p.add_argument("--replica-num", type=int, default=1)
+    p.add_argument("--tensor-parallel", type=int, default=1)
+    p.add_argument("--max-length", type=int, default=None)
+    p.add_argument("--redis-url", default=None, help="default: $MII_REDIS_URL, else embedded")
+    p.add_argument("--prompt", default=None, help="stream one completion, then stop serving")
+    _add_generation_options(p)
+
+
+def _add_generate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("deployment", help="deployment (or model) name")
+    p.add_argument("prompt")
+    p.add_argument("--redis-url", default=None)
+    p.add_argument("--no-stream", action="store_true", help="print the whole text at the end")
+    _add_generation_options(p)
+
+
+def _add_terminate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("deployment")
+    p.add_argument("--redis-url", default=None)
+
+
+def _add_generation_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--sample", action="store_true", help="sample (default: greedy)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+
+
+def _generation_kwargs(args) -> dict:
+    return {"max_new_tokens": args.max_new_tokens, "do_sample": args.sample}
+
+
+def _chat_prompt(model: str, prompt: str) -> str:
+    from transformers import AutoTokenizer
+
+    from mii.engine.loader import resolve_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model), local_files_only=True)
+    chat = [{"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+
+
+def _stream_to_stdout(client, prompt: str, kwargs: dict) -> None:
+    for delta in client.stream(prompt, **kwargs):
+        print(delta.generated_text, end="", flush=True)
+    print()
+
+
+def _run_serve(args) -> int:
+    import mii
+
+    client = mii.serve(
+        args.model,
+        deployment_name=args.deployment_name,
+        replica_num=args.replica_num,
+        tensor_parallel=args.tensor_parallel,
+        max_length=args.max_length,
+        redis_url=args.redis_url,
+    )
+    try:
+        if args.prompt is not None:
+            prompt = _chat_prompt(args.model, args.prompt) if args.chat else args.prompt
+            print(f"> {args.prompt}")
+            _stream_to_stdout(client, prompt, _generation_kwargs(args))
+            return 0
+        print(f"serving {client.deployment_name} at {client.redis_url}; Ctrl-C stops it")
+        _wait_for_interrupt()
+        return 0
+    finally:
+        client.terminate_server()
+
+
+def _wait_for_interrupt() -> None:
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with contextlib.suppress(KeyboardInterrupt):
+        stop.wait()
+
+
+def _run_generate(args) -> int:
+    import mii
+
+    client = mii.client(args.deployment, redis_url=args.redis_url)
+    model = client.mii_config.model_conf.model_name_or_path
+    prompt = _chat_prompt(model, args.prompt) if args.chat else args.prompt
+    if args.no_stream:
+        print(client.generate(prompt, **_generation_kwargs(args))[0].generated_text)
+    else:
+        _stream_to_stdout(client, prompt, _generation_kwargs(args))
+    return 0
+
+
+def _run_terminate(args) -> int:
+    import mii
+
+    mii.client(args.deployment, redis_url=args.redis_url).terminate_server()
+    return 0
+
+
+COMMANDS = {
+    "serve": (_add_serve, _run_serve, "start a deployment (workers behind Redis streams)"),
+    "generate": (_add_generate, _run_generate, "send a prompt to a running deployment"),
+    "terminate": (_add_terminate, _run_terminate, "stop a deployment's workers"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mii", description="Fast LLM generation over Redis")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (add, run, help_text) in COMMANDS.items():
+        add(sub.add_parser(name, help=help_text))
+        sub.choices[name].set_defaults(run=run)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
