@@ -38,11 +38,8 @@ BLOCK_SIZE = 16
 MAX_REL_ERR = 2e-2  # bf16 outputs against a bf16 (SDPA) or fp32 (reference) baseline
 PREFILL_CONFIGS = [
     paged_mod.TileConfig(128, 64, 4, 3),
-    paged_mod.TileConfig(128, 64, 4, 2),
     paged_mod.TileConfig(128, 64, 4, 4),
-    paged_mod.TileConfig(128, 32, 4, 3),
     paged_mod.TileConfig(128, 128, 8, 2),
-    paged_mod.TileConfig(64, 128, 4, 3),
     paged_mod.TileConfig(128, 64, 8, 3),
 ]
 DECODE_CONFIGS = [
@@ -181,25 +178,30 @@ def bench_decode(copy_bw, batch=64, context=4096, q_heads=32, kv_heads=8, dim=12
     return {"bytes": moved, "torch_ref_ms": ref_ms, "rows": rows}
 
 
-def bench_decode_batch1(copy_bw, context=4096, q_heads=32, kv_heads=8, dim=128) -> dict:
-    """Batch 1 (the latency workload): split-K against one program per kv head."""
-    k, v = (torch.randn(1, context, kv_heads, dim, device=DEVICE, dtype=DTYPE) for _ in "kv")
+def bench_decode_small_batches(copy_bw) -> list[dict]:
+    """Small batches (the latency workload): split-K decode over several split counts."""
+    return [row for batch in (1, 8) for row in _decode_splits(copy_bw, batch)]
+
+
+def _decode_splits(copy_bw, batch, context=4096, q_heads=32, kv_heads=8, dim=128):
+    k, v = (torch.randn(batch, context, kv_heads, dim, device=DEVICE, dtype=DTYPE) for _ in "kv")
     k_cache, v_cache, tables = paged_from_dense(k, v)
-    q = torch.randn(1, q_heads, dim, device=DEVICE, dtype=DTYPE)
-    lens = torch.full((1,), context, dtype=torch.int32, device=DEVICE)
-    moved = 2 * context * kv_heads * dim * 2
-    splits = decode_mod._num_splits(q, k_cache, tables)
-    result = {"default_splits": splits}
-    for n in sorted({1, splits}):
+    q = torch.randn(batch, q_heads, dim, device=DEVICE, dtype=DTYPE)
+    lens = torch.full((batch,), context, dtype=torch.int32, device=DEVICE)
+    moved = 2 * batch * context * kv_heads * dim * 2
+    default = decode_mod._num_splits(q, k_cache, tables)
+    rows = []
+    for splits in sorted({1, 4, 8, 16, 32, 64, default}):
         ms = bench_ms(
-            lambda n=n: decode_mod.decode_attention(
+            lambda n=splits: decode_mod.decode_attention(
                 q, k_cache, v_cache, tables, lens, dim**-0.5, num_splits=n
             )
         )
-        result[f"splits_{n}_us"] = ms * 1e3
-        result[f"splits_{n}_fraction_of_copy"] = moved / (ms * 1e-3) / copy_bw
-    print(f"decode batch 1: {result}", flush=True)
-    return result
+        rows.append({"batch": batch, "splits": splits, "us": ms * 1e3,
+                     "fraction_of_copy": moved / (ms * 1e-3) / copy_bw,
+                     "default": splits == default})  # fmt: skip
+        print(f"decode batch {batch} splits {splits}: {ms * 1e3:.1f} us", flush=True)
+    return rows
 
 
 def bench_elementwise(tokens=4096, hidden=4096, inner=14336) -> list[dict]:
@@ -287,7 +289,10 @@ def table(result) -> str:
         )
     top = best(dec["rows"])
     lines.append(f"  best {top['config']}: {top['fraction_of_copy']:.2f} of copy")
-    lines.append(f"decode batch 1: {result['decode_batch1']}")
+    for row in result["decode_small"]:
+        mark = " (default)" if row["default"] else ""
+        lines.append(f"decode batch {row['batch']}, {row['splits']} splits: {row['us']:.1f} us"
+                     f" = {row['fraction_of_copy']:.2f} of copy{mark}")  # fmt: skip
     for row in result["elementwise"]:
         lines.append(f"{row['kernel']}: {row['ms']:.3f} ms vs torch {row['ref_ms']:.3f} ms "
                      f"({row['speedup']:.1f}x, {row['gbps']:.0f} GB/s)")  # fmt: skip
@@ -304,7 +309,7 @@ def main() -> None:
     torch.cuda.empty_cache()
     result["decode"] = bench_decode(copy_bw)
     torch.cuda.empty_cache()
-    result["decode_batch1"] = bench_decode_batch1(copy_bw)
+    result["decode_small"] = bench_decode_small_batches(copy_bw)
     result["elementwise"] = bench_elementwise()
     result["rope_rel_err"] = check_rope_once()
     print(table(result))

@@ -21,7 +21,10 @@ import triton.language as tl
 
 from mii.kernels.attention_tiles import LOG2E, attend_range, check_paged_inputs, dot_precision
 
-MIN_KEYS_PER_SPLIT = 256  # below this a split's fixed cost outweighs the added parallelism
+# Small batches are latency bound: many short splits (a few tiles each) keep enough loads
+# in flight. Beyond a few programs per SM, more splits only add merge work.
+MIN_KEYS_PER_SPLIT = 128
+MAX_PROGRAMS_PER_SM = 4
 
 
 class SplitConfig(NamedTuple):
@@ -124,11 +127,11 @@ def _sm_count(device_index: int) -> int:
 
 
 def default_num_splits(batch: int, kv_heads: int, max_context: int, sm_count: int) -> int:
-    """Double the splits while the grid stays under two programs per SM and each split
-    keeps at least MIN_KEYS_PER_SPLIT keys of the longest possible context."""
+    """Double the splits while the grid stays within MAX_PROGRAMS_PER_SM programs per SM
+    and each split keeps at least MIN_KEYS_PER_SPLIT keys of the longest possible context."""
     splits = 1
     while (
-        batch * kv_heads * splits * 2 <= 2 * sm_count
+        batch * kv_heads * splits * 2 <= MAX_PROGRAMS_PER_SM * sm_count
         and max_context >= 2 * splits * MIN_KEYS_PER_SPLIT
     ):
         splits *= 2

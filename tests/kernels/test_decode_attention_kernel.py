@@ -41,9 +41,10 @@ def test_matches_reference_interpreted(interpreted, num_splits, group, head_dim,
 def test_default_splits_fill_the_gpu_without_tiny_splits(interpreted):
     splits = interpreted.decode_attention.default_num_splits
     assert splits(batch=64, kv_heads=8, max_context=4096, sm_count=132) == 1
-    assert splits(batch=1, kv_heads=8, max_context=4096, sm_count=132) == 16
-    assert splits(batch=1, kv_heads=8, max_context=256, sm_count=132) == 1
-    assert splits(batch=4, kv_heads=8, max_context=1 << 20, sm_count=132) == 8
+    assert splits(batch=8, kv_heads=8, max_context=4096, sm_count=132) == 8
+    assert splits(batch=1, kv_heads=8, max_context=4096, sm_count=132) == 32
+    assert splits(batch=1, kv_heads=8, max_context=256, sm_count=132) == 2
+    assert splits(batch=1, kv_heads=8, max_context=100, sm_count=132) == 1
 
 
 GPU_SHAPES = [  # (q heads, kv heads, head_dim, dtype)
@@ -56,7 +57,7 @@ GPU_SHAPES = [  # (q heads, kv heads, head_dim, dtype)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("num_splits", [None, 1, 5, 16])
+@pytest.mark.parametrize("num_splits", [None, 1, 5, 16, 64])
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
 def test_matches_reference_gpu(compiled, num_splits, shape):
     *heads, head_dim, dtype = shape

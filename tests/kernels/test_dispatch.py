@@ -70,3 +70,28 @@ def test_decode_steps_match_the_reference_through_dispatch(compiled, seq_lens):
     out = dispatch.paged_attention(*args, batch.seq_lens, batch.scale, max_query_len=1)
     expected = torch_ref.paged_attention_ref(*args, batch.seq_lens, batch.scale)
     assert rel_err(out, expected) < TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.gpu
+def test_decode_steps_replay_in_a_cuda_graph_with_new_lengths(compiled):
+    """The engine captures decode steps once and replays them as contexts grow: the
+    launch must not depend on the lengths' values."""
+    batch = make_paged_batch(
+        [1] * 4, [4000, 10, 300, 1], 32, 8, 128, dtype=torch.bfloat16, device="cuda"
+    )
+    args = (batch.q, batch.k_cache, batch.v_cache, batch.block_tables, batch.query_start_loc)
+    seq_lens = batch.seq_lens.clone()
+
+    def step():
+        return dispatch.paged_attention(*args, seq_lens, batch.scale, max_query_len=1)
+
+    step()  # compiles outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for lens in ([4000, 10, 300, 1], [17, 3000, 64, 900]):
+        seq_lens.copy_(torch.tensor(lens, dtype=torch.int32))
+        graph.replay()
+        expected = torch_ref.paged_attention_ref(*args, seq_lens, batch.scale)
+        assert rel_err(out, expected) < TOLERANCE[torch.bfloat16]
