@@ -246,7 +246,7 @@ class TensorParallelGroup:
 
     # ---- shutdown ----------------------------------------------------------------------
     def close(self) -> None:
-        """Stop the other ranks (politely when they are in step, else by signal) and leave
+        """Stop the other ranks (politely when they are in step, else by SIGKILL) and leave
         the process groups. Safe to call more than once."""
         with self._changed:
             if self._closing:
@@ -262,11 +262,9 @@ class TensorParallelGroup:
         # Only the watcher thread reaps the ranks (two threads waiting on one child process
         # race in multiprocessing); it ends when the last rank has exited.
         self._watcher.join(_STOP_GRACE_S if healthy else 0)
-        for end in ("terminate", "kill"):
-            if not self._watcher.is_alive():
-                break
+        if self._watcher.is_alive():  # the ranks ignore SIGTERM (see tp_worker.py)
             for proc in self.processes:
-                getattr(proc, end)()
+                proc.kill()
             self._watcher.join(_STOP_GRACE_S)
         leave_group()
         if self._threads is not None:

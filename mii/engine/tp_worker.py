@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import signal
 import threading
 import traceback
 from multiprocessing.connection import Connection
@@ -22,6 +23,10 @@ from mii.engine.model_runner import ModelRunner
 
 def follower_main(rank: int, spec: RankSpec, conn: Connection) -> None:
     """Entry point of a spawned rank; reports its progress and any failure through `conn`."""
+    # Rank 0 alone decides when the group stops: a Ctrl-C or SIGTERM sent to the whole
+    # process group must let a worker drain its requests, not kill its ranks under it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _exit_with_parent()
     try:
         _serve(rank, spec, conn)
