@@ -119,9 +119,11 @@ def leave_group() -> None:
 
 def abort_group() -> None:
     """Make collectives blocked on a dead peer return (NCCL waits for it forever otherwise;
-    gloo notices the closed connection by itself)."""
+    gloo notices the closed connection by itself). Safe from another thread: it aborts the
+    NCCL communicators, as NCCL's own watchdog does, and leaves torch's group registry
+    alone for `leave_group` to tear down."""
     if dist.is_initialized() and dist.get_backend() == "nccl":
-        dist.distributed_c10d._abort_process_group()
+        dist.group.WORLD._get_backend(torch.device("cuda")).abort()
 
 
 class ControlChannel:

@@ -177,7 +177,7 @@ class TensorParallelGroup:
                     self._changed.wait_for(lambda: self._failure is not None, _FAILURE_GRACE_S)
                 if self._failure is not None:
                     raise TensorParallelError(self._failure) from exc
-            raise
+            raise  # rank 0's own error (a missing weight, a bad config) speaks for itself
 
     def _raise_if_unusable(self) -> None:
         if self._failure is not None:
@@ -266,6 +266,8 @@ class TensorParallelGroup:
             for proc in self.processes:
                 proc.kill()
             self._watcher.join(_STOP_GRACE_S)
+        if not healthy:
+            abort_group()  # collectives left half-done would block the teardown
         leave_group()
         if self._threads is not None:
             torch.set_num_threads(self._threads)

@@ -11,6 +11,7 @@ import contextlib
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import traceback
 from multiprocessing.connection import Connection
@@ -31,10 +32,11 @@ def follower_main(rank: int, spec: RankSpec, conn: Connection) -> None:
     try:
         _serve(rank, spec, conn)
     except BaseException:
-        _report(conn, ("error", traceback.format_exc()))
-        raise SystemExit(1) from None
-    finally:
-        leave_group()
+        error = traceback.format_exc()
+        print(f"mii tensor-parallel rank {rank}:\n{error}", file=sys.stderr, flush=True)
+        _report(conn, ("error", error))
+        os._exit(1)  # at once: tearing down a process group stuck in a collective can hang
+    leave_group()
 
 
 def _serve(rank: int, spec: RankSpec, conn: Connection) -> None:
