@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import byte_tokenizer
+from tiny_models import byte_tokenizer
 
 from mii.engine.detokenizer import IncrementalDetokenizer
 

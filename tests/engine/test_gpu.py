@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_parity import mixed_prompts
+from tiny_models import mixed_prompts
 
 from mii.engine.config import EngineConfig, SchedulerConfig
 from mii.engine.engine import LLMEngine
@@ -17,9 +17,13 @@ pytestmark = [
 
 
 def run_engine(path, prompts, new_tokens, dtype="float32", eager=False, budget=64):
-    config = EngineConfig(model=path, dtype=dtype, device="cuda", enforce_eager=eager,
-                          scheduler=SchedulerConfig(max_num_batched_tokens=budget,
-                                                    max_num_seqs=32))
+    config = EngineConfig(
+        model=path,
+        dtype=dtype,
+        device="cuda",
+        enforce_eager=eager,
+        scheduler=SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=32),
+    )
     engine = LLMEngine(config)
     params = SamplingParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     for i, p in enumerate(prompts):
@@ -38,9 +42,14 @@ def hf_on_gpu(path, prompts, new_tokens, dtype=torch.float32):
     outs = []
     for p in prompts:
         ids = torch.tensor([p], device="cuda")
-        gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                             max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-        outs.append(gen[0, len(p):].tolist())
+        gen = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+        )
+        outs.append(gen[0, len(p) :].tolist())
     return outs
 
 
@@ -65,8 +74,10 @@ def test_half_precision_agreement_with_transformers(tiny_model, dtype, record_pr
     ours = run_engine(path, prompts, 64, dtype=dtype)
     ref = hf_on_gpu(path, prompts, 64, dtype=getattr(torch, dtype))
     same = sum(a == b for o, r in zip(ours, ref, strict=True) for a, b in zip(o, r, strict=True))
-    first_diff = [next((i for i, (a, b) in enumerate(zip(o, r, strict=True)) if a != b), 64)
-                  for o, r in zip(ours, ref, strict=True)]
+    first_diff = [
+        next((i for i, (a, b) in enumerate(zip(o, r, strict=True)) if a != b), 64)
+        for o, r in zip(ours, ref, strict=True)
+    ]
     fraction = same / (64 * len(prompts))
     record_property("identical_fraction", fraction)
     record_property("first_divergence", first_diff)

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
-from conftest import ARCHS
+from tiny_models import ARCHS, mixed_prompts
 
 import mii
 
@@ -27,11 +25,6 @@ def hf_greedy(path: str, prompts: list[list[int]], max_new_tokens: int, **kw) ->
         )
         outs.append(gen[0, len(p) :].tolist())
     return outs
-
-
-def mixed_prompts(n: int, lengths: tuple[int, ...], vocab: int = 256, seed: int = 0):
-    rng = random.Random(seed)
-    return [[rng.randrange(3, vocab) for _ in range(lengths[i % len(lengths)])] for i in range(n)]
 
 
 @pytest.mark.parametrize("arch", ARCHS)

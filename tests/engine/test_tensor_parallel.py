@@ -15,8 +15,7 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 import torch
-from conftest import ARCHS, BOS, EOS, byte_tokenizer
-from test_parity import mixed_prompts
+from tiny_models import ARCHS, BOS, EOS, byte_tokenizer, mixed_prompts
 
 import mii
 from mii.engine.step_plan import StepPlan
