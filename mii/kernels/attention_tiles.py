@@ -109,6 +109,12 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def dot_width(head_dim: int) -> int:
+    """Head dim padded for tl.dot, which needs K >= 16 (tiny test models have D = 8);
+    the padding columns load as zeros and are never stored."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
 def check_paged_inputs(q, k_cache, v_cache, block_tables, seq_lens) -> None:
     """Shapes, dtypes, devices and strides the attention kernels rely on."""
     assert q.dim() == 3 and q.stride(-1) == 1, "q: (tokens, heads, head_dim), last dim dense"

@@ -19,7 +19,13 @@ import torch
 import triton
 import triton.language as tl
 
-from mii.kernels.attention_tiles import LOG2E, attend_range, check_paged_inputs, dot_precision
+from mii.kernels.attention_tiles import (
+    LOG2E,
+    attend_range,
+    check_paged_inputs,
+    dot_precision,
+    dot_width,
+)
 
 # Small batches are latency bound: many short splits (a few tiles each) keep enough loads
 # in flight. Beyond a few programs per SM, more splits only add merge work.
@@ -182,7 +188,7 @@ def launch(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, confi
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=dot_width(head_dim),
         BLOCK_SIZE=k_cache.shape[1], BLOCK_M=max(16, triton.next_power_of_2(group)),
         BLOCK_N=config.block_n, SINGLE_SPLIT=num_splits == 1,
         DOT_PRECISION=dot_precision(q.dtype),

@@ -20,7 +20,13 @@ import torch
 import triton
 import triton.language as tl
 
-from mii.kernels.attention_tiles import LOG2E, attend_range, check_paged_inputs, dot_precision
+from mii.kernels.attention_tiles import (
+    LOG2E,
+    attend_range,
+    check_paged_inputs,
+    dot_precision,
+    dot_width,
+)
 
 
 class TileConfig(NamedTuple):
@@ -160,7 +166,7 @@ def launch(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, 
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=dot_width(head_dim),
         BLOCK_SIZE=k_cache.shape[1], BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         DOT_PRECISION=dot_precision(q.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,

@@ -38,6 +38,15 @@ def test_matches_reference_interpreted(interpreted, num_splits, group, head_dim,
     _check(interpreted.decode_attention, batch, dtype, num_splits)
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("head_dim", [8, 80])  # tiny test models; not a power of two
+def test_small_and_uneven_head_dims_interpreted(interpreted, head_dim):
+    batch = make_paged_batch(
+        [1] * len(SEQ_LENS), SEQ_LENS, 8, 2, head_dim, dtype=torch.float32, device="cpu"
+    )
+    _check(interpreted.decode_attention, batch, torch.float32, 3)
+
+
 def test_default_splits_fill_the_gpu_without_tiny_splits(interpreted):
     splits = interpreted.decode_attention.default_num_splits
     assert splits(batch=64, kv_heads=8, max_context=4096, sm_count=132) == 1

@@ -59,6 +59,14 @@ def test_smollm_heads_and_other_block_sizes_interpreted(interpreted, block_size)
     _check(interpreted.paged_attention, batch, torch.float32)
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("head_dim", [8, 16, 80])  # tiny test models; not a power of two
+def test_small_and_uneven_head_dims_interpreted(interpreted, head_dim):
+    q_lens, seq_lens = CASES["mixed"]
+    batch = make_paged_batch(q_lens, seq_lens, 8, 2, head_dim, dtype=torch.float32, device="cpu")
+    _check(interpreted.paged_attention, batch, torch.float32)
+
+
 GPU_CASES = {
     **CASES,
     "long_prompt": ([512], [512]),

@@ -66,6 +66,13 @@ GPU_SHAPES = [  # (q heads, kv heads, head_dim, dtype)
 ]
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("head_dim", [8, 80])  # tiny test models; not a power of two
+def test_small_and_uneven_head_dims_interpreted(interpreted, head_dim):
+    inputs = _inputs(19, 9, 3, head_dim, torch.float32, "cpu", True)
+    _check(interpreted.rope_kv_write, inputs, torch.float32)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("rotary", [True, False])
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
