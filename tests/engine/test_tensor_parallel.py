@@ -98,8 +98,8 @@ def test_smollm2_tp3_matches_tp1(smollm2_path):
     texts = ["The capital of France is", "def fibonacci(n):"]
     tok = byte_tokenizer()  # any ids do for parity; spares loading the real tokenizer here
     prompts = [tok.encode(t) for t in texts]
-    expected = greedy(smollm2_path, prompts, 6)
-    assert greedy(smollm2_path, prompts, 6, tensor_parallel=3) == expected
+    expected = greedy(smollm2_path, prompts, 4)
+    assert greedy(smollm2_path, prompts, 4, tensor_parallel=3) == expected
 
 
 @pytest.mark.timeout(30)
