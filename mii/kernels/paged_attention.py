@@ -140,6 +140,9 @@ def paged_attention(
 ) -> torch.Tensor:
     """Triton version of `torch_ref.paged_attention_ref`. `max_query_len` is a host int
     (no sync): it picks the tile shape."""
+    # A table too narrow for the longest chunk would send the kernel past its end (the
+    # reference fails on it too); seq_lens cannot be checked without a sync.
+    assert block_tables.shape[1] * k_cache.shape[1] >= max_query_len, "block table too narrow"
     group = q.shape[1] // k_cache.shape[2]
     config = tile_config(max_query_len * group, q.shape[2])
     return launch(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, config)

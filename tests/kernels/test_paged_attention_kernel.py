@@ -94,3 +94,12 @@ def test_matches_reference_gpu(compiled, case, shape):
     q_lens, seq_lens = GPU_CASES[case]
     batch = make_paged_batch(q_lens, seq_lens, *heads, head_dim, dtype=dtype, device="cuda")
     _check(compiled.paged_attention, batch, dtype)
+
+
+def test_a_block_table_narrower_than_the_chunk_is_refused(interpreted):
+    batch = make_paged_batch([40], [40], 2, 2, 64, dtype=torch.float32, device="cpu")
+    with pytest.raises(AssertionError, match="too narrow"):
+        interpreted.paged_attention.paged_attention(
+            batch.q, batch.k_cache, batch.v_cache, batch.block_tables[:, :1],
+            batch.query_start_loc, batch.seq_lens, batch.scale, max_query_len=40,
+        )  # fmt: skip
