@@ -44,6 +44,7 @@ class ModelRunner:
         self.device = config.torch_device
         self.dtype = dtype
         self.block_size = config.cache.block_size
+        self.max_positions = max_positions
         self.model = build_model(hf_config, dtype, self.device, tp, max_positions)
         if random_weights:
             init_random_weights(self.model)
@@ -78,8 +79,13 @@ class ModelRunner:
         return per_token * self.block_size * len(self.attention_layers)
 
     def _blocks_that_fit(self) -> int:
+        # Past what max_num_seqs requests of the longest context can hold, more blocks only
+        # cost host memory in the block manager (tiny models on a big GPU: millions).
+        per_seq = -(-self.max_positions // self.block_size)
+        useful = 2 * self.config.scheduler.max_num_seqs * per_seq
         if self.device.type != "cuda":
-            return max(1, int(self.config.cache.cpu_kv_cache_gib * GIB) // self.bytes_per_block)
+            fit = int(self.config.cache.cpu_kv_cache_gib * GIB) // self.bytes_per_block
+            return max(1, min(fit, useful))
         torch.cuda.empty_cache()  # memory cached but unused is free for our purpose
         free, total = torch.cuda.mem_get_info(self.device)
         peak = self._profile_activation_peak()
@@ -89,39 +95,37 @@ class ModelRunner:
                 f"no GPU memory left for the KV cache (free {free / GIB:.1f} GiB, activation "
                 f"peak {peak / GIB:.1f} GiB); raise gpu_memory_utilization or max_length lower"
             )
-        return int(budget // self.bytes_per_block)
+        return min(int(budget // self.bytes_per_block), useful)
 
     def _profile_activation_peak(self) -> int:
-        """Peak memory of a full-budget forward pass, run without a KV cache to write to."""
+        """Peak memory of a full-budget forward pass: one sequence of `budget` tokens over a
+        scratch cache just large enough for it (shared by all layers)."""
         tokens = self.config.scheduler.max_num_batched_tokens
-        dummy_cache = torch.empty(
-            (
-                1,
-                self.block_size,
-                self.attention_layers[0].num_kv_heads,
-                self.attention_layers[0].head_dim,
-            ),
-            dtype=self.dtype,
-            device=self.device,
-        )
-        for layer in self.attention_layers:
-            layer.bind_cache(dummy_cache, dummy_cache)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        before = torch.cuda.memory_allocated(self.device)
+        layer, dev = self.attention_layers[0], self.device
+        blocks = -(-tokens // self.block_size)
+        scratch = torch.zeros(
+            (blocks, self.block_size, layer.num_kv_heads, layer.head_dim),
+            dtype=self.dtype, device=dev,
+        )  # fmt: skip
+        for attn in self.attention_layers:
+            attn.bind_cache(scratch, scratch)
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev)
         meta = AttentionMetadata(
-            slot_mapping=torch.full((tokens,), -1, dtype=torch.int64, device=self.device),
-            block_tables=torch.zeros((1, 1), dtype=torch.int32, device=self.device),
-            query_start_loc=torch.tensor([0, tokens], dtype=torch.int32, device=self.device),
-            seq_lens=torch.tensor([tokens], dtype=torch.int32, device=self.device),
+            slot_mapping=torch.arange(tokens, dtype=torch.int64, device=dev),
+            block_tables=torch.arange(blocks, dtype=torch.int32, device=dev)[None],
+            query_start_loc=torch.tensor([0, tokens], dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor([tokens], dtype=torch.int32, device=dev),
             max_query_len=tokens,
             max_seq_len=tokens,
         )
         with torch.inference_mode():
-            ids = torch.zeros(tokens, dtype=torch.int64, device=self.device)
-            hidden = self.model(ids, torch.arange(tokens, device=self.device), meta)
+            ids = torch.zeros(tokens, dtype=torch.int64, device=dev)
+            hidden = self.model(ids, torch.arange(tokens, device=dev), meta)
             self.model.compute_logits(hidden[-self.config.scheduler.max_num_seqs :])
-        torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device) - before
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev) - before
+        del scratch
         torch.cuda.empty_cache()
         return peak
 
