@@ -197,6 +197,12 @@ def write_json(name: str, payload: dict) -> None:
         json.dump(payload, f, indent=2, default=str)
 
 
+def write_text(name: str, text: str) -> None:
+    out = os.environ.get("OUT")
+    with open(os.path.join(out, name) if out else name, "w") as f:
+        f.write(text)
+
+
 class Timer:
     def __enter__(self):
         torch.cuda.synchronize()

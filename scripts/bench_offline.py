@@ -21,6 +21,7 @@ from bench_common import (
     measure_peaks,
     preset_folder,
     write_json,
+    write_text,
 )
 
 from mii.engine.config import CacheConfig, EngineConfig, SchedulerConfig
@@ -71,7 +72,24 @@ def build_engine(preset: str, budget: int, max_seqs: int, eager: bool) -> LLMEng
     return LLMEngine(config, random_weights=True, load_tokenizer_files=False)
 
 
-def bench_mii(engine: LLMEngine, prompts, new_tokens: int, roofline: Roofline | None) -> dict:
+def _profiled_steps(engine: LLMEngine, steps: int) -> int:
+    """Run steps under the torch profiler; write the kernel table (GPU time vs wall)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    produced = 0
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            produced += sum(len(o.token_ids) for o in engine.step())
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+    write_text(f"profile_step{engine.stats().steps}.txt", table)
+    return produced
+
+
+def bench_mii(
+    engine: LLMEngine, prompts, new_tokens: int, roofline: Roofline | None,
+    profile_at: int | None = None,
+) -> dict:
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     for i, p in enumerate(prompts[:8]):  # warm-up: compile kernels, capture graphs
         engine.add_request(f"warm{i}", p[:64], SamplingParams(max_new_tokens=4))
@@ -84,6 +102,8 @@ def bench_mii(engine: LLMEngine, prompts, new_tokens: int, roofline: Roofline | 
     produced = 0
     with Timer() as t:
         while engine.has_unfinished_requests():
+            if profile_at is not None and engine.stats().steps == profile_at:
+                produced += _profiled_steps(engine, 10)
             produced += sum(len(o.token_ids) for o in engine.step())
     return {
         "requests": len(prompts),
@@ -106,6 +126,7 @@ def main() -> None:
     ap.add_argument("--max-seqs", type=int, default=256)
     ap.add_argument("--eager", action="store_true")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--profile-at", type=int, default=None, help="profile 10 steps from here")
     args = ap.parse_args()
 
     peaks = measure_peaks()
@@ -116,7 +137,7 @@ def main() -> None:
         hf = bench_hf(args.preset, prompts[: args.hf_requests], args.new_tokens, args.hf_batch)
     engine = build_engine(args.preset, args.budget, args.max_seqs, args.eager)
     roofline = Roofline(ModelShape.of(engine.runner.model, engine.hf_config), peaks)
-    ours = bench_mii(engine, prompts, args.new_tokens, roofline)
+    ours = bench_mii(engine, prompts, args.new_tokens, roofline, args.profile_at)
     ours["roofline_floor_s"] = roofline.floor_s
     ours["efficiency"] = roofline.floor_s / ours["seconds"]
     result = {

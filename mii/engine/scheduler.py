@@ -88,13 +88,14 @@ class Scheduler:
 
     def _make_room(self, seq: Sequence, n: int, out: SchedulerOutput) -> bool:
         """Allocate blocks for `seq`, preempting the newest other requests as needed."""
-        scheduled = {id(c.seq) for c in out.chunks}
-        while not self.block_manager.can_allocate(seq, n):
-            victims = [s for s in self.running if s is not seq and id(s) not in scheduled]
-            if not victims:
-                self._preempt(seq, out)
-                return False
-            self._preempt(max(victims, key=lambda s: s.arrival), out)
+        if not self.block_manager.can_allocate(seq, n):
+            scheduled = {id(c.seq) for c in out.chunks}
+            while not self.block_manager.can_allocate(seq, n):
+                victims = [s for s in self.running if s is not seq and id(s) not in scheduled]
+                if not victims:
+                    self._preempt(seq, out)
+                    return False
+                self._preempt(max(victims, key=lambda s: s.arrival), out)
         self.block_manager.allocate(seq, n)
         return True
 
