@@ -87,7 +87,10 @@ def _profiled_steps(engine: LLMEngine, steps: int) -> int:
 
 
 def bench_mii(
-    engine: LLMEngine, prompts, new_tokens: int, roofline: Roofline | None,
+    engine: LLMEngine,
+    prompts,
+    new_tokens: int,
+    roofline: Roofline | None,
     profile_at: int | None = None,
 ) -> dict:
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)

@@ -89,7 +89,11 @@ def serve_deployment(
 
 def _refuse_running(redis, keys: DeploymentKeys, mii_config: MIIConfig) -> None:
     stale_before = time.time() - mii_config.broker.reclaim_idle_s
-    live = [n for n, w in read_workers(redis, keys).items() if w["heartbeat"] > stale_before]
+    live = [
+        name
+        for name, w in read_workers(redis, keys).items()
+        if w["state"] != FAILED and w["heartbeat"] > stale_before
+    ]
     if live:
         raise MIIError(
             f"deployment {keys.deployment!r} is already served by {', '.join(live)}: "

@@ -26,6 +26,7 @@ from mii.errors import InvalidRequestError
 from mii.worker.intake import Admission, Entry, Refusal, parse_entry, requeue_fields
 from mii.worker.leases import Leases
 from mii.worker.publisher import Batch, Publisher, final_chunk
+from mii.worker.reader import Reader
 from mii.worker.registry import DRAINING, READY, WorkerRegistry
 from mii.worker.stats import LoopStats
 
@@ -47,6 +48,7 @@ class WorkerLoop:
         self.consumer = consumer or process_name()
         self.publisher = Publisher(redis, self.keys, self.consumer, settings.response_ttl_s)
         self.leases = Leases(redis, self.keys, self.consumer, settings.reclaim_idle_s)
+        self.reader = Reader(redis, self.keys, self.consumer)
         self.registry = registry or WorkerRegistry(redis, self.keys, self.consumer)
         self.active: dict[str, Admission] = {}
         self.generated: dict[str, int] = {}  # request id -> tokens generated so far
@@ -54,7 +56,6 @@ class WorkerLoop:
         self.stats = LoopStats()
         self._drain_requested = threading.Event()
         self._stop_requested = threading.Event()
-        self._control_id = "0-0"
         self._clock_offset = 0.0  # Redis clock minus ours, for deadlines
         self._next_housekeeping = 0.0
         self._redis_retry_at = 0.0
@@ -106,8 +107,7 @@ class WorkerLoop:
             except Exception as exc:  # BUSYGROUP: another worker made it first
                 if "BUSYGROUP" not in str(exc):
                     raise
-        last = self.redis.xrevrange(self.keys.control, count=1)
-        self._control_id = _text(last[0][0]) if last else "0-0"
+        self.reader.start_after_latest_control()
         self._sync_clock()
         self.publisher.start()
         self._report(READY)
@@ -159,22 +159,12 @@ class WorkerLoop:
         return self.settings.admit_batch
 
     def _poll(self) -> None:
-        """One round trip: control messages and, with room, new interactive entries."""
+        """One round trip: control messages and, with room, new entries."""
         count = self._capacity()
         idle = count > 0 and not self.active
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.xread({self.keys.control: self._control_id}, count=256)
-        if count:
-            block = self.settings.block_ms if idle else None
-            streams = {self.keys.requests: ">"}
-            pipe.xreadgroup(WORKER_GROUP, self.consumer, streams, count=count, block=block)
-        replies = pipe.execute()
-        self._on_control(replies[0])
-        entries = _entries(replies[1]) if count else []
-        if count and not entries:  # bulk only when no interactive work is waiting
-            streams = {self.keys.bulk: ">"}
-            reply = self.redis.xreadgroup(WORKER_GROUP, self.consumer, streams, count=count)
-            entries = _entries(reply)
+        control, entries = self.reader.poll(count, self.settings.block_ms if idle else None)
+        for fields in control:
+            self._apply_control(fields)
         if entries:
             self._intake(entries)
 
@@ -298,12 +288,6 @@ class WorkerLoop:
             self._end(adm, Reason.TIMEOUT)
 
     # ---- control messages --------------------------------------------------------------
-    def _on_control(self, reply) -> None:
-        for _, entries in reply or []:
-            for entry_id, fields in entries:
-                self._control_id = _text(entry_id)
-                self._apply_control(fields)
-
     def _apply_control(self, fields: dict) -> None:
         try:
             message = wire.decode_control(fields)
@@ -395,14 +379,6 @@ class WorkerLoop:
 def _engine_stats(engine) -> dict:
     stats = engine.stats()
     return dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else {}
-
-
-def _entries(reply) -> list[tuple[Entry, dict]]:
-    return [
-        (Entry(_text(stream), _text(entry_id)), fields)
-        for stream, entries in reply or []
-        for entry_id, fields in entries
-    ]
 
 
 def _text(value) -> str:
