@@ -13,7 +13,7 @@ import time
 
 import torch
 from bench_common import ModelShape, Timer, hf_model, measure_peaks, preset_folder, write_json
-from bench_offline import random_prompts
+from bench_offline import _profiled_steps, random_prompts
 
 from mii.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from mii.engine.engine import LLMEngine
@@ -48,6 +48,12 @@ def bench_mii(engine: LLMEngine, prompt, new_tokens: int, repeats: int = 3) -> d
         ttft = stamps[0] - start
         per_token = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
         runs.append((ttft * 1e3, per_token * 1e3))
+    engine.add_request("profiled", prompt, params)
+    for _ in range(20):
+        engine.step()
+    _profiled_steps(engine, 10)
+    while engine.has_unfinished_requests():
+        engine.step()
     runs = sorted(runs[1:], key=lambda x: x[1])
     ttft, per_token = runs[len(runs) // 2]
     return {"ttft_ms": ttft, "ms_per_token": per_token}
