@@ -1,0 +1,141 @@
+"""Reading a bulk job's input: JSONL, one request a line, in mii's form or OpenAI's batch form.
+
+mii's form: `{"prompt": "..." | [ids], "id": optional, "params": {MII options}}`, or
+`"messages": [...]` instead of `prompt` for a chat (the worker applies the model's chat
+template). OpenAI's batch form: `{"custom_id": ..., "method": "POST", "url":
+"/v1/completions" | "/v1/chat/completions", "body": {...}}`, whose body options map onto
+MII's (`max_tokens` -> `max_new_tokens`, `temperature: 0` -> greedy, ...).
+
+A line that cannot be read becomes a `LineError` and the rest of the job goes on.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from mii.errors import InvalidRequestError
+from mii.params import GenerateParams
+
+COMPLETIONS = "/v1/completions"
+CHAT = "/v1/chat/completions"
+# OpenAI body options with a meaning here -> MII's name; others are refused by name.
+_OPENAI_OPTIONS = {
+    "max_tokens": "max_new_tokens",
+    "max_completion_tokens": "max_new_tokens",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "stop": "stop",
+    "seed": "seed",
+    "logprobs": "logprobs",
+}
+_OPENAI_IGNORED = {"model", "user", "stream", "n"}
+
+
+@dataclass(frozen=True)
+class BulkLine:
+    """One valid input line: what to generate and with which options."""
+
+    line: int
+    id: str
+    prompt: str | list[int] | None = None
+    messages: list[dict[str, Any]] | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    openai_url: str | None = None
+    """The OpenAI endpoint the line came for (its output is written in OpenAI's form)."""
+
+
+@dataclass(frozen=True)
+class LineError:
+    line: int
+    id: str | None
+    error: str
+
+
+def read_lines(lines: Iterable[str]) -> Iterator[BulkLine | LineError]:
+    """Parse every non-blank line; line numbers count from 0 over all lines."""
+    for number, text in enumerate(lines):
+        if text.strip():
+            yield parse_line(number, text)
+
+
+def parse_line(number: int, text: str) -> BulkLine | LineError:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return LineError(number, None, f"not JSON: {exc.msg} at column {exc.colno}")
+    if not isinstance(data, dict):
+        return LineError(number, None, f"a line is a JSON object, not {type(data).__name__}")
+    ident = data.get("custom_id", data.get("id"))
+    ident = str(ident) if ident is not None else str(number)
+    try:
+        if "url" in data or "body" in data:
+            return _openai_line(number, ident, data)
+        return _mii_line(number, ident, data)
+    except InvalidRequestError as exc:
+        return LineError(number, ident, str(exc))
+
+
+def _mii_line(number: int, ident: str, data: dict[str, Any]) -> BulkLine:
+    unknown = sorted(set(data) - {"id", "prompt", "messages", "params"})
+    if unknown:
+        raise InvalidRequestError(f"unknown field(s) {', '.join(unknown)}")
+    params = data.get("params") or {}
+    if not isinstance(params, dict):
+        raise InvalidRequestError("params must be an object")
+    GenerateParams.from_kwargs(**params)  # a bad option fails this line now, by name
+    prompt, messages = _prompt_or_messages(data.get("prompt"), data.get("messages"))
+    return BulkLine(number, ident, prompt, messages, params)
+
+
+def _openai_line(number: int, ident: str, data: dict[str, Any]) -> BulkLine:
+    url, body = data.get("url"), data.get("body")
+    if url not in (COMPLETIONS, CHAT):
+        raise InvalidRequestError(f"url {url!r} is not {COMPLETIONS} or {CHAT}")
+    if data.get("method", "POST") != "POST" or not isinstance(body, dict):
+        raise InvalidRequestError("an OpenAI batch line is a POST with an object body")
+    params = _openai_params(body)
+    GenerateParams.from_kwargs(**params)
+    if url == CHAT:
+        prompt, messages = _prompt_or_messages(None, body.get("messages"))
+    else:
+        prompt, messages = _prompt_or_messages(body.get("prompt"), None)
+    return BulkLine(number, ident, prompt, messages, params, openai_url=url)
+
+
+def _openai_params(body: dict[str, Any]) -> dict[str, Any]:
+    if body.get("n", 1) != 1:
+        raise InvalidRequestError("n > 1 is not supported; submit the line n times")
+    unknown = sorted(set(body) - set(_OPENAI_OPTIONS) - _OPENAI_IGNORED - {"prompt", "messages"})
+    if unknown:
+        raise InvalidRequestError(f"unsupported OpenAI option(s): {', '.join(unknown)}")
+    params = {_OPENAI_OPTIONS[k]: v for k, v in body.items() if k in _OPENAI_OPTIONS}
+    # OpenAI samples at temperature 1 and top_p 1 unless told; 0 means greedy.
+    temperature = params.pop("temperature", 1.0)
+    if temperature == 0:
+        params["do_sample"] = False
+    else:
+        params["temperature"] = temperature
+        params.setdefault("top_p", 1.0)
+    if isinstance(params.get("logprobs"), bool):
+        params["logprobs"] = 0 if params["logprobs"] else None
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def _prompt_or_messages(prompt, messages):
+    if (prompt is None) == (messages is None):
+        raise InvalidRequestError("a line needs exactly one of prompt or messages")
+    if prompt is not None:
+        text_ok = isinstance(prompt, str) and prompt
+        ids_ok = isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt)
+        if not (text_ok or ids_ok):
+            raise InvalidRequestError("prompt must be a non-empty string or list of token ids")
+        return prompt, None
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequestError("messages must be a non-empty list")
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
+            raise InvalidRequestError("each message is an object with a role and a content")
+    return None, messages
