@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from mii.engine.config import EngineConfig
@@ -57,6 +56,8 @@ class ModelRunner:
         self._allocate_cache()
         self.sampler: Sampler | None = None
         self.graphs: DecodeGraphs | None = None
+        self._pinned: torch.Tensor | None = None
+        self._copied: torch.cuda.Event | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
             max_blocks = -(-max_positions // self.block_size)
             batch = min(config.scheduler.max_num_seqs, 256)
@@ -147,26 +148,22 @@ class ModelRunner:
 
     # ---- one step ----------------------------------------------------------------------
     def prepare(self, plan: StepPlan) -> StepInputs:
-        """The plan's arrays as tensors on the device."""
-        dev = self.device
-
-        def tensor(a: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(a).to(dev, non_blocking=True)
-
-        meta = AttentionMetadata(
-            slot_mapping=tensor(plan.slot_mapping),
-            block_tables=tensor(plan.block_tables),
-            query_start_loc=tensor(plan.query_start_loc),
-            seq_lens=tensor(plan.seq_lens),
-            max_query_len=plan.max_query_len,
-            max_seq_len=plan.max_seq_len,
-        )
-        return StepInputs(
-            input_ids=tensor(plan.input_ids),
-            positions=tensor(plan.positions),
-            meta=meta,
-            logits_indices=tensor(plan.logits_indices),
-        )
+        """The plan's arrays as tensors on the device: on CUDA one pinned host-to-device
+        copy of the packed plan (one pageable copy per array would each wait for the
+        stream), then views of it."""
+        if self.device.type != "cuda":
+            return _inputs(plan, {k: torch.from_numpy(getattr(plan, k)) for k in _ARRAYS})
+        packed = plan.pack()
+        if self._copied is not None:
+            self._copied.synchronize()  # the last copy out of the pinned buffer is done
+        if self._pinned is None or self._pinned.numel() < packed.size:
+            self._pinned = torch.empty(2 * packed.size, dtype=torch.int64, pin_memory=True)
+        host = self._pinned[: packed.size]
+        host.numpy()[:] = packed
+        device = host.to(self.device, non_blocking=True)
+        self._copied = torch.cuda.Event()
+        self._copied.record()
+        return _inputs(plan, _device_views(plan, device))
 
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk]) -> SamplerOutput | None:
@@ -190,3 +187,32 @@ class ModelRunner:
 
     def close(self) -> None:
         """Release what the runner holds beyond memory (none here; see tp_group.py)."""
+
+
+_ARRAYS = ("input_ids", "positions", "slot_mapping", "block_tables", "query_start_loc",
+           "seq_lens", "logits_indices")  # fmt: skip
+
+
+def _device_views(plan: StepPlan, packed: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Split the packed plan on the device (layout of `StepPlan.pack`)."""
+    tokens, (seqs, width) = len(plan.input_ids), plan.block_tables.shape
+    sizes = [4, tokens, tokens, tokens, seqs * width, seqs + 1, seqs, len(plan.logits_indices)]
+    _, ids, pos, slots, tables, starts, lens, rows = torch.split(packed, sizes)
+    return {
+        "input_ids": ids, "positions": pos, "slot_mapping": slots,
+        "block_tables": tables.view(seqs, width).to(torch.int32),
+        "query_start_loc": starts.to(torch.int32), "seq_lens": lens.to(torch.int32),
+        "logits_indices": rows,
+    }  # fmt: skip
+
+
+def _inputs(plan: StepPlan, t: dict[str, torch.Tensor]) -> StepInputs:
+    meta = AttentionMetadata(
+        slot_mapping=t["slot_mapping"],
+        block_tables=t["block_tables"],
+        query_start_loc=t["query_start_loc"],
+        seq_lens=t["seq_lens"],
+        max_query_len=plan.max_query_len,
+        max_seq_len=plan.max_seq_len,
+    )
+    return StepInputs(t["input_ids"], t["positions"], meta, t["logits_indices"])
