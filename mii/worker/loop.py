@@ -42,13 +42,14 @@ class WorkerLoop:
         settings: BrokerSettings,
         consumer: str | None = None,
         registry: WorkerRegistry | None = None,
+        poll_script: bool = True,
     ) -> None:
         self.engine, self.redis, self.settings = engine, redis, settings
         self.keys = DeploymentKeys(deployment)
         self.consumer = consumer or process_name()
         self.publisher = Publisher(redis, self.keys, self.consumer, settings.response_ttl_s)
         self.leases = Leases(redis, self.keys, self.consumer, settings.reclaim_idle_s)
-        self.reader = Reader(redis, self.keys, self.consumer)
+        self.reader = Reader(redis, self.keys, self.consumer, script=poll_script)
         self.registry = registry or WorkerRegistry(redis, self.keys, self.consumer)
         self.active: dict[str, Admission] = {}
         self.generated: dict[str, int] = {}  # request id -> tokens generated so far

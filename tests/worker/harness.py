@@ -48,7 +48,15 @@ class Harness:
     def loop(self, engine: FakeEngine | None = None, consumer: str | None = None) -> WorkerLoop:
         engine = engine or FakeEngine()
         consumer = consumer or f"testhost:{len(self.workers) + 1}"
-        return WorkerLoop(engine, self.connection(), self.keys.deployment, self.settings, consumer)
+        # fakeredis runs Lua on one shared runtime that is not thread-safe: plain commands
+        return WorkerLoop(
+            engine,
+            self.connection(),
+            self.keys.deployment,
+            self.settings,
+            consumer,
+            poll_script=False,
+        )
 
     def start(self, engine: FakeEngine | None = None, consumer: str | None = None) -> WorkerLoop:
         loop = self.loop(engine, consumer)
