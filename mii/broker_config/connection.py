@@ -47,7 +47,8 @@ def connect_async(url: str, **overrides) -> redis.asyncio.Redis:
 
 
 def answers(url: str, timeout_s: float = 1.0) -> bool:
-    """Whether a Redis answers PING at `url` within the timeout."""
+    """Whether a Redis answers PING at `url` within the timeout. A wrong user or password
+    raises `redis.AuthenticationError`: a Redis is there, and the user should know why."""
     try:
         client = connect(
             url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s, retry=None
@@ -56,6 +57,8 @@ def answers(url: str, timeout_s: float = 1.0) -> bool:
             return bool(client.ping())
         finally:
             client.close()
+    except redis.AuthenticationError:
+        raise
     except (*CONNECTION_ERRORS, OSError, redis.ResponseError):
         return False
 

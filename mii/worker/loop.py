@@ -23,9 +23,10 @@ from mii.broker_config.keys import WORKER_GROUP, DeploymentKeys, process_name
 from mii.broker_config.settings import BrokerSettings
 from mii.constants import GenerationFinishReason as Reason
 from mii.errors import InvalidRequestError
+from mii.worker import outcomes
 from mii.worker.intake import Admission, Entry, Refusal, parse_entry, requeue_fields
 from mii.worker.leases import Leases
-from mii.worker.publisher import Batch, Publisher, final_chunk
+from mii.worker.publisher import Batch, Publisher
 from mii.worker.reader import Reader
 from mii.worker.registry import DRAINING, READY, WorkerRegistry
 from mii.worker.stats import LoopStats
@@ -178,28 +179,38 @@ class WorkerLoop:
     def _parse(self, entry: Entry, fields: dict) -> Admission | Refusal:
         return parse_entry(entry, fields, self.engine.tokenizer, self.engine.max_model_len)
 
-    def _take(self, admissions: list[Admission], resume: bool, generated=None) -> None:
-        """Queue admissions for the engine, minus cancelled and expired ones."""
-        cancelled = self._cancelled([a.rid for a in admissions])
+    def _take(self, admissions: list[Admission], resume: bool) -> None:
+        """Queue admissions for the engine, minus cancelled, expired and duplicate ones."""
+        cancelled = self.reader.cancelled([a.rid for a in admissions])
+        held = {a.rid: a.entry for a in self.active.values()}
+        held.update((a.rid, a.entry) for a, _ in self.backlog)
         for adm in admissions:
             self.stats.received += 1
-            if adm.rid in cancelled:
+            if adm.rid in held:
+                self._duplicate(adm, held[adm.rid])
+            elif adm.rid in cancelled:
                 self._end(adm, Reason.CANCELLED)
             elif self._expired(adm):
                 self._end(adm, Reason.TIMEOUT)
             elif resume or adm.message.resume:
-                self._resume(adm, generated.get(adm.rid) if generated else None)
+                self._resume(adm)
             else:
                 self.backlog.append((adm, []))
         self._admit_backlog()
 
-    def _resume(self, adm: Admission, tokens: list[int] | None) -> None:
+    def _duplicate(self, adm: Admission, held: Entry) -> None:
+        """The same request again: our own entry reclaimed after a stall (the claim made it
+        ours again, keep going), or a second entry of it (a retried submit): drop that one."""
+        if adm.entry.entry_id != held.entry_id:
+            self.publisher.put(Batch(acks=[adm.entry]))
+
+    def _resume(self, adm: Admission) -> None:
         published = self.leases.published_tokens(adm.rid)
         if published.final:  # the previous owner finished it but died before the ack
             self.publisher.put(Batch(acks=[adm.entry]))
             return
         self.stats.resumed += 1
-        self.backlog.appendleft((adm, tokens if tokens is not None else published.token_ids))
+        self.backlog.appendleft((adm, published.token_ids))
 
     def _admit_backlog(self) -> None:
         while self.backlog:
@@ -222,60 +233,25 @@ class WorkerLoop:
         n = len(adm.prompt_token_ids)
         self._typical_prompt = max(1, (3 * self._typical_prompt + n) // 4)
 
-    def _cancelled(self, rids: list[str]) -> set[str]:
-        if not rids:
-            return set()
-        pipe = self.redis.pipeline(transaction=False)
-        for rid in rids:
-            pipe.exists(self.keys.cancelled(rid))
-        return {rid for rid, hit in zip(rids, pipe.execute(), strict=True) if hit}
-
     # ---- ending requests outside the engine --------------------------------------------
     def _forget(self, rid: str) -> Admission:
         self.generated.pop(rid, None)
         return self.active.pop(rid)
 
-    def _end(self, adm: Admission, reason: Reason, error: str | None = None, etype=None) -> None:
-        """Publish a final chunk for a request the engine will not finish, then ack it."""
-        glen = self.generated.get(adm.rid, 0)
+    def _end(self, adm: Admission, reason: Reason) -> None:
+        """Stop a request the engine will not finish (cancel, deadline) and tell its client."""
+        generated = self.generated.get(adm.rid, 0)
         if adm.rid in self.active:
             self.engine.abort_request(adm.rid)
             self._forget(adm.rid)
-        payload = final_chunk(
-            self.consumer,
-            reason,
-            error=error,
-            etype=etype,
-            plen=len(adm.prompt_token_ids),
-            glen=glen,
-        )
-        self.publisher.put(Batch(finals=[(adm.rid, payload)], acks=[adm.entry]))
+        self.publisher.put(outcomes.ended(self.consumer, adm, reason, generated))
         self.stats.count_end(reason)
 
     def _refuse(self, refusal: Refusal, deadletter: bool = False) -> None:
         log.warning("refusing entry %s: %s", refusal.entry.entry_id, refusal.error)
-        batch = Batch(acks=[refusal.entry])
-        if refusal.rid is not None:
-            payload = final_chunk(
-                self.consumer, Reason.ERROR, error=refusal.error, etype=refusal.kind
-            )
-            batch.finals.append((refusal.rid, payload))
-        if deadletter or refusal.rid is None:
-            batch.deadletters.append(self._deadletter_fields(refusal))
-            self.stats.deadlettered += 1
+        self.publisher.put(outcomes.refused(self.consumer, refusal, deadletter))
         self.stats.refused += 1
-        self.publisher.put(batch)
-
-    def _deadletter_fields(self, refusal: Refusal) -> dict:
-        return {
-            "rid": refusal.rid or "",
-            "stream": refusal.entry.stream,
-            "entry_id": refusal.entry.entry_id,
-            "deliveries": refusal.entry.deliveries,
-            "error": refusal.error,
-            "worker": self.consumer,
-            wire.PAYLOAD: refusal.payload or b"",
-        }
+        self.stats.deadlettered += deadletter or refusal.rid is None
 
     def _expired(self, adm: Admission) -> bool:
         deadline = adm.deadline
@@ -337,20 +313,13 @@ class WorkerLoop:
                 continue
             parsed = self._parse(entry, fields)
             if entry.deliveries > self.settings.max_deliveries:
-                self._give_up(entry, parsed, fields)
+                limit, payload = self.settings.max_deliveries, fields.get(wire.PAYLOAD)
+                refusal = outcomes.too_many_deliveries(entry, parsed.rid, payload, limit)
+                self._refuse(refusal, deadletter=True)
             elif isinstance(parsed, Refusal):
                 self._refuse(parsed)
             else:
                 self._take([parsed], resume=True)
-
-    def _give_up(self, entry: Entry, parsed, fields: dict) -> None:
-        error = (
-            f"request was delivered {entry.deliveries} times (limit "
-            f"{self.settings.max_deliveries}); each worker holding it died: dead-lettered"
-        )
-        rid = parsed.rid
-        refusal = Refusal(entry, rid, error, wire.ErrorKind.DEADLETTER, fields.get(wire.PAYLOAD))
-        self._refuse(refusal, deadletter=True)
 
     def _hand_back(self) -> None:
         """Requeue what this worker still holds, as new entries marked to resume."""

@@ -68,6 +68,15 @@ class Reader:
             entries = _entries(reply)
         return self._control(control), entries
 
+    def cancelled(self, rids: list[str]) -> set[str]:
+        """Which of these requests were cancelled before this worker read them."""
+        if not rids:
+            return set()
+        pipe = self.redis.pipeline(transaction=False)
+        for rid in rids:
+            pipe.exists(self.keys.cancelled(rid))
+        return {rid for rid, hit in zip(rids, pipe.execute(), strict=True) if hit}
+
     def _control(self, reply) -> list[dict]:
         messages = []
         for _, entries in reply or []:

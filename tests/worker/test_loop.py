@@ -122,3 +122,18 @@ def test_stop_hands_work_back_and_another_worker_continues_it(harness):
     assert second.resumed_from[rid] >= 3
     indices = [i for c in harness.response_chunks(rid) for i in range(c.i, c.i + len(c.ids))]
     assert indices == list(range(40))
+
+
+def test_a_second_entry_of_a_running_request_is_dropped(harness):
+    engine = FakeEngine(step_delay_s=0.01)
+    loop = harness.start(engine)
+    client = harness.client()
+    sub = client._submit(["twice"], {"max_new_tokens": 20})
+    wait_for(lambda: loop.active, what="admitted")
+    harness.redis.xadd(harness.keys.requests, wire.request_fields(sub.requests[0].message))
+    for _ in client._follow(sub):
+        pass
+    (response,) = sub.responses()
+    assert response.generated_text == expected_text("twice", 20)
+    assert engine.added.count(sub.requests[0].rid) == 1
+    wait_for(lambda: harness.redis.xlen(harness.keys.requests) == 0, what="both acked")

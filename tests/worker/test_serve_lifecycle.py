@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import redis as redis_py
 from fake_engine import expected_text
 from harness import wait_for
 from redis_server import RedisServer
@@ -111,5 +112,21 @@ def test_serving_a_running_deployment_again_is_refused(worker_env, server):
     try:
         with pytest.raises(MIIError, match="already served"):
             serve_deployment(_config("dup-dep", redis_url=server.url), engine_factory=FAKE)
+    finally:
+        client.terminate_server(timeout_s=10)
+
+
+def test_acl_user_with_password(worker_env, server):
+    admin = redis_py.Redis.from_url(server.url)
+    admin.acl_setuser(
+        "mii-app", enabled=True, passwords=["+s3cret"], keys=["mii:*"], commands=["+@all"]
+    )
+    url = f"redis://mii-app:s3cret@127.0.0.1:{server.port}/0"
+    client = serve_deployment(_config("acl-dep", redis_url=url), engine_factory=FAKE)
+    try:
+        assert client.generate("acl", max_new_tokens=3)[0].generated_text == expected_text("acl", 3)
+        bad = url.replace("s3cret", "wrong")
+        with pytest.raises(redis_py.AuthenticationError):
+            serve_deployment(_config("acl-dep-2", redis_url=bad), engine_factory=FAKE)
     finally:
         client.terminate_server(timeout_s=10)
