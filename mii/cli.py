@@ -86,17 +86,21 @@ def _run_serve(args) -> int:
             _stream_to_stdout(client, prompt, _generation_kwargs(args))
             return 0
         print(f"serving {client.deployment_name} at {client.redis_url}; Ctrl-C stops it")
-        _wait_for_interrupt()
+        _wait_for_interrupt(client)
         return 0
     finally:
         client.terminate_server()
 
 
-def _wait_for_interrupt() -> None:
+def _wait_for_interrupt(client) -> None:
+    """Until Ctrl-C, SIGTERM, or every worker exited (`mii terminate` from elsewhere)."""
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    workers = client._owner.workers
     with contextlib.suppress(KeyboardInterrupt):
-        stop.wait()
+        while not stop.wait(1.0):
+            if all(w.exit_code() is not None for w in workers):
+                return
 
 
 def _run_generate(args) -> int:
@@ -136,8 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from mii.errors import MIIError
+
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except MIIError as exc:
+        print(f"mii {args.command}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
