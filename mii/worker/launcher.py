@@ -71,7 +71,8 @@ def serve_deployment(
         keys = DeploymentKeys(mii_config.deployment_name)
         _refuse_running(redis, keys, mii_config)
         record = DeploymentRecord(
-            mii_config=mii_config.model_dump(mode="json", by_alias=True),
+            # not the URL: it may hold a password, and each process names its own
+            mii_config=mii_config.model_dump(mode="json", by_alias=True, exclude={"redis_url"}),
             embedded_redis=embedded is not None,
         )
         save_record(redis, keys, record)

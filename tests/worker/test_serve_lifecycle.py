@@ -125,6 +125,7 @@ def test_acl_user_with_password(worker_env, server):
     client = serve_deployment(_config("acl-dep", redis_url=url), engine_factory=FAKE)
     try:
         assert client.generate("acl", max_new_tokens=3)[0].generated_text == expected_text("acl", 3)
+        assert b"s3cret" not in admin.get(client.keys.config)  # URLs are not recorded
         bad = url.replace("s3cret", "wrong")
         with pytest.raises(redis_py.AuthenticationError):
             serve_deployment(_config("acl-dep-2", redis_url=bad), engine_factory=FAKE)
