@@ -15,11 +15,12 @@ from fake_engine import expected_text
 from harness import wait_for
 from redis_server import RedisServer
 
+import mii
 from mii.broker_config.deployment import read_workers, remembered_url
 from mii.broker_config.keys import WORKER_GROUP
 from mii.config import MIIConfig
 from mii.constants import GenerationFinishReason as Reason
-from mii.errors import MIIError
+from mii.errors import DeploymentNotFoundError, MIIError
 from mii.worker import launcher
 from mii.worker.embedded_redis import free_port, redis_server_binary
 from mii.worker.launcher import serve_deployment
@@ -107,11 +108,18 @@ def test_sigterm_drains_in_flight_work(worker_env, server, monkeypatch):
         client.terminate_server(timeout_s=10)
 
 
-def test_serving_a_running_deployment_again_is_refused(worker_env, server):
+def test_refused_twice_and_terminated_from_another_client(worker_env, server):
     client = serve_deployment(_config("dup-dep", redis_url=server.url), engine_factory=FAKE)
     try:
         with pytest.raises(MIIError, match="already served"):
             serve_deployment(_config("dup-dep", redis_url=server.url), engine_factory=FAKE)
+        other = mii.client("dup-dep", redis_url=server.url)  # not the launcher's client
+        assert other.mii_config.deployment_name == "dup-dep"
+        other.terminate_server(timeout_s=20)
+        (worker,) = client._owner.workers
+        assert worker.process.wait(20) == 0
+        with pytest.raises(DeploymentNotFoundError):
+            mii.client("dup-dep", redis_url=server.url)
     finally:
         client.terminate_server(timeout_s=10)
 
