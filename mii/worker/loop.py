@@ -11,6 +11,7 @@ idle), deadlines, then one engine step whose outputs go to the publisher thread.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -24,17 +25,18 @@ from mii.broker_config.settings import BrokerSettings
 from mii.constants import GenerationFinishReason as Reason
 from mii.errors import InvalidRequestError
 from mii.worker import outcomes
-from mii.worker.intake import Admission, Entry, Refusal, parse_entry, requeue_fields
+from mii.worker.intake import Admission, Entry, Refusal, parse_entry
 from mii.worker.leases import Leases
 from mii.worker.publisher import Batch, Publisher
 from mii.worker.reader import Reader
-from mii.worker.registry import DRAINING, READY, WorkerRegistry
+from mii.worker.registry import DRAINING, FAILED, READY, WorkerRegistry
 from mii.worker.stats import LoopStats
+from mii.worker.upkeep import UpkeepMixin
 
 log = logging.getLogger(__name__)
 
 
-class WorkerLoop:
+class WorkerLoop(UpkeepMixin):
     def __init__(
         self,
         engine,
@@ -92,8 +94,9 @@ class WorkerLoop:
                 if drain_deadline is not None and self._drained(drain_deadline):
                     break
                 self.iterate()
-        except BaseException:
+        except BaseException as exc:
             self.publisher.stop()
+            self._report_failure(exc)
             raise
         self.shutdown()
 
@@ -281,63 +284,13 @@ class WorkerLoop:
                 self.backlog.remove((adm, tokens))
                 self._end(adm, Reason.CANCELLED)
 
-    # ---- housekeeping ------------------------------------------------------------------
-    def _housekeeping(self) -> None:
-        now = time.monotonic()
-        if now < self._next_housekeeping:
-            return
-        self._next_housekeeping = now + self.settings.heartbeat_interval_s
-        self._sync_clock()
-        held = [a.entry for a in self.active.values()] + [a.entry for a, _ in self.backlog]
-        for entry in self.leases.heartbeat(held):
-            self._drop_lost(entry)
-        for rid in self.active:
-            self.publisher.refresh_ttl(rid)
-        if not self._drain_requested.is_set() and self._capacity():
-            self._reclaim()
-        self._report(DRAINING if self._drain_requested.is_set() else READY)
-
-    def _drop_lost(self, entry: Entry) -> None:
-        """Another worker owns this entry now: stop working on it, publish nothing more."""
-        for adm in [a for a in self.active.values() if a.entry == entry]:
-            self.engine.abort_request(adm.rid)
-            self._forget(adm.rid)
-        self.backlog = deque(b for b in self.backlog if b[0].entry != entry)
-        self.stats.lost += 1
-
-    def _reclaim(self) -> None:
-        for entry, fields in self.leases.reclaim(self.settings.admit_batch):
-            self.stats.reclaimed += 1
-            if fields is None:  # deleted meanwhile: nothing to serve
-                self.publisher.put(Batch(acks=[entry]))
-                continue
-            parsed = self._parse(entry, fields)
-            if entry.deliveries > self.settings.max_deliveries:
-                limit, payload = self.settings.max_deliveries, fields.get(wire.PAYLOAD)
-                refusal = outcomes.too_many_deliveries(entry, parsed.rid, payload, limit)
-                self._refuse(refusal, deadletter=True)
-            elif isinstance(parsed, Refusal):
-                self._refuse(parsed)
-            else:
-                self._take([parsed], resume=True)
-
-    def _hand_back(self) -> None:
-        """Requeue what this worker still holds, as new entries marked to resume."""
-        held = list(self.active.values()) + [adm for adm, _ in self.backlog]
-        if not held:
-            return
-        for adm in self.active.values():
-            self.engine.abort_request(adm.rid)
-        batch = Batch(acks=[adm.entry for adm in held])
-        batch.requeue = [(adm.entry.stream, requeue_fields(adm.message)) for adm in held]
-        self.publisher.put(batch)
-        self.stats.handed_back += len(held)
-        self.active.clear()
-        self.backlog.clear()
-
     def _sync_clock(self) -> None:
         seconds, micros = self.redis.time()
         self._clock_offset = seconds + micros / 1e6 - time.time()
+
+    def _report_failure(self, exc: BaseException) -> None:
+        with contextlib.suppress(CONNECTION_ERRORS):
+            self.registry.report(FAILED, error=f"{type(exc).__name__}: {exc}")
 
     def _report(self, state: str) -> None:
         info = self.stats.as_dict()
@@ -349,7 +302,3 @@ class WorkerLoop:
 def _engine_stats(engine) -> dict:
     stats = engine.stats()
     return dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else {}
-
-
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -137,3 +137,13 @@ def test_a_second_entry_of_a_running_request_is_dropped(harness):
     assert response.generated_text == expected_text("twice", 20)
     assert engine.added.count(sub.requests[0].rid) == 1
     wait_for(lambda: harness.redis.xlen(harness.keys.requests) == 0, what="both acked")
+
+
+def test_engine_failure_is_reported_in_the_worker_status(harness):
+    from mii.broker_config.deployment import read_workers
+
+    loop = harness.start()
+    harness.client()._submit(["POISON"], {"max_new_tokens": 2})
+    wait_for(lambda: harness.errors, what="engine failure")
+    status = read_workers(harness.redis, harness.keys)[loop.consumer]
+    assert status["state"] == "failed" and "poisoned" in status["error"]
