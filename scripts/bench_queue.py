@@ -18,6 +18,7 @@ import time
 import uuid
 
 import mii
+from mii.broker_config.deployment import read_workers
 from mii.config import MIIConfig
 from mii.params import GenerateParams, encode_prompt
 from mii.worker.launcher import serve_deployment
@@ -98,7 +99,8 @@ def bench_model(args) -> dict:
         args.model,
         deployment_name="bench-queue",
         redis_url=args.redis_url,
-        broker={"admit_batch": args.requests},  # admit all at once, as the pipeline does
+        # admit all at once, as the pipeline does; report stats often
+        broker={"admit_batch": args.requests, "heartbeat_interval_s": 0.5},
         **model_kw,
     )
     try:
@@ -109,6 +111,7 @@ def bench_model(args) -> dict:
             (run_pipeline(pipe, texts, options), run_served(client, texts, options))
             for _ in range(args.rounds)
         ]
+        loop_stats = worker_stats(client)
     finally:
         client.terminate_server()
         pipe.destroy()
@@ -121,7 +124,16 @@ def bench_model(args) -> dict:
         "round_ratios": [s["tokens_per_s"] / p["tokens_per_s"] for p, s in rounds],
         "added_ttft_p50_ms": served["ttft_p50_ms"] - pipeline["ttft_p50_ms"],
         "added_ttft_p99_ms": served["ttft_p99_ms"] - pipeline["ttft_p99_ms"],
+        "worker_loop": loop_stats,
+        "worker_loop_overhead": 1 - loop_stats["step_s"] / loop_stats["busy_s"],
     }
+
+
+def worker_stats(client) -> dict:
+    """The worker's own account: wall time busy, and how much of it was engine steps."""
+    time.sleep(1.0)  # its status refreshes every heartbeat
+    (status,) = read_workers(client.redis, client.keys).values()
+    return status["stats"]
 
 
 def bench_broker(args) -> dict:
@@ -191,6 +203,10 @@ def print_table(results: dict) -> None:
             f"throughput ratio serve/pipeline {model['throughput_ratio']:.3f} (rounds: "
             f"{', '.join(f'{r:.2f}' for r in model['round_ratios'])}); added TTFT "
             f"p50 {model['added_ttft_p50_ms']:+.1f} ms, p99 {model['added_ttft_p99_ms']:+.1f} ms"
+        )
+        print(
+            f"worker loop: {100 * model['worker_loop_overhead']:.2f}% of its busy time outside "
+            "engine.step() (reads, bookkeeping, handing chunks to the publisher thread)"
         )
     if broker:
         shape = f"{broker['requests']} requests x {broker['tokens'] // broker['requests']} tokens"

@@ -118,6 +118,20 @@ class WorkerLoop(UpkeepMixin):
         self._report(READY)
 
     def iterate(self) -> None:
+        busy_since = time.perf_counter() if self.engine.has_unfinished_requests() else None
+        self._talk_to_redis()
+        if busy_since is None and self.engine.has_unfinished_requests():
+            busy_since = time.perf_counter()  # idle until this read: not the queue's cost
+        self._expire_deadlines()
+        if self.engine.has_unfinished_requests():
+            self._step()
+        elif time.monotonic() < self._redis_retry_at:
+            time.sleep(min(0.05, self._redis_retry_at - time.monotonic()))
+        if busy_since is not None:
+            self.stats.busy_s += time.perf_counter() - busy_since
+
+    def _talk_to_redis(self) -> None:
+        """Housekeeping and the poll, unless Redis is down and its retry is not due yet."""
         if time.monotonic() >= self._redis_retry_at:
             try:
                 self._housekeeping()
@@ -127,14 +141,11 @@ class WorkerLoop(UpkeepMixin):
                 delay = self._backoff.next_delay()
                 log.warning("Redis unreachable (%s); retrying in %.2fs", exc, delay)
                 self._redis_retry_at = time.monotonic() + delay
-        self._expire_deadlines()
-        if self.engine.has_unfinished_requests():
-            self._step()
-        elif time.monotonic() < self._redis_retry_at:
-            time.sleep(min(0.05, self._redis_retry_at - time.monotonic()))
 
     def _step(self) -> None:
+        started = time.perf_counter()
         outputs = self.engine.step()
+        self.stats.step_s += time.perf_counter() - started
         self.stats.steps += 1
         batch = Batch(outputs=outputs)
         for out in outputs:

@@ -20,6 +20,8 @@ class LoopStats:
     lost: int = 0  # taken over by another worker while this one stalled
     handed_back: int = 0  # requeued when draining or stopping
     steps: int = 0
+    busy_s: float = 0.0  # wall time of loop iterations that had engine work
+    step_s: float = 0.0  # of which inside engine.step(): the rest is the queue's overhead
 
     def count_end(self, reason: GenerationFinishReason) -> None:
         if reason == GenerationFinishReason.CANCELLED:
@@ -27,5 +29,10 @@ class LoopStats:
         elif reason == GenerationFinishReason.TIMEOUT:
             self.timed_out += 1
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, float]:
         return asdict(self)
+
+    @property
+    def overhead(self) -> float | None:
+        """Fraction of busy time the loop spent outside the engine (reads, bookkeeping)."""
+        return None if self.busy_s == 0 else 1.0 - self.step_s / self.busy_s

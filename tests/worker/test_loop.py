@@ -147,3 +147,11 @@ def test_engine_failure_is_reported_in_the_worker_status(harness):
     wait_for(lambda: harness.errors, what="engine failure")
     status = read_workers(harness.redis, harness.keys)[loop.consumer]
     assert status["state"] == "failed" and "poisoned" in status["error"]
+
+
+def test_loop_accounts_its_time_outside_the_engine(harness):
+    loop = harness.start(FakeEngine(step_delay_s=0.005))
+    harness.client().generate(["a", "b"], max_new_tokens=20)
+    assert loop.stats.steps >= 20
+    assert 0 < loop.stats.step_s <= loop.stats.busy_s
+    assert 0 <= loop.stats.overhead < 1
