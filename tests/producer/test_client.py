@@ -145,3 +145,20 @@ def test_deadline_stops_generation_and_frees_blocks(harness):
 def test_no_worker_means_a_timeout_error_not_a_hang(harness):
     with pytest.raises(RequestTimeoutError, match="no answer"):
         harness.client().generate("nobody home", max_new_tokens=2, timeout=0.1)
+
+
+def test_cancelling_an_async_call_cancels_the_request(harness):
+    engine = FakeEngine(step_delay_s=0.01)
+    harness.start(engine)
+    client = harness.client()
+
+    async def main():
+        task = asyncio.create_task(client.agenerate("long", max_new_tokens=10_000))
+        while not engine.requests:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    wait_for(lambda: engine.aborted and not engine.requests, what="abort")
