@@ -1,4 +1,5 @@
-# Two commands for a fresh machine: `make demo` (the main job) and `make test`.
+# Two commands for a fresh machine: `make demo` (the main job: serve the demo model on an
+# embedded Redis and stream a completion) and `make test`.
 # Both create the virtual environment and install everything on first use.
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -27,7 +28,7 @@ lint: setup
 	$(VENV)/bin/ruff format --check mii tests scripts
 
 demo: setup
-	$(PY) scripts/demo.py
+	$(VENV)/bin/mii serve smollm2 --chat --prompt "What is the capital of France?"
 
 bench-cpu: setup
 	$(PY) scripts/bench_cpu.py --json bench_cpu.json
