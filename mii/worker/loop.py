@@ -27,6 +27,7 @@ from mii.errors import InvalidRequestError
 from mii.worker import outcomes
 from mii.worker.intake import Admission, Entry, Refusal, parse_entry
 from mii.worker.leases import Leases
+from mii.worker.observer import RequestObserver, notify
 from mii.worker.publisher import Batch, Publisher
 from mii.worker.reader import Reader
 from mii.worker.registry import DRAINING, FAILED, READY, WorkerRegistry
@@ -46,6 +47,7 @@ class WorkerLoop(UpkeepMixin):
         consumer: str | None = None,
         registry: WorkerRegistry | None = None,
         poll_script: bool = True,
+        observer: RequestObserver | None = None,
     ) -> None:
         self.engine, self.redis, self.settings = engine, redis, settings
         self.keys = DeploymentKeys(deployment)
@@ -58,6 +60,8 @@ class WorkerLoop(UpkeepMixin):
         self.generated: dict[str, int] = {}  # request id -> tokens generated so far
         self.backlog: deque[tuple[Admission, list[int]]] = deque()  # read, not yet admitted
         self.stats = LoopStats()
+        self.observer = observer or RequestObserver()
+        self._paused = threading.Event()
         self._drain_requested = threading.Event()
         self._stop_requested = threading.Event()
         self._clock_offset = 0.0  # Redis clock minus ours, for deadlines
@@ -74,6 +78,18 @@ class WorkerLoop(UpkeepMixin):
     def drain(self) -> None:
         """Stop reading new work; finish in-flight requests (up to `drain_timeout_s`)."""
         self._drain_requested.set()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused.is_set()
+
+    def pause(self) -> None:
+        """Stop reading new work but keep serving what is in flight (remote control)."""
+        self._paused.set()
+
+    def resume(self) -> None:
+        """Read new work again after `pause`."""
+        self._paused.clear()
 
     def stop(self) -> None:
         """Stop soon: hand in-flight requests back to the queue for other workers."""
@@ -153,6 +169,8 @@ class WorkerLoop(UpkeepMixin):
             if out.finished:
                 batch.acks.append(self._forget(out.request_id).entry)
                 self.stats.finished += 1
+                notify(self.observer, "finished", out.request_id, out.finish_reason.value,
+                       out.prompt_length, out.generated_length)  # fmt: skip
         self.publisher.put(batch)
 
     def shutdown(self) -> None:
@@ -168,7 +186,7 @@ class WorkerLoop(UpkeepMixin):
     # ---- reading ---------------------------------------------------------------------
     def _capacity(self) -> int:
         self._admit_backlog()
-        if self._drain_requested.is_set() or self.backlog:
+        if self._drain_requested.is_set() or self._paused.is_set() or self.backlog:
             return 0
         if not self.engine.can_admit(self._typical_prompt):
             return 0
@@ -200,6 +218,7 @@ class WorkerLoop(UpkeepMixin):
         held.update((a.rid, a.entry) for a, _ in self.backlog)
         for adm in admissions:
             self.stats.received += 1
+            notify(self.observer, "received", adm.rid, adm.message.prompt, adm.message.params)
             if adm.rid in held:
                 self._duplicate(adm, held[adm.rid])
             elif adm.rid in cancelled:
@@ -243,6 +262,7 @@ class WorkerLoop(UpkeepMixin):
             return
         self.active[adm.rid] = adm
         self.generated[adm.rid] = len(tokens)
+        notify(self.observer, "started", adm.rid)
         self.publisher.refresh_ttl(adm.rid)
         n = len(adm.prompt_token_ids)
         self._typical_prompt = max(1, (3 * self._typical_prompt + n) // 4)
@@ -260,11 +280,16 @@ class WorkerLoop(UpkeepMixin):
             self._forget(adm.rid)
         self.publisher.put(outcomes.ended(self.consumer, adm, reason, generated))
         self.stats.count_end(reason)
+        notify(self.observer, "finished", adm.rid, reason.value, len(adm.prompt_token_ids),
+               generated)  # fmt: skip
 
     def _refuse(self, refusal: Refusal, deadletter: bool = False) -> None:
         log.warning("refusing entry %s: %s", refusal.entry.entry_id, refusal.error)
         self.publisher.put(outcomes.refused(self.consumer, refusal, deadletter))
         self.stats.refused += 1
+        if refusal.rid is not None:
+            notify(self.observer, "finished", refusal.rid, Reason.ERROR.value, 0, 0,
+                   error=refusal.error)  # fmt: skip
         self.stats.deadlettered += deadletter or refusal.rid is None
 
     def _expired(self, adm: Admission) -> bool:

@@ -1,0 +1,64 @@
+"""Each generation request as a Celery task named `mii.generate`, in Celery's event stream.
+
+Requests reach workers through Redis streams, not as Celery messages, so the worker sends
+the task events itself: task-received when it reads a request, task-started when the
+engine admits it, task-succeeded (with a short result) or task-failed when it ends.
+Flower builds its tasks page from exactly these events.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+from mii.worker.observer import RequestObserver
+
+TASK_NAME = "mii.generate"
+PREVIEW = 80  # characters of a prompt shown as the task's args
+
+
+def _preview(prompt: Any) -> str:
+    if isinstance(prompt, str):
+        text = prompt if len(prompt) <= PREVIEW else prompt[:PREVIEW] + "..."
+        return repr((text,))
+    return f"(<{len(prompt)} token ids>,)"
+
+
+class TaskEvents(RequestObserver):
+    def __init__(self, app, hostname: str) -> None:
+        self.hostname = hostname
+        self.connection = app.connection_for_write()
+        self.dispatcher = app.events.Dispatcher(
+            connection=self.connection, hostname=hostname, enabled=True
+        )
+        self.started_at: dict[str, float] = {}
+
+    def _send(self, kind: str, rid: str, **fields) -> None:
+        self.dispatcher.send(f"task-{kind}", uuid=rid, hostname=self.hostname, **fields)
+
+    def received(self, rid: str, prompt: Any, params: dict[str, Any]) -> None:
+        self._send(
+            "received", rid, name=TASK_NAME, args=_preview(prompt),
+            kwargs=json.dumps(params, default=str), retries=0, eta=None, expires=None,
+            root_id=rid, parent_id=None,
+        )  # fmt: skip
+
+    def started(self, rid: str) -> None:
+        self.started_at[rid] = time.monotonic()
+        self._send("started", rid, pid=os.getpid())
+
+    def finished(
+        self, rid: str, reason: str, prompt_tokens: int, tokens: int, error: str | None = None
+    ) -> None:
+        runtime = time.monotonic() - self.started_at.pop(rid, time.monotonic())
+        if error is not None:
+            self._send("failed", rid, exception=error, traceback="", runtime=runtime)
+            return
+        result = {"finish_reason": reason, "prompt_tokens": prompt_tokens, "tokens": tokens}
+        self._send("succeeded", rid, result=json.dumps(result), runtime=runtime)
+
+    def close(self) -> None:
+        self.dispatcher.close()
+        self.connection.release()
