@@ -17,6 +17,8 @@ import signal
 import sys
 import threading
 
+from mii.worker.celery_cli import add_flower_args, add_worker_args, run_flower, run_worker
+
 
 def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="local HF folder or a short name such as smollm2")
@@ -127,6 +129,8 @@ COMMANDS = {
     "serve": (_add_serve, _run_serve, "start a deployment (workers behind Redis streams)"),
     "generate": (_add_generate, _run_generate, "send a prompt to a running deployment"),
     "terminate": (_add_terminate, _run_terminate, "stop a deployment's workers"),
+    "worker": (add_worker_args, run_worker, "run a Celery worker serving one replica"),
+    "flower": (add_flower_args, run_flower, "start Flower (basic auth) on the deployment's Redis"),
 }
 
 

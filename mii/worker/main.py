@@ -13,14 +13,11 @@ import signal
 import sys
 import traceback
 
-from mii.broker_config.connection import connect
-from mii.broker_config.deployment import load_record
-from mii.broker_config.keys import DeploymentKeys, process_name
+from mii.broker_config.keys import process_name
 from mii.broker_config.settings import DEFAULT_REDIS_URL, explicit_redis_url
-from mii.config import MIIConfig
-from mii.worker.engine_factory import DEFAULT_FACTORY, load_factory, replica_devices
+from mii.worker.engine_factory import DEFAULT_FACTORY
+from mii.worker.hosting import build_worker
 from mii.worker.loop import WorkerLoop
-from mii.worker.registry import FAILED, STARTING, WorkerRegistry
 
 log = logging.getLogger("mii.worker")
 
@@ -52,26 +49,17 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(message)s")
     url = explicit_redis_url(args.redis_url) or DEFAULT_REDIS_URL
-    redis = connect(url)
-    keys = DeploymentKeys(args.deployment)
-    mii_config = MIIConfig.model_validate(load_record(redis, keys).mii_config)
-    devices = replica_devices(mii_config, args.replica)
-    registry = WorkerRegistry(redis, keys, process_name(), replica=args.replica, devices=devices)
-    registry.report(STARTING)
-    log.info("worker %s: replica %d on %s", process_name(), args.replica, devices)
     try:
-        engine = load_factory(args.engine_factory)(mii_config, args.replica)
-    except Exception as exc:
-        registry.report(FAILED, error=f"{type(exc).__name__}: {exc}")
+        hosted = build_worker(args.deployment, url, args.replica, args.engine_factory)
+    except Exception:
         traceback.print_exc()
         return 1
-    loop = WorkerLoop(engine, redis, args.deployment, mii_config.broker, registry=registry)
-    install_signal_handlers(loop)
+    install_signal_handlers(hosted.loop)
     try:
-        loop.run()
+        hosted.loop.run()
     finally:
-        getattr(engine, "close", lambda: None)()
-    log.info("worker %s stopped: %s", process_name(), loop.stats.as_dict())
+        hosted.close()
+    log.info("worker %s stopped: %s", process_name(), hosted.loop.stats.as_dict())
     return 0
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 from mii.broker_config.settings import REDIS_URL_ENV
 from mii.worker.engine_factory import DEFAULT_FACTORY
 
+WORKER_HOST_ENV = "MII_WORKER_HOST"
+
 
 @dataclass
 class WorkerProcess:
@@ -41,12 +43,15 @@ def spawn_worker(
     log_dir: str | None = None,
     engine_factory: str = DEFAULT_FACTORY,
 ) -> WorkerProcess:
-    """Start `python -m mii.worker.main` for one replica. The URL travels in the
+    """Start `mii worker` (a Celery worker hosting the engine; `MII_WORKER_HOST=plain` runs
+    `python -m mii.worker.main` instead) for one replica. The URL travels in the
     environment, not the command line, so its password stays out of `ps`. The worker
     gets its own session: like MII's server it outlives the process that served it."""
     log_dir = log_dir or tempfile.mkdtemp(prefix=f"mii-{deployment.replace('/', '_')}-")
     log_path = os.path.join(log_dir, f"worker-{replica}.log")
-    cmd = [sys.executable, "-m", "mii.worker.main", "--deployment", deployment]
+    plain = os.environ.get(WORKER_HOST_ENV) == "plain"
+    cmd = [sys.executable, "-m", *(["mii.worker.main"] if plain else ["mii", "worker"])]
+    cmd += ["--deployment", deployment]
     cmd += ["--replica", str(replica), "--engine-factory", engine_factory]
     env = {**os.environ, REDIS_URL_ENV: redis_url, "PYTHONUNBUFFERED": "1"}
     with open(log_path, "ab") as log:

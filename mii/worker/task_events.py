@@ -9,7 +9,6 @@ Flower builds its tasks page from exactly these events.
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Any
 
@@ -34,11 +33,13 @@ class TaskEvents(RequestObserver):
             connection=self.connection, hostname=hostname, enabled=True
         )
         self.started_at: dict[str, float] = {}
+        self.received_ids: set[str] = set()
 
     def _send(self, kind: str, rid: str, **fields) -> None:
-        self.dispatcher.send(f"task-{kind}", uuid=rid, hostname=self.hostname, **fields)
+        self.dispatcher.send(f"task-{kind}", uuid=rid, **fields)
 
     def received(self, rid: str, prompt: Any, params: dict[str, Any]) -> None:
+        self.received_ids.add(rid)
         self._send(
             "received", rid, name=TASK_NAME, args=_preview(prompt),
             kwargs=json.dumps(params, default=str), retries=0, eta=None, expires=None,
@@ -47,12 +48,15 @@ class TaskEvents(RequestObserver):
 
     def started(self, rid: str) -> None:
         self.started_at[rid] = time.monotonic()
-        self._send("started", rid, pid=os.getpid())
+        self._send("started", rid)
 
     def finished(
         self, rid: str, reason: str, prompt_tokens: int, tokens: int, error: str | None = None
     ) -> None:
         runtime = time.monotonic() - self.started_at.pop(rid, time.monotonic())
+        if rid not in self.received_ids:  # refused before it could be read: name it anyway
+            self.received(rid, "", {})
+        self.received_ids.discard(rid)
         if error is not None:
             self._send("failed", rid, exception=error, traceback="", runtime=runtime)
             return
