@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # CPU build of torch by default (small, and what CI runs); GPU users: make setup TORCH=torch
 TORCH ?= torch==2.13.0
 
-.PHONY: setup test demo lint redis bench-cpu
+.PHONY: setup test demo lint services bench-cpu
 
 setup: $(VENV)/.installed
 
@@ -17,10 +17,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
-redis:
-	bash scripts/ensure_redis.sh
+services:
+	bash scripts/ensure_services.sh
 
-test: setup redis
+test: setup services
 	$(PY) -m pytest -q -p no:cacheprovider
 
 lint: setup
