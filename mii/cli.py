@@ -4,6 +4,7 @@
     mii serve smollm2                                            # serve until Ctrl-C
     mii generate smollm2-mii-deployment "Hello" --max-new-tokens 32
     mii terminate smollm2-mii-deployment
+    mii bulk submit smollm2-mii-deployment prompts.jsonl --output out.jsonl   # offline job
 
 To add a subcommand, write `_add_NAME(parser)` and `_run_NAME(args) -> int` and list it in
 `COMMANDS`.
@@ -17,6 +18,7 @@ import signal
 import sys
 import threading
 
+from mii.producer.bulk_cli import add_bulk_args, run_bulk
 from mii.worker.celery_cli import add_flower_args, add_worker_args, run_flower, run_worker
 
 
@@ -131,6 +133,7 @@ COMMANDS = {
     "terminate": (_add_terminate, _run_terminate, "stop a deployment's workers"),
     "worker": (add_worker_args, run_worker, "run a Celery worker serving one replica"),
     "flower": (add_flower_args, run_flower, "start Flower (basic auth) on the deployment's Redis"),
+    "bulk": (add_bulk_args, run_bulk, "offline bulk jobs: submit, status, wait, results, cancel"),
 }
 
 

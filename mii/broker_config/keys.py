@@ -22,6 +22,7 @@ def process_name() -> str:
 
 
 _NAME = re.compile(r"^[A-Za-z0-9._:/@+=-]{1,200}$")
+_JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,48}$")
 
 
 def check_deployment_name(name: str) -> str:
@@ -31,6 +32,57 @@ def check_deployment_name(name: str) -> str:
             f"deployment name {name!r} must be 1-200 characters of letters, digits and ._:/@+=-"
         )
     return name
+
+
+def check_job_id(job_id: str) -> str:
+    """Job ids end up inside keys and request ids (`<job>-<line>`, at most 64 characters)."""
+    if not isinstance(job_id, str) or not _JOB_ID.match(job_id):
+        raise ValueError(f"job id {job_id!r} must be 1-48 characters of letters, digits, _ and -")
+    return job_id
+
+
+@dataclass(frozen=True)
+class JobKeys:
+    """Key names of one bulk job (see `mii.broker_config.jobs` for what each holds)."""
+
+    prefix: str
+    job_id: str
+
+    def __post_init__(self) -> None:
+        check_job_id(self.job_id)
+
+    @property
+    def base(self) -> str:
+        return f"{self.prefix}:job:{self.job_id}"
+
+    @property
+    def meta(self) -> str:
+        """Hash: the job's options and counters."""
+        return f"{self.base}:meta"
+
+    @property
+    def manifest(self) -> str:
+        """Hash: line number -> the line's id and output form."""
+        return f"{self.base}:manifest"
+
+    @property
+    def submitted(self) -> str:
+        """Hash: line number -> entry id of its request in the bulk stream."""
+        return f"{self.base}:submitted"
+
+    @property
+    def results(self) -> str:
+        """Hash: line number -> the line's result, recorded by the worker that ended it."""
+        return f"{self.base}:results"
+
+    def all(self) -> tuple[str, str, str, str]:
+        """Every key of the job, in the order the job scripts take them."""
+        return (self.meta, self.manifest, self.submitted, self.results)
+
+    def rid(self, line: int) -> str:
+        """The request id of a line: the same on every submit, so that a resubmitted line
+        is recognised (and a worker drops a second entry of a running one)."""
+        return f"{self.job_id}-{line}"
 
 
 @dataclass(frozen=True)
@@ -83,6 +135,10 @@ class DeploymentKeys:
     def cancelled(self, request_id: str) -> str:
         """Marker (with a TTL) that a request was cancelled, for workers that read it later."""
         return f"{self.prefix}:cancelled:{request_id}"
+
+    def job(self, job_id: str) -> JobKeys:
+        """Keys of one bulk job of this deployment (same hash tag)."""
+        return JobKeys(self.prefix, job_id)
 
     def request_streams(self) -> tuple[str, str]:
         """Request streams in the order workers serve them."""

@@ -45,6 +45,9 @@ class BrokerSettings(BaseModel):
     """How long a client keeps retrying a lost Redis connection before it gives up."""
     control_maxlen: int = Field(10_000, gt=0)
     """Approximate length the control stream (cancels, terminate) is trimmed to."""
+    bulk_job_ttl_s: int = Field(3 * 24 * 3600, gt=0)
+    """How long a bulk job's record and results stay after its last change (a submit, a
+    finished line); `mii bulk submit --ttl` overrides it per job."""
 
     @model_validator(mode="after")
     def _heartbeat_faster_than_reclaim(self) -> BrokerSettings:

@@ -11,7 +11,9 @@ Control stream entry (`mii:{dep}:control`), one field:
     m    msgpack of `ControlMessage` (cancel one request, or terminate the deployment)
 
 A reader refuses a message whose `v` it does not know; a new version adds fields with
-defaults, so old messages stay readable.
+defaults, so old messages stay readable. Request messages are at version 2 (`messages`,
+`job`, `line`); one that uses none of these is still written as version 1, so workers of
+the previous release keep reading interactive requests during a rolling upgrade.
 """
 
 from __future__ import annotations
@@ -20,15 +22,17 @@ from enum import Enum
 from typing import Any, Literal
 
 import msgpack
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mii.constants import GenerationFinishReason
 from mii.errors import MIIError
 
 WIRE_VERSION = 1
+REQUEST_WIRE_VERSION = 2
 PAYLOAD = b"m"
 RID = b"rid"
 _RID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+_JOB_PATTERN = r"^[A-Za-z0-9_-]{1,48}$"
 
 
 class WireError(MIIError):
@@ -44,8 +48,11 @@ class _Message(BaseModel):
 class RequestMessage(_Message):
     """One generation request, as a client submits it."""
 
+    v: Literal[1, 2] = WIRE_VERSION
     rid: str = Field(pattern=_RID_PATTERN)
-    prompt: str | list[int]
+    prompt: str | list[int] = ""
+    messages: list[dict[str, Any]] | None = None
+    """v2: a chat; the worker applies the model's chat template (`prompt` stays empty)."""
     params: dict[str, Any] = Field(default_factory=dict)
     """Generation options by MII's names; the worker validates them with `GenerateParams`."""
     timeout_s: float | None = Field(None, gt=0)
@@ -54,6 +61,24 @@ class RequestMessage(_Message):
     """Handed back by a draining worker: tokens may already be published, continue them."""
     client: str = ""
     """`<hostname>:<pid>` of the submitting process, for operators."""
+    job: str | None = Field(None, pattern=_JOB_PATTERN)
+    """v2: the bulk job this request is a line of; the worker records the line's result
+    in the job when the request ends (`mii.broker_config.jobs`)."""
+    line: int | None = Field(None, ge=0)
+    """v2: the line's number in the job's input."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RequestMessage:
+        if self.messages is not None and self.prompt != "":
+            raise ValueError("a request has a prompt or messages, not both")
+        if (self.job is None) != (self.line is None):
+            raise ValueError("job and line go together")
+        return self
+
+    def wire_version(self) -> int:
+        """The lowest version that can carry this message."""
+        v2 = self.messages is not None or self.job is not None
+        return REQUEST_WIRE_VERSION if v2 else WIRE_VERSION
 
 
 class ErrorKind(str, Enum):
@@ -122,7 +147,7 @@ def unpack(model: type[_Message], payload: bytes | None) -> Any:
 def request_fields(msg: RequestMessage) -> dict[bytes, bytes]:
     """XADD fields of a request entry."""
     data = msg.model_dump(exclude_defaults=True)
-    data["v"] = WIRE_VERSION
+    data["v"] = msg.wire_version()
     return {RID: msg.rid.encode(), PAYLOAD: pack(data)}
 
 

@@ -114,10 +114,11 @@ def _openai_params(body: dict[str, Any]) -> dict[str, Any]:
     params = {_OPENAI_OPTIONS[k]: v for k, v in body.items() if k in _OPENAI_OPTIONS}
     # OpenAI samples at temperature 1 and top_p 1 unless told; 0 means greedy.
     temperature = params.pop("temperature", 1.0)
+    # Explicit either way: the line's options win over a job's defaults (greedy, say).
     if temperature == 0:
         params["do_sample"] = False
     else:
-        params["temperature"] = temperature
+        params.update(do_sample=True, temperature=temperature)
         params.setdefault("top_p", 1.0)
     if isinstance(params.get("logprobs"), bool):
         params["logprobs"] = 0 if params["logprobs"] else None

@@ -169,11 +169,17 @@ class Client(AsyncClientMixin):
     def cancel(self, request_id: str) -> None:
         """Stop a request wherever it is (queued or generating); its KV blocks are freed
         and its stream ends with finish_reason CANCELLED."""
+        self.cancel_many([request_id])
+
+    def cancel_many(self, request_ids: list[str]) -> None:
+        """`cancel` for several requests in one round trip."""
         pipe = self.redis.pipeline(transaction=True)
-        pipe.set(self.keys.cancelled(request_id), 1, ex=self.settings.response_ttl_s)
-        message = ControlMessage(op="cancel", rid=request_id)
-        fields = wire.control_fields(message)
-        pipe.xadd(self.keys.control, fields, maxlen=self.settings.control_maxlen, approximate=True)
+        for request_id in request_ids:
+            pipe.set(self.keys.cancelled(request_id), 1, ex=self.settings.response_ttl_s)
+            fields = wire.control_fields(ControlMessage(op="cancel", rid=request_id))
+            pipe.xadd(
+                self.keys.control, fields, maxlen=self.settings.control_maxlen, approximate=True
+            )
         pipe.execute()
 
     def terminate_server(self, timeout_s: float = 60.0) -> None:

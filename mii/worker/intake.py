@@ -8,7 +8,8 @@ gets the error on its response stream instead of waiting.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 
 from mii.broker_config import wire
 from mii.broker_config.wire import ErrorKind, RequestMessage, WireError
@@ -18,12 +19,23 @@ from mii.params import GenerateParams, encode_prompt
 
 
 @dataclass(frozen=True)
+class JobLine:
+    """The bulk job line a request serves: acking its entry records the line's result."""
+
+    job: str
+    line: int
+    rid: str
+
+
+@dataclass(frozen=True)
 class Entry:
     """Where a request came from: its stream, its entry id and how often it was delivered."""
 
     stream: str
     entry_id: str
     deliveries: int = 1
+    job: JobLine | None = field(default=None, compare=False)
+    """Set once the entry is parsed, for a line of a bulk job."""
 
     @property
     def added_ms(self) -> int:
@@ -93,13 +105,34 @@ def parse_entry(entry: Entry, fields: dict, tokenizer, max_model_len: int):
     plain_rid = readable_rid(fields)
     if plain_rid is not None and plain_rid != message.rid:
         return Refusal(entry, plain_rid, "request entry names two different request ids")
+    if message.job is not None:
+        entry = dataclasses.replace(entry, job=JobLine(message.job, message.line, message.rid))
     try:
         params = GenerateParams.from_kwargs(**message.params)
-        ids = encode_prompt(tokenizer, message.prompt)
+        ids = prompt_token_ids(tokenizer, message)
         sampling = params.to_sampling_params(len(ids), max_model_len)
     except InvalidRequestError as exc:
         return Refusal(entry, message.rid, str(exc))
     return Admission(entry, message, ids, sampling)
+
+
+def prompt_token_ids(tokenizer, message: RequestMessage) -> list[int]:
+    """The prompt's ids; for a chat, those of the model's chat template applied to it (the
+    worker has the tokenizer, so a submitter needs no model files)."""
+    if message.messages is None:
+        return encode_prompt(tokenizer, message.prompt)
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise InvalidRequestError("the model has no chat template: send a prompt, not messages")
+    try:
+        text = tokenizer.apply_chat_template(
+            message.messages, add_generation_prompt=True, tokenize=False
+        )
+    except Exception as exc:  # noqa: BLE001 (a template can raise anything: jinja, roles, none set)
+        raise InvalidRequestError(f"cannot apply the model's chat template: {exc}") from None
+    if not text:
+        raise InvalidRequestError("the chat template made an empty prompt")
+    # the template writes the special tokens it wants (a BOS among them); add none twice
+    return list(tokenizer.encode(text, add_special_tokens=False))
 
 
 def requeue_fields(message: RequestMessage) -> dict[bytes, bytes]:

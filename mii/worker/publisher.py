@@ -4,7 +4,8 @@ The engine thread only enqueues a step's outputs; this thread packs them and sen
 MULTI/EXEC pipeline per step (or per several steps, when it fell behind), so publishing
 overlaps the next forward pass. A final chunk, its XACK and the XDEL of the request entry
 travel in the same transaction: an entry is never acknowledged before its client can see
-the end. Lost connections are retried with backoff, in order, until they succeed.
+the end. For a line of a bulk job, the line's result is recorded in the job there too
+(`job_results`). Lost connections are retried with backoff, in order, until they succeed.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from mii.broker_config.connection import CONNECTION_ERRORS, Backoff
 from mii.broker_config.keys import WORKER_GROUP, DeploymentKeys
 from mii.engine.outputs import RequestOutput
 from mii.worker.intake import Entry
+from mii.worker.job_results import JobRecorder
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,7 @@ class Publisher:
         self._queue: queue.Queue[Batch | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="mii-publisher", daemon=True)
         self._fresh: set[str] = set()  # response streams this worker has not written yet
+        self.jobs = JobRecorder(redis, keys, consumer)
         self.tokens_published = 0
         self.chunks_published = 0
         self.transactions = 0
@@ -104,6 +107,7 @@ class Publisher:
     def _send(self, batches: list[Batch]) -> None:
         commands: list[tuple] = []
         tokens = sum(self._add_batch(commands, b) for b in batches)
+        commands += self.jobs.commands(batches)
         backoff = Backoff()
         while True:
             pipe = self.redis.pipeline(transaction=True)

@@ -32,7 +32,7 @@ def test_worker_chunks_match_the_schema():
     [
         (b"\xc1", "not msgpack"),
         (msgpack.packb([1, 2]), "not a map"),
-        (msgpack.packb({"v": 2, "rid": "a", "prompt": "p"}), "v"),
+        (msgpack.packb({"v": 3, "rid": "a", "prompt": "p"}), "v"),
         (msgpack.packb({"v": 1, "rid": "a b", "prompt": "p"}), "rid"),
         (msgpack.packb({"v": 1, "rid": "a", "prompt": 5}), "prompt"),
         (msgpack.packb({"v": 1, "rid": "a", "prompt": "p", "extra": 1}), "extra"),

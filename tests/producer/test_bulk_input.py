@@ -47,6 +47,7 @@ def test_openai_completion_and_chat_bodies_map_to_mii_options():
     assert a.id == "c1" and a.prompt == "2+2=" and a.openai_url == COMPLETIONS
     assert a.params == {"max_new_tokens": 8, "do_sample": False}
     assert b.messages and b.params == {
+        "do_sample": True,
         "max_new_tokens": 4,
         "temperature": 0.5,
         "stop": ["\n"],

@@ -1,0 +1,169 @@
+"""Recording bulk job lines' results, in the publisher's transaction.
+
+A request that is a line of a bulk job (its entry carries a `JobLine`) gets its result
+written into the job (`mii.broker_config.jobs.RECORD_SCRIPT`) in the same MULTI/EXEC that
+publishes its final chunk and acks its entry; its response stream is deleted there too,
+since the job's results are what bulk readers read. The whole text is joined from what
+this worker published (`TextLog`); a line taken over from a dead worker starts with
+tokens that one published, read back from the response stream once, at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import msgpack
+
+from mii.broker_config import wire
+from mii.broker_config.connection import CONNECTION_ERRORS, Backoff
+from mii.broker_config.jobs import RECORD_SCRIPT, result_payload
+from mii.broker_config.keys import DeploymentKeys
+from mii.broker_config.wire import WireError
+from mii.engine.outputs import RequestOutput
+from mii.worker.intake import JobLine
+
+log = logging.getLogger(__name__)
+SWEEP_EVERY = 256  # transactions
+STALE_S = 600.0  # a request silent this long was taken from us or handed back
+
+
+@dataclass
+class _Text:
+    start: int  # token index of the first part held
+    end: int  # token index the next output should start at
+    parts: list[str] = field(default_factory=list)
+    touched: float = 0.0
+
+
+class TextLog:
+    """The text each request generated on this worker, in token order."""
+
+    def __init__(self) -> None:
+        self._texts: dict[str, _Text] = {}
+
+    def add(self, out: RequestOutput) -> None:
+        held = self._texts.get(out.request_id)
+        if held is None or out.first_token_index != held.end:
+            # new here (or a gap: start over; the stream has what came before)
+            held = self._texts[out.request_id] = _Text(out.first_token_index, 0)
+        held.parts.append(out.text)
+        held.end = out.first_token_index + len(out.token_ids)
+        held.touched = time.monotonic()
+
+    def pop(self, rid: str) -> tuple[int, str] | None:
+        """(index of the first token covered, the text from there), if any."""
+        held = self._texts.pop(rid, None)
+        return None if held is None else (held.start, "".join(held.parts))
+
+    def sweep(self, older_than_s: float = STALE_S) -> None:
+        """Forget requests this worker stopped serving without a final chunk."""
+        limit = time.monotonic() - older_than_s
+        for rid in [r for r, t in self._texts.items() if t.touched < limit]:
+            del self._texts[rid]
+
+    def __len__(self) -> int:
+        return len(self._texts)
+
+
+@dataclass(frozen=True)
+class _Final:
+    reason: str
+    plen: int
+    glen: int
+    error: str | None = None
+    etype: str | None = None
+
+
+class JobRecorder:
+    def __init__(self, redis, keys: DeploymentKeys, consumer: str) -> None:
+        self.redis, self.keys, self.consumer = redis, keys, consumer
+        self.texts = TextLog()
+        self.recorded = 0
+        self._transactions = 0
+
+    def commands(self, batches: list) -> list[tuple]:
+        """Commands that record the job lines these batches end (their final chunks and
+        acks are in the same batches); reads a response stream only for taken-over lines."""
+        records: dict[str, list] = {}  # job id -> RECORD_SCRIPT arguments
+        deletes: list[str] = []
+        for batch in batches:
+            finals = self._finals(batch)
+            for entry in batch.acks:
+                line = entry.job
+                if line is not None and line.rid in finals:
+                    args = self._record_args(line, finals[line.rid])
+                    records.setdefault(line.job, []).extend(args)
+                    deletes.append(self.keys.response(line.rid))
+            for rid in finals:
+                self.texts.pop(rid)
+        self._sweep_now_and_then()
+        return self._script_calls(records) + [("delete", key) for key in deletes]
+
+    def _finals(self, batch) -> dict[str, _Final]:
+        """How each request this batch ends ended (the batch's outputs enter the log)."""
+        finals = {}
+        for out in batch.outputs:
+            self.texts.add(out)
+            if out.finished:
+                etype = None if out.error is None else wire.ErrorKind.GENERATION.value
+                reason = out.finish_reason.value if out.finish_reason else "none"
+                final = _Final(reason, out.prompt_length, out.generated_length, out.error, etype)
+                finals[out.request_id] = final
+        for rid, payload in batch.finals:
+            chunk = msgpack.unpackb(payload, raw=False)
+            counts = chunk.get("plen", 0), chunk.get("glen", 0)
+            finals[rid] = _Final(chunk["reason"], *counts, chunk.get("error"), chunk.get("etype"))
+        return finals
+
+    def _record_args(self, line: JobLine, final: _Final) -> list:
+        held = self.texts.pop(line.rid)
+        start, text = held if held is not None else (final.glen, "")
+        if start > 0:
+            text = self._published_text(line.rid, start) + text
+        payload = result_payload(
+            final.reason, text=text, plen=final.plen, glen=final.glen,
+            error=final.error, etype=final.etype, worker=self.consumer,
+        )  # fmt: skip
+        self.recorded += 1
+        return [line.line, payload, final.glen, 1 if final.error else 0]
+
+    def _script_calls(self, records: dict[str, list]) -> list[tuple]:
+        calls = []
+        for job_id, args in records.items():
+            job_keys = self.keys.job(job_id).all()
+            calls.append(("eval", RECORD_SCRIPT, len(job_keys), *job_keys, time.time(), *args))
+        return calls
+
+    def _published_text(self, rid: str, upto: int) -> str:
+        """Text of the tokens before `upto` in the response stream (another worker's)."""
+        entries = self._read_with_retry(self.keys.response(rid))
+        parts, seen = [], 0
+        for _, fields in entries:
+            try:
+                chunk = wire.decode_chunk(fields)
+            except WireError:
+                continue
+            if chunk.i >= upto or chunk.i > seen:
+                break
+            if chunk.i == seen:  # a replayed chunk repeats text already taken
+                parts.append(chunk.text)
+                seen += len(chunk.ids)
+        if seen != upto:
+            log.warning("request %s: the stream holds %d of %d earlier tokens", rid, seen, upto)
+        return "".join(parts)
+
+    def _read_with_retry(self, key: str):
+        backoff = Backoff()
+        while True:
+            try:
+                return self.redis.xrange(key)
+            except CONNECTION_ERRORS as exc:
+                log.warning("reading %s failed (%s); retrying", key, exc)
+                backoff.sleep()
+
+    def _sweep_now_and_then(self) -> None:
+        self._transactions += 1
+        if self._transactions % SWEEP_EVERY == 0:
+            self.texts.sweep()
