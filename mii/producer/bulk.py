@@ -37,6 +37,7 @@ from mii.producer.progress import ProgressBar
 
 SUBMIT_BATCH = 256  # lines per submit script call
 POLL_S = 0.5  # how often `wait` reads the job's counters
+FULL_WAIT_S = (0.02, 0.25)  # first and longest pause while the bulk stream is full
 
 
 class JobIncompleteError(MIIError):
@@ -143,7 +144,7 @@ class BulkJobs:
         )
 
     def _queue(self, job_id: str, items: list[tuple], batch: int, progress) -> None:
-        limit, start, idle = self.settings.max_bulk_depth, 0, 0.05
+        limit, start, idle = self.settings.max_bulk_depth, 0, FULL_WAIT_S[0]
         while start < len(items):
             chunk = items[start : start + batch]
             taken = self._call(lambda c=chunk: self._submit_chunk(job_id, c, limit))
@@ -152,9 +153,9 @@ class BulkJobs:
                 progress.update(self.status(job_id))
             if taken < len(chunk):  # the bulk stream is at its depth limit: wait for room
                 time.sleep(idle)
-                idle = min(1.0, idle * 2)
+                idle = min(FULL_WAIT_S[1], idle * 2)
             else:
-                idle = 0.05
+                idle = FULL_WAIT_S[0]
 
     def _submit_chunk(self, job_id: str, chunk: list[tuple], limit: int | None) -> int:
         try:
