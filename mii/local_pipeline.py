@@ -12,41 +12,22 @@ from mii.engine.loader import resolve_model_path
 from mii.engine.outputs import RequestOutput
 from mii.errors import InvalidRequestError
 from mii.params import GenerateParams, encode_prompt
-from mii.response import Response
+from mii.response import Response, ResponseParts
 
 Prompt = str | list[int]
 
 
-class _Pending:
-    """What a request accumulates until it finishes."""
+def _parts(prompt: Prompt, prompt_length: int, params: GenerateParams) -> ResponseParts:
+    return ResponseParts(prompt, params.return_full_text, params.logprobs is not None,
+                         prompt_length)  # fmt: skip
 
-    def __init__(self, prompt: Prompt, prompt_length: int, params: GenerateParams) -> None:
-        self.prompt, self.prompt_length, self.params = prompt, prompt_length, params
-        self.text: list[str] = []
-        self.token_ids: list[int] = []
-        self.logprobs: list[float] = []
-        self.finish_reason = GenerationFinishReason.NONE
 
-    def add(self, out: RequestOutput) -> None:
-        self.text.append(out.text)
-        self.token_ids.extend(out.token_ids)
-        if out.logprobs:
-            self.logprobs.extend(lp.logprob for lp in out.logprobs)
-        if out.finished:
-            self.finish_reason = out.finish_reason
-
-    def response(self) -> Response:
-        text = "".join(self.text)
-        if self.params.return_full_text and isinstance(self.prompt, str):
-            text = self.prompt + text
-        return Response(
-            generated_text=text,
-            prompt_length=self.prompt_length,
-            generated_length=len(self.token_ids),
-            finish_reason=self.finish_reason,
-            token_ids=self.token_ids,
-            logprobs=self.logprobs if self.params.logprobs is not None else None,
-        )
+def _add(parts: ResponseParts, out: RequestOutput) -> None:
+    """What the pipeline accumulates from one engine output of a request."""
+    logprobs = [lp.logprob for lp in out.logprobs] if out.logprobs else None
+    parts.add(list(out.token_ids), out.text, logprobs)
+    if out.finished:
+        parts.finish_reason = out.finish_reason
 
 
 class MIIPipeline:
@@ -64,10 +45,10 @@ class MIIPipeline:
         try:
             while self.engine.has_unfinished_requests():
                 for out in self.engine.step():
-                    pending[out.request_id].add(out)
+                    _add(pending[out.request_id], out)
         finally:
             self._abort(pending)
-        return [p.response() for p in pending.values()]
+        return [parts.response() for parts in pending.values()]
 
     def stream(self, prompt: Prompt, **kwargs) -> Iterator[Response]:
         """Yield one `Response` per engine step holding that step's new text and tokens."""
@@ -81,7 +62,7 @@ class MIIPipeline:
         finally:
             self._abort(pending)
 
-    def _submit(self, prompts, kwargs) -> dict[str, _Pending]:
+    def _submit(self, prompts, kwargs) -> dict[str, ResponseParts]:
         """Validate every prompt before queueing any, so a bad one leaves nothing behind."""
         if isinstance(prompts, str) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
@@ -95,14 +76,14 @@ class MIIPipeline:
             ids = encode_prompt(self.tokenizer, prompt)
             sampling = params.to_sampling_params(len(ids), self.engine.max_model_len)
             prepared.append((prompt, ids, sampling))
-        pending: dict[str, _Pending] = {}
+        pending: dict[str, ResponseParts] = {}
         for prompt, ids, sampling in prepared:
             request_id = uuid.uuid4().hex
             self.engine.add_request(request_id, ids, sampling)
-            pending[request_id] = _Pending(prompt, len(ids), params)
+            pending[request_id] = _parts(prompt, len(ids), params)
         return pending
 
-    def _abort(self, pending: dict[str, _Pending]) -> None:
+    def _abort(self, pending: dict[str, ResponseParts]) -> None:
         """Free what an interrupted call left in the engine (an exception, a closed stream)."""
         for request_id in pending:
             self.engine.abort_request(request_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from mii.constants import GenerationFinishReason
 
@@ -34,3 +35,47 @@ class Response:
 
     def __str__(self) -> str:
         return self.generated_text
+
+
+@dataclass
+class ResponseParts:
+    """What one request accumulates until it finishes: the in-process pipeline and the
+    queue's client both build their `Response`s from it."""
+
+    prompt: Any
+    return_full_text: bool = False
+    want_logprobs: bool = False
+    prompt_length: int = 0
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: GenerationFinishReason | None = None
+
+    def add(self, token_ids: list[int], text: str, logprobs: list[float] | None = None) -> None:
+        self.token_ids += token_ids
+        self.text.append(text)
+        if logprobs:
+            self.logprobs += logprobs
+
+    def delta(self, token_ids: list[int], text: str) -> Response:
+        """A streamed piece: its own tokens and text, the totals so far."""
+        return Response(
+            generated_text=text,
+            prompt_length=self.prompt_length,
+            generated_length=len(self.token_ids),
+            finish_reason=self.finish_reason or GenerationFinishReason.NONE,
+            token_ids=list(token_ids),
+        )
+
+    def response(self) -> Response:
+        text = "".join(self.text)
+        if self.return_full_text and isinstance(self.prompt, str):
+            text = self.prompt + text
+        return Response(
+            generated_text=text,
+            prompt_length=self.prompt_length,
+            generated_length=len(self.token_ids),
+            finish_reason=self.finish_reason or GenerationFinishReason.NONE,
+            token_ids=self.token_ids,
+            logprobs=self.logprobs if self.want_logprobs else None,
+        )

@@ -7,32 +7,36 @@ from __future__ import annotations
 from celery.worker.control import control_command, inspect_command
 
 
-def _step(state):
-    return getattr(state.consumer.controller, "mii_step", None)
+NOT_HOSTING = {"error": "this worker hosts no mii engine"}
+
+
+def _loop(state):
+    step = getattr(state.consumer.controller, "mii_step", None)
+    return None if step is None else step.loop
 
 
 @control_command()
 def mii_pause(state):
     """Stop reading new requests; keep serving the ones in flight."""
-    step = _step(state)
-    if step is None or step.loop is None:
-        return {"error": "this worker hosts no mii engine"}
-    step.loop.pause()
-    return {"ok": "paused", "in_flight": len(step.loop.active)}
+    loop = _loop(state)
+    if loop is None:
+        return NOT_HOSTING
+    loop.pause()
+    return {"ok": "paused", "in_flight": len(loop.active)}
 
 
 @control_command()
 def mii_resume(state):
     """Read new requests again."""
-    step = _step(state)
-    if step is None or step.loop is None:
-        return {"error": "this worker hosts no mii engine"}
-    step.loop.resume()
+    loop = _loop(state)
+    if loop is None:
+        return NOT_HOSTING
+    loop.resume()
     return {"ok": "serving"}
 
 
 @inspect_command()
 def mii_stats(state):
     """Engine and loop statistics of this worker."""
-    step = _step(state)
-    return {"error": "this worker hosts no mii engine"} if step is None else step.statistics()
+    step = getattr(state.consumer.controller, "mii_step", None)
+    return NOT_HOSTING if step is None else step.statistics()

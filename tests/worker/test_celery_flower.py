@@ -13,6 +13,7 @@ import time
 import urllib.request
 
 import pytest
+from harness import wait_for
 from redis_server import RedisServer
 from tiny_models import build_tiny_model
 
@@ -34,16 +35,6 @@ def http_get(url: str, auth: str | None = AUTH, timeout: float = 10.0) -> bytes:
         request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
     with urllib.request.urlopen(request, timeout=timeout) as reply:
         return reply.read()
-
-
-def wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Fleet:
