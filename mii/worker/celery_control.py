@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from celery.worker.control import control_command, inspect_command
 
-
 NOT_HOSTING = {"error": "this worker hosts no mii engine"}
 
 
