@@ -97,7 +97,7 @@ class BulkJobs:
         params = dict(params or {})
         GenerateParams.from_kwargs(**params)  # the job's defaults must be valid themselves
         fingerprint = _fingerprint(job_input, params)
-        job_id = check_job_id(job_id or f"job-{fingerprint[:16]}")
+        job_id = _checked(job_id or f"job-{fingerprint[:16]}")
         self._create(job_id, job_input, params, fingerprint, ttl_s or self.settings.bulk_job_ttl_s)
         items = [self._item(job_id, line, params) for line in job_input.lines]
         self._queue(job_id, items, max(1, batch), progress)
@@ -169,7 +169,7 @@ class BulkJobs:
 
     # ---- follow, read, cancel ---------------------------------------------------------
     def status(self, job_id: str) -> JobStatus:
-        return self._call(lambda: self.store.status(check_job_id(job_id)))
+        return self._call(lambda: self.store.status(_checked(job_id)))
 
     def wait(
         self,
@@ -233,6 +233,13 @@ class BulkJobs:
 
     def _call(self, operation):
         return self.client._retry(operation)
+
+
+def _checked(job_id: str) -> str:
+    try:
+        return check_job_id(job_id)
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc)) from None
 
 
 def _fingerprint(job_input: JobInput, params: dict) -> str:

@@ -83,7 +83,7 @@ def run_submit(args) -> int:
     status = jobs.submit(
         job_input, args.job, params, args.ttl, batch=args.submit_batch, progress=progress
     )
-    print(status.job_id, flush=True)
+    print(status.job_id, file=sys.stderr if args.output == "-" else sys.stdout, flush=True)
     if args.wait or args.output:
         if progress is not None:
             progress.label = status.job_id

@@ -45,11 +45,14 @@ def make_counting_engine(mii_config, replica: int) -> CountingEngine:
     return CountingEngine(os.environ.get(EXEC_LOG_ENV), max_model_len=max_len, step_delay_s=delay)
 
 
-def executions(log_dir: str) -> list[tuple[str, int]]:
-    """(request id, tokens it resumed from) of every request any worker started."""
+def executions(log_dir: str, name: str | None = None) -> list[tuple[str, int]]:
+    """(request id, tokens it resumed from) of every request any worker (or the worker
+    logging to `name`) started."""
     started = []
-    for name in sorted(os.listdir(log_dir)):
-        with open(os.path.join(log_dir, name)) as log:
+    for log_name in [name] if name else sorted(os.listdir(log_dir)):
+        if not os.path.exists(os.path.join(log_dir, log_name)):
+            continue
+        with open(os.path.join(log_dir, log_name)) as log:
             for line in log:
                 rid, resumed = line.split()
                 started.append((rid, int(resumed)))
