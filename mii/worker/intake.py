@@ -105,8 +105,7 @@ def parse_entry(entry: Entry, fields: dict, tokenizer, max_model_len: int):
     plain_rid = readable_rid(fields)
     if plain_rid is not None and plain_rid != message.rid:
         return Refusal(entry, plain_rid, "request entry names two different request ids")
-    if message.job is not None:
-        entry = dataclasses.replace(entry, job=JobLine(message.job, message.line, message.rid))
+    entry = tag_job(entry, message)
     try:
         params = GenerateParams.from_kwargs(**message.params)
         ids = prompt_token_ids(tokenizer, message)
@@ -114,6 +113,13 @@ def parse_entry(entry: Entry, fields: dict, tokenizer, max_model_len: int):
     except InvalidRequestError as exc:
         return Refusal(entry, message.rid, str(exc))
     return Admission(entry, message, ids, sampling)
+
+
+def tag_job(entry: Entry, message: RequestMessage | None) -> Entry:
+    """The entry with the bulk job line its request serves, if it serves one."""
+    if message is None or message.job is None:
+        return entry
+    return dataclasses.replace(entry, job=JobLine(message.job, message.line, message.rid))
 
 
 def prompt_token_ids(tokenizer, message: RequestMessage) -> list[int]:

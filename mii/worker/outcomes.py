@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from mii.broker_config import wire
 from mii.constants import GenerationFinishReason as Reason
-from mii.worker.intake import Admission, Entry, Refusal
+from mii.worker.intake import Admission, Entry, Refusal, tag_job
 from mii.worker.publisher import Batch, final_chunk
 
 
@@ -34,7 +34,15 @@ def too_many_deliveries(entry: Entry, rid: str | None, payload, limit: int) -> R
         f"request was delivered {entry.deliveries} times (limit {limit}); each worker "
         "holding it died: dead-lettered"
     )
+    entry = tag_job(entry, _message(payload))  # a bulk line records this as its result
     return Refusal(entry, rid, error, wire.ErrorKind.DEADLETTER, payload)
+
+
+def _message(payload) -> wire.RequestMessage | None:
+    try:
+        return wire.unpack(wire.RequestMessage, payload)
+    except wire.WireError:
+        return None
 
 
 def _deadletter_fields(consumer: str, refusal: Refusal) -> dict:

@@ -5,6 +5,7 @@ a taken-over line's whole text, cancelling a running job."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from bulk_engine import CountingEngine, chat_text
@@ -149,3 +150,20 @@ def test_cancel_a_running_job_ends_every_line(harness):
         assert expected_text(f"long {i}", 10).startswith(record["text"])
     wait_for(lambda: not engine.requests, what="engine empty")
     assert harness.redis.xlen(harness.keys.bulk) == 0
+
+
+def test_a_dead_lettered_line_is_that_lines_error(harness):
+    bulk = BulkJobs(harness.client())
+    lines = ['{"prompt": "kills workers"}', '{"prompt": "fine"}']
+    bulk.submit(read_input(lines), job_id="dl", params={"max_new_tokens": 3})
+    for stream in harness.keys.request_streams():
+        harness.redis.xgroup_create(stream, WORKER_GROUP, id="0", mkstream=True)
+    reply = harness.redis.xreadgroup(WORKER_GROUP, "dead:1", {harness.keys.bulk: ">"}, count=1)
+    entry_id = reply[0][1][0][0]
+    for n in (2, 3):  # two more workers took it over and died too
+        harness.redis.xclaim(harness.keys.bulk, WORKER_GROUP, f"dead:{n}", 0, [entry_id])
+    time.sleep(harness.settings.reclaim_idle_s)
+    harness.start(FakeEngine())
+    assert bulk.wait("dl", timeout_s=10, poll_s=0.01).errors == 1
+    first, second = bulk.results("dl")
+    assert "dead-lettered" in first["error"] and second["text"] == expected_text("fine", 3)
