@@ -67,6 +67,15 @@ class RequestMessage(_Message):
     line: int | None = Field(None, ge=0)
     """v2: the line's number in the job's input."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _version(cls, data: Any) -> Any:
+        """A message built here carries the version it is written with."""
+        if isinstance(data, dict) and "v" not in data:
+            v2 = data.get("messages") is not None or data.get("job") is not None
+            data = {**data, "v": REQUEST_WIRE_VERSION if v2 else WIRE_VERSION}
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> RequestMessage:
         if self.messages is not None and self.prompt != "":

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,14 +91,18 @@ class BulkJobs:
         ttl_s: int | None = None,
         batch: int = SUBMIT_BATCH,
         progress: ProgressBar | None = None,
+        on_created: Callable[[str], None] | None = None,
     ) -> JobStatus:
-        """Create the job (or find it) and queue every line not queued yet. Returns once all
-        lines are queued; a full bulk stream (`max_bulk_depth`) makes it wait for room."""
+        """Create the job (or find it), tell `on_created` its id, and queue every line not
+        queued yet. Returns once all lines are queued; a full bulk stream
+        (`max_bulk_depth`) makes it wait for room."""
         params = dict(params or {})
         GenerateParams.from_kwargs(**params)  # the job's defaults must be valid themselves
         fingerprint = _fingerprint(job_input, params)
         job_id = _checked(job_id or f"job-{fingerprint[:16]}")
         self._create(job_id, job_input, params, fingerprint, ttl_s or self.settings.bulk_job_ttl_s)
+        if on_created is not None:
+            on_created(job_id)
         items = [self._item(job_id, line, params) for line in job_input.lines]
         self._queue(job_id, items, max(1, batch), progress)
         return self.status(job_id)

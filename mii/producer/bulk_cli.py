@@ -80,13 +80,17 @@ def run_submit(args) -> int:
     params = {"max_new_tokens": args.max_new_tokens, "do_sample": args.sample}
     job_input = read_input(args.input)
     progress = _progress(args, args.job or "submit")
-    status = jobs.submit(
-        job_input, args.job, params, args.ttl, batch=args.submit_batch, progress=progress
-    )
-    print(status.job_id, file=sys.stderr if args.output == "-" else sys.stdout, flush=True)
-    if args.wait or args.output:
+    out = sys.stderr if args.output == "-" else sys.stdout
+
+    def created(job_id: str) -> None:  # before queuing, which may wait for room a long time
+        print(job_id, file=out, flush=True)
         if progress is not None:
-            progress.label = status.job_id
+            progress.label = job_id
+
+    status = jobs.submit(
+        job_input, args.job, params, args.ttl, args.submit_batch, progress, on_created=created
+    )
+    if args.wait or args.output:
         jobs.wait(status.job_id, progress=progress)
     if args.output:
         _write(jobs, status.job_id, args.output, partial=False)

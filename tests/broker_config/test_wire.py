@@ -49,3 +49,38 @@ def test_control_messages():
     assert wire.decode_control(fields).rid == "r1"
     with pytest.raises(wire.WireError):
         wire.decode_control({wire.PAYLOAD: msgpack.packb({"v": 1, "op": "explode"})})
+
+
+def test_v2_requests_carry_chats_and_job_lines_and_v1_stays_readable():
+    chat = wire.RequestMessage(
+        rid="j-3", messages=[{"role": "user", "content": "hi"}], job="j", line=3
+    )
+    fields = wire.request_fields(chat)
+    assert msgpack.unpackb(fields[wire.PAYLOAD])["v"] == wire.REQUEST_WIRE_VERSION == 2
+    assert wire.decode_request(fields) == chat and chat.prompt == ""
+    old = {wire.PAYLOAD: msgpack.packb({"v": 1, "rid": "a", "prompt": "p", "params": {}})}
+    assert wire.decode_request(old).job is None
+
+
+@pytest.mark.parametrize(
+    "fields, problem",
+    [
+        (dict(prompt="p", messages=[{"role": "user", "content": "x"}]), "not both"),
+        (dict(prompt="p", job="j"), "together"),
+        (dict(prompt="p", job="bad job", line=1), "job"),
+    ],
+)
+def test_inconsistent_v2_requests_are_refused(fields, problem):
+    payload = msgpack.packb({"v": 2, "rid": "a", **fields})
+    with pytest.raises(wire.WireError, match=problem):
+        wire.decode_request({wire.PAYLOAD: payload})
+
+
+def test_line_results_match_their_schema():
+    from mii.broker_config import jobs
+
+    payload = jobs.result_payload("stop", text="hi", plen=2, glen=1, error=None, worker="w:1")
+    result = jobs.decode_result(payload)
+    assert (result.text, result.reason, result.error, result.worker) == ("hi", "stop", None, "w:1")
+    failed = jobs.decode_result(jobs.result_payload("error", error="bad", etype="invalid_request"))
+    assert failed.etype == wire.ErrorKind.INVALID_REQUEST
