@@ -167,6 +167,7 @@ CANCEL_SCRIPT = (
 -- is a line never submitted). Returns the lines a worker holds or that moved (a handed-back
 -- request is queued again under a new entry): the caller cancels those by request id.
 if not ttl then return redis.error_reply('NOJOB') end
+if redis.call('HEXISTS', KEYS[1], 'finished') == 1 then return {} end  -- nothing to stop
 if redis.call('HEXISTS', KEYS[1], 'cancelled') == 0 then
   redis.call('HSET', KEYS[1], 'cancelled', ARGV[1])  -- from now on, submits are refused
 end

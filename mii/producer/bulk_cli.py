@@ -124,7 +124,7 @@ def run_results(args) -> int:
 
 def run_cancel(args) -> int:
     status = _jobs(args).cancel(args.job)
-    print(f"{status.job_id}: cancelled; {status.done}/{status.total} lines have results")
+    print(f"{status.job_id}: {status.state.value}; {status.done}/{status.total} lines have results")
     return 0
 
 

@@ -116,6 +116,7 @@ def test_first_result_wins_and_every_write_refreshes_the_ttl(harness, bulk):
     assert (status.done, status.errors, status.finished, status.state) == (2, 1, 1.0, JobState.DONE)
     assert all(0 < harness.redis.ttl(k) <= 500 for k in keys.all())
     assert [r["text"] for r in bulk.results("j3")] == ["abc", "d"]
+    assert bulk.cancel("j3").state == JobState.DONE  # nothing left to stop
 
 
 def test_a_result_for_an_expired_job_writes_nothing(harness):
