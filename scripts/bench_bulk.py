@@ -83,10 +83,15 @@ def bench(args) -> dict:
     prompts = bulk_prompts(args.lines)
     lines = [json.dumps({"prompt": p, "id": f"l{i}"}) for i, p in enumerate(prompts)]
     options = dict(max_new_tokens=args.new_tokens, do_sample=False, ignore_eos=True)
-    model_kw = dict(num_kv_blocks=1024)
+    model_kw = dict(num_kv_blocks=1024, max_num_seqs=args.max_num_seqs)
     pipe = mii.pipeline(args.model, **model_kw)
+    broker = {"admit_batch": args.admit_batch} if args.admit_batch else {}
     client = mii.serve(
-        args.model, deployment_name="bench-bulk", redis_url=args.redis_url, **model_kw
+        args.model,
+        deployment_name="bench-bulk",
+        redis_url=args.redis_url,
+        broker=broker,
+        **model_kw,
     )
     bulk, tag = BulkJobs(client), f"{int(time.time())}"
     try:
@@ -119,7 +124,9 @@ def bench(args) -> dict:
 def print_table(args, results: dict) -> None:
     idle, busy = results["interactive_idle"], results["interactive_during_bulk"]
     print(f"\nbulk benchmark: {args.model}, {results['machine']}")
-    print(f"{args.lines} lines x {args.new_tokens} tokens (greedy, ignore_eos); 1 worker")
+    seqs = f", max_num_seqs {args.max_num_seqs}" if args.max_num_seqs else ""
+    seqs += f", admit_batch {args.admit_batch}" if args.admit_batch else ""
+    print(f"{args.lines} lines x {args.new_tokens} tokens (greedy, ignore_eos); 1 worker{seqs}")
     print(f"{'interactive TTFT':<26}{'n':>4}{'p50 ms':>10}{'p99 ms':>10}{'max ms':>10}")
     for name, s in (("idle worker", idle), ("during a bulk job", busy)):
         print(f"{name:<26}{s['n']:>4}{s['p50_ms']:>10.1f}{s['p99_ms']:>10.1f}{s['max_ms']:>10.1f}")
@@ -142,6 +149,10 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--interactive", type=int, default=12, help="idle TTFT samples")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--admit-batch", type=int, default=None, help="worker reads per poll")
+    parser.add_argument(
+        "--max-num-seqs", type=int, default=None, help="engine limit (below --lines: saturated)"
+    )
     parser.add_argument("--redis-url", default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
