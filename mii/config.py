@@ -49,6 +49,10 @@ class ModelConfig(_Model):
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
     schedule_policy: SchedulePolicy = SchedulePolicy.SPLITFUSE
+    load_format: Literal["auto", "dummy"] = "auto"
+    """'dummy': random weights of the folder's config (a model's shape without its weights)."""
+    skip_tokenizer_init: bool = False
+    """No tokenizer: prompts must be token ids; responses carry token ids and no text."""
 
     @field_validator("device_map", mode="before")
     @classmethod
@@ -115,6 +119,8 @@ class ModelConfig(_Model):
             tensor_parallel=self.tensor_parallel,
             device_ids=self.device_ids(replica),
             enforce_eager=self.enforce_eager,
+            load_format=self.load_format,
+            skip_tokenizer_init=self.skip_tokenizer_init,
             cache=cache,
             scheduler=scheduler,
         )

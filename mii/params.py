@@ -126,6 +126,10 @@ def encode_prompt(tokenizer, prompt: str | list[int]) -> list[int]:
     if isinstance(prompt, str):
         if not prompt:
             raise InvalidRequestError("prompt is empty")
+        if tokenizer is None:
+            raise InvalidRequestError(
+                "this model runs without a tokenizer (skip_tokenizer_init): send token ids"
+            )
         return tokenizer.encode(prompt)
     if isinstance(prompt, list | tuple) and all(
         isinstance(t, int) and not isinstance(t, bool) for t in prompt

@@ -38,6 +38,19 @@ PRESETS = {
             max_position_embeddings=4096,
         ),
     ),
+    "llama-2-70b": (
+        "LlamaConfig",
+        dict(
+            hidden_size=8192,
+            intermediate_size=28672,
+            num_hidden_layers=80,
+            num_attention_heads=64,
+            num_key_value_heads=8,
+            vocab_size=32000,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-5,
+        ),
+    ),
     "llama-3-8b": (
         "LlamaConfig",
         dict(

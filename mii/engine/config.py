@@ -69,8 +69,17 @@ class EngineConfig:
     devices; None: `tensor_parallel` consecutive devices from `device`'s index (0)."""
     enforce_eager: bool = False
     """Skip CUDA graphs for decode-only steps."""
+    load_format: str = "auto"
+    """'auto': the folder's weights; 'dummy': random weights of the folder's config, drawn on
+    the device (benchmarks of a model's shape without its checkpoint, as vLLM's option)."""
+    skip_tokenizer_init: bool = False
+    """Run without a tokenizer: prompts are token ids and outputs carry ids, no text."""
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format is 'auto' or 'dummy', not {self.load_format!r}")
 
     @cached_property
     def torch_device(self) -> torch.device:

@@ -64,6 +64,8 @@ class LLMEngine:
         self.config = config
         path = resolve_model_path(config.model)
         self.hf_config = load_hf_config(path)
+        random_weights = random_weights or config.load_format == "dummy"
+        load_tokenizer_files = load_tokenizer_files and not config.skip_tokenizer_init
         tok_path = config.tokenizer or path
         self.tokenizer = load_tokenizer(tok_path) if load_tokenizer_files else None
         model_len = config.max_model_len or max_context(self.hf_config)
@@ -132,6 +134,8 @@ class LLMEngine:
             raise InvalidRequestError(f"token ids outside the vocabulary: {bad[:5]}")
         if params.max_new_tokens < 1:
             raise InvalidRequestError("max_new_tokens must be at least 1")
+        if params.stop and self.tokenizer is None:
+            raise InvalidRequestError("stop strings need a tokenizer; this model runs without")
 
     def abort_request(self, request_id: str) -> bool:
         """Drop a request and free its KV blocks; False when it is not here."""

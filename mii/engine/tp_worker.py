@@ -8,6 +8,7 @@ sampler, so the other ranks only need each step's integer arrays (see step_plan.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import multiprocessing
 import os
 import signal
@@ -28,6 +29,8 @@ def follower_main(rank: int, spec: RankSpec, conn: Connection) -> None:
     # process group must let a worker drain its requests, not kill its ranks under it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # `kill -USR1` prints where each thread of this rank is (a rank stuck in a collective).
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     _exit_with_parent()
     try:
         _serve(rank, spec, conn)

@@ -127,6 +127,8 @@ def prompt_token_ids(tokenizer, message: RequestMessage) -> list[int]:
     worker has the tokenizer, so a submitter needs no model files)."""
     if message.messages is None:
         return encode_prompt(tokenizer, message.prompt)
+    if tokenizer is None:
+        raise InvalidRequestError("this model runs without a tokenizer: send token ids")
     if getattr(tokenizer, "chat_template", None) is None:
         raise InvalidRequestError("the model has no chat template: send a prompt, not messages")
     try:
