@@ -65,6 +65,14 @@ class DecodeGraphs:
             self.graphs[batch] = graph
         torch.cuda.synchronize()
 
+    def release(self) -> None:
+        """Free the graphs. A graph holding NCCL collectives must be released before its
+        process group is destroyed: NCCL's communicator teardown waits for it forever."""
+        for graph in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
+        self.logits.clear()
+
     def fits(self, meta: AttentionMetadata) -> bool:
         batch = meta.seq_lens.shape[0]
         return (

@@ -5,6 +5,8 @@ gloo control channel over which rank 0 sends each step's plan."""
 from __future__ import annotations
 
 import dataclasses
+import logging
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 from types import SimpleNamespace
@@ -18,7 +20,10 @@ from mii.engine.config import EngineConfig
 from mii.engine.parallel import ParallelContext
 from mii.engine.step_plan import StepPlan
 
+log = logging.getLogger(__name__)
+
 LOOPBACK = "127.0.0.1"
+LEAVE_TIMEOUT_S = 20.0
 INIT_TIMEOUT = timedelta(minutes=5)
 # The other ranks wait on the control channel for as long as rank 0 has no work: it must
 # not time out while a worker idles.
@@ -112,9 +117,22 @@ def join_group(
     return ParallelContext(rank, world_size, dist.group.WORLD), ControlChannel(control)
 
 
-def leave_group() -> None:
-    if dist.is_initialized():
+def leave_group(timeout_s: float = LEAVE_TIMEOUT_S) -> None:
+    """Destroy this process's groups. Should NCCL's teardown hang (it waits on work that a
+    peer or a captured graph still holds), abort the communicators instead of hanging."""
+    if not dist.is_initialized():
+        return
+    done = threading.Event()
+
+    def destroy() -> None:
         dist.destroy_process_group()
+        done.set()
+
+    threading.Thread(target=destroy, name="mii-tp-leave", daemon=True).start()
+    if not done.wait(timeout_s):
+        log.warning("process group teardown took over %.0fs; aborting its communicators", timeout_s)
+        abort_group()
+        done.wait(timeout_s)
 
 
 def abort_group() -> None:

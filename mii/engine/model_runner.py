@@ -186,7 +186,11 @@ class ModelRunner:
         return self.model.compute_logits(hidden[inputs.logits_indices])
 
     def close(self) -> None:
-        """Release what the runner holds beyond memory (none here; see tp_group.py)."""
+        """Release what outlives the runner's memory: its CUDA graphs (see tp_group.py for
+        the process group of a tensor-parallel runner)."""
+        if self.graphs is not None:
+            self.graphs.release()
+            self.graphs = None
 
 
 _ARRAYS = ("input_ids", "positions", "slot_mapping", "block_tables", "query_start_loc",

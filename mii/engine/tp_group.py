@@ -102,6 +102,7 @@ class TensorParallelRunner(ModelRunner):
             return super().execute(plan)
 
     def close(self) -> None:
+        super().close()  # the graphs first: they hold NCCL work the group teardown waits on
         self.group.close()
 
 

@@ -61,6 +61,7 @@ def _serve(rank: int, spec: RankSpec, conn: Connection) -> None:
     _report(conn, ("state", "ready"))
     while (plan := control.receive()) is not None:
         runner.execute(plan)
+    runner.close()
 
 
 def share_cpu_cores(threads: int, world_size: int) -> int:
