@@ -34,6 +34,9 @@ class DecodeGraphs:
         self.block_tables = torch.zeros((max_batch, max_blocks), dtype=i32, device=device)
         self.query_start_loc = torch.arange(max_batch + 1, dtype=i32, device=device)
         self.seq_lens = torch.ones(max_batch, dtype=i32, device=device)
+        # Our own capture stream: torch's default one is made once per process, on the device
+        # that was current then, and capturing on it switches to that device.
+        self.stream = torch.cuda.Stream(device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
 
@@ -59,7 +62,7 @@ class DecodeGraphs:
             self._forward(batch)  # warm-up: kernel compilation and autotuning happen here
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            with torch.cuda.graph(graph, pool=pool, stream=self.stream):
                 self.logits[batch] = self._forward(batch)
             pool = graph.pool()
             self.graphs[batch] = graph
