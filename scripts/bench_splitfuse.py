@@ -70,10 +70,14 @@ class Workload:
     done: list[Tracked] = field(default_factory=list)
 
     @classmethod
-    def make(cls, n, prompt_mean, gen_mean, vocab, seed=0) -> Workload:
+    def make(cls, n, prompt_mean, gen_mean, vocab, seed=0, max_len=4096) -> Workload:
+        """Lengths clipped so that prompt + generation fits the context."""
         rng = random.Random(seed)
-        lengths = [max(16, int(rng.gauss(prompt_mean, 0.3 * prompt_mean))) for _ in range(n)]
         gens = [max(4, int(rng.gauss(gen_mean, 0.3 * gen_mean))) for _ in range(n)]
+        lengths = [
+            min(max_len - gen - 1, max(16, int(rng.gauss(prompt_mean, 0.3 * prompt_mean))))
+            for gen in gens
+        ]
         prompts = [[rng.randrange(100, vocab - 100) for _ in range(n_tok)] for n_tok in lengths]
         return cls(prompts, gens)
 
@@ -239,14 +243,16 @@ def run_policy(args, policy: SchedulePolicy, earlier: list[dict]) -> list[dict]:
     print(f"{policy.value}: ready in {time.perf_counter() - built:.0f}s", flush=True)
     rows = []
     try:
-        warm = Workload.make(2, args.prompt_mean, 4, vocab, seed=99)
+        warm = Workload.make(2, args.prompt_mean, 4, vocab, seed=99, max_len=args.max_length)
         if args.path == "queue":
             run_queue(client, warm, 2, 2)  # compile and autotune outside the timed runs
         else:
             run(engine, warm, 2, 2)
         for clients in [int(c) for c in args.clients.split(",")]:
             n = max(args.min_requests, clients * args.requests_per_client)
-            work = Workload.make(n, args.prompt_mean, args.gen_mean, vocab, seed=clients)
+            work = Workload.make(
+                n, args.prompt_mean, args.gen_mean, vocab, seed=clients, max_len=args.max_length
+            )
             if args.path == "queue":
                 seconds = run_queue(client, work, clients, n)
             else:
