@@ -109,7 +109,7 @@ def run(engine: LLMEngine, work: Workload, clients: int, max_requests: int) -> f
     return time.perf_counter() - start
 
 
-def run_queue(client, work: Workload, clients: int, max_requests: int) -> float:
+def run_queue(client, work: Workload, clients: int, max_requests: int, max_len: int) -> float:
     """`clients` threads, each streaming one request at a time through the queue."""
     lock = threading.Lock()
     errors: list[BaseException] = []
@@ -124,7 +124,12 @@ def run_queue(client, work: Workload, clients: int, max_requests: int) -> float:
     def client_loop() -> None:
         try:
             while (i := next_index()) is not None:
-                options = dict(max_new_tokens=work.gen_lens[i], ignore_eos=True, do_sample=False)
+                options = dict(
+                    max_new_tokens=work.gen_lens[i],
+                    max_length=max_len,  # MII's default (1024) would refuse long prompts
+                    ignore_eos=True,
+                    do_sample=False,
+                )
                 req = Tracked(len(work.prompts[i]), time.perf_counter())
                 for delta in client.stream(work.prompts[i], **options):
                     req.on_tokens(len(delta.token_ids), time.perf_counter())
@@ -245,7 +250,8 @@ def run_policy(args, policy: SchedulePolicy, earlier: list[dict]) -> list[dict]:
     try:
         warm = Workload.make(2, args.prompt_mean, 4, vocab, seed=99, max_len=args.max_length)
         if args.path == "queue":
-            run_queue(client, warm, 2, 2)  # compile and autotune outside the timed runs
+            # compile and autotune outside the timed runs
+            run_queue(client, warm, 2, 2, args.max_length)
         else:
             run(engine, warm, 2, 2)
         for clients in [int(c) for c in args.clients.split(",")]:
@@ -254,7 +260,7 @@ def run_policy(args, policy: SchedulePolicy, earlier: list[dict]) -> list[dict]:
                 n, args.prompt_mean, args.gen_mean, vocab, seed=clients, max_len=args.max_length
             )
             if args.path == "queue":
-                seconds = run_queue(client, work, clients, n)
+                seconds = run_queue(client, work, clients, n, args.max_length)
             else:
                 seconds = run(engine, work, clients, n)
             row = {"policy": policy.value, "clients": clients}
