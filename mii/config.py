@@ -49,6 +49,8 @@ class ModelConfig(_Model):
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
     schedule_policy: SchedulePolicy = SchedulePolicy.SPLITFUSE
+    async_scheduling: bool | None = None
+    """Overlap the host's scheduling with the device's step (None: on for CUDA)."""
     load_format: Literal["auto", "dummy"] = "auto"
     """'dummy': random weights of the folder's config (a model's shape without its weights)."""
     skip_tokenizer_init: bool = False
@@ -119,6 +121,7 @@ class ModelConfig(_Model):
             tensor_parallel=self.tensor_parallel,
             device_ids=self.device_ids(replica),
             enforce_eager=self.enforce_eager,
+            async_scheduling=self.async_scheduling,
             load_format=self.load_format,
             skip_tokenizer_init=self.skip_tokenizer_init,
             cache=cache,

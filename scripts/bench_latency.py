@@ -67,6 +67,9 @@ def main() -> None:
     ap.add_argument("--hf-new-tokens", type=int, default=64)
     ap.add_argument("--eager", action="store_true")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument(
+        "--sync", action="store_true", help="no asynchronous scheduling (the baseline for it)"
+    )
     args = ap.parse_args()
 
     peaks = measure_peaks()
@@ -76,6 +79,7 @@ def main() -> None:
         model=preset_folder(args.preset),
         dtype="bfloat16",
         enforce_eager=args.eager,
+        async_scheduling=False if args.sync else None,
         scheduler=SchedulerConfig(max_num_batched_tokens=2048, max_num_seqs=64),
         cache=CacheConfig(gpu_memory_utilization=0.5),
     )
@@ -92,7 +96,7 @@ def main() -> None:
         **ours,
         "ratio_to_floor": ours["ms_per_token"] / floor_ms,
     }
-    write_json(f"latency_{args.preset}.json", result)
+    write_json(f"latency_{args.preset}{'_sync' if args.sync else ''}.json", result)
     print(f"device {result['device']}  copy {peaks['copy_bytes_per_s'] / 1e9:.0f} GB/s")
     print(f"{'what':<22}{'ms/token':>10}{'TTFT ms':>10}")
     if hf_ms:

@@ -61,11 +61,14 @@ def bench_hf(preset: str, prompts, new_tokens: int, batch: int) -> dict:
     }
 
 
-def build_engine(preset: str, budget: int, max_seqs: int, eager: bool) -> LLMEngine:
+def build_engine(
+    preset: str, budget: int, max_seqs: int, eager: bool, sync: bool = False
+) -> LLMEngine:
     config = EngineConfig(
         model=preset_folder(preset),
         dtype="bfloat16",
         enforce_eager=eager,
+        async_scheduling=False if sync else None,
         scheduler=SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs),
         cache=CacheConfig(gpu_memory_utilization=0.9, enable_prefix_caching=False),
     )
@@ -129,6 +132,9 @@ def main() -> None:
     ap.add_argument("--max-seqs", type=int, default=256)
     ap.add_argument("--eager", action="store_true")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument(
+        "--sync", action="store_true", help="no asynchronous scheduling (the baseline for it)"
+    )
     ap.add_argument("--profile-at", type=int, default=None, help="profile 10 steps from here")
     args = ap.parse_args()
 
@@ -138,7 +144,7 @@ def main() -> None:
     hf = None
     if not args.skip_hf:
         hf = bench_hf(args.preset, prompts[: args.hf_requests], args.new_tokens, args.hf_batch)
-    engine = build_engine(args.preset, args.budget, args.max_seqs, args.eager)
+    engine = build_engine(args.preset, args.budget, args.max_seqs, args.eager, args.sync)
     roofline = Roofline(ModelShape.of(engine.runner.model, engine.hf_config), peaks)
     ours = bench_mii(engine, prompts, args.new_tokens, roofline, args.profile_at)
     ours["roofline_floor_s"] = roofline.floor_s
@@ -154,7 +160,7 @@ def main() -> None:
     }
     if hf:
         result["ratio_vs_hf"] = ours["tok_per_s"] / hf["tok_per_s"]
-    write_json(f"offline_{args.preset}.json", result)
+    write_json(f"offline_{args.preset}{'_sync' if args.sync else ''}.json", result)
     print(
         f"device {result['device']}  matmul {peaks['matmul_flops'] / 1e12:.0f} TFLOP/s  "
         f"copy {peaks['copy_bytes_per_s'] / 1e9:.0f} GB/s  kv blocks {result['kv_blocks']}"

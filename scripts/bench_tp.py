@@ -29,7 +29,9 @@ from mii.engine.sampling_params import SamplingParams
 VOCAB = 32000  # ids drawn below every preset's vocabulary size
 
 
-def build_engine(folder: str, device_ids: tuple[int, ...], max_seqs: int, budget: int):
+def build_engine(
+    folder: str, device_ids: tuple[int, ...], max_seqs: int, budget: int, sync: bool = False
+):
     """A random-weight engine on these GPUs (TP = their number), no tokenizer."""
     tp = len(device_ids)
     config = EngineConfig(
@@ -38,6 +40,7 @@ def build_engine(folder: str, device_ids: tuple[int, ...], max_seqs: int, budget
         device=f"cuda:{device_ids[0]}",
         tensor_parallel=tp,
         device_ids=device_ids if tp > 1 else None,
+        async_scheduling=False if sync else None,
         scheduler=SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs),
         cache=CacheConfig(gpu_memory_utilization=0.85, enable_prefix_caching=False),
     )
@@ -46,7 +49,7 @@ def build_engine(folder: str, device_ids: tuple[int, ...], max_seqs: int, budget
 
 
 def latency_job(args, folder: str, device_ids: tuple[int, ...]) -> dict:
-    engine = build_engine(folder, device_ids, max_seqs=8, budget=2048)
+    engine = build_engine(folder, device_ids, max_seqs=8, budget=2048, sync=args.sync)
     try:
         prompt = random_prompts(1, args.prompt_len, VOCAB)[0]
         return {**bench_latency(engine, prompt, args.new_tokens), "device": _device_name()}
@@ -56,7 +59,7 @@ def latency_job(args, folder: str, device_ids: tuple[int, ...]) -> dict:
 
 def offline_job(args, folder: str, device_ids: tuple[int, ...], prompts, barrier) -> dict:
     """Warm up, wait for the other replicas, then run every prompt to its last token."""
-    engine = build_engine(folder, device_ids, args.max_seqs, args.budget)
+    engine = build_engine(folder, device_ids, args.max_seqs, args.budget, args.sync)
     try:
         for i, p in enumerate(prompts[:8]):  # warm-up: kernel compiles and autotuning
             engine.add_request(f"warm{i}", p[:64], SamplingParams(max_new_tokens=4))
@@ -140,6 +143,7 @@ def main() -> None:
     ap.add_argument("--max-seqs", type=int, default=256)
     ap.add_argument("--budget", type=int, default=4096)
     ap.add_argument("--skip-offline", action="store_true")
+    ap.add_argument("--sync", action="store_true", help="no asynchronous scheduling")
     args = ap.parse_args()
     if torch.cuda.device_count() < 2:  # counts through NVML: this process stays off the GPUs
         raise SystemExit("bench_tp needs two visible GPUs")
@@ -161,7 +165,7 @@ def main() -> None:
         result["offline_ratio"] = (
             result["offline_tp2"]["tok_per_s"] / result["offline_2x_tp1"]["tok_per_s"]
         )
-    write_json(f"bench_tp_{args.preset}.json", result)
+    write_json(f"bench_tp_{args.preset}{'_sync' if args.sync else ''}.json", result)
     print_table(result)
 
 

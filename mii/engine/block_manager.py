@@ -102,7 +102,8 @@ class BlockManager:
         """Register the hashes of blocks that became full of computed tokens."""
         if not self.enable_prefix_caching:
             return
-        full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
+        known = min(seq.num_computed_tokens, seq.num_known_tokens)  # no PENDING token hashed
+        full = min(known // self.block_size, len(seq.block_table))
         for i in range(seq.num_hashed_blocks, full):
             tokens = tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
             block_hash = chain_hash(seq.last_block_hash, tokens)

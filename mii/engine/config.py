@@ -69,6 +69,11 @@ class EngineConfig:
     devices; None: `tensor_parallel` consecutive devices from `device`'s index (0)."""
     enforce_eager: bool = False
     """Skip CUDA graphs for decode-only steps."""
+    async_scheduling: bool | None = None
+    """Schedule and launch step N+1 before reading step N's samples back (its decodes take
+    their input tokens from the device), so the host's work overlaps the GPU's. None: on
+    for CUDA. Requests with a repetition penalty run synchronously (it needs every token
+    on the host)."""
     load_format: str = "auto"
     """'auto': the folder's weights; 'dummy': random weights of the folder's config, drawn on
     the device (benchmarks of a model's shape without its checkpoint, as vLLM's option)."""

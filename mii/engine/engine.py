@@ -16,7 +16,7 @@ from mii.engine.outputs import RequestOutput, TokenLogprob
 from mii.engine.parallel import SINGLE, ParallelContext
 from mii.engine.sampler import Sampler, SamplerOutput
 from mii.engine.sampling_params import SamplingParams
-from mii.engine.scheduler import Scheduler, SchedulerOutput
+from mii.engine.scheduler import Scheduler
 from mii.engine.sequence import Sequence
 from mii.engine.tp_group import make_runner
 from mii.errors import InvalidRequestError
@@ -32,6 +32,17 @@ class EngineStats:
     """Tokens generated since the engine started."""
     prompt_tokens_processed: int
     steps: int
+
+
+@dataclass(frozen=True)
+class _Launched:
+    """A step started on the device whose samples are not read yet."""
+
+    samples: SamplerOutput | None
+    sampling: list[Sequence]
+    """The sequences that sample, in the samples' order."""
+    indices: list[int]
+    """Where each one's sample goes in its tokens (a PENDING token until it is read)."""
 
 
 class _Request:
@@ -86,6 +97,10 @@ class LLMEngine:
         self._arrivals = 0
         self._rng = random.Random()
         self._tokens_generated = self._prompt_tokens = self._steps = 0
+        use_async = config.async_scheduling
+        self._async = self.runner.device.type == "cuda" if use_async is None else use_async
+        self._inflight: _Launched | None = None
+        self._needs_history: set[str] = set()  # requests with a repetition penalty
 
     def _dtype(self):
         if self.config.dtype != "auto":
@@ -117,6 +132,8 @@ class LLMEngine:
         if self.tokenizer is not None:
             detok = IncrementalDetokenizer(self.tokenizer, params.stop, generated_token_ids)
         self.requests[request_id] = _Request(seq, detok)
+        if params.repetition_penalty != 1.0:
+            self._needs_history.add(request_id)
         self.scheduler.add(seq)
 
     def _validate(self, request_id, prompt, params: SamplingParams, generated) -> None:
@@ -139,11 +156,18 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> bool:
         """Drop a request and free its KV blocks; False when it is not here."""
-        req = self.requests.pop(request_id, None)
+        req = self.requests.get(request_id)
         if req is None:
             return False
-        self.scheduler.remove(req.seq)
+        self._forget(req.seq)
         return True
+
+    def _forget(self, seq: Sequence) -> None:
+        """Take a finished or aborted request out. Its blocks are free for later steps: a
+        step still running that writes to them runs before those on the device's stream."""
+        self.requests.pop(seq.request_id)
+        self._needs_history.discard(seq.request_id)
+        self.scheduler.remove(seq)
 
     def close(self) -> None:
         """Stop the tensor-parallel ranks this engine started (a no-op for one process)."""
@@ -173,32 +197,72 @@ class LLMEngine:
 
     # ---- the step ----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule, run one forward pass, then turn the samples into outputs."""
+        """Schedule, run one forward pass, then turn the samples into outputs.
+
+        With asynchronous scheduling each call launches the next step before it reads the
+        samples of the one launched by the call before, and returns those: the host
+        schedules while the device computes. A sequence that finishes has then run one
+        step too many; that sample is dropped."""
+        if not self._overlaps():
+            if self._inflight is not None:  # a request that needs sync mode arrived
+                return self._complete(self._take_inflight())
+            launched = self._launch(None)
+            return [] if launched is None else self._complete(launched)
+        if self._inflight is None:
+            self._inflight = self._launch(None)
+            if self._inflight is None:
+                return []
+        previous = self._take_inflight()
+        self._inflight = self._launch(previous)
+        return self._complete(previous)
+
+    def _overlaps(self) -> bool:
+        return self._async and not self._needs_history
+
+    def _take_inflight(self) -> _Launched:
+        launched, self._inflight = self._inflight, None
+        return launched
+
+    def _launch(self, previous: _Launched | None) -> _Launched | None:
+        """Schedule a step and start it; its samples stay on the device (PENDING tokens)."""
         schedule = self.scheduler.schedule()
         if not schedule.chunks:
-            return []
-        samples = self.runner.run(schedule.chunks)
+            return None
+        rows = None
+        if previous is not None and previous.samples is not None:
+            rows = {id(seq): row for row, seq in enumerate(previous.sampling)}
+        samples = self.runner.run(schedule.chunks, previous and previous.samples, rows)
         self.scheduler.finish_step(schedule)
         self._steps += 1
-        return self._postprocess(schedule, samples)
-
-    def _postprocess(self, schedule: SchedulerOutput, samples: SamplerOutput | None):
         sampling = [c.seq for c in schedule.chunks if c.samples]
         self._prompt_tokens += schedule.num_tokens - len(sampling)
-        if samples is None:
+        indices = [seq.append_pending() for seq in sampling]
+        return _Launched(samples, sampling, indices)
+
+    def _complete(self, launched: _Launched) -> list[RequestOutput]:
+        """Read a launched step's samples back and turn them into outputs."""
+        if launched.samples is None:
             return []
-        token_ids = samples.token_ids.tolist()  # the step's one host synchronisation
-        logprobs = _logprob_rows(samples, token_ids)
+        token_ids = launched.samples.token_ids.tolist()  # the step's one host synchronisation
+        logprobs = _logprob_rows(launched.samples, token_ids)
         outputs = []
-        for seq, token_id, lp in zip(sampling, token_ids, logprobs, strict=True):
-            seq.append_token(token_id)
+        rows = zip(launched.sampling, launched.indices, token_ids, logprobs, strict=True)
+        for seq, index, token_id, lp in rows:
+            seq.resolve(index, token_id)
+            if seq.finished:  # finished or aborted while this step ran: a surplus sample
+                continue
+            self.block_manager.seal_computed_blocks(seq)
             self._tokens_generated += 1
-            outputs.append(self._output(self.requests[seq.request_id], token_id, lp))
+            outputs.append(self._output(self.requests[seq.request_id], token_id, lp, index))
         return outputs
 
-    def _output(self, req: _Request, token_id: int, logprob: TokenLogprob | None) -> RequestOutput:
+    def _output(
+        self, req: _Request, token_id: int, logprob: TokenLogprob | None, index: int
+    ) -> RequestOutput:
+        """The output of the token at `index` of the request's sequence."""
         seq = req.seq
-        reason = self._finish_reason(seq, token_id)
+        generated = index + 1 - seq.num_prompt_tokens
+        reason = self._finish_reason(seq, token_id, generated, index + 1)
         text = ""
         if req.detokenizer is not None:
             req.detokenizer.add_token(token_id)
@@ -206,31 +270,33 @@ class LLMEngine:
                 reason = GenerationFinishReason.STOP
             text = req.detokenizer.take(finished=reason is not None)
         first_index = req.emitted
-        req.emitted = seq.num_generated
+        req.emitted = generated
         if reason is not None:
             seq.finish_reason = reason
-            self.requests.pop(seq.request_id)
-            self.scheduler.remove(seq)
+            self._forget(seq)
         return RequestOutput(
             request_id=seq.request_id,
             token_ids=(token_id,),
             text=text,
             first_token_index=first_index,
             prompt_length=seq.num_prompt_tokens,
-            generated_length=seq.num_generated,
+            generated_length=generated,
             finished=reason is not None,
             finish_reason=reason,
             logprobs=None if logprob is None or seq.params.logprobs is None else (logprob,),
         )
 
-    def _finish_reason(self, seq: Sequence, token_id: int) -> GenerationFinishReason | None:
+    def _finish_reason(
+        self, seq: Sequence, token_id: int, generated: int, num_tokens: int
+    ) -> GenerationFinishReason | None:
+        """Whether the token that makes `generated` generated (`num_tokens` in all) ends it."""
         params = seq.params
-        may_stop = seq.num_generated > params.min_new_tokens
+        may_stop = generated > params.min_new_tokens
         if may_stop and not params.ignore_eos and token_id in self.eos_token_ids:
             return GenerationFinishReason.STOP
         if may_stop and token_id in params.stop_token_ids:
             return GenerationFinishReason.STOP
-        if seq.num_generated >= params.max_new_tokens or seq.num_tokens >= self.max_model_len:
+        if generated >= params.max_new_tokens or num_tokens >= self.max_model_len:
             return GenerationFinishReason.LENGTH
         return None
 

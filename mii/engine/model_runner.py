@@ -15,7 +15,7 @@ from mii.engine.loader import build_model, init_random_weights, load_weights
 from mii.engine.parallel import SINGLE, ParallelContext
 from mii.engine.sampler import Sampler, SamplerOutput
 from mii.engine.scheduler import ScheduledChunk
-from mii.engine.step_plan import StepPlan
+from mii.engine.step_plan import HEADER, StepPlan
 
 GIB = 1 << 30
 
@@ -26,6 +26,8 @@ class StepInputs:
     positions: torch.Tensor  # (T,) int64
     meta: AttentionMetadata
     logits_indices: torch.Tensor  # (N,) rows of the sequences that sample
+    pending_rows: torch.Tensor  # (P,) rows of input_ids whose token the last step sampled
+    pending_sources: torch.Tensor  # (P,) which of the last step's samples each one is
 
 
 class ModelRunner:
@@ -44,6 +46,7 @@ class ModelRunner:
         self.dtype = dtype
         self.block_size = config.cache.block_size
         self.max_positions = max_positions
+        self.tp = tp
         self.model = build_model(hf_config, dtype, self.device, tp, max_positions)
         if random_weights:
             init_random_weights(self.model)
@@ -166,24 +169,49 @@ class ModelRunner:
         return _inputs(plan, _device_views(plan, device))
 
     @torch.inference_mode()
-    def run(self, chunks: list[ScheduledChunk]) -> SamplerOutput | None:
-        """One forward pass; returns the samples of the chunks that end their sequence."""
-        logits = self.execute(StepPlan.build(chunks, self.block_size))
+    def run(
+        self,
+        chunks: list[ScheduledChunk],
+        previous: SamplerOutput | None = None,
+        sample_rows: dict[int, int] | None = None,
+    ) -> SamplerOutput | None:
+        """One forward pass; returns the samples of the chunks that end their sequence (on
+        the device: nothing here waits for the GPU). With asynchronous scheduling, PENDING
+        input tokens are `previous`'s samples at `sample_rows[id(seq)]`."""
+        plan = StepPlan.build(chunks, self.block_size, sample_rows)
+        source = previous.token_ids if previous is not None else None
+        logits = self.execute(plan, source)
         if logits is None:
             return None
         return self.sampler(logits, [c.seq for c in chunks if c.samples])
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> torch.Tensor | None:
+    def execute(self, plan: StepPlan, source: torch.Tensor | None = None) -> torch.Tensor | None:
         """The forward pass (what every tensor-parallel rank runs): logits of the rows that
-        sample, None when none does."""
+        sample, None when none does. `source`: the samples of the step before, for the
+        PENDING tokens of the plan (rank 0 shares them with the other ranks)."""
         inputs = self.prepare(plan)
+        if len(plan.pending_rows):
+            tokens = self._pending_tokens(source, int(plan.pending_sources.max()) + 1)
+            inputs.input_ids[inputs.pending_rows] = tokens[inputs.pending_sources]
         if self.graphs is not None and self.graphs.fits(inputs.meta):
             return self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
         if len(plan.logits_indices) == 0:
             return None
         return self.model.compute_logits(hidden[inputs.logits_indices])
+
+    def _pending_tokens(self, source: torch.Tensor | None, count: int) -> torch.Tensor:
+        """The last step's samples: rank 0 has them, the other ranks receive them (one small
+        broadcast on the model's group, queued on the stream like the rest of the step)."""
+        tp = self.tp
+        if tp.world_size == 1:
+            return source
+        if tp.rank == 0:
+            tokens = source[:count].contiguous()
+        else:
+            tokens = torch.empty(count, dtype=torch.int64, device=self.device)
+        return tp.broadcast(tokens)
 
     def close(self) -> None:
         """Release what outlives the runner's memory: its CUDA graphs (see tp_group.py for
@@ -194,20 +222,25 @@ class ModelRunner:
 
 
 _ARRAYS = ("input_ids", "positions", "slot_mapping", "block_tables", "query_start_loc",
-           "seq_lens", "logits_indices")  # fmt: skip
+           "seq_lens", "logits_indices", "pending_rows", "pending_sources")  # fmt: skip
 
 
 def _device_views(plan: StepPlan, packed: torch.Tensor) -> dict[str, torch.Tensor]:
     """Split the packed plan on the device (layout of `StepPlan.pack`)."""
-    tokens, (seqs, width) = len(plan.input_ids), plan.block_tables.shape
-    sizes = [4, tokens, tokens, tokens, seqs * width, seqs + 1, seqs, len(plan.logits_indices)]
-    _, ids, pos, slots, tables, starts, lens, rows = torch.split(packed, sizes)
+    seqs, width = plan.block_tables.shape
+    sizes = [HEADER, *StepPlan.part_sizes(packed_header(plan))]
+    _, ids, pos, slots, tables, starts, lens, rows, p_rows, p_sources = torch.split(packed, sizes)
     return {
         "input_ids": ids, "positions": pos, "slot_mapping": slots,
         "block_tables": tables.view(seqs, width).to(torch.int32),
         "query_start_loc": starts.to(torch.int32), "seq_lens": lens.to(torch.int32),
-        "logits_indices": rows,
+        "logits_indices": rows, "pending_rows": p_rows, "pending_sources": p_sources,
     }  # fmt: skip
+
+
+def packed_header(plan: StepPlan) -> list[int]:
+    seqs, width = plan.block_tables.shape
+    return [len(plan.input_ids), seqs, width, len(plan.logits_indices), len(plan.pending_rows)]
 
 
 def _inputs(plan: StepPlan, t: dict[str, torch.Tensor]) -> StepInputs:
@@ -219,4 +252,7 @@ def _inputs(plan: StepPlan, t: dict[str, torch.Tensor]) -> StepInputs:
         max_query_len=plan.max_query_len,
         max_seq_len=plan.max_seq_len,
     )
-    return StepInputs(t["input_ids"], t["positions"], meta, t["logits_indices"])
+    return StepInputs(
+        t["input_ids"], t["positions"], meta, t["logits_indices"],
+        t["pending_rows"], t["pending_sources"],
+    )  # fmt: skip

@@ -8,6 +8,9 @@ from enum import Enum
 from mii.constants import GenerationFinishReason
 from mii.engine.sampling_params import SamplingParams
 
+PENDING = -1
+"""Stands for a token that a step still running on the device has sampled."""
+
 
 class SequenceStatus(str, Enum):
     WAITING = "waiting"
@@ -46,6 +49,8 @@ class Sequence:
         self.last_block_hash: int | None = None
         self.status = SequenceStatus.WAITING
         self.finish_reason: GenerationFinishReason | None = None
+        self.num_pending = 0
+        """Trailing tokens sampled by a step still running (PENDING until it is read)."""
 
     def __repr__(self) -> str:
         return (
@@ -80,3 +85,17 @@ class Sequence:
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
+
+    def append_pending(self) -> int:
+        """Stand in for a token a running step samples; returns its index."""
+        self.token_ids.append(PENDING)
+        self.num_pending += 1
+        return len(self.token_ids) - 1
+
+    def resolve(self, index: int, token_id: int) -> None:
+        self.token_ids[index] = token_id
+        self.num_pending -= 1
+
+    @property
+    def num_known_tokens(self) -> int:
+        return len(self.token_ids) - self.num_pending

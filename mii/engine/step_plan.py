@@ -3,13 +3,17 @@ tensors, and what rank 0 of a tensor-parallel group sends to the other ranks."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from mii.engine.scheduler import ScheduledChunk
+from mii.engine.sequence import PENDING
 
-_HEADER = 4  # tokens, sequences, block-table width, sampling rows
+HEADER = 5  # tokens, sequences, block-table width, sampling rows, pending tokens
+
+
+_EMPTY = np.zeros(0, dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -21,10 +25,22 @@ class StepPlan:
     query_start_loc: np.ndarray  # (B + 1,) int32
     seq_lens: np.ndarray  # (B,) int32, context length after this step
     logits_indices: np.ndarray  # (N,) int64, rows of the sequences that sample
+    pending_rows: np.ndarray = field(default_factory=lambda: _EMPTY)
+    """(P,) int64: rows of `input_ids` that hold a PENDING token ..."""
+    pending_sources: np.ndarray = field(default_factory=lambda: _EMPTY)
+    """(P,) int64: ... and which sample of the step before each one is."""
 
     @classmethod
-    def build(cls, chunks: list[ScheduledChunk], block_size: int) -> StepPlan:
-        """Flatten the chunks into one ragged batch. Loops run per sequence, not per token."""
+    def build(
+        cls,
+        chunks: list[ScheduledChunk],
+        block_size: int,
+        sample_rows: dict[int, int] | None = None,
+    ) -> StepPlan:
+        """Flatten the chunks into one ragged batch. Loops run per sequence, not per token.
+
+        `sample_rows` maps `id(seq)` to its row among the samples of the step still running,
+        for the sequences whose last token is PENDING (asynchronous scheduling)."""
         q_lens = np.array([c.num_tokens for c in chunks], dtype=np.int32)
         query_start = np.zeros(len(chunks) + 1, dtype=np.int32)
         np.cumsum(q_lens, out=query_start[1:])
@@ -39,6 +55,12 @@ class StepPlan:
         slots = tables[rows, positions // block_size].astype(np.int64) * block_size
         slots += positions % block_size
         sampling = [i for i, c in enumerate(chunks) if c.samples]
+        pending = [
+            (int(query_start[i + 1]) - 1, sample_rows[id(c.seq)])
+            for i, c in enumerate(chunks)
+            if sample_rows and c.seq.token_ids[c.end - 1] == PENDING
+        ]
+        rows_sources = np.array(pending, dtype=np.int64).reshape(-1, 2)
         return cls(
             input_ids=np.array(input_ids, dtype=np.int64),
             positions=positions,
@@ -47,6 +69,8 @@ class StepPlan:
             query_start_loc=query_start,
             seq_lens=np.array([c.end for c in chunks], dtype=np.int32),
             logits_indices=(query_start[1:][sampling] - 1).astype(np.int64),
+            pending_rows=rows_sources[:, 0].copy(),
+            pending_sources=rows_sources[:, 1].copy(),
         )
 
     @property
@@ -60,7 +84,9 @@ class StepPlan:
     def pack(self) -> np.ndarray:
         """All arrays in one int64 vector behind a header of their sizes."""
         num_seqs, width = self.block_tables.shape
-        header = [len(self.input_ids), num_seqs, width, len(self.logits_indices)]
+        header = [
+            len(self.input_ids), num_seqs, width, len(self.logits_indices), len(self.pending_rows)
+        ]  # fmt: skip
         parts = [
             np.array(header, dtype=np.int64),
             self.input_ids,
@@ -70,16 +96,17 @@ class StepPlan:
             self.query_start_loc,
             self.seq_lens,
             self.logits_indices,
+            self.pending_rows,
+            self.pending_sources,
         ]
         return np.concatenate([p.astype(np.int64, copy=False) for p in parts])
 
     @classmethod
     def unpack(cls, packed: np.ndarray) -> StepPlan:
-        tokens, num_seqs, width, sampling = (int(v) for v in packed[:_HEADER])
-        sizes = [tokens, tokens, tokens, num_seqs * width, num_seqs + 1, num_seqs, sampling]
-        ids, pos, slots, tables, qsl, lens, logit_rows = np.split(
-            packed[_HEADER:], np.cumsum(sizes)[:-1]
+        ids, pos, slots, tables, qsl, lens, logit_rows, p_rows, p_sources = np.split(
+            packed[HEADER:], np.cumsum(cls.part_sizes(packed[:HEADER]))[:-1]
         )
+        num_seqs, width = int(packed[1]), int(packed[2])
         return cls(
             input_ids=ids,
             positions=pos,
@@ -88,4 +115,13 @@ class StepPlan:
             query_start_loc=qsl.astype(np.int32),
             seq_lens=lens.astype(np.int32),
             logits_indices=logit_rows,
+            pending_rows=p_rows,
+            pending_sources=p_sources,
         )
+
+    @staticmethod
+    def part_sizes(header) -> list[int]:
+        """Lengths of the packed arrays after the header, in `pack`'s order."""
+        tokens, num_seqs, width, sampling, pending = (int(v) for v in header)
+        return [tokens, tokens, tokens, num_seqs * width, num_seqs + 1, num_seqs, sampling,
+                pending, pending]  # fmt: skip

@@ -94,12 +94,12 @@ class TensorParallelRunner(ModelRunner):
         )
         self._leading = True
 
-    def execute(self, plan: StepPlan) -> torch.Tensor | None:
+    def execute(self, plan: StepPlan, source: torch.Tensor | None = None) -> torch.Tensor | None:
         if not self._leading:
-            return super().execute(plan)
+            return super().execute(plan, source)
         with self.group.guard():
             self.group.control.send_plan(plan)
-            return super().execute(plan)
+            return super().execute(plan, source)
 
     def close(self) -> None:
         super().close()  # the graphs first: they hold NCCL work the group teardown waits on
