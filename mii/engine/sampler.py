@@ -48,7 +48,12 @@ def gumbel_noise(seeds: torch.Tensor, counters: torch.Tensor, vocab: int) -> tor
 
 
 def _column(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=dtype, device=device)
+    """Per-request values as a device tensor. Through pinned memory: a copy from pageable
+    memory would wait for the stream, which holds the host back from scheduling ahead."""
+    column = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return column
+    return column.pin_memory().to(device, non_blocking=True)
 
 
 class Sampler:
