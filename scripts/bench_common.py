@@ -196,9 +196,9 @@ def attach_roofline(engine, roofline: Roofline) -> None:
     """Record every step the engine's model runner executes."""
     run = engine.runner.run
 
-    def recorded(chunks):
+    def recorded(chunks, *args):
         roofline.record(chunks)
-        return run(chunks)
+        return run(chunks, *args)
 
     engine.runner.run = recorded
 

@@ -43,6 +43,10 @@ class _Launched:
     """The sequences that sample, in the samples' order."""
     indices: list[int]
     """Where each one's sample goes in its tokens (a PENDING token until it is read)."""
+    host: SamplerOutput | None
+    """The samples on their way to host memory ..."""
+    copied: Any = None
+    """... and the CUDA event that marks them arrived (None on the CPU)."""
 
 
 class _Request:
@@ -237,14 +241,17 @@ class LLMEngine:
         sampling = [c.seq for c in schedule.chunks if c.samples]
         self._prompt_tokens += schedule.num_tokens - len(sampling)
         indices = [seq.append_pending() for seq in sampling]
-        return _Launched(samples, sampling, indices)
+        host, copied = samples.to_host() if samples is not None else (None, None)
+        return _Launched(samples, sampling, indices, host, copied)
 
     def _complete(self, launched: _Launched) -> list[RequestOutput]:
         """Read a launched step's samples back and turn them into outputs."""
         if launched.samples is None:
             return []
-        token_ids = launched.samples.token_ids.tolist()  # the step's one host synchronisation
-        logprobs = _logprob_rows(launched.samples, token_ids)
+        if launched.copied is not None:
+            launched.copied.synchronize()  # the step's one wait for the device
+        token_ids = launched.host.token_ids.tolist()
+        logprobs = _logprob_rows(launched.host, token_ids)
         outputs = []
         rows = zip(launched.sampling, launched.indices, token_ids, logprobs, strict=True)
         for seq, index, token_id, lp in rows:

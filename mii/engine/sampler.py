@@ -9,6 +9,7 @@ host synchronisation and no per-request generator.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Collection
 from dataclasses import dataclass
 
@@ -26,6 +27,21 @@ class SamplerOutput:
     logprobs: torch.Tensor | None = None  # (N,) float32, chosen token
     top_ids: torch.Tensor | None = None  # (N, k) int64
     top_logprobs: torch.Tensor | None = None  # (N, k) float32
+
+    def to_host(self) -> tuple[SamplerOutput, torch.cuda.Event | None]:
+        """Start copying to host memory now, right behind the step on the stream, and the
+        event that marks the copy done. (A plain `.tolist()` later would queue behind
+        whatever was launched since: the next step, with asynchronous scheduling.)"""
+        if self.token_ids.device.type != "cuda":
+            return self, None
+        host = SamplerOutput(*(_to_host(t) for t in dataclasses.astuple(self)))
+        done = torch.cuda.Event()
+        done.record()
+        return host, done
+
+
+def _to_host(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.to("cpu", non_blocking=True)  # into pinned memory
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
