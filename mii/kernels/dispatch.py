@@ -35,22 +35,37 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return torch_ref.silu_and_mul_ref(x)
 
 
-def rope_kv_write(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping) -> None:
+def rope_kv_write(
+    q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, step: dict | None = None
+) -> None:
+    """`step`: a dict that lives for one step; the torch path keeps there what every layer
+    of the step shares (the Triton kernels need none of it)."""
     if _triton_on(q):
         from mii.kernels.rope_kv_write import rope_kv_write as kernel
-    else:
-        kernel = torch_ref.rope_kv_write_ref
-    kernel(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping)
+
+        kernel(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping)
+        return
+    torch_ref.rope_kv_write_ref(
+        q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, step
+    )
 
 
 def paged_attention(
-    q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, *, max_query_len: int
-) -> torch.Tensor:
+    q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, *,
+    max_query_len: int, step: dict | None = None,
+) -> torch.Tensor:  # fmt: skip
     """Decode-only steps (max_query_len == 1, known on the host) take the split-K kernel,
-    which keeps the GPU busy at small batches; mixed steps take the ragged kernel."""
+    which keeps the GPU busy at small batches; mixed steps take the ragged kernel. `step`:
+    as in `rope_kv_write` (the torch path's attention layout)."""
     if not _triton_on(q):
+        key = ("attention", q.shape[1] // k_cache.shape[2])
+        step = {} if step is None else step
+        if key not in step:
+            step[key] = torch_ref.attention_layout(
+                q.shape[0], key[1], block_tables, query_start_loc, seq_lens
+            )
         return torch_ref.paged_attention_ref(
-            q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale
+            q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, step[key]
         )
     if max_query_len == 1 and q.shape[0] == seq_lens.shape[0]:
         from mii.kernels.decode_attention import decode_attention as decode

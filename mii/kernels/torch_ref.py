@@ -14,6 +14,8 @@ row `j` (0-based in its chunk) sits at absolute position
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -23,9 +25,13 @@ def rotate_neox(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 
     x: (T, H, D); cos, sin: (T, D // 2). Computes in float32, returns x's dtype.
     """
+    return _rotate(x, cos.unsqueeze(1).float(), sin.unsqueeze(1).float())
+
+
+def _rotate(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """`rotate_neox` with c, s already (T, 1, D/2) float32."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half].float(), x[..., half:].float()
-    c, s = cos.unsqueeze(1).float(), sin.unsqueeze(1).float()  # (T, 1, D/2)
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
 
 
@@ -38,19 +44,29 @@ def rope_kv_write_ref(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    step: dict | None = None,
 ) -> None:
     """Apply rotary to q and k in place, then write k and v into the paged cache.
 
     q: (T, Hq, D); k, v: (T, Hkv, D); positions: (T,) int; cos_sin_cache: (max_pos, D) with
     cos in the first half and sin in the second, or None for models without rotary (OPT);
     slot_mapping: (T,) int64, a negative slot means "do not write" (padding rows).
+    `step`: a dict that lives for one step, where every layer after the first finds the
+    rotary factors and the written rows of the step (None: computed here).
     """
+    step = {} if step is None else step
     if cos_sin_cache is not None:
-        cos, sin = cos_sin_cache[positions].chunk(2, dim=-1)
-        q.copy_(rotate_neox(q, cos, sin))
-        k.copy_(rotate_neox(k, cos, sin))
-    if bool((slot_mapping < 0).any()):
-        keep = slot_mapping >= 0
+        key = ("rope", id(cos_sin_cache))
+        if key not in step:
+            cos, sin = cos_sin_cache[positions].chunk(2, dim=-1)
+            step[key] = (cos.unsqueeze(1).float(), sin.unsqueeze(1).float())
+        c, s = step[key]
+        q.copy_(_rotate(q, c, s))
+        k.copy_(_rotate(k, c, s))
+    if "keep" not in step:
+        step["keep"] = slot_mapping >= 0 if bool((slot_mapping < 0).any()) else None
+    keep = step["keep"]
+    if keep is not None:
         slot_mapping, k, v = slot_mapping[keep], k[keep], v[keep]
     heads, dim = k_cache.shape[2:]
     k_cache.view(-1, heads, dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
@@ -75,15 +91,49 @@ def paged_attention_ref(
     query_start_loc: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    layout: list[GroupLayout] | None = None,
 ) -> torch.Tensor:
     """Ragged paged attention over prompt chunks and decodes of one step.
 
     q: (T, Hq, D); block_tables: (B, max_blocks) int32; query_start_loc: (B + 1,) int32;
     seq_lens: (B,) int32. Returns (T, Hq, D) in q's dtype. Computes in float32.
-    Decodes run as one padded batch; prompt chunks as another when padding them to the
-    longest chunk wastes less than half the work, else one by one.
+    `layout`: what `attention_layout` returns for these arguments (every layer of a step
+    shares it); computed here when None.
     """
     out = q.new_empty(q.shape)  # dense, even when q is a strided view of a fused qkv
+    if layout is None:
+        layout = attention_layout(
+            q.shape[0], q.shape[1] // k_cache.shape[2], block_tables, query_start_loc, seq_lens
+        )
+    for group in layout:
+        _attend_group(q, out, k_cache, v_cache, group, scale)
+    return out
+
+
+@dataclass(frozen=True)
+class GroupLayout:
+    """Sequences attended as one padded batch, and everything about them but the cache."""
+
+    batch: int
+    max_q: int
+    max_len: int
+    tables: torch.Tensor  # (B, max_blocks) block tables of the group
+    rows: torch.Tensor  # (B, Lq) token row of each query (0 for padding)
+    valid: torch.Tensor  # (B, Lq) real queries
+    mask: torch.Tensor  # (B, 1, G * Lq, L) causal and length mask, GQA groups folded in
+    in_order: bool  # the group is every token of the step, one per sequence, in order
+
+
+def attention_layout(
+    num_tokens: int,
+    group_size: int,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+) -> list[GroupLayout]:
+    """Decodes run as one padded batch; prompt chunks as another when padding them to the
+    longest chunk wastes less than half the work, else one by one. `group_size`: query
+    heads per KV head."""
     starts = query_start_loc.tolist()
     q_lens = [b - a for a, b in zip(starts[:-1], starts[1:], strict=True)]
     decodes = [i for i, n in enumerate(q_lens) if n == 1]
@@ -94,14 +144,13 @@ def paged_attention_ref(
     else:
         groups.extend([i] for i in chunks)
     lens = seq_lens.tolist()
-    for group in groups:
-        _attend_group(q, out, k_cache, v_cache, block_tables, starts, q_lens, lens, group, scale)
-    return out
+    return [
+        _group_layout(num_tokens, group_size, block_tables, starts, q_lens, lens, g) for g in groups
+    ]
 
 
-def _attend_group(q, out, k_cache, v_cache, block_tables, starts, q_lens, lens, group, scale):
-    """Attention of the sequences in `group`, queries padded to the longest among them."""
-    device = q.device
+def _group_layout(num_tokens, group_size, block_tables, starts, q_lens, lens, group):
+    device = block_tables.device
     batch, max_q = len(group), max(q_lens[i] for i in group)
     max_len = max(lens[i] for i in group)
     j = torch.arange(max_q, device=device)
@@ -112,26 +161,39 @@ def _attend_group(q, out, k_cache, v_cache, block_tables, starts, q_lens, lens, 
     rows = torch.where(valid, start[:, None] + j[None, :], 0)  # token row of each query
     q_pos = (seq_len - q_len)[:, None] + j[None, :]  # (B, Lq) absolute positions
     mask = torch.arange(max_len, device=device)[None, None, :] <= q_pos[:, :, None]  # (B,Lq,L)
-    tables = block_tables[group]
-    k = _gather_context(k_cache, tables, max_len).float().transpose(1, 2)  # (B, Hkv, L, D)
-    v = _gather_context(v_cache, tables, max_len).float().transpose(1, 2)
+    mask = mask[:, None, None].expand(batch, 1, group_size, max_q, max_len)
+    # A group that is the whole batch in order (every decode-only step) needs no gather.
+    in_order = (batch, max_q) == (num_tokens, 1) and group == list(range(num_tokens))
+    return GroupLayout(
+        batch=batch,
+        max_q=max_q,
+        max_len=max_len,
+        tables=block_tables[group],
+        rows=rows,
+        valid=valid,
+        mask=mask.reshape(batch, 1, group_size * max_q, max_len),
+        in_order=in_order,
+    )
+
+
+def _attend_group(q, out, k_cache, v_cache, group: GroupLayout, scale):
+    """Attention of one group's sequences, queries padded to the longest among them."""
+    batch, max_q = group.batch, group.max_q
+    k = _gather_context(k_cache, group.tables, group.max_len).float().transpose(1, 2)
+    v = _gather_context(v_cache, group.tables, group.max_len).float().transpose(1, 2)
     hq, dim = q.shape[1:]
     hkv = k.shape[1]
     g = hq // hkv
     # GQA without copying K and V: fold each KV head's query group into the query axis.
-    # A group that is the whole batch in order (every decode-only step) needs no gather.
-    in_order = rows.shape == (q.shape[0], 1) and group == list(range(q.shape[0]))
-    qg = (q.unsqueeze(1) if in_order else q[rows]).float().view(batch, max_q, hkv, g, dim)
-    qg = qg.permute(0, 2, 3, 1, 4).reshape(batch, hkv, g * max_q, dim)  # (B, Hkv, G*Lq, D)
-    mask = mask[:, None, None].expand(batch, 1, g, max_q, max_len)
-    o = F.scaled_dot_product_attention(
-        qg, k, v, attn_mask=mask.reshape(batch, 1, g * max_q, max_len), scale=scale
-    )
+    qg = (q.unsqueeze(1) if group.in_order else q[group.rows]).float()
+    qg = qg.view(batch, max_q, hkv, g, dim).permute(0, 2, 3, 1, 4)
+    qg = qg.reshape(batch, hkv, g * max_q, dim)  # (B, Hkv, G*Lq, D)
+    o = F.scaled_dot_product_attention(qg, k, v, attn_mask=group.mask, scale=scale)
     o = o.view(batch, hkv, g, max_q, dim).permute(0, 3, 1, 2, 4).reshape(batch, max_q, hq, dim)
-    if in_order:
+    if group.in_order:
         out.copy_(o.squeeze(1))
     else:
-        out[rows[valid]] = o[valid].to(out.dtype)
+        out[group.rows[group.valid]] = o[group.valid].to(out.dtype)
 
 
 def rms_norm_ref(

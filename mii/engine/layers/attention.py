@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -20,6 +20,9 @@ class AttentionMetadata:
     seq_lens: torch.Tensor  # (B,) int32
     max_query_len: int
     max_seq_len: int
+    step: dict = field(default_factory=dict, repr=False, compare=False)
+    """What every layer of this step shares on the torch path (rotary factors, attention
+    layout): the first layer computes it, the others find it here."""
 
     @property
     def decode_only(self) -> bool:
@@ -51,7 +54,7 @@ class PagedAttention(nn.Module):
     ) -> torch.Tensor:
         """q: (T, Hq, D); k, v: (T, Hkv, D). Returns (T, Hq, D)."""
         dispatch.rope_kv_write(
-            q, k, v, positions, cos_sin, self.k_cache, self.v_cache, meta.slot_mapping
+            q, k, v, positions, cos_sin, self.k_cache, self.v_cache, meta.slot_mapping, meta.step
         )
         return dispatch.paged_attention(
             q,
@@ -62,4 +65,5 @@ class PagedAttention(nn.Module):
             meta.seq_lens,
             self.scale,
             max_query_len=meta.max_query_len,
+            step=meta.step,
         )
