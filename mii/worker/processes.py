@@ -54,6 +54,10 @@ def spawn_worker(
     cmd += ["--deployment", deployment]
     cmd += ["--replica", str(replica), "--engine-factory", engine_factory]
     env = {**os.environ, REDIS_URL_ENV: redis_url, "PYTHONUNBUFFERED": "1"}
+    # A worker shares its cores with its publisher thread and often with Redis: OpenMP
+    # threads that spin while they wait take those cycles (SmolLM2 served on two cores:
+    # 423 -> 472 tok/s in scripts/bench_queue.py). Set OMP_WAIT_POLICY to choose otherwise.
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
             cmd,
