@@ -34,7 +34,8 @@ class SamplerOutput:
         whatever was launched since: the next step, with asynchronous scheduling.)"""
         if self.token_ids.device.type != "cuda":
             return self, None
-        host = SamplerOutput(*(_to_host(t) for t in dataclasses.astuple(self)))
+        fields = (getattr(self, f.name) for f in dataclasses.fields(self))  # no deep copies
+        host = SamplerOutput(*(_to_host(t) for t in fields))
         done = torch.cuda.Event()
         done.record()
         return host, done
