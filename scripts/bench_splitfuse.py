@@ -237,32 +237,32 @@ def run_policy(args, policy: SchedulePolicy, earlier: list[dict]) -> list[dict]:
     built = time.perf_counter()
     if args.path == "queue":
         client = serve_for(args, policy)
-        vocab, close = 32000, client.terminate_server
+        vocab, close = 32000, client.terminate_server  # ids below every preset's vocabulary
         if args.model is not None:
             from mii.engine.loader import load_hf_config, resolve_model_path
 
             vocab = load_hf_config(resolve_model_path(args.model)).vocab_size
+
+        def drive(work: Workload, clients: int, n: int) -> float:
+            return run_queue(client, work, clients, n, args.max_length)
     else:
         engine = engine_for(args, policy)
         vocab, close = engine.vocab_size, engine.close
+
+        def drive(work: Workload, clients: int, n: int) -> float:
+            return run(engine, work, clients, n)
+
     print(f"{policy.value}: ready in {time.perf_counter() - built:.0f}s", flush=True)
     rows = []
     try:
-        warm = Workload.make(2, args.prompt_mean, 4, vocab, seed=99, max_len=args.max_length)
-        if args.path == "queue":
-            # compile and autotune outside the timed runs
-            run_queue(client, warm, 2, 2, args.max_length)
-        else:
-            run(engine, warm, 2, 2)
+        # compile and autotune outside the timed runs
+        drive(Workload.make(2, args.prompt_mean, 4, vocab, seed=99, max_len=args.max_length), 2, 2)
         for clients in [int(c) for c in args.clients.split(",")]:
             n = max(args.min_requests, clients * args.requests_per_client)
             work = Workload.make(
                 n, args.prompt_mean, args.gen_mean, vocab, seed=clients, max_len=args.max_length
             )
-            if args.path == "queue":
-                seconds = run_queue(client, work, clients, n, args.max_length)
-            else:
-                seconds = run(engine, work, clients, n)
+            seconds = drive(work, clients, n)
             row = {"policy": policy.value, "clients": clients}
             rows.append({**row, **summarise(work, seconds, args.prompt_rate)})
             print_rows(rows[-1:], header=not earlier and len(rows) == 1)

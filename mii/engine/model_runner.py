@@ -228,7 +228,7 @@ _ARRAYS = ("input_ids", "positions", "slot_mapping", "block_tables", "query_star
 def _device_views(plan: StepPlan, packed: torch.Tensor) -> dict[str, torch.Tensor]:
     """Split the packed plan on the device (layout of `StepPlan.pack`)."""
     seqs, width = plan.block_tables.shape
-    sizes = [HEADER, *StepPlan.part_sizes(packed_header(plan))]
+    sizes = [HEADER, *StepPlan.part_sizes(plan.header())]
     _, ids, pos, slots, tables, starts, lens, rows, p_rows, p_sources = torch.split(packed, sizes)
     return {
         "input_ids": ids, "positions": pos, "slot_mapping": slots,
@@ -236,11 +236,6 @@ def _device_views(plan: StepPlan, packed: torch.Tensor) -> dict[str, torch.Tenso
         "query_start_loc": starts.to(torch.int32), "seq_lens": lens.to(torch.int32),
         "logits_indices": rows, "pending_rows": p_rows, "pending_sources": p_sources,
     }  # fmt: skip
-
-
-def packed_header(plan: StepPlan) -> list[int]:
-    seqs, width = plan.block_tables.shape
-    return [len(plan.input_ids), seqs, width, len(plan.logits_indices), len(plan.pending_rows)]
 
 
 def _inputs(plan: StepPlan, t: dict[str, torch.Tensor]) -> StepInputs:

@@ -81,14 +81,16 @@ class StepPlan:
     def max_seq_len(self) -> int:
         return int(self.seq_lens.max())
 
+    def header(self) -> list[int]:
+        """The sizes `pack` writes first (HEADER of them)."""
+        num_seqs, width = self.block_tables.shape
+        return [len(self.input_ids), num_seqs, width, len(self.logits_indices),
+                len(self.pending_rows)]  # fmt: skip
+
     def pack(self) -> np.ndarray:
         """All arrays in one int64 vector behind a header of their sizes."""
-        num_seqs, width = self.block_tables.shape
-        header = [
-            len(self.input_ids), num_seqs, width, len(self.logits_indices), len(self.pending_rows)
-        ]  # fmt: skip
         parts = [
-            np.array(header, dtype=np.int64),
+            np.array(self.header(), dtype=np.int64),
             self.input_ids,
             self.positions,
             self.slot_mapping,
