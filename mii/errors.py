@@ -21,6 +21,20 @@ class GenerationError(MIIError):
     """A worker reported that a request failed."""
 
 
+class RequestLostError(GenerationError):
+    """A request vanished from Redis (a Redis that came back empty, a flush, a failover to
+    a replica without it): it is neither queued, nor held by a worker, nor answered."""
+
+
+class BrokerUnavailableError(MIIError, ConnectionError):
+    """The deployment's Redis cannot be reached (down, unreachable, or refusing the
+    credentials) for longer than the client waits (`reconnect_timeout_s`)."""
+
+
+class DeploymentFailedError(MIIError):
+    """The deployment has no live worker and its launcher gave up restarting them."""
+
+
 class RequestTimeoutError(MIIError, TimeoutError):
     """A request's deadline passed before it finished."""
 

@@ -14,6 +14,11 @@ from mii.broker_config.keys import DeploymentKeys
 from mii.broker_config.wire import WIRE_VERSION
 from mii.errors import DeploymentNotFoundError
 
+STARTING, READY, DRAINING, FAILED = "starting", "ready", "draining", "failed"
+EXITED = "exited"
+"""Set by a supervisor (`mii.serve`) that saw the worker's process end: its requests are
+reclaimed at once."""
+
 
 class DeploymentRecord(BaseModel):
     """What `mii.serve` writes and every client and worker of the deployment reads."""
@@ -71,6 +76,21 @@ def read_workers(client, keys: DeploymentKeys) -> dict[str, dict]:
     """Consumer name -> last reported status of every worker that registered."""
     raw = client.hgetall(keys.workers)
     return {_text(k): json.loads(v) for k, v in raw.items()}
+
+
+def is_live(status: dict, dead_after_s: float, now: float | None = None) -> bool:
+    """Whether a worker's status says it is alive: not failed or exited, and its heartbeat
+    is recent (a worker killed with SIGKILL leaves a status that only ages)."""
+    now = time.time() if now is None else now
+    fresh = status.get("heartbeat", 0) > now - dead_after_s
+    return fresh and status.get("state") not in (FAILED, EXITED)
+
+
+def live_workers(client, keys: DeploymentKeys, dead_after_s: float) -> dict[str, dict]:
+    """The statuses of the deployment's workers that are alive (`is_live`)."""
+    now = time.time()
+    workers = read_workers(client, keys).items()
+    return {name: s for name, s in workers if is_live(s, dead_after_s, now)}
 
 
 def _text(value) -> str:

@@ -132,6 +132,24 @@ class DeploymentKeys:
         """One request's response stream: token chunks, then a final chunk."""
         return f"{self.prefix}:resp:{request_id}"
 
+    def claim(self, request_id: str) -> str:
+        """String: `<stream> <entry id>` of the entry a worker serves this request from, set
+        (NX) when a worker takes it and kept `response_ttl_s` after: a second entry of the
+        same request id is dropped, and a client whose request vanished from Redis (queue,
+        claim and response stream all gone) learns that it was lost."""
+        return f"{self.prefix}:claim:{request_id}"
+
+    def client_alive(self, client: str) -> str:
+        """String with a TTL: refreshed by a client process while it waits for responses.
+        Workers cancel the interactive requests of a client whose key expired."""
+        return f"{self.prefix}:client:{client}"
+
+    @property
+    def state(self) -> str:
+        """Hash: the deployment's state as its launcher sees it (`state`: serving or
+        failed, `error`, `since`), e.g. failed when its workers keep crashing."""
+        return f"{self.prefix}:state"
+
     def cancelled(self, request_id: str) -> str:
         """Marker (with a TTL) that a request was cancelled, for workers that read it later."""
         return f"{self.prefix}:cancelled:{request_id}"

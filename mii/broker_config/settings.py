@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 REDIS_URL_ENV = "MII_REDIS_URL"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+REQUEST_BYTES_PER_TOKEN = 32  # far above any tokenizer's bytes per token
+MIN_REQUEST_BYTES = 1 << 20
 
 
 class BrokerSettings(BaseModel):
@@ -48,6 +50,35 @@ class BrokerSettings(BaseModel):
     bulk_job_ttl_s: int = Field(3 * 24 * 3600, gt=0)
     """How long a bulk job's record and results stay after its last change (a submit, a
     finished line); `mii bulk submit --ttl` overrides it per job."""
+    request_timeout_s: float | None = Field(600.0, gt=0)
+    """Default deadline of an interactive request, when the call gives no `timeout=`;
+    None: no deadline (the client still notices a request that vanished from Redis)."""
+    client_timeout_s: float | None = Field(30.0, gt=0)
+    """An interactive request whose client process stopped refreshing its liveness key for
+    this long is cancelled, freeing its KV blocks (bulk lines are exempt). None: never."""
+    lost_request_grace_s: float = Field(10.0, gt=0)
+    """A client that heard nothing of a request for this long checks that Redis still holds
+    it (queued, claimed or answered); a request that vanished fails with an error."""
+    max_request_bytes: int | None = Field(None, gt=0)
+    """Largest prompt a client submits, in UTF-8 bytes (or 4 bytes per token id); None:
+    `REQUEST_BYTES_PER_TOKEN` per token of the deployment's max_length, at least 1 MiB."""
+    deadletter_maxlen: int = Field(10_000, gt=0)
+    """Approximate length the dead-letter stream is trimmed to."""
+    worker_restarts_per_minute: int = Field(5, ge=0)
+    """How often `mii.serve` restarts a crashed worker of its own in a minute before it
+    declares the deployment failed."""
+
+    @property
+    def dead_after_s(self) -> float:
+        """A worker whose status is older than this is dead: its requests are reclaimed
+        without waiting for `reclaim_idle_s`."""
+        return 3 * self.heartbeat_interval_s
+
+    def prompt_byte_limit(self, max_length: int | None) -> int:
+        """The byte limit of one prompt (`max_request_bytes`, else derived from max_length)."""
+        if self.max_request_bytes is not None:
+            return self.max_request_bytes
+        return max(MIN_REQUEST_BYTES, REQUEST_BYTES_PER_TOKEN * (max_length or 0))
 
     @model_validator(mode="after")
     def _heartbeat_faster_than_reclaim(self) -> BrokerSettings:

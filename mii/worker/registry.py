@@ -8,9 +8,14 @@ import os
 import socket
 import time
 
+from mii.broker_config.deployment import (  # noqa: F401 (the states, re-exported)
+    DRAINING,
+    EXITED,
+    FAILED,
+    READY,
+    STARTING,
+)
 from mii.broker_config.keys import DeploymentKeys
-
-STARTING, READY, DRAINING, FAILED = "starting", "ready", "draining", "failed"
 
 
 class WorkerRegistry:
