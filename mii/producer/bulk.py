@@ -236,7 +236,7 @@ class BulkJobs:
         return self.status(job_id)
 
     def _call(self, operation):
-        return self.client._retry(operation)
+        return self.client._call(operation)
 
 
 def _checked(job_id: str) -> str:
