@@ -74,22 +74,28 @@ def _stream_to_stdout(client, prompt: str, kwargs: dict) -> None:
 
 def _run_serve(args) -> int:
     import mii
+    from mii.broker_config.settings import redact_url
 
-    client = mii.serve(
-        args.model,
-        deployment_name=args.deployment_name,
-        replica_num=args.replica_num,
-        tensor_parallel=args.tensor_parallel,
-        max_length=args.max_length,
-        redis_url=args.redis_url,
-    )
+    try:
+        client = mii.serve(
+            args.model,
+            deployment_name=args.deployment_name,
+            replica_num=args.replica_num,
+            tensor_parallel=args.tensor_parallel,
+            max_length=args.max_length,
+            redis_url=args.redis_url,
+        )
+    except KeyboardInterrupt:  # what the start made is already stopped and forgotten
+        print("mii serve: interrupted while starting", file=sys.stderr)
+        return 130
     try:
         if args.prompt is not None:
             prompt = _chat_prompt(args.model, args.prompt) if args.chat else args.prompt
             print(f"> {args.prompt}")
             _stream_to_stdout(client, prompt, _generation_kwargs(args))
             return 0
-        print(f"serving {client.deployment_name} at {client.redis_url}; Ctrl-C stops it")
+        where = redact_url(client.redis_url)
+        print(f"serving {client.deployment_name} at {where}; Ctrl-C stops it", flush=True)
         _wait_for_interrupt(client)
         return 0
     finally:
@@ -97,14 +103,12 @@ def _run_serve(args) -> int:
 
 
 def _wait_for_interrupt(client) -> None:
-    """Until Ctrl-C, SIGTERM, or every worker exited (`mii terminate` from elsewhere)."""
+    """Until Ctrl-C, SIGTERM, or the deployment ended: `mii terminate` from elsewhere, or
+    its workers failed for good (`DeploymentFailedError`: one line, exit code 1)."""
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    workers = client._owner.workers
     with contextlib.suppress(KeyboardInterrupt):
-        while not stop.wait(1.0):
-            if all(w.exit_code() is not None for w in workers):
-                return
+        client.wait_for_workers(stop)
 
 
 def _run_generate(args) -> int:

@@ -23,6 +23,11 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine-factory", default=DEFAULT_FACTORY)
     p.add_argument("--redis-url", default=None, help="default: $MII_REDIS_URL")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics")
+    p.add_argument(
+        "--metrics-address",
+        default=None,
+        help="interface of the metrics port (default 127.0.0.1; 0.0.0.0: every interface)",
+    )
     p.add_argument("--loglevel", default="INFO")  # fmt: skip
 
 
@@ -47,6 +52,8 @@ def run_worker(args) -> int:
     ]  # fmt: skip
     if args.metrics_port:
         argv.append(f"--metrics-port={args.metrics_port}")
+    if args.metrics_address:
+        argv.append(f"--metrics-address={args.metrics_address}")
     make_app(url).worker_main(argv)
     return 0
 
@@ -85,8 +92,9 @@ def add_flower_args(p: argparse.ArgumentParser) -> None:
 
 def run_flower(args) -> int:
     """Flower on the deployment's Redis (the Celery broker), with basic auth on; its
-    Prometheus metrics are at /metrics."""
+    Prometheus metrics are at /metrics (behind the same basic auth)."""
     from mii.worker.celery_app import make_app
+    from mii.worker.flower_auth import protect_metrics
 
     if not args.basic_auth and not args.no_auth:
         raise SystemExit("mii flower: give --basic-auth user:password (or --no-auth)")
@@ -94,5 +102,6 @@ def run_flower(args) -> int:
     argv = ["flower", f"--port={args.port}", f"--address={args.address}"]
     if args.basic_auth:
         argv.append(f"--basic-auth={args.basic_auth}")
+    protect_metrics()
     make_app(url).start(argv=argv)
     return 0
