@@ -150,13 +150,20 @@ class LLMEngine:
             raise InvalidRequestError(
                 f"prompt is {total} tokens; the model's context is {self.max_model_len} tokens"
             )
-        bad = [t for t in (*prompt, *generated) if not 0 <= t < self.vocab_size]
-        if bad:
-            raise InvalidRequestError(f"token ids outside the vocabulary: {bad[:5]}")
+        self._check_ids("prompt", (*prompt, *generated))
+        self._check_ids("stop_token_ids", params.stop_token_ids)
         if params.max_new_tokens < 1:
             raise InvalidRequestError("max_new_tokens must be at least 1")
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop strings need a tokenizer; this model runs without")
+
+    def _check_ids(self, field: str, ids) -> None:
+        """Every id the engine indexes with must be inside the vocabulary."""
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                f"{field}: token ids outside the vocabulary of {self.vocab_size}: {bad[:5]}"
+            )
 
     def abort_request(self, request_id: str) -> bool:
         """Drop a request and free its KV blocks; False when it is not here."""

@@ -16,6 +16,7 @@ import threading
 import time
 
 from celery import bootsteps
+from celery.platforms import EX_FAILURE
 
 from mii.worker.task_events import TaskEvents
 
@@ -34,6 +35,7 @@ class EngineLoopStep(bootsteps.StartStopStep):
         self.events: TaskEvents | None = None
         self.thread: threading.Thread | None = None
         self.stopping = False
+        self.failed = False
         self.started_at = time.monotonic()
         worker.mii_step = self
 
@@ -60,6 +62,7 @@ class EngineLoopStep(bootsteps.StartStopStep):
             self.hosted.loop.run()
         except BaseException:
             log.exception("engine loop failed: shutting the worker down")
+            self.failed = True  # the worker exits non-zero, so supervisors restart it
         if not self.stopping:
             # The loop ended on its own (terminate, failure): the worker has nothing left to
             # host, so it leaves through Celery's warm shutdown like on SIGTERM.
@@ -75,6 +78,8 @@ class EngineLoopStep(bootsteps.StartStopStep):
         if self.loop is not None:
             self.loop.drain()
             self._join(self.loop.settings.drain_timeout_s + 10)
+        if self.failed:
+            worker.exitcode = EX_FAILURE  # `celery worker` exits with this code
 
     def shutdown(self, worker) -> None:
         self.stopping = True

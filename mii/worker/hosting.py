@@ -40,7 +40,8 @@ def build_worker(
     is reported as the worker's FAILED status, then raised) and the loop around it."""
     redis = connect(redis_url)
     keys = DeploymentKeys(deployment)
-    mii_config = MIIConfig.model_validate(load_record(redis, keys).mii_config)
+    record = load_record(redis, keys)
+    mii_config = MIIConfig.model_validate(record.mii_config)
     devices = replica_devices(mii_config, replica)
     registry = WorkerRegistry(redis, keys, process_name(), replica=replica, devices=devices)
     registry.report(STARTING)
@@ -51,6 +52,7 @@ def build_worker(
         registry.report(FAILED, error=f"{type(exc).__name__}: {exc}")
         raise
     loop = WorkerLoop(
-        engine, redis, deployment, mii_config.broker, registry=registry, observer=observer
-    )
+        engine, redis, deployment, mii_config.broker,
+        registry=registry, observer=observer, record=record,
+    )  # fmt: skip
     return HostedWorker(loop, engine, mii_config, replica)
