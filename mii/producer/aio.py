@@ -66,7 +66,7 @@ class AsyncClientMixin:
         while not requests.done:
             requests.check_deadlines()
             await self._aupkeep(requests)
-            streams, block = requests.streams(), requests.block_ms()
+            streams, block = requests.streams(), self._block_ms(requests)
             reply = await self._acall(lambda s=streams, b=block: client.xread(s, block=b))
             for item in requests.feed(reply):
                 yield item

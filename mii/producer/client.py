@@ -161,12 +161,15 @@ class Client(AsyncClientMixin):
         while not requests.done:
             requests.check_deadlines()
             self._upkeep(requests)
-            streams, block = requests.streams(), requests.block_ms()
+            streams, block = requests.streams(), self._block_ms(requests)
             reply = self._call(lambda s=streams, b=block: self.redis.xread(s, block=b))
             yield from requests.feed(reply)
             failed = requests.failed()
             if failed is not None:
                 failed.assembler.response()  # raises its error
+
+    def _block_ms(self, requests: RequestSet) -> int:
+        return requests.block_ms(self._presence.grace_s, self._liveness.next_due())
 
     def _upkeep(self, requests: RequestSet) -> None:
         """Between reads: refresh this client's liveness key, ask after silent requests."""

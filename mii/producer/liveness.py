@@ -45,6 +45,10 @@ class ClientLiveness:
             self._last = now
             return True
 
+    def next_due(self) -> float | None:
+        """When the key is next to be refreshed (the clock's time), None if never."""
+        return None if self.every_s is None else self._last + self.every_s
+
     def refreshed(self) -> None:
         """The key was just set (by the submit script)."""
         with self._lock:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Sequence
+from urllib.parse import urlsplit
 
 import redis
 
@@ -27,9 +28,14 @@ def broker_unavailable(
     without their passwords)."""
     where = " or ".join(redact_url(u) if u else "the deployment's Redis" for u in urls)
     if isinstance(exc, redis.AuthenticationError):
+        if not any(u and urlsplit(u).password for u in urls):
+            return BrokerUnavailableError(
+                f"the Redis at {where} wants a password and the URL gives none: "
+                "use redis://[user]:password@host:port"
+            )
         return BrokerUnavailableError(
             f"the Redis at {where} refused the credentials ({exc}): check the user and "
-            "password in the Redis URL (redis://user:password@host:port)"
+            "password in the Redis URL"
         )
     waited = f" for {waited_s:g}s (broker.reconnect_timeout_s)" if waited_s else ""
     return BrokerUnavailableError(f"no Redis answers at {where}{waited}: {exc}")

@@ -77,8 +77,14 @@ class RequestSet:
         """XREAD arguments: each unfinished response stream from the last id seen."""
         return {r.key: r.assembler.last_id for r in self.open()[:MAX_STREAMS_PER_READ]}
 
-    def block_ms(self) -> int:
+    def block_ms(self, check_after_s: float | None = None, wake_at: float | None = None) -> int:
+        """How long the next read may block: until the nearest deadline, until a request
+        falls silent for `check_after_s` (then the client asks after it), or `wake_at`."""
         ends = [r.give_up_at for r in self.open() if r.give_up_at is not None]
+        if check_after_s is not None:
+            ends += [r.heard_at + check_after_s for r in self.open()]
+        if wake_at is not None:
+            ends.append(wake_at)
         if not ends:
             return MAX_BLOCK_MS
         left = min(ends) - time.monotonic()
