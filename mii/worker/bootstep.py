@@ -21,6 +21,7 @@ from celery.platforms import EX_FAILURE
 from mii.worker.task_events import TaskEvents
 
 log = logging.getLogger("mii.worker")
+EXIT_CODE_ATTR = "mii_exit_code"
 
 
 class EngineLoopStep(bootsteps.StartStopStep):
@@ -79,7 +80,7 @@ class EngineLoopStep(bootsteps.StartStopStep):
             self.loop.drain()
             self._join(self.loop.settings.drain_timeout_s + 10)
         if self.failed:
-            worker.exitcode = EX_FAILURE  # `celery worker` exits with this code
+            setattr(worker.app, EXIT_CODE_ATTR, EX_FAILURE)  # what `mii worker` exits with
 
     def shutdown(self, worker) -> None:
         self.stopping = True

@@ -7,6 +7,7 @@ import os
 import re
 
 from mii.broker_config.settings import DEFAULT_REDIS_URL, explicit_redis_url
+from mii.worker.bootstep import EXIT_CODE_ATTR
 from mii.worker.engine_factory import DEFAULT_FACTORY
 
 
@@ -54,8 +55,11 @@ def run_worker(args) -> int:
         argv.append(f"--metrics-port={args.metrics_port}")
     if args.metrics_address:
         argv.append(f"--metrics-address={args.metrics_address}")
-    make_app(url).worker_main(argv)
-    return 0
+    app = make_app(url)
+    app.worker_main(argv)
+    # Celery drops its worker's exit code; the engine loop's bootstep leaves it on the app:
+    # non-zero when the engine broke, so that supervisors restart the worker
+    return getattr(app, EXIT_CODE_ATTR, 0)
 
 
 def _record_if_missing(url: str, deployment: str, model: str, tensor_parallel: int) -> None:
