@@ -7,8 +7,9 @@ differs."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 
 import redis
 
@@ -16,6 +17,8 @@ from mii.broker_config.connection import CONNECTION_ERRORS, connect_async, retry
 from mii.producer.request_set import RequestSet
 from mii.producer.submit import SUBMIT_SCRIPT
 from mii.response import Response
+
+log = logging.getLogger(__name__)
 
 
 class AsyncClientMixin:
@@ -91,14 +94,15 @@ class AsyncClientMixin:
         delete = [r.key for r in requests.requests] if self.delete_responses else []
         await self._acancel_now([r.rid for r in requests.open()], delete)
 
-    async def _acancel_now(self, rids: Iterable[str], delete: list[str] = ()) -> None:
+    async def _acancel_now(self, rids: Iterable[str], delete: Sequence[str] = ()) -> None:
         """`_cancel_now` for asyncio."""
         client, _ = self._aredis()
         rids = [*rids, *self._abandoned.take()]
         try:
             await self._cancel_pipe(client.pipeline(), rids, delete).execute()
         except CONNECTION_ERRORS:
-            self._abandoned.add(rids)  # the responses expire on their own
+            self._abandoned.add(rids)
+            log.warning("Redis unreachable: %d request(s) will be cancelled later", len(rids))
 
     async def _acall(self, operation, abandon: Iterable[str] = ()):
         """`_call` for asyncio."""

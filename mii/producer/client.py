@@ -19,7 +19,7 @@ cancelled once Redis answers again. No call waits forever unless asked to.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import redis
 
@@ -189,14 +189,14 @@ class Client(AsyncClientMixin):
         delete = [r.key for r in requests.requests] if self.delete_responses else []
         self._cancel_now([r.rid for r in requests.open()], delete)
 
-    def _cancel_pipe(self, pipe, rids: list[str], delete: list[str]):
-        """`pipe` with the cancels of `rids` and of the requests abandoned before."""
+    def _cancel_pipe(self, pipe, rids: list[str], delete: Sequence[str]):
+        """`pipe` with the cancels of `rids` and the deletion of the keys in `delete`."""
         queue_cancels(pipe, self.keys, self.settings, rids)
         if delete:
             pipe.delete(*delete)
         return pipe
 
-    def _cancel_now(self, rids: Iterable[str], delete: list[str] = ()) -> None:
+    def _cancel_now(self, rids: Iterable[str], delete: Sequence[str] = ()) -> None:
         """Cancel `rids` and the abandoned requests in one try; what fails is owed."""
         rids = [*rids, *self._abandoned.take()]
         try:
