@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import threading
 import time
 
 import pytest
@@ -109,3 +110,16 @@ def test_generate_without_workers_ends_at_the_default_timeout(redis_url, capsys,
     err = capsys.readouterr().err
     assert "no live worker serves idle-dep; the request waits up to 0.3s" in err
     assert "no answer within its timeout of 0.3s" in err and "Traceback" not in err
+
+
+@pytest.mark.redis
+def test_generate_whose_request_was_flushed_ends_with_one_line(redis_url, capsys):
+    _record(redis_url, "flushed-dep", lost_request_grace_s=0.3)
+    flush = threading.Timer(0.2, redis_py.Redis.from_url(redis_url).flushall)
+    flush.start()
+    start = time.monotonic()
+    assert main(["generate", "flushed-dep", "hi", "--redis-url", redis_url]) == 1
+    assert time.monotonic() - start < 5
+    flush.join()
+    err = capsys.readouterr().err
+    assert "vanished from Redis" in err and "Traceback" not in err
