@@ -20,6 +20,7 @@ from mii.broker_config.deployment import (
     forget_url,
     is_live,
     live_workers,
+    load_record,
     read_workers,
     remember_url,
     save_record,
@@ -28,7 +29,7 @@ from mii.broker_config.deployment import (
 from mii.broker_config.keys import DeploymentKeys
 from mii.broker_config.settings import DEFAULT_REDIS_URL, explicit_redis_url, redact_url
 from mii.config import MIIConfig
-from mii.errors import DeploymentFailedError, MIIError
+from mii.errors import DeploymentFailedError, DeploymentNotFoundError, MIIError
 from mii.producer.client import Client
 from mii.producer.terminate import delete_deployment_keys, end_queued_requests
 from mii.worker.embedded_redis import EmbeddedRedis
@@ -149,7 +150,13 @@ def _forget(redis, keys: DeploymentKeys, mii_config: MIIConfig, error: str) -> N
 
 
 def _refuse_running(redis, keys: DeploymentKeys, mii_config: MIIConfig) -> None:
-    live = live_workers(redis, keys, mii_config.broker.dead_after_s)
+    """Refuse a name whose workers are live (by the heartbeat interval they were started
+    with); forget the statuses and state of workers that died."""
+    try:
+        recorded = MIIConfig.model_validate(load_record(redis, keys).mii_config).broker
+    except (DeploymentNotFoundError, ValueError):
+        recorded = mii_config.broker
+    live = live_workers(redis, keys, recorded.dead_after_s)
     if live:
         raise MIIError(
             f"deployment {keys.deployment!r} is already served by {', '.join(live)}: "
