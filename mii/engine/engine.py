@@ -13,12 +13,12 @@ from mii.engine.config import EngineConfig, parse_dtype
 from mii.engine.detokenizer import IncrementalDetokenizer
 from mii.engine.loader import eos_token_ids, load_hf_config, load_tokenizer, resolve_model_path
 from mii.engine.outputs import RequestOutput, TokenLogprob
-from mii.engine.parallel import SINGLE, ParallelContext
 from mii.engine.sampler import Sampler, SamplerOutput
 from mii.engine.sampling_params import SamplingParams
 from mii.engine.scheduler import Scheduler
 from mii.engine.sequence import Sequence
-from mii.engine.tp_group import make_runner
+from mii.engine.tp.context import SINGLE, ParallelContext
+from mii.engine.tp.leader import make_runner
 from mii.errors import InvalidRequestError
 
 

@@ -26,6 +26,7 @@ from mii.broker_config.deployment import DeploymentRecord
 from mii.broker_config.keys import WORKER_GROUP, DeploymentKeys, process_name
 from mii.broker_config.settings import BrokerSettings
 from mii.constants import GenerationFinishReason as Reason
+from mii.engine.base import Engine
 from mii.errors import InvalidRequestError
 from mii.worker import outcomes
 from mii.worker.claims import Claims
@@ -48,7 +49,7 @@ FRESH_PARSE_WAIT_S = 0.005
 class WorkerLoop(UpkeepMixin):
     def __init__(
         self,
-        engine,
+        engine: Engine,
         redis,
         deployment: str,
         settings: BrokerSettings,

@@ -96,6 +96,9 @@ class FakeEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def close(self) -> None:
+        self.requests.clear()
+
     def used_tokens(self) -> int:
         return sum(len(r.prompt) + len(r.generated) for r in self.requests.values())
 
