@@ -112,12 +112,12 @@ def serve_deployment(
         redis = connect(url)
         _refuse_running(redis, keys, mii_config)
         recorded = True  # from here on, a failure removes what is recorded
-        _record(redis, keys, mii_config, url, embedded is not None)
+        record = _record(redis, keys, mii_config, url, embedded is not None)
         spec = WorkerSpec(keys.deployment, url, engine_factory)
         local.workers.extend(spec.spawn(r) for r in range(mii_config.model_conf.replica_num))
         wait_ready(redis, keys, local.workers, ready_timeout_s, mii_config.broker.dead_after_s)
         set_state(redis, keys, SERVING)
-        local.supervisor = Supervisor(redis, keys, mii_config.broker, spec, local.workers)
+        local.supervisor = Supervisor(redis, keys, mii_config.broker, record, spec, local.workers)
         local.supervisor.start()
     except BaseException as exc:
         local.stop_workers(timeout_s=5.0)
@@ -128,7 +128,9 @@ def serve_deployment(
     return ServedClient(mii_config, url, redis, local)
 
 
-def _record(redis, keys: DeploymentKeys, mii_config: MIIConfig, url: str, embedded: bool) -> None:
+def _record(
+    redis, keys: DeploymentKeys, mii_config: MIIConfig, url: str, embedded: bool
+) -> DeploymentRecord:
     record = DeploymentRecord(
         # not the URL: it may hold a password, and each process names its own
         mii_config=mii_config.model_dump(mode="json", by_alias=True, exclude={"redis_url"}),
@@ -138,6 +140,7 @@ def _record(redis, keys: DeploymentKeys, mii_config: MIIConfig, url: str, embedd
     save_record(redis, keys, record)
     if embedded:
         remember_url(keys.deployment, url)
+    return record
 
 
 def _forget(redis, keys: DeploymentKeys, mii_config: MIIConfig, error: str) -> None:

@@ -21,13 +21,16 @@ from mii.broker_config.connection import CONNECTION_ERRORS, Backoff
 from mii.broker_config.deployment import (
     FAILED,
     TERMINATING,
+    DeploymentRecord,
     live_workers,
+    load_record,
     mark_exited,
     read_state,
     set_state,
 )
 from mii.broker_config.keys import DeploymentKeys
 from mii.broker_config.settings import BrokerSettings
+from mii.errors import DeploymentNotFoundError
 from mii.worker.processes import WorkerProcess, WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -44,11 +47,14 @@ class Supervisor:
         redis,
         keys: DeploymentKeys,
         settings: BrokerSettings,
+        record: DeploymentRecord,
         spec: WorkerSpec,
         workers: list[WorkerProcess],
     ) -> None:
-        """`workers` is the launcher's list: a restarted replica replaces its entry."""
+        """`record`: what the launcher recorded; `workers` is the launcher's list: a
+        restarted replica replaces its entry."""
         self.redis, self.keys, self.settings, self.spec = redis, keys, settings, spec
+        self.record = record
         self.workers = workers
         self.failure: str | None = None
         """Why the deployment failed, once it did."""
@@ -93,6 +99,8 @@ class Supervisor:
                 if not unreachable:  # once per outage
                     log.warning("supervisor: Redis unreachable (%s); retrying", exc)
                 unreachable = True
+            except Exception:  # noqa: BLE001 (supervision must outlive any one failure)
+                log.exception("supervisor of %s: retrying", self.keys.deployment)
 
     def _tick(self) -> bool:
         """One look at the processes; True when there is nothing left to supervise."""
@@ -106,9 +114,14 @@ class Supervisor:
         return self._nothing_left()
 
     def _deployment_ending(self) -> bool:
-        """Terminated, or its record is gone (a restarted worker could not start anyway)."""
+        """Terminated, its record gone (a restarted worker could not start anyway), or the
+        name now belongs to a new deployment (terminated, then served again)."""
+        try:
+            record = load_record(self.redis, self.keys)
+        except DeploymentNotFoundError:
+            return True
         state = read_state(self.redis, self.keys).get("state")
-        return state == TERMINATING or not self.redis.exists(self.keys.config)
+        return record.created != self.record.created or state == TERMINATING
 
     def _on_exit(self, worker: WorkerProcess) -> None:
         code = worker.exit_code()
@@ -150,9 +163,9 @@ class Supervisor:
             self._due.clear()
             return
         for replica in due:
-            del self._due[replica]
             index = next(i for i, w in enumerate(self.workers) if w.replica == replica)
             self.workers[index] = self.spec.spawn(replica)
+            del self._due[replica]
             self._restarts.append(now)
             log.warning("restarted worker replica %d: pid %d", replica, self.workers[index].pid)
 

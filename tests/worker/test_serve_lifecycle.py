@@ -134,14 +134,8 @@ def test_sigterm_drains_in_flight_work(worker_env, server, monkeypatch):
         (response,) = requests.responses()
         assert response.finish_reason == Reason.LENGTH and response.generated_length == 200
         assert worker.process.wait(20) == 0
-        assert worker.pid not in [
-            s["pid"] for s in read_workers(client.redis, client.keys).values()
-        ]
-        # serving, it was not asked to stop: its supervisor starts it again
-        wait_for(lambda: client.local.workers[0].pid != worker.pid, 10, "a restart")
-        assert client.generate("back", max_new_tokens=3)[0].generated_text == expected_text(
-            "back", 3
-        )
+        statuses = read_workers(client.redis, client.keys).values()
+        assert worker.pid not in [s["pid"] for s in statuses]  # it left, nothing to reclaim
     finally:
         client.terminate_server(timeout_s=10)
 

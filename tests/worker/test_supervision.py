@@ -47,7 +47,7 @@ def test_a_killed_worker_is_marked_exited_at_once_and_restarted(worker_env, priv
     config = fake_config("restart-dep", redis_url=private_redis.url)
     client = serve_deployment(config, engine_factory=FAKE)
     try:
-        in_flight = client._submit(["survive this"], {"max_new_tokens": 150})
+        in_flight = client._submit(["survive this"], {"max_new_tokens": 100})
         wait_for(lambda: client.redis.xpending(client.keys.requests, WORKER_GROUP)["pending"],
                  10, "the request to be taken")  # fmt: skip
         (victim,) = client.local.workers
@@ -59,7 +59,7 @@ def test_a_killed_worker_is_marked_exited_at_once_and_restarted(worker_env, priv
         for _ in client._follow(in_flight):  # the new worker takes over the request
             pass
         (response,) = in_flight.responses()
-        assert response.generated_text == expected_text("survive this", 150)
+        assert response.generated_text == expected_text("survive this", 100)
         assert time.monotonic() - killed < config.broker.reclaim_idle_s
         assert "exited with code -9" in caplog.text and "restarting worker" in caplog.text
     finally:
@@ -86,6 +86,24 @@ def test_workers_that_keep_dying_fail_the_deployment(worker_env, private_redis, 
             client.generate("after", max_new_tokens=2)
         thread.join(15)
         assert isinstance(waiting.get("error"), DeploymentFailedError)  # not a hang
+    finally:
+        client.terminate_server(timeout_s=20)
+
+
+def test_a_worker_of_a_deployment_served_again_elsewhere_is_not_restarted(
+    worker_env, private_redis
+):
+    """`mii terminate` then `mii serve` of the same name from another launcher, while this
+    one's worker is still on its way out: the name is no longer this launcher's."""
+    config = fake_config("replaced-dep", redis_url=private_redis.url)
+    client = serve_deployment(config, engine_factory=FAKE)
+    try:
+        mii_config = config.model_dump(mode="json", by_alias=True, exclude={"redis_url"})
+        save_record(client.redis, client.keys, DeploymentRecord(mii_config=mii_config))
+        (worker,) = client.local.workers
+        os.kill(worker.pid, signal.SIGKILL)
+        assert client.local.supervisor.wait(5)  # nothing left to supervise
+        assert client.local.workers == [worker]
     finally:
         client.terminate_server(timeout_s=20)
 

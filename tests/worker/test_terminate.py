@@ -42,35 +42,44 @@ def test_terminate_ends_queued_work_and_a_redeploy_starts_clean(
     keys = DeploymentKeys(NAME)
     redis = redis_py.Redis.from_url(private_redis.url)
     served = serve_deployment(fake_config(NAME, redis_url=private_redis.url), engine_factory=FAKE)
-    outcome: dict[str, tuple | None] = {}
-    threads = [
-        threading.Thread(target=_wait_on, args=(private_redis.url, _prompts(c), outcome))
-        for c in range(CLIENTS)
-    ]
-    for thread in threads:
-        thread.start()
-    jobs = BulkJobs(served)
-    lines = [f'{{"prompt": "bulk line {i}"}}' for i in range(BULK_LINES)]
-    job = jobs.submit(read_input(lines), params={"max_new_tokens": 8})
-    wait_for(lambda: redis.xlen(keys.requests) >= CLIENTS * PER_CLIENT, 30, "500 requests")
+    try:
+        outcome: dict[str, tuple | None] = {}
+        threads = [
+            threading.Thread(target=_wait_on, args=(private_redis.url, _prompts(c), outcome))
+            for c in range(CLIENTS)
+        ]
+        for thread in threads:
+            thread.start()
+        jobs = BulkJobs(served)
+        lines = [f'{{"prompt": "bulk line {i}"}}' for i in range(BULK_LINES)]
+        job = jobs.submit(read_input(lines), params={"max_new_tokens": 8})
+        wait_for(lambda: redis.xlen(keys.requests) >= CLIENTS * PER_CLIENT, 30, "500 requests")
 
-    terminated = time.monotonic()
-    mii.client(NAME, redis_url=private_redis.url).terminate_server(timeout_s=30)
-    for thread in threads:
-        thread.join(20)
-    assert all(not t.is_alive() for t in threads), "a client still waits"
-    for error, when in outcome.values():  # every waiting client was told, promptly
-        assert "terminated" in str(error) and when - terminated < 15
-    _assert_every_request_ended_with_an_error(redis, keys)
-    status = jobs.status(job.job_id)  # the job's keys keep their TTL
-    assert status.done == status.errors == BULK_LINES
-    assert all("terminated" in r["error"] for r in jobs.results(job.job_id))
-    left = {k.decode().split(":")[2] for k in redis.scan_iter(f"{keys.prefix}:*")}
-    # responses expire; old clients may still refresh their liveness key and cancel what
-    # they abandoned (markers that expire, entries for workers of no deployment)
-    assert left <= {"resp", "job", "cancelled", "control", "client"}, left
+        terminated = time.monotonic()
+        mii.client(NAME, redis_url=private_redis.url).terminate_server(timeout_s=30)
+        for thread in threads:
+            thread.join(20)
+        assert all(not t.is_alive() for t in threads), "a client still waits"
+        for error, when in outcome.values():  # every waiting client was told, promptly
+            assert "terminated" in str(error) and when - terminated < 15
+        _assert_every_request_ended_with_an_error(redis, keys)
+        status = jobs.status(job.job_id)  # the job's keys keep their TTL
+        assert status.done == status.errors == BULK_LINES
+        assert all("terminated" in r["error"] for r in jobs.results(job.job_id))
+        left = {k.decode().split(":")[2] for k in redis.scan_iter(f"{keys.prefix}:*")}
+        # responses expire; old clients may still refresh their liveness key and cancel
+        # what they abandoned (markers that expire, entries for workers of no deployment)
+        assert left <= {"resp", "job", "cancelled", "control", "client"}, left
 
-    again = serve_deployment(fake_config(NAME, redis_url=private_redis.url), engine_factory=FAKE)
+        _assert_a_redeploy_starts_clean(private_redis.url, redis, keys)
+        (old,) = served.local.workers  # its launcher restarted nothing into the new one
+        assert served.local.supervisor.wait(10) and old.exit_code() is not None
+    finally:
+        served.local.stop_workers(timeout_s=5)
+
+
+def _assert_a_redeploy_starts_clean(url: str, redis, keys: DeploymentKeys) -> None:
+    again = serve_deployment(fake_config(NAME, redis_url=url), engine_factory=FAKE)
     try:
         assert redis.xlen(keys.requests) == redis.xlen(keys.bulk) == 0
         (fresh,) = again.generate("fresh", max_new_tokens=3)
