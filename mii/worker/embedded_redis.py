@@ -114,6 +114,9 @@ class EmbeddedRedis:
             time.sleep(0.05)
         return self
 
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
     def stop(self, timeout_s: float = 10.0) -> None:
         if self.process is None or self.process.poll() is not None:
             return

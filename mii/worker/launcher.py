@@ -117,7 +117,9 @@ def serve_deployment(
         local.workers.extend(spec.spawn(r) for r in range(mii_config.model_conf.replica_num))
         wait_ready(redis, keys, local.workers, ready_timeout_s, mii_config.broker.dead_after_s)
         set_state(redis, keys, SERVING)
-        local.supervisor = Supervisor(redis, keys, mii_config.broker, record, spec, local.workers)
+        local.supervisor = Supervisor(
+            redis, keys, mii_config.broker, record, spec, local.workers, embedded
+        )
         local.supervisor.start()
     except BaseException as exc:
         local.stop_workers(timeout_s=5.0)

@@ -31,6 +31,7 @@ from mii.broker_config.deployment import (
 from mii.broker_config.keys import DeploymentKeys
 from mii.broker_config.settings import BrokerSettings
 from mii.errors import DeploymentNotFoundError
+from mii.worker.embedded_redis import EmbeddedRedis
 from mii.worker.processes import WorkerProcess, WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -50,11 +51,13 @@ class Supervisor:
         record: DeploymentRecord,
         spec: WorkerSpec,
         workers: list[WorkerProcess],
+        embedded: EmbeddedRedis | None = None,
     ) -> None:
         """`record`: what the launcher recorded; `workers` is the launcher's list: a
-        restarted replica replaces its entry."""
+        restarted replica replaces its entry; `embedded`: the deployment's own Redis, if
+        the launcher started it (it stops only when the deployment is terminated)."""
         self.redis, self.keys, self.settings, self.spec = redis, keys, settings, spec
-        self.record = record
+        self.record, self.embedded = record, embedded
         self.workers = workers
         self.failure: str | None = None
         """Why the deployment failed, once it did."""
@@ -116,6 +119,8 @@ class Supervisor:
     def _deployment_ending(self) -> bool:
         """Terminated, its record gone (a restarted worker could not start anyway), or the
         name now belongs to a new deployment (terminated, then served again)."""
+        if self.embedded is not None and not self.embedded.running():
+            return True  # terminated from another process, which stopped it
         try:
             record = load_record(self.redis, self.keys)
         except DeploymentNotFoundError:
@@ -125,12 +130,13 @@ class Supervisor:
 
     def _on_exit(self, worker: WorkerProcess) -> None:
         code = worker.exit_code()
-        mark_exited(self.redis, self.keys, socket.gethostname(), worker.pid, code)
-        self._handled.add(worker.pid)
         if self._ending or self._stop.is_set():
             log.info("worker replica %d (pid %d) stopped: code %s", worker.replica, worker.pid,
                      code)  # fmt: skip
+            self._handled.add(worker.pid)
             return
+        mark_exited(self.redis, self.keys, socket.gethostname(), worker.pid, code)
+        self._handled.add(worker.pid)
         log.warning(
             "worker replica %d (pid %d) of %s exited with code %s; last lines of %s:\n%s",
             worker.replica, worker.pid, self.keys.deployment, code, worker.log_path,

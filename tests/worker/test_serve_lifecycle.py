@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import stat
 import subprocess
@@ -35,9 +36,11 @@ def server(private_redis):
     return private_redis
 
 
-def test_embedded_redis_serves_clients_in_other_processes(worker_env, monkeypatch, tmp_path):
+def test_embedded_redis_serves_clients_in_other_processes(worker_env, monkeypatch, tmp_path,
+                                                         caplog):  # fmt: skip
     # no URL given and nothing answering at the default address: embed one
     monkeypatch.setattr(launcher, "DEFAULT_REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
+    caplog.set_level(logging.INFO)
     client = serve_deployment(fake_config("embedded-dep"), engine_factory=FAKE)
     embedded = client.local.redis
     try:
@@ -47,16 +50,22 @@ def test_embedded_redis_serves_clients_in_other_processes(worker_env, monkeypatc
         note = tmp_path / "deployments" / "embedded-dep.json"
         assert stat.S_IMODE(note.stat().st_mode) == 0o600
         assert stat.S_IMODE(note.parent.stat().st_mode) == 0o700
-        code = "import mii; c = mii.client('embedded-dep'); print(c('hi', max_new_tokens=4)[0])"
+        code = (  # a local client finds it, then ends it
+            "import mii; c = mii.client('embedded-dep'); print(c('hi', max_new_tokens=4)[0]); "
+            "c.terminate_server()"
+        )
         out = subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
         )
         assert out.stdout.strip() == expected_text("hi", 4), out.stderr
+        assert embedded.process.wait(10) is not None
+        client.wait_for_workers(threading.Event())  # what `mii serve` waits on: it returns
     finally:
-        client.terminate_server(timeout_s=20)
-    assert embedded.process.wait(10) is not None
+        client.local.stop_workers(timeout_s=5)
+        client.local.stop_redis()
     assert all(w.exit_code() is not None for w in client.local.workers)
     assert remembered_url("embedded-dep") is None
+    assert "redis://:***@127.0.0.1" in caplog.text and embedded.password not in caplog.text
 
 
 def test_embedded_binary_is_recent_enough():
