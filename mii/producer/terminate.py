@@ -42,9 +42,9 @@ def terminate_deployment(
     redis, keys: DeploymentKeys, settings: BrokerSettings, owner, timeout_s: float
 ) -> None:
     """Mark the deployment TERMINATING (supervisors stop restarting workers), tell the
-    workers (they end their requests with an error and stop), wait for the live ones, stop
-    the launcher's own processes (`owner`), end every request still queued, delete the
-    deployment's keys, and shut down a Redis that `mii.serve` embedded."""
+    workers (they end their requests with an error and stop), wait for the live ones, end
+    every request still queued, delete the deployment's keys, wait for the launcher's own
+    processes (`owner`), and shut down a Redis that `mii.serve` embedded."""
     record = _record_or_none(redis, keys)
     error = _why_ended(redis, keys)
     set_state(redis, keys, TERMINATING)
@@ -52,13 +52,13 @@ def terminate_deployment(
     redis.xadd(keys.control, fields, maxlen=settings.control_maxlen, approximate=True)
     deadline = time.monotonic() + timeout_s
     _wait_for_workers(redis, keys, settings, deadline)
-    if owner is not None:
-        owner.stop_workers(max(1.0, deadline - time.monotonic()))
     ended = end_queued_requests(
         redis, keys, error, min(ENDED_RESPONSE_TTL_S, settings.response_ttl_s)
     )
     delete_deployment_keys(redis, keys, settings.response_ttl_s)
     forget_url(keys.deployment)
+    if owner is not None:
+        owner.stop_workers(max(1.0, deadline - time.monotonic()))
     log.info("terminated %s: %d queued request(s) ended", keys.deployment, ended)
     if record is not None and record.embedded_redis:
         time.sleep(EMBEDDED_GRACE_S)
@@ -78,7 +78,8 @@ def _why_ended(redis, keys: DeploymentKeys) -> str:
     state = read_state(redis, keys)
     if state.get("state") != FAILED:
         return TERMINATED
-    return f"{TERMINATED} after it failed: {state.get('error', '').splitlines()[0]}"
+    why = state.get("error", "").partition("\n")[0]  # not the log tail, in every response
+    return f"{TERMINATED} after it failed: {why}"
 
 
 def _wait_for_workers(redis, keys: DeploymentKeys, settings: BrokerSettings, deadline) -> None:

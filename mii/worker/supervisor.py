@@ -136,7 +136,6 @@ class Supervisor:
             self._handled.add(worker.pid)
             return
         mark_exited(self.redis, self.keys, socket.gethostname(), worker.pid, code)
-        self._handled.add(worker.pid)
         log.warning(
             "worker replica %d (pid %d) of %s exited with code %s; last lines of %s:\n%s",
             worker.replica, worker.pid, self.keys.deployment, code, worker.log_path,
@@ -144,6 +143,7 @@ class Supervisor:
         )  # fmt: skip
         if self.failure is None:
             self._schedule_restart(worker, code)
+        self._handled.add(worker.pid)  # last: a Redis error above retries it next tick
 
     def _schedule_restart(self, worker: WorkerProcess, code: int | None) -> None:
         now = time.monotonic()
@@ -177,13 +177,14 @@ class Supervisor:
 
     def _fail(self, worker: WorkerProcess, code: int | None) -> None:
         limit = self.settings.worker_restarts_per_minute
-        self.failure = (
+        failure = (
             f"worker replica {worker.replica} exited with code {code} after {limit} "
             f"restart(s) in a minute (worker_restarts_per_minute={limit}); last lines of "
             f"{worker.log_path}:\n{worker.log_tail()}"
         )
-        set_state(self.redis, self.keys, FAILED, error=self.failure)
-        log.error("deployment %s failed: %s", self.keys.deployment, self.failure)
+        set_state(self.redis, self.keys, FAILED, error=failure)
+        self.failure = failure
+        log.error("deployment %s failed: %s", self.keys.deployment, failure)
 
     def _nothing_left(self) -> bool:
         if self._due or any(w.exit_code() is None for w in self.workers):
