@@ -28,10 +28,11 @@ class EngineLoopStep(bootsteps.StartStopStep):
     label = "mii engine loop"
 
     def __init__(self, worker, deployment=None, replica=0, engine_factory=None,
-                 metrics_port=None, **kwargs):  # fmt: skip
+                 metrics_port=None, metrics_address=None, **kwargs):  # fmt: skip
         super().__init__(worker, **kwargs)
         self.deployment, self.replica = deployment, int(replica or 0)
         self.engine_factory, self.metrics_port = engine_factory, metrics_port
+        self.metrics_address = metrics_address
         self.hosted = None
         self.events: TaskEvents | None = None
         self.thread: threading.Thread | None = None
@@ -54,7 +55,7 @@ class EngineLoopStep(bootsteps.StartStopStep):
         if self.metrics_port:
             from mii.worker.metrics import serve_metrics
 
-            serve_metrics(self, int(self.metrics_port))
+            serve_metrics(self, int(self.metrics_port), self.metrics_address)
         self.thread = threading.Thread(target=self._run, name="mii-engine-loop", daemon=True)
         self.thread.start()
 

@@ -22,7 +22,7 @@ import redis as redis_py
 
 from mii.broker_config import wire
 from mii.broker_config.connection import CONNECTION_ERRORS, Backoff
-from mii.broker_config.deployment import DeploymentRecord
+from mii.broker_config.deployment import TERMINATING, DeploymentRecord, read_state
 from mii.broker_config.keys import WORKER_GROUP, DeploymentKeys, process_name
 from mii.broker_config.settings import BrokerSettings
 from mii.constants import GenerationFinishReason as Reason
@@ -148,6 +148,9 @@ class WorkerLoop(UpkeepMixin):
         self._sync_clock()
         self.publisher.start()
         self._report(READY)
+        if read_state(self.redis, self.keys).get("state") == TERMINATING:
+            log.info("the deployment is being terminated: not serving")
+            self.stop()  # its terminate message came before this worker started reading
 
     def _create_groups(self) -> None:
         for stream in self.keys.request_streams():

@@ -214,3 +214,28 @@ def test_the_dead_letter_stream_is_bounded():
         assert harness.redis.xlen(harness.keys.deadletter) == 5
     finally:
         harness.stop()
+
+
+def test_a_worker_that_starts_during_terminate_does_not_serve(harness):
+    from mii.broker_config.deployment import TERMINATING, set_state
+
+    set_state(harness.redis, harness.keys, TERMINATING)
+    harness.client()._submit(["too late"], {"max_new_tokens": 2})
+    harness.start()
+    wait_for(lambda: not harness.workers[0][1].is_alive(), what="the worker to stop")
+    assert harness.redis.xlen(harness.keys.requests) == 1 and not harness.errors
+
+
+def test_a_worker_keeps_saying_it_is_starting_while_its_engine_loads():
+    from mii.worker.hosting import _still_starting
+
+    class Registry:
+        reports = 0
+
+        def report(self, state):
+            self.reports += 1
+
+    registry = Registry()
+    with _still_starting(registry, interval_s=0.05):
+        time.sleep(0.4)
+    assert registry.reports >= 4
