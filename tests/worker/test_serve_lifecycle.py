@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import redis as redis_py
@@ -167,15 +168,22 @@ def test_refused_twice_and_terminated_from_another_client(worker_env, server):
         client.terminate_server(timeout_s=10)
 
 
+ACL_KEYS = ["mii:*", "mii.*", "mii-*", "_kombu.*", "unacked*", "celery*", "*.pidbox"]
+
+
 def test_acl_user_with_password(worker_env, server):
     admin = redis_py.Redis.from_url(server.url)
-    admin.acl_setuser(
-        "mii-app", enabled=True, passwords=["+s3cret"], keys=["mii:*"], commands=["+@all"]
-    )
+    admin.acl_setuser(  # the README's patterns: mii's keys and Celery's (kombu's)
+        "mii-app", enabled=True, passwords=["+s3cret"], keys=ACL_KEYS, channels=["*"],
+        commands=["+@all"],
+    )  # fmt: skip
     url = f"redis://mii-app:s3cret@127.0.0.1:{server.port}/0"
     client = serve_deployment(fake_config("acl-dep", redis_url=url), engine_factory=FAKE)
     try:
         assert client.generate("acl", max_new_tokens=3)[0].generated_text == expected_text("acl", 3)
+        time.sleep(3)  # Celery's consumer has started and used its keys by now
+        assert all(w.exit_code() is None for w in client.local.workers)
+        assert "NoPermission" not in client.local.workers[0].log_tail(200)
         assert b"s3cret" not in admin.get(client.keys.config)  # URLs are not recorded
         bad = url.replace("s3cret", "wrong")
         with pytest.raises(redis_py.AuthenticationError):
