@@ -7,12 +7,21 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 from mii.engine.sampling_params import SamplingParams
 from mii.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 100.0  # OpenAI's bound on a logit bias
 
 
 class GenerateParams(BaseModel):
@@ -45,6 +54,25 @@ class GenerateParams(BaseModel):
     stop_token_ids: list[int] = Field(default_factory=list)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     """Return the chosen token's log-probability and this many top alternatives."""
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    """OpenAI's: subtracted once from the logit of every token generated so far."""
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    """OpenAI's: subtracted from a token's logit once per time it was generated."""
+    logit_bias: dict[int, float] = Field(default_factory=dict)
+    """OpenAI's: token id -> a value in [-100, 100] added to its logit."""
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_in_bounds(cls, value: dict[int, float]) -> dict[int, float]:
+        for token, bias in value.items():
+            if token < 0 or abs(bias) > MAX_LOGIT_BIAS:
+                raise ValueError(f"token ids >= 0 with biases in [-100, 100], got {token}: {bias}")
+        return value
+
+    @field_serializer("logit_bias")
+    def _bias_keys_as_text(self, value: dict[int, float]) -> dict[str, float]:
+        # msgpack maps on the wire have text keys only
+        return {str(k): v for k, v in value.items()}
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -110,6 +138,9 @@ class GenerateParams(BaseModel):
             stop=tuple(self.stop),
             stop_token_ids=tuple(self.stop_token_ids),
             logprobs=self.logprobs,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            logit_bias=tuple(sorted(self.logit_bias.items())),
         )
 
 

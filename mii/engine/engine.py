@@ -104,7 +104,7 @@ class LLMEngine:
         use_async = config.async_scheduling
         self._async = self.runner.device.type == "cuda" if use_async is None else use_async
         self._inflight: _Launched | None = None
-        self._needs_history: set[str] = set()  # requests with a repetition penalty
+        self._needs_history: set[str] = set()  # requests with a penalty
 
     def _dtype(self):
         if self.config.dtype != "auto":
@@ -136,7 +136,7 @@ class LLMEngine:
         if self.tokenizer is not None:
             detok = IncrementalDetokenizer(self.tokenizer, params.stop, generated_token_ids)
         self.requests[request_id] = _Request(seq, detok)
-        if params.repetition_penalty != 1.0:
+        if params.needs_history:
             self._needs_history.add(request_id)
         self.scheduler.add(seq)
 
@@ -150,7 +150,8 @@ class LLMEngine:
             raise InvalidRequestError(
                 f"prompt is {total} tokens; the model's context is {self.max_model_len} tokens"
             )
-        bad = [t for t in (*prompt, *generated) if not 0 <= t < self.vocab_size]
+        biased = (t for t, _ in params.logit_bias)
+        bad = [t for t in (*prompt, *generated, *biased) if not 0 <= t < self.vocab_size]
         if bad:
             raise InvalidRequestError(f"token ids outside the vocabulary: {bad[:5]}")
         if params.max_new_tokens < 1:
