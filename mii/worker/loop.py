@@ -52,7 +52,9 @@ class WorkerLoop(UpkeepMixin):
         self.engine, self.redis, self.settings = engine, redis, settings
         self.keys = DeploymentKeys(deployment)
         self.consumer = consumer or process_name()
-        self.publisher = Publisher(redis, self.keys, self.consumer, settings.response_ttl_s)
+        self.publisher = Publisher(
+            redis, self.keys, self.consumer, settings.response_ttl_s, engine.tokenizer
+        )
         self.leases = Leases(redis, self.keys, self.consumer, settings.reclaim_idle_s)
         self.reader = Reader(redis, self.keys, self.consumer, script=poll_script)
         self.registry = registry or WorkerRegistry(redis, self.keys, self.consumer)
