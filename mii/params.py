@@ -12,7 +12,6 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
-    field_serializer,
     field_validator,
     model_validator,
 )
@@ -58,21 +57,26 @@ class GenerateParams(BaseModel):
     """OpenAI's: subtracted once from the logit of every token generated so far."""
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     """OpenAI's: subtracted from a token's logit once per time it was generated."""
-    logit_bias: dict[int, float] = Field(default_factory=dict)
-    """OpenAI's: token id -> a value in [-100, 100] added to its logit."""
+    logit_bias: dict[str, float] | None = None
+    """OpenAI's: token id -> a value in [-100, 100] added to its logit. The ids are kept as
+    text, as JSON and the wire's msgpack maps carry them."""
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _bias_ids_as_text(cls, value):
+        if not isinstance(value, dict):
+            return value
+        ids = {str(k).strip(): v for k, v in value.items()}
+        if not all(k.isdigit() for k in ids):
+            raise ValueError(f"logit_bias keys are token ids (integers >= 0), got {list(value)}")
+        return {str(int(k)): v for k, v in ids.items()}
 
     @field_validator("logit_bias")
     @classmethod
-    def _bias_in_bounds(cls, value: dict[int, float]) -> dict[int, float]:
-        for token, bias in value.items():
-            if token < 0 or abs(bias) > MAX_LOGIT_BIAS:
-                raise ValueError(f"token ids >= 0 with biases in [-100, 100], got {token}: {bias}")
+    def _bias_in_bounds(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if any(abs(bias) > MAX_LOGIT_BIAS for bias in (value or {}).values()):
+            raise ValueError("logit_bias values must be in [-100, 100]")
         return value
-
-    @field_serializer("logit_bias")
-    def _bias_keys_as_text(self, value: dict[int, float]) -> dict[str, float]:
-        # msgpack maps on the wire have text keys only
-        return {str(k): v for k, v in value.items()}
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -140,7 +144,7 @@ class GenerateParams(BaseModel):
             logprobs=self.logprobs,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
-            logit_bias=tuple(sorted(self.logit_bias.items())),
+            logit_bias=tuple(sorted((int(k), v) for k, v in (self.logit_bias or {}).items())),
         )
 
 

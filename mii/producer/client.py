@@ -7,7 +7,9 @@
     responses = await client.agenerate(["Hello"])                       # asyncio
     async for delta in client.astream("Hello"): ...
 
-Options are `GenerateParams` (MII's names) plus `timeout=` seconds per request. Bad options
+Options are `GenerateParams` (MII's names) plus `timeout=` seconds per request and `n=`
+choices per prompt (`n` responses each, prompt-major). A prompt is a text, token ids, or a
+`mii.producer.submit.Chat` of messages (the worker applies the chat template). Bad options
 raise `InvalidRequestError` before anything is queued; a full queue raises `QueueFullError`.
 """
 
@@ -110,10 +112,10 @@ class Client(AsyncClientMixin):
 
     def _prepare(self, prompts, kwargs: dict, stream: str | None) -> Submission:
         """Validate everything and build the entries; nothing is sent yet."""
-        timeout = kwargs.pop("timeout", None)
+        timeout, n = kwargs.pop("timeout", None), kwargs.pop("n", 1)
         prompts = as_prompt_list(prompts)
         params = GenerateParams.from_kwargs(**kwargs)
-        messages = build_requests(prompts, params, timeout)
+        messages = build_requests(prompts, params, timeout, n)
         stream = stream or self.keys.requests
         limit = self._depth_limit(stream)
         return Submission(RequestSet(self.keys, messages, params), stream, limit)

@@ -11,6 +11,7 @@ import random
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
@@ -21,7 +22,19 @@ from mii.errors import InvalidRequestError, QueueFullError
 from mii.params import GenerateParams
 from mii.producer.request_set import RequestSet
 
-Prompt = str | list[int]
+MAX_CHOICES = 128  # most completions `n=` asks for one prompt
+
+
+@dataclass(frozen=True)
+class Chat:
+    """A conversation as a prompt: `client.generate(Chat([{"role": "user", "content":
+    "Hi"}]))`. The worker applies the model's chat template, so the client needs no model
+    files."""
+
+    messages: list[dict[str, Any]]
+
+
+Prompt = str | list[int] | Chat
 
 SUBMIT_SCRIPT = """
 local n = (#ARGV - 1) / 2
@@ -39,8 +52,8 @@ return ids
 
 
 def as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
-    """One prompt (text or token ids) or a list of them, as a checked list."""
-    if isinstance(prompts, str) or (
+    """One prompt (text, token ids or a `Chat`) or a list of them, as a checked list."""
+    if isinstance(prompts, str | Chat) or (
         isinstance(prompts, list | tuple) and prompts and isinstance(prompts[0], int)
     ):
         prompts = [prompts]
@@ -52,6 +65,8 @@ def as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
 def _check_prompt(prompt) -> Prompt:
     if isinstance(prompt, str) and prompt:
         return prompt
+    if isinstance(prompt, Chat):
+        return _check_chat(prompt)
     ints = isinstance(prompt, list | tuple) and prompt
     if ints and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt):
         return list(prompt)
@@ -60,29 +75,53 @@ def _check_prompt(prompt) -> Prompt:
     )
 
 
+def _check_chat(chat: Chat) -> Chat:
+    messages = chat.messages
+    if not isinstance(messages, list | tuple) or not messages:
+        raise InvalidRequestError("a chat needs a non-empty list of messages")
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
+            raise InvalidRequestError("each chat message is an object with a role and a content")
+    return Chat(list(messages))
+
+
 def build_requests(
-    prompts: list[Prompt], params: GenerateParams, timeout_s: float | None
+    prompts: list[Prompt], params: GenerateParams, timeout_s: float | None, n: int = 1
 ) -> list[RequestMessage]:
-    """One message per prompt, each with a fresh id and, when sampling, its own seed: a
-    worker that takes over a request continues the same random stream."""
+    """`n` messages per prompt (prompt-major), each with a fresh id and, when sampling, its
+    own seed: a worker that takes over a request continues the same random stream. With a
+    `seed`, choice c of a prompt samples with seed + c, so the n choices differ."""
     if timeout_s is not None and timeout_s <= 0:
         raise InvalidRequestError(f"timeout must be positive, got {timeout_s}")
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
+        raise InvalidRequestError(f"n must be an integer from 1 to {MAX_CHOICES}, got {n!r}")
     options = params.model_dump(exclude_defaults=True)
-    messages = []
-    for prompt in prompts:
-        fields = dict(options)
-        if params.do_sample and params.seed is None:
-            fields["seed"] = random.getrandbits(63)
-        messages.append(
-            RequestMessage(
-                rid=uuid.uuid4().hex,
-                prompt=prompt,
-                params=fields,
-                timeout_s=timeout_s,
-                client=process_name(),
-            )
-        )
-    return messages
+    return [
+        _message(prompt, _choice_options(options, params, choice), timeout_s)
+        for prompt in prompts
+        for choice in range(n)
+    ]
+
+
+def _choice_options(options: dict, params: GenerateParams, choice: int) -> dict:
+    fields = dict(options)
+    if params.seed is not None and choice:
+        fields["seed"] = (params.seed + choice) % 2**63
+    elif params.do_sample and params.seed is None:
+        fields["seed"] = random.getrandbits(63)
+    return fields
+
+
+def _message(prompt: Prompt, params: dict, timeout_s: float | None) -> RequestMessage:
+    chat = isinstance(prompt, Chat)
+    return RequestMessage(
+        rid=uuid.uuid4().hex,
+        prompt="" if chat else prompt,
+        messages=prompt.messages if chat else None,
+        params=params,
+        timeout_s=timeout_s,
+        client=process_name(),
+    )
 
 
 @dataclass
