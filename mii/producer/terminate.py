@@ -19,13 +19,15 @@ log = logging.getLogger(__name__)
 def terminate_deployment(
     redis, keys: DeploymentKeys, settings: BrokerSettings, owner, timeout_s: float
 ) -> None:
-    """Workers stop on a `terminate` control message (they hand unfinished requests back
-    to the stream); the launcher's own processes are waited for and killed if they hang;
-    an embedded Redis is shut down last."""
+    """The launcher's HTTP gateway stops first. Workers stop on a `terminate` control
+    message (they hand unfinished requests back to the stream); the launcher's own
+    processes are waited for and killed if they hang; an embedded Redis is shut down last."""
     try:
         record = load_record(redis, keys)
     except DeploymentNotFoundError:
         record = None
+    if owner is not None:
+        owner.stop_gateway()  # no new requests while the workers stop
     redis.xadd(keys.control, wire.control_fields(ControlMessage(op="terminate")))
     deadline = time.monotonic() + timeout_s
     _wait_for_workers(redis, keys, settings, deadline)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from mii.broker_config.connection import answers, connect
 from mii.broker_config.deployment import (
@@ -24,6 +25,9 @@ from mii.worker.engine_factory import DEFAULT_FACTORY
 from mii.worker.processes import WorkerProcess, spawn_worker, stop_processes
 from mii.worker.registry import FAILED, READY
 
+if TYPE_CHECKING:
+    from mii.gateway.server import GatewayProcess
+
 log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 600.0
 
@@ -34,6 +38,12 @@ class LocalDeployment:
 
     workers: list[WorkerProcess] = field(default_factory=list)
     redis: EmbeddedRedis | None = None
+    gateway: GatewayProcess | None = None
+    """The HTTP gateway, with `enable_restful_api`."""
+
+    def stop_gateway(self) -> None:
+        if self.gateway is not None:
+            self.gateway.stop()
 
     def stop_workers(self, timeout_s: float = 30.0) -> None:
         stop_processes(self.workers, timeout_s)
@@ -81,11 +91,22 @@ def serve_deployment(
         for replica in range(mii_config.model_conf.replica_num):
             owner.workers.append(spawn_worker(keys.deployment, url, replica, None, engine_factory))
         wait_ready(redis, keys, owner.workers, ready_timeout_s)
+        if mii_config.enable_restful_api:
+            owner.gateway = _start_gateway(mii_config, url)
     except BaseException:
+        owner.stop_gateway()
         owner.stop_workers(timeout_s=5.0)
         owner.stop_redis()
         raise
     return Client(mii_config, url, redis_client=redis, owner=owner)
+
+
+def _start_gateway(mii_config: MIIConfig, url: str) -> GatewayProcess:
+    """MII's RESTful API, here the whole gateway (`mii.gateway`), on `restful_api_port`."""
+    from mii.gateway.server import spawn_gateway
+
+    host, port = mii_config.restful_api_host, mii_config.restful_api_port
+    return spawn_gateway(mii_config.deployment_name, url, host, port)
 
 
 def _refuse_running(redis, keys: DeploymentKeys, mii_config: MIIConfig) -> None:
