@@ -12,6 +12,7 @@ from starlette.routing import Route
 
 from mii.gateway.errors import bad_request, not_found
 from mii.gateway.generate import answer
+from mii.gateway.metrics import Timing
 from mii.gateway.requests import json_body, parse_chat, parse_completion
 from mii.producer.submit import as_prompt_list
 
@@ -46,7 +47,8 @@ async def get_model(request: Request) -> Response:
 async def mii_generate(request: Request) -> Response:
     """DeepSpeed-MII's RESTful API: `{"prompts": ..., <generate options>}` ->
     `[Response.to_msg_dict(), ...]`."""
-    deployment = _state(request).deployment
+    gateway = _state(request)
+    deployment = gateway.deployment
     if request.path_params["deployment"] != deployment.name:
         raise not_found(f"no deployment {request.path_params['deployment']!r} here")
     body = json_body(await request.body())
@@ -55,7 +57,9 @@ async def mii_generate(request: Request) -> Response:
     prompts = as_prompt_list(body.pop("prompts"))
     await deployment.require_live_worker()
     body.setdefault("timeout", deployment.timeout_s)
+    timing = Timing(gateway.metrics, "/mii")
     responses = await deployment.client.agenerate(prompts, **body)
+    timing.done(sum(r.prompt_length for r in responses), sum(r.generated_length for r in responses))
     return JSONResponse([r.to_msg_dict() for r in responses])
 
 
