@@ -19,6 +19,7 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
                    help="seconds per request (default: the deployment's)")  # fmt: skip
     p.add_argument("--cors-origin", action="append", default=[], help="allowed origin (or *)")
     p.add_argument("--files-dir", default=None, help="keep uploaded files here, not in Redis")
+    p.add_argument("--workers", type=int, default=1, help="processes sharing the port")
     p.add_argument("--log-level", default="info")
 
 
@@ -39,7 +40,7 @@ def settings_from_args(args) -> GatewaySettings:
 def run_gateway(args) -> int:
     from mii.gateway.server import serve
 
-    serve(settings_from_args(args), log_level=args.log_level)
+    serve(settings_from_args(args), log_level=args.log_level, workers=args.workers)
     return 0
 
 
