@@ -37,6 +37,10 @@ class APIError(Exception):
         return {"error": error | {"code": self.code}}
 
 
+class ClientGone(Exception):
+    """The HTTP client disconnected before its answer was ready."""
+
+
 def bad_request(message: str, param: str | None = None) -> APIError:
     return APIError(400, message, param=param)
 
@@ -54,6 +58,8 @@ def api_error(exc: Exception, retry_after_s: int = 1) -> APIError:
     """The HTTP error for an exception raised while serving a request."""
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, ClientGone):  # nobody reads this answer; nginx's code for it
+        return APIError(499, "the client closed the request", code="client_closed_request")
     if isinstance(exc, QueueFullError):
         headers = {"Retry-After": str(retry_after_s)}
         return APIError(429, str(exc), "rate_limit_error", code="queue_full", headers=headers)

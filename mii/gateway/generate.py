@@ -10,13 +10,14 @@ server cancels the task that streamed.
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
 from starlette.responses import JSONResponse, StreamingResponse
 
 from mii.gateway.deployment import Deployment
-from mii.gateway.errors import api_error
+from mii.gateway.errors import ClientGone, api_error
 from mii.gateway.metrics import GatewayMetrics, Timing
 from mii.gateway.requests import GenerationRequest
 from mii.gateway.shapes import Shape, shape_for, usage
@@ -29,8 +30,32 @@ def sse_event(payload: dict) -> bytes:
     return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
 
 
-async def answer(deployment: Deployment, request: GenerationRequest, metrics: GatewayMetrics):
-    """The HTTP response to a completions or chat request."""
+async def unless_disconnected(http_request, work: Awaitable):
+    """`work`'s result, or `ClientGone` as soon as the client hangs up: the work is then
+    cancelled (and with it the requests it queued)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnect(http_request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for pending in (task, watcher):
+            if not pending.done():
+                pending.cancel()
+    if not task.done() or task.cancelled():
+        raise ClientGone()
+    return task.result()
+
+
+async def _disconnect(http_request) -> None:
+    while (await http_request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def answer(
+    deployment: Deployment, request: GenerationRequest, metrics: GatewayMetrics, http_request
+):
+    """The HTTP response to a completions or chat request (`http_request`: Starlette's,
+    watched for a disconnect while a whole answer is generated)."""
     deployment.check_model(request.model)
     await deployment.require_live_worker()
     shape = shape_for(request, request.model or deployment.name)
@@ -38,7 +63,8 @@ async def answer(deployment: Deployment, request: GenerationRequest, metrics: Ga
     options = dict(request.options, n=request.n, timeout=deployment.timeout_s)
     client = deployment.client
     if not request.stream:
-        responses = await client.agenerate(request.prompts, **options)
+        work = client.agenerate(request.prompts, **options)
+        responses = await unless_disconnected(http_request, work)
         body = shape.body(responses)
         timing.done(body["usage"]["prompt_tokens"], body["usage"]["completion_tokens"])
         return JSONResponse(body)

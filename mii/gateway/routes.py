@@ -11,7 +11,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from mii.gateway.errors import bad_request, not_found
-from mii.gateway.generate import answer
+from mii.gateway.generate import answer, unless_disconnected
 from mii.gateway.metrics import Timing
 from mii.gateway.requests import json_body, parse_chat, parse_completion
 from mii.producer.submit import as_prompt_list
@@ -24,13 +24,13 @@ def _state(request: Request):
 async def completions(request: Request) -> Response:
     gateway = _state(request)
     parsed = parse_completion(json_body(await request.body()))
-    return await answer(gateway.deployment, parsed, gateway.metrics)
+    return await answer(gateway.deployment, parsed, gateway.metrics, request)
 
 
 async def chat_completions(request: Request) -> Response:
     gateway = _state(request)
     parsed = parse_chat(json_body(await request.body()))
-    return await answer(gateway.deployment, parsed, gateway.metrics)
+    return await answer(gateway.deployment, parsed, gateway.metrics, request)
 
 
 async def list_models(request: Request) -> Response:
@@ -58,7 +58,7 @@ async def mii_generate(request: Request) -> Response:
     await deployment.require_live_worker()
     body.setdefault("timeout", deployment.timeout_s)
     timing = Timing(gateway.metrics, "/mii")
-    responses = await deployment.client.agenerate(prompts, **body)
+    responses = await unless_disconnected(request, deployment.client.agenerate(prompts, **body))
     timing.done(sum(r.prompt_length for r in responses), sum(r.generated_length for r in responses))
     return JSONResponse([r.to_msg_dict() for r in responses])
 

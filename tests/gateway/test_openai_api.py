@@ -205,3 +205,14 @@ def test_a_client_that_disconnects_mid_stream_cancels_its_request(harness, gatew
         assert first["choices"][0]["text"]
     wait_for(lambda: engine.aborted, timeout_s=10, what="the request cancelled")
     assert not engine.requests
+
+
+def test_a_client_that_hangs_up_on_a_whole_answer_cancels_it(harness, gateway_for):
+    engine = FakeEngine(step_delay_s=0.02)
+    harness.start(engine)
+    gateway = gateway_for()
+    body = {"prompt": "long", "max_tokens": 2000}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{gateway.url}/v1/completions", json=body, timeout=0.5)
+    wait_for(lambda: engine.aborted, timeout_s=10, what="the request cancelled")
+    assert not engine.requests
