@@ -168,6 +168,9 @@ class Batches:
     def result_file(self, batch_id: str, kind: str) -> bytes:
         """The output (successes) or error file of a finished batch, as JSONL."""
         self._load(batch_id)
+        status = self._status(batch_id)
+        if status is None or not status.complete:
+            raise bad_request(f"batch {batch_id} has not finished; its files come at the end")
         out = []
         for record in self.jobs.results(batch_id):
             success = record["error"] is None and record["response"]["status_code"] == 200
