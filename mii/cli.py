@@ -19,9 +19,16 @@ import signal
 import sys
 import threading
 
+from redis import RedisError
+
+from mii.errors import MIIError
 from mii.gateway.cli import add_gateway_args, run_gateway
 from mii.producer.bulk_cli import add_bulk_args, run_bulk
 from mii.worker.celery_cli import add_flower_args, add_worker_args, run_flower, run_worker
+
+USER_ERRORS = (MIIError, ValueError, OSError, RedisError)
+"""What `main` reports in one line: bad arguments and options (pydantic's errors are
+ValueErrors), missing files, unreachable or refusing Redis servers."""
 
 
 def _add_serve(p: argparse.ArgumentParser) -> None:
@@ -76,22 +83,28 @@ def _stream_to_stdout(client, prompt: str, kwargs: dict) -> None:
 
 def _run_serve(args) -> int:
     import mii
+    from mii.broker_config.settings import redact_url
 
-    client = mii.serve(
-        args.model,
-        deployment_name=args.deployment_name,
-        replica_num=args.replica_num,
-        tensor_parallel=args.tensor_parallel,
-        max_length=args.max_length,
-        redis_url=args.redis_url,
-    )
+    try:
+        client = mii.serve(
+            args.model,
+            deployment_name=args.deployment_name,
+            replica_num=args.replica_num,
+            tensor_parallel=args.tensor_parallel,
+            max_length=args.max_length,
+            redis_url=args.redis_url,
+        )
+    except KeyboardInterrupt:  # what the start made is already stopped and forgotten
+        print("mii serve: interrupted while starting", file=sys.stderr)
+        return 130
     try:
         if args.prompt is not None:
             prompt = _chat_prompt(args.model, args.prompt) if args.chat else args.prompt
             print(f"> {args.prompt}")
             _stream_to_stdout(client, prompt, _generation_kwargs(args))
             return 0
-        print(f"serving {client.deployment_name} at {client.redis_url}; Ctrl-C stops it")
+        where = redact_url(client.redis_url)
+        print(f"serving {client.deployment_name} at {where}; Ctrl-C stops it", flush=True)
         _wait_for_interrupt(client)
         return 0
     finally:
@@ -99,14 +112,12 @@ def _run_serve(args) -> int:
 
 
 def _wait_for_interrupt(client) -> None:
-    """Until Ctrl-C, SIGTERM, or every worker exited (`mii terminate` from elsewhere)."""
+    """Until Ctrl-C, SIGTERM, or the deployment ended: `mii terminate` from elsewhere, or
+    its workers failed for good (`DeploymentFailedError`: one line, exit code 1)."""
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    workers = client._owner.workers
     with contextlib.suppress(KeyboardInterrupt):
-        while not stop.wait(1.0):
-            if all(w.exit_code() is not None for w in workers):
-                return
+        client.wait_for_workers(stop)
 
 
 def _run_generate(args) -> int:
@@ -115,11 +126,30 @@ def _run_generate(args) -> int:
     client = mii.client(args.deployment, redis_url=args.redis_url)
     model = client.mii_config.model_conf.model_name_or_path
     prompt = _chat_prompt(model, args.prompt) if args.chat else args.prompt
+    _warn_without_workers(client)
     if args.no_stream:
         print(client.generate(prompt, **_generation_kwargs(args))[0].generated_text)
     else:
         _stream_to_stdout(client, prompt, _generation_kwargs(args))
     return 0
+
+
+def _warn_without_workers(client) -> None:
+    """Say so when no worker is alive: the request then waits up to its timeout (a failed
+    deployment refuses it instead)."""
+    from mii.broker_config.deployment import FAILED, live_workers
+
+    state = client.redis.hget(client.keys.state, "state")
+    if state in (FAILED, FAILED.encode()):
+        return
+    if not live_workers(client.redis, client.keys, client.settings.dead_after_s):
+        timeout = client.settings.request_timeout_s
+        waits = f"up to {timeout:g}s (broker.request_timeout_s)" if timeout else "until one comes"
+        print(
+            f"mii generate: no live worker serves {client.deployment_name}; the request "
+            f"waits {waits}",
+            file=sys.stderr,
+        )
 
 
 def _run_terminate(args) -> int:
@@ -150,14 +180,42 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from mii.errors import MIIError
-
+    """Run a subcommand; a user's mistake (a bad argument, an unknown deployment, a Redis
+    that is down) is one line on stderr and exit code 1, never a traceback."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    undecodable = _undecodable(argv)
+    if undecodable is not None:
+        print(f"mii: argument {undecodable} is not valid UTF-8", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except MIIError as exc:
-        print(f"mii {args.command}: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        return 130
+    except USER_ERRORS as exc:
+        print(f"mii {args.command}: {_one_line(exc)}", file=sys.stderr)
         return 1
+
+
+def _undecodable(argv: list[str]) -> str | None:
+    """The first argument that was not UTF-8 (Python keeps its bytes as lone surrogates),
+    shown as bytes."""
+    for arg in argv:
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            return repr(arg.encode("utf-8", "surrogateescape"))
+    return None
+
+
+def _one_line(exc: BaseException) -> str:
+    from pydantic import ValidationError
+
+    from mii.params import describe_errors
+
+    if isinstance(exc, ValidationError):
+        return f"invalid {exc.title}: {describe_errors(exc)}"
+    return str(exc) or type(exc).__name__
 
 
 if __name__ == "__main__":

@@ -10,8 +10,7 @@ from mii.constants import GenerationFinishReason
 from mii.engine.engine import LLMEngine
 from mii.engine.loader import resolve_model_path
 from mii.engine.outputs import RequestOutput
-from mii.errors import InvalidRequestError
-from mii.params import GenerateParams, encode_prompt
+from mii.params import GenerateParams, as_prompt_list, encode_prompt
 from mii.response import Response, ResponseParts
 
 Prompt = str | list[int]
@@ -64,12 +63,7 @@ class MIIPipeline:
 
     def _submit(self, prompts, kwargs) -> dict[str, ResponseParts]:
         """Validate every prompt before queueing any, so a bad one leaves nothing behind."""
-        if isinstance(prompts, str) or (
-            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
-        ):
-            prompts = [prompts]
-        if not prompts:
-            raise InvalidRequestError("no prompts given")
+        prompts = as_prompt_list(prompts)
         params = GenerateParams.from_kwargs(**kwargs)
         prepared = []
         for prompt in prompts:

@@ -87,6 +87,13 @@ def test_stop_string_ends_generation_and_is_cut(pipe):
         (["ok"], {"temperature": -1}, "temperature"),
         ([[1, 2, 99999]], {}, "outside the vocabulary"),
         ([3.5], {}, "a prompt is a string or a list of token ids"),
+        (None, {}, "a prompt is a string or a list of token ids.*not NoneType"),
+        (b"hi", {}, "decode bytes to str"),
+        (["abc\udcff"], {}, "not valid Unicode"),
+        ([[1, 2**70]], {}, "token id"),
+        (["ok"], {"max_new_tokens": 10**30}, "max_new_tokens"),
+        (["ok"], {"do_sample": "yes"}, "do_sample"),
+        (["ok"], {"temperature": float("inf")}, "temperature"),
     ],
 )
 def test_bad_input_is_a_clear_error_and_the_pipeline_keeps_working(pipe, prompts, options, message):
@@ -94,6 +101,12 @@ def test_bad_input_is_a_clear_error_and_the_pipeline_keeps_working(pipe, prompts
         pipe(prompts, **options)
     assert not pipe.engine.has_unfinished_requests()
     assert pipe("still fine", max_new_tokens=2)[0].generated_length >= 1
+
+
+def test_temperature_zero_is_greedy_even_when_sampling(pipe):
+    greedy = pipe("cold", max_new_tokens=6, do_sample=False)[0]
+    zero = pipe("cold", max_new_tokens=6, do_sample=True, temperature=0)[0]
+    assert zero.token_ids == greedy.token_ids
 
 
 def test_unknown_pipeline_option_names_it(tiny_model):

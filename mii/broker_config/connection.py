@@ -6,9 +6,10 @@ worker and the client add `Backoff` on top, so a Redis restart of any length is 
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import redis
@@ -95,3 +96,18 @@ def retry_until(
             if time.monotonic() >= deadline:
                 raise
             backoff.sleep()
+
+
+async def retry_until_async(
+    operation: Callable[[], Awaitable[T]], give_up_after_s: float, backoff: Backoff | None = None
+) -> T:
+    """`retry_until` for coroutines: `operation()` is awaited, the backoff too."""
+    backoff = backoff or Backoff()
+    deadline = time.monotonic() + give_up_after_s
+    while True:
+        try:
+            return await operation()
+        except CONNECTION_ERRORS:
+            if time.monotonic() >= deadline:
+                raise
+            await asyncio.sleep(backoff.next_delay())

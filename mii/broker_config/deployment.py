@@ -18,6 +18,8 @@ STARTING, READY, DRAINING, FAILED = "starting", "ready", "draining", "failed"
 EXITED = "exited"
 """Set by a supervisor (`mii.serve`) that saw the worker's process end: its requests are
 reclaimed at once."""
+SERVING, TERMINATING = "serving", "terminating"
+"""Deployment states in `keys.state`, beside STARTING and FAILED (its workers kept crashing)."""
 
 
 class DeploymentRecord(BaseModel):
@@ -44,18 +46,36 @@ def load_record(client, keys: DeploymentKeys) -> DeploymentRecord:
     return DeploymentRecord.model_validate_json(raw)
 
 
+def set_state(client, keys: DeploymentKeys, state: str, error: str | None = None) -> None:
+    """Record the deployment's state (`keys.state`: state, since, and error when failed)."""
+    fields = {"state": state, "since": time.time(), **({"error": error} if error else {})}
+    pipe = client.pipeline(transaction=True)
+    pipe.delete(keys.state)
+    pipe.hset(keys.state, mapping=fields)
+    pipe.execute()
+
+
+def read_state(client, keys: DeploymentKeys) -> dict[str, str]:
+    """The deployment's state as its launcher last recorded it; {} when none is recorded."""
+    return {_text(k): _text(v) for k, v in client.hgetall(keys.state).items()}
+
+
 def _local_dir() -> Path:
     root = os.environ.get("MII_CACHE_DIR") or Path.home() / ".cache" / "mii"
     return Path(root) / "deployments"
 
 
 def remember_url(deployment: str, url: str) -> None:
-    """Note on this host where an embedded Redis of a deployment listens."""
+    """Note on this host where an embedded Redis of a deployment listens. The URL holds the
+    Redis's password: the note is readable by its owner only (0600 in a 0700 folder)."""
     folder = _local_dir()
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    folder.chmod(0o700)  # made by an earlier version with the default mode
     path = folder / f"{deployment.replace('/', '_')}.json"
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"redis_url": url}))
+    tmp.unlink(missing_ok=True)
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        f.write(json.dumps({"redis_url": url}))
     tmp.replace(path)
 
 
@@ -91,6 +111,17 @@ def live_workers(client, keys: DeploymentKeys, dead_after_s: float) -> dict[str,
     now = time.time()
     workers = read_workers(client, keys).items()
     return {name: s for name, s in workers if is_live(s, dead_after_s, now)}
+
+
+def mark_exited(client, keys: DeploymentKeys, host: str, pid: int, exit_code: int | None) -> bool:
+    """Set the status of the worker process `pid` on `host` to EXITED (its supervisor saw
+    it end), so that live workers reclaim its requests at once. False: it left no status."""
+    for name, status in read_workers(client, keys).items():
+        if status.get("pid") == pid and status.get("host") == host:
+            status.update(state=EXITED, exit_code=exit_code)
+            client.hset(keys.workers, name, json.dumps(status))
+            return True
+    return False
 
 
 def _text(value) -> str:

@@ -102,7 +102,9 @@ def check_redis_url(url: str) -> None:
     """Refuse URLs redis-py would misread (a clear error instead of a connection hang)."""
     scheme = urlsplit(url).scheme
     if scheme not in ("redis", "rediss", "unix"):
-        raise ValueError(f"Redis URL must start with redis://, rediss:// or unix://, got {url!r}")
+        raise ValueError(
+            f"Redis URL must start with redis://, rediss:// or unix://, got {redact_url(url)!r}"
+        )
 
 
 def redact_url(url: str) -> str:

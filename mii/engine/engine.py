@@ -13,12 +13,12 @@ from mii.engine.config import EngineConfig, parse_dtype
 from mii.engine.detokenizer import IncrementalDetokenizer
 from mii.engine.loader import eos_token_ids, load_hf_config, load_tokenizer, resolve_model_path
 from mii.engine.outputs import RequestOutput, TokenLogprob
-from mii.engine.parallel import SINGLE, ParallelContext
 from mii.engine.sampler import Sampler, SamplerOutput
 from mii.engine.sampling_params import SamplingParams
 from mii.engine.scheduler import Scheduler
 from mii.engine.sequence import Sequence
-from mii.engine.tp_group import make_runner
+from mii.engine.tp.context import SINGLE, ParallelContext
+from mii.engine.tp.leader import make_runner
 from mii.errors import InvalidRequestError
 
 
@@ -150,14 +150,21 @@ class LLMEngine:
             raise InvalidRequestError(
                 f"prompt is {total} tokens; the model's context is {self.max_model_len} tokens"
             )
-        biased = (t for t, _ in params.logit_bias)
-        bad = [t for t in (*prompt, *generated, *biased) if not 0 <= t < self.vocab_size]
-        if bad:
-            raise InvalidRequestError(f"token ids outside the vocabulary: {bad[:5]}")
+        self._check_ids("prompt", (*prompt, *generated))
+        self._check_ids("stop_token_ids", params.stop_token_ids)
+        self._check_ids("logit_bias", [t for t, _ in params.logit_bias])
         if params.max_new_tokens < 1:
             raise InvalidRequestError("max_new_tokens must be at least 1")
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop strings need a tokenizer; this model runs without")
+
+    def _check_ids(self, field: str, ids) -> None:
+        """Every id the engine indexes with must be inside the vocabulary."""
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                f"{field}: token ids outside the vocabulary of {self.vocab_size}: {bad[:5]}"
+            )
 
     def abort_request(self, request_id: str) -> bool:
         """Drop a request and free its KV blocks; False when it is not here."""

@@ -13,7 +13,7 @@ from torch import nn
 
 from mii.engine.demo_model import SHORT_NAMES, ensure_demo_model
 from mii.engine.models import model_class
-from mii.engine.parallel import ParallelContext
+from mii.engine.tp.context import ParallelContext
 
 
 def resolve_model_path(name: str) -> str:

@@ -12,10 +12,10 @@ from mii.engine.config import EngineConfig
 from mii.engine.cuda_graphs import DecodeGraphs
 from mii.engine.layers.attention import AttentionMetadata, PagedAttention
 from mii.engine.loader import build_model, init_random_weights, load_weights
-from mii.engine.parallel import SINGLE, ParallelContext
 from mii.engine.sampler import Sampler, SamplerOutput
 from mii.engine.scheduler import ScheduledChunk
 from mii.engine.step_plan import HEADER, StepPlan
+from mii.engine.tp.context import SINGLE, ParallelContext
 
 GIB = 1 << 30
 
@@ -214,7 +214,7 @@ class ModelRunner:
         return tp.broadcast(tokens)
 
     def close(self) -> None:
-        """Release what outlives the runner's memory: its CUDA graphs (see tp_group.py for
+        """Release what outlives the runner's memory: its CUDA graphs (see tp/leader.py for
         the process group of a tensor-parallel runner)."""
         if self.graphs is not None:
             self.graphs.release()

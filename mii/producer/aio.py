@@ -1,23 +1,24 @@
 """The asyncio half of `Client`: `agenerate` and `astream`, usable inside a running event
 loop (notebooks, web servers). Each event loop gets its own redis.asyncio connection, since
-those cannot cross loops."""
+those cannot cross loops. Every decision (validation, the submit script, liveness, the
+check for lost requests, what an outage abandons) is the blocking client's; only the I/O
+differs."""
 
 from __future__ import annotations
 
 import asyncio
-import time
+import logging
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 
 import redis
 
-from mii.broker_config import wire
-from mii.broker_config.connection import CONNECTION_ERRORS, Backoff, connect_async
-from mii.broker_config.wire import ControlMessage
+from mii.broker_config.connection import CONNECTION_ERRORS, connect_async, retry_until_async
 from mii.producer.request_set import RequestSet
 from mii.producer.submit import SUBMIT_SCRIPT
 from mii.response import Response
 
+log = logging.getLogger(__name__)
 _CLEANUPS: set[asyncio.Task] = set()  # strong references while they run
 
 
@@ -80,45 +81,60 @@ class AsyncClientMixin:
     async def _asubmit(self, prompts, kwargs: dict, stream: str | None = None) -> RequestSet:
         sub = self._prepare(prompts, kwargs, stream)
         _, script = self._aredis()
-        args = sub.script_args()
+        keys, args = sub.script_keys(), sub.script_args()
         try:
-            await self._aretry(lambda: script(keys=[sub.stream], args=args))
+            ids = await self._acall(lambda: script(keys=keys, args=args), sub.rids())
         except redis.ResponseError as exc:
             raise sub.refusal(exc) from None
-        return sub.requests
+        self._liveness.refreshed()
+        return sub.accepted(ids)
 
     async def _afollow(self, requests: RequestSet):
         client, _ = self._aredis()
         while not requests.done:
             requests.check_deadlines()
-            streams, block = requests.streams(), requests.block_ms()
-            reply = await self._aretry(lambda s=streams, b=block: client.xread(s, block=b))
+            await self._aupkeep(requests)
+            streams, block = requests.streams(), self._block_ms(requests)
+            reply = await self._acall(lambda s=streams, b=block: client.xread(s, block=b))
             for item in requests.feed(reply):
                 yield item
             failed = requests.failed()
             if failed is not None:
                 failed.assembler.response()
 
-    async def _acleanup(self, requests: RequestSet) -> None:
+    async def _aupkeep(self, requests: RequestSet) -> None:
+        """`_upkeep` for asyncio."""
         client, _ = self._aredis()
-        try:
-            pipe = client.pipeline(transaction=False)
-            for request in requests.open():
-                pipe.set(self.keys.cancelled(request.rid), 1, ex=self.settings.response_ttl_s)
-                fields = wire.control_fields(ControlMessage(op="cancel", rid=request.rid))
-                pipe.xadd(self.keys.control, fields, maxlen=self.settings.control_maxlen)
-            if self.delete_responses:
-                pipe.delete(*[r.key for r in requests.requests])
-            await pipe.execute()
-        except CONNECTION_ERRORS:
-            pass  # the responses expire on their own
+        if self._liveness.due():
+            key, ttl = self._liveness.key, self._liveness.ttl_s
+            await self._acall(lambda: client.set(key, 1, ex=ttl))
+        suspects = self._presence.suspects(requests)
+        if suspects:
+            replies = await self._acall(
+                lambda: self._presence.queue(client.pipeline(), suspects).execute()
+            )
+            self._presence.judge(suspects, replies)
 
-    async def _aretry(self, operation):
-        backoff, give_up = Backoff(), time.monotonic() + self.settings.reconnect_timeout_s
-        while True:
-            try:
-                return await operation()
-            except CONNECTION_ERRORS:
-                if time.monotonic() > give_up:
-                    raise
-                await asyncio.sleep(backoff.next_delay())
+    async def _acleanup(self, requests: RequestSet) -> None:
+        delete = [r.key for r in requests.requests] if self.delete_responses else []
+        await self._acancel_now([r.rid for r in requests.open()], delete)
+
+    async def _acancel_now(self, rids: Iterable[str], delete: Sequence[str] = ()) -> None:
+        """`_cancel_now` for asyncio."""
+        client, _ = self._aredis()
+        rids = [*rids, *self._abandoned.take()]
+        try:
+            await self._cancel_pipe(client.pipeline(), rids, delete).execute()
+        except CONNECTION_ERRORS:
+            self._abandoned.add(rids)
+            log.warning("Redis unreachable: %d request(s) will be cancelled later", len(rids))
+
+    async def _acall(self, operation, abandon: Iterable[str] = ()):
+        """`_call` for asyncio."""
+        try:
+            result = await retry_until_async(operation, self.settings.reconnect_timeout_s)
+        except CONNECTION_ERRORS as exc:
+            raise self._gave_up(exc, abandon) from exc
+        if self._abandoned:
+            await self._acancel_now(())
+        return result

@@ -34,6 +34,7 @@ from mii.producer.bulk_input import BulkLine, LineError, read_lines
 from mii.producer.bulk_output import output_record
 from mii.producer.bulk_store import JobStatus, JobStore
 from mii.producer.progress import ProgressBar
+from mii.producer.submit import check_prompt_size
 
 SUBMIT_BATCH = 256  # lines per submit script call
 POLL_S = 0.5  # how often `wait` reads the job's counters
@@ -134,8 +135,10 @@ class BulkJobs:
 
     def _message(self, job_id: str, line: BulkLine, defaults: dict) -> RequestMessage:
         params = GenerateParams.from_kwargs(**{**defaults, **line.params})
+        if line.prompt is not None:
+            check_prompt_size(line.prompt, self.client.max_request_bytes)
         options = params.model_dump(exclude_defaults=True)
-        if params.do_sample and params.seed is None:
+        if not params.greedy and params.seed is None:
             options["seed"] = line_seed(job_id, line.line)
         return RequestMessage(
             rid=self.store.job_keys(job_id).rid(line.line),
@@ -236,7 +239,7 @@ class BulkJobs:
         return self.status(job_id)
 
     def _call(self, operation):
-        return self.client._retry(operation)
+        return self.client._call(operation)
 
 
 def _checked(job_id: str) -> str:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mii.errors import InvalidRequestError
-from mii.params import GenerateParams
+from mii.params import GenerateParams, check_prompt, check_text
 from mii.producer.openai_params import CHAT, COMPLETIONS, mii_options
 
 
@@ -57,6 +57,10 @@ def parse_line(number: int, text: str) -> BulkLine | LineError:
         return LineError(number, None, f"a line is a JSON object, not {type(data).__name__}")
     ident = data.get("custom_id", data.get("id"))
     ident = str(ident) if ident is not None else str(number)
+    try:
+        check_text(ident, "the line's id")
+    except InvalidRequestError as exc:
+        return LineError(number, None, str(exc))
     try:
         if "url" in data or "body" in data:
             return _openai_line(number, ident, data)
@@ -104,14 +108,11 @@ def _prompt_or_messages(prompt, messages):
     if (prompt is None) == (messages is None):
         raise InvalidRequestError("a line needs exactly one of prompt or messages")
     if prompt is not None:
-        text_ok = isinstance(prompt, str) and prompt
-        ids_ok = isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt)
-        if not (text_ok or ids_ok):
-            raise InvalidRequestError("prompt must be a non-empty string or list of token ids")
-        return prompt, None
+        return check_prompt(prompt), None
     if not isinstance(messages, list) or not messages:
         raise InvalidRequestError("messages must be a non-empty list")
     for m in messages:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
             raise InvalidRequestError("each message is an object with a role and a content")
+        check_text(json.dumps(m, ensure_ascii=False), "a message")
     return None, messages

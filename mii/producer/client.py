@@ -7,31 +7,46 @@
     responses = await client.agenerate(["Hello"])                       # asyncio
     async for delta in client.astream("Hello"): ...
 
-Options are `GenerateParams` (MII's names) plus `timeout=` seconds per request and `n=`
-choices per prompt (`n` responses each, prompt-major). A prompt is a text, token ids, or a
+Options are `GenerateParams` (MII's names) plus `timeout=` seconds per request (default
+`broker.request_timeout_s`; `timeout=None`: no deadline) and `n=` choices per prompt (`n`
+responses each, prompt-major). A prompt is a text, token ids, or a
 `mii.producer.submit.Chat` of messages (the worker applies the chat template). Bad options
-raise `InvalidRequestError` before anything is queued; a full queue raises `QueueFullError`.
+and prompts raise `InvalidRequestError` before anything is queued; a full queue raises
+`QueueFullError`; a failed deployment `DeploymentFailedError`; a request that vanished
+from Redis (flushed, or restarted without persistence) `RequestLostError`; a Redis
+unreachable for longer than `broker.reconnect_timeout_s` `BrokerUnavailableError`, and
+what the call abandoned is cancelled once Redis answers again. No call waits forever
+unless asked to.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import redis
 
-from mii.broker_config import wire
-from mii.broker_config.connection import CONNECTION_ERRORS, Backoff
+from mii.broker_config.connection import CONNECTION_ERRORS, retry_until
 from mii.broker_config.connection import connect as redis_connect
 from mii.broker_config.keys import DeploymentKeys
-from mii.broker_config.wire import ControlMessage
 from mii.config import MIIConfig
-from mii.errors import InvalidRequestError
+from mii.errors import BrokerUnavailableError, InvalidRequestError
 from mii.params import GenerateParams
 from mii.producer.aio import AsyncClientMixin
+from mii.producer.liveness import ClientLiveness
+from mii.producer.outage import Abandoned, broker_unavailable, queue_cancels
+from mii.producer.presence import PresenceCheck
 from mii.producer.request_set import RequestSet
-from mii.producer.submit import SUBMIT_SCRIPT, Prompt, Submission, as_prompt_list, build_requests
+from mii.producer.submit import (
+    SUBMIT_SCRIPT,
+    Prompt,
+    Submission,
+    Timeout,
+    as_prompt_list,
+    build_requests,
+    check_prompt_size,
+    request_timeout,
+)
 from mii.producer.terminate import terminate_deployment
 from mii.response import Response
 
@@ -61,6 +76,11 @@ class Client(AsyncClientMixin):
         self.delete_responses = delete_responses
         self._owner = owner
         self._submit_script = self.redis.register_script(SUBMIT_SCRIPT)
+        self.max_request_bytes = self.settings.prompt_byte_limit(mii_config.model_conf.max_length)
+        """Largest prompt this client submits (UTF-8 bytes, or 4 per token id)."""
+        self._liveness = ClientLiveness(self.keys, self.settings.client_timeout_s)
+        self._presence = PresenceCheck(self.keys, self.settings.lost_request_grace_s)
+        self._abandoned = Abandoned()
 
     # ---- blocking ------------------------------------------------------------------------
     def generate(
@@ -112,22 +132,29 @@ class Client(AsyncClientMixin):
 
     def _prepare(self, prompts, kwargs: dict, stream: str | None) -> Submission:
         """Validate everything and build the entries; nothing is sent yet."""
-        timeout, n = kwargs.pop("timeout", None), kwargs.pop("n", 1)
+        kwargs = dict(kwargs)
+        timeout = kwargs.pop("timeout", Timeout.DEFAULT)
+        timeout_s = request_timeout(timeout, self.settings.request_timeout_s)
+        n = kwargs.pop("n", 1)
         prompts = as_prompt_list(prompts)
         params = GenerateParams.from_kwargs(**kwargs)
-        messages = build_requests(prompts, params, timeout, n)
+        for i, prompt in enumerate(prompts):
+            check_prompt_size(prompt, self.max_request_bytes, i if len(prompts) > 1 else None)
+        messages = build_requests(prompts, params, timeout_s, n)
         stream = stream or self.keys.requests
+        requests = RequestSet(self.keys, messages, params)
         limit = self._depth_limit(stream)
-        return Submission(RequestSet(self.keys, messages, params), stream, limit)
+        return Submission(requests, stream, limit, self.keys, self._liveness.ttl_s)
 
     def _submit(self, prompts, kwargs: dict, stream: str | None = None) -> RequestSet:
         sub = self._prepare(prompts, kwargs, stream)
-        args = sub.script_args()
+        keys, args = sub.script_keys(), sub.script_args()
         try:
-            self._retry(lambda: self._submit_script(keys=[sub.stream], args=args))
+            ids = self._call(lambda: self._submit_script(keys=keys, args=args), sub.rids())
         except redis.ResponseError as exc:
             raise sub.refusal(exc) from None
-        return sub.requests
+        self._liveness.refreshed()
+        return sub.accepted(ids)
 
     def _depth_limit(self, stream: str) -> int | None:
         if stream == self.keys.bulk:
@@ -138,34 +165,65 @@ class Client(AsyncClientMixin):
         """Read the response streams until every request ended; yield (request, delta)."""
         while not requests.done:
             requests.check_deadlines()
-            streams, block = requests.streams(), requests.block_ms()
-            reply = self._retry(lambda s=streams, b=block: self.redis.xread(s, block=b))
+            self._upkeep(requests)
+            streams, block = requests.streams(), self._block_ms(requests)
+            reply = self._call(lambda s=streams, b=block: self.redis.xread(s, block=b))
             yield from requests.feed(reply)
             failed = requests.failed()
             if failed is not None:
                 failed.assembler.response()  # raises its error
 
+    def _block_ms(self, requests: RequestSet) -> int:
+        return requests.block_ms(self._presence.grace_s, self._liveness.next_due())
+
+    def _upkeep(self, requests: RequestSet) -> None:
+        """Between reads: refresh this client's liveness key, ask after silent requests."""
+        if self._liveness.due():
+            key, ttl = self._liveness.key, self._liveness.ttl_s
+            self._call(lambda: self.redis.set(key, 1, ex=ttl))
+        suspects = self._presence.suspects(requests)
+        if suspects:
+            replies = self._call(
+                lambda: self._presence.queue(self.redis.pipeline(), suspects).execute()
+            )
+            self._presence.judge(suspects, replies)
+
     def _cleanup(self, requests: RequestSet) -> None:
         """Cancel what is still running (an error, a timeout, an abandoned stream) and drop
         the response streams this call read."""
-        try:
-            for request in requests.open():
-                self.cancel(request.rid)
-            if self.delete_responses:
-                self.redis.delete(*[r.key for r in requests.requests])
-        except CONNECTION_ERRORS:
-            log.warning("could not clean up after requests: Redis unreachable")
+        delete = [r.key for r in requests.requests] if self.delete_responses else []
+        self._cancel_now([r.rid for r in requests.open()], delete)
 
-    def _retry(self, operation):
-        """Run a Redis call, waiting out lost connections for `reconnect_timeout_s`."""
-        backoff, give_up = Backoff(), time.monotonic() + self.settings.reconnect_timeout_s
-        while True:
-            try:
-                return operation()
-            except CONNECTION_ERRORS:
-                if time.monotonic() > give_up:
-                    raise
-                backoff.sleep()
+    def _cancel_pipe(self, pipe, rids: list[str], delete: Sequence[str]):
+        """`pipe` with the cancels of `rids` and the deletion of the keys in `delete`."""
+        queue_cancels(pipe, self.keys, self.settings, rids)
+        if delete:
+            pipe.delete(*delete)
+        return pipe
+
+    def _cancel_now(self, rids: Iterable[str], delete: Sequence[str] = ()) -> None:
+        """Cancel `rids` and the abandoned requests in one try; what fails is owed."""
+        rids = [*rids, *self._abandoned.take()]
+        try:
+            self._cancel_pipe(self.redis.pipeline(), rids, delete).execute()
+        except CONNECTION_ERRORS:
+            self._abandoned.add(rids)
+            log.warning("Redis unreachable: %d request(s) will be cancelled later", len(rids))
+
+    def _call(self, operation, abandon: Iterable[str] = ()):
+        """Run a Redis call, waiting out lost connections for `reconnect_timeout_s`; past
+        that, `BrokerUnavailableError`, and the requests in `abandon` are owed a cancel."""
+        try:
+            result = retry_until(operation, self.settings.reconnect_timeout_s)
+        except CONNECTION_ERRORS as exc:
+            raise self._gave_up(exc, abandon) from exc
+        if self._abandoned:
+            self._cancel_now(())
+        return result
+
+    def _gave_up(self, exc: BaseException, abandon: Iterable[str]) -> BrokerUnavailableError:
+        self._abandoned.add(abandon)
+        return broker_unavailable(exc, [self.redis_url], self.settings.reconnect_timeout_s)
 
     # ---- control -------------------------------------------------------------------------
     def cancel(self, request_id: str) -> None:
@@ -175,14 +233,8 @@ class Client(AsyncClientMixin):
 
     def cancel_many(self, request_ids: list[str]) -> None:
         """`cancel` for several requests in one round trip."""
-        pipe = self.redis.pipeline(transaction=True)
-        for request_id in request_ids:
-            pipe.set(self.keys.cancelled(request_id), 1, ex=self.settings.response_ttl_s)
-            fields = wire.control_fields(ControlMessage(op="cancel", rid=request_id))
-            pipe.xadd(
-                self.keys.control, fields, maxlen=self.settings.control_maxlen, approximate=True
-            )
-        pipe.execute()
+        rids = list(request_ids)
+        self._call(lambda: self._cancel_pipe(self.redis.pipeline(), rids, []).execute(), rids)
 
     def terminate_server(self, timeout_s: float = 60.0) -> None:
         """Stop the deployment's workers (every host), forget the deployment, and stop its
@@ -190,6 +242,9 @@ class Client(AsyncClientMixin):
         terminate_deployment(self.redis, self.keys, self.settings, self._owner, timeout_s)
 
     def close(self) -> None:
+        """Send the cancels still owed (one try), then close the connection."""
+        if self._abandoned:
+            self._cancel_now(())
         self.redis.close()
 
     def __enter__(self) -> Client:

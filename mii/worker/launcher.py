@@ -3,41 +3,56 @@ until they are ready, and hand back a `Client` that can also stop them."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from mii.broker_config.connection import answers, connect
+from mii.broker_config.connection import CONNECTION_ERRORS, answers, connect
 from mii.broker_config.deployment import (
+    FAILED,
+    READY,
+    SERVING,
+    STARTING,
     DeploymentRecord,
+    forget_url,
+    is_live,
+    live_workers,
+    load_record,
     read_workers,
     remember_url,
     save_record,
+    set_state,
 )
 from mii.broker_config.keys import DeploymentKeys
 from mii.broker_config.settings import DEFAULT_REDIS_URL, explicit_redis_url, redact_url
 from mii.config import MIIConfig
-from mii.errors import MIIError
+from mii.errors import DeploymentFailedError, DeploymentNotFoundError, MIIError
 from mii.producer.client import Client
+from mii.producer.terminate import delete_deployment_keys, end_queued_requests
 from mii.worker.embedded_redis import EmbeddedRedis
 from mii.worker.engine_factory import DEFAULT_FACTORY
-from mii.worker.processes import WorkerProcess, spawn_worker, stop_processes
-from mii.worker.registry import FAILED, READY
+from mii.worker.processes import WorkerProcess, WorkerSpec, stop_processes
+from mii.worker.supervisor import Supervisor
 
 if TYPE_CHECKING:
     from mii.gateway.server import GatewayProcess
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 600.0
+WAIT_POLL_S = 0.5
 
 
 @dataclass
 class LocalDeployment:
-    """What this process started: worker processes and maybe a Redis server."""
+    """What this process started: worker processes (and their supervisor), maybe a Redis."""
 
     workers: list[WorkerProcess] = field(default_factory=list)
     redis: EmbeddedRedis | None = None
+    supervisor: Supervisor | None = None
     gateway: GatewayProcess | None = None
     """The HTTP gateway, with `enable_restful_api`."""
 
@@ -45,7 +60,18 @@ class LocalDeployment:
         if self.gateway is not None:
             self.gateway.stop()
 
+    def wait_for_workers(self, stop: threading.Event) -> None:
+        """Until `stop` is set or the deployment ended: terminated (from any client), or
+        failed with no live worker left, which raises `DeploymentFailedError`."""
+        while not stop.wait(WAIT_POLL_S):
+            if self.supervisor is None or self.supervisor.finished:
+                break
+        if self.supervisor is not None and self.supervisor.failure is not None:
+            raise DeploymentFailedError(f"deployment failed: {self.supervisor.failure}")
+
     def stop_workers(self, timeout_s: float = 30.0) -> None:
+        if self.supervisor is not None:
+            self.supervisor.stop()
         stop_processes(self.workers, timeout_s)
 
     def stop_redis(self) -> None:
@@ -53,9 +79,21 @@ class LocalDeployment:
             self.redis.stop()
 
 
+class ServedClient(Client):
+    """The `Client` that `mii.serve` returns: it also holds what the call started here."""
+
+    def __init__(self, mii_config: MIIConfig, url: str, redis, local: LocalDeployment) -> None:
+        super().__init__(mii_config, url, redis_client=redis, owner=local)
+        self.local = local
+
+    def wait_for_workers(self, stop: threading.Event) -> None:
+        """`LocalDeployment.wait_for_workers`: what `mii serve` does until Ctrl-C."""
+        self.local.wait_for_workers(stop)
+
+
 def find_redis(mii_config: MIIConfig) -> tuple[str, EmbeddedRedis | None]:
     """The URL named (argument or MII_REDIS_URL); else a Redis answering on the default
-    address; else a freshly started embedded one."""
+    address; else a freshly started embedded one (with a generated password)."""
     url = explicit_redis_url(mii_config.redis_url)
     if url is not None:
         if not answers(url, timeout_s=5.0):
@@ -64,7 +102,7 @@ def find_redis(mii_config: MIIConfig) -> tuple[str, EmbeddedRedis | None]:
     if answers(DEFAULT_REDIS_URL, timeout_s=0.5):
         return DEFAULT_REDIS_URL, None
     embedded = EmbeddedRedis().start()
-    log.info("started an embedded Redis at %s", embedded.url)
+    log.info("started an embedded Redis at %s", redact_url(embedded.url))
     return embedded.url, embedded
 
 
@@ -72,33 +110,61 @@ def serve_deployment(
     mii_config: MIIConfig,
     engine_factory: str = DEFAULT_FACTORY,
     ready_timeout_s: float = READY_TIMEOUT_S,
-) -> Client:
-    """Start `replica_num` workers of `mii_config` and return a client once all are ready."""
+) -> ServedClient:
+    """Start `replica_num` workers of `mii_config` and return a client once all are ready;
+    then supervise them. A start that fails (a worker that cannot start, the timeout,
+    Ctrl-C) stops what it started and leaves no trace of the deployment behind."""
     url, embedded = find_redis(mii_config)
-    owner = LocalDeployment(redis=embedded)
+    local = LocalDeployment(redis=embedded)
+    keys = DeploymentKeys(mii_config.deployment_name)
+    redis, recorded = None, False
     try:
         redis = connect(url)
-        keys = DeploymentKeys(mii_config.deployment_name)
         _refuse_running(redis, keys, mii_config)
-        record = DeploymentRecord(
-            # not the URL: it may hold a password, and each process names its own
-            mii_config=mii_config.model_dump(mode="json", by_alias=True, exclude={"redis_url"}),
-            embedded_redis=embedded is not None,
+        recorded = True  # from here on, a failure removes what is recorded
+        record = _record(redis, keys, mii_config, url, embedded is not None)
+        spec = WorkerSpec(keys.deployment, url, engine_factory)
+        local.workers.extend(spec.spawn(r) for r in range(mii_config.model_conf.replica_num))
+        wait_ready(redis, keys, local.workers, ready_timeout_s, mii_config.broker.dead_after_s)
+        set_state(redis, keys, SERVING)
+        local.supervisor = Supervisor(
+            redis, keys, mii_config.broker, record, spec, local.workers, embedded
         )
-        save_record(redis, keys, record)
-        if embedded is not None:
-            remember_url(keys.deployment, url)
-        for replica in range(mii_config.model_conf.replica_num):
-            owner.workers.append(spawn_worker(keys.deployment, url, replica, None, engine_factory))
-        wait_ready(redis, keys, owner.workers, ready_timeout_s)
+        local.supervisor.start()
         if mii_config.enable_restful_api:
-            owner.gateway = _start_gateway(mii_config, url)
-    except BaseException:
-        owner.stop_gateway()
-        owner.stop_workers(timeout_s=5.0)
-        owner.stop_redis()
+            local.gateway = _start_gateway(mii_config, url)
+    except BaseException as exc:
+        local.stop_gateway()
+        local.stop_workers(timeout_s=5.0)
+        if recorded:
+            _forget(redis, keys, mii_config, f"deployment failed to start: {exc!r}")
+        local.stop_redis()
         raise
-    return Client(mii_config, url, redis_client=redis, owner=owner)
+    return ServedClient(mii_config, url, redis, local)
+
+
+def _record(
+    redis, keys: DeploymentKeys, mii_config: MIIConfig, url: str, embedded: bool
+) -> DeploymentRecord:
+    record = DeploymentRecord(
+        # not the URL: it may hold a password, and each process names its own
+        mii_config=mii_config.model_dump(mode="json", by_alias=True, exclude={"redis_url"}),
+        embedded_redis=embedded,
+    )
+    set_state(redis, keys, STARTING)
+    save_record(redis, keys, record)
+    if embedded:
+        remember_url(keys.deployment, url)
+    return record
+
+
+def _forget(redis, keys: DeploymentKeys, mii_config: MIIConfig, error: str) -> None:
+    """Undo `_record`: a client that queued a request meanwhile gets `error`."""
+    forget_url(keys.deployment)
+    broker = mii_config.broker
+    with contextlib.suppress(*CONNECTION_ERRORS):  # an embedded Redis stops next anyway
+        end_queued_requests(redis, keys, error.splitlines()[0], broker.response_ttl_s)
+        delete_deployment_keys(redis, keys, broker.response_ttl_s)
 
 
 def _start_gateway(mii_config: MIIConfig, url: str) -> GatewayProcess:
@@ -110,29 +176,42 @@ def _start_gateway(mii_config: MIIConfig, url: str) -> GatewayProcess:
 
 
 def _refuse_running(redis, keys: DeploymentKeys, mii_config: MIIConfig) -> None:
-    stale_before = time.time() - mii_config.broker.reclaim_idle_s
-    live = [
-        name
-        for name, w in read_workers(redis, keys).items()
-        if w["state"] != FAILED and w["heartbeat"] > stale_before
-    ]
+    """Refuse a name whose workers are live (by the heartbeat interval they were started
+    with); forget the statuses and state of workers that died."""
+    try:
+        recorded = MIIConfig.model_validate(load_record(redis, keys).mii_config).broker
+    except (DeploymentNotFoundError, ValueError):
+        recorded = mii_config.broker
+    live = live_workers(redis, keys, recorded.dead_after_s)
     if live:
         raise MIIError(
             f"deployment {keys.deployment!r} is already served by {', '.join(live)}: "
             "terminate it first or choose another deployment_name"
         )
-    redis.delete(keys.workers)
+    redis.delete(keys.workers, keys.state)
 
 
-def wait_ready(redis, keys: DeploymentKeys, workers: list[WorkerProcess], timeout_s: float):
-    """Until every worker reports ready; a clear error with its log tail if one dies."""
+def wait_ready(
+    redis,
+    keys: DeploymentKeys,
+    workers: list[WorkerProcess],
+    timeout_s: float,
+    dead_after_s: float,
+) -> None:
+    """Until every worker reports ready (and its heartbeat is fresh); a clear error with
+    its log tail if one dies."""
     deadline = time.monotonic() + timeout_s
-    pids = {w.pid for w in workers}
+    host, pids = socket.gethostname(), {w.pid for w in workers}
     while True:
-        status = {s["pid"]: s for s in read_workers(redis, keys).values() if s["pid"] in pids}
+        status = {
+            s["pid"]: s
+            for s in read_workers(redis, keys).values()
+            if s.get("pid") in pids and s.get("host") == host
+        }
         for worker in workers:
             _check_alive(worker, status.get(worker.pid))
-        if sum(s["state"] == READY for s in status.values()) == len(workers):
+        ready = [s for s in status.values() if s["state"] == READY and is_live(s, dead_after_s)]
+        if len(ready) == len(workers):
             return
         if time.monotonic() > deadline:
             raise MIIError(

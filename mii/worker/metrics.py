@@ -1,4 +1,7 @@
-"""Prometheus metrics of a worker, read from its engine and loop at each scrape."""
+"""Prometheus metrics of a worker, read from its engine and loop at each scrape.
+
+They listen on the loopback interface unless told otherwise (`--metrics-address`): request
+counts and engine state are for the operator's scraper, not for the network."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ _GAUGES = {
     "kv_blocks_total": "KV cache blocks",
     "kv_blocks_free": "free KV cache blocks",
 }
+DEFAULT_METRICS_ADDRESS = "127.0.0.1"
 _COUNTERS = {"tokens_generated": "tokens generated", "prompt_tokens_processed": "prompt tokens"}
 
 
@@ -37,7 +41,9 @@ class EngineCollector:
         yield published
 
 
-def serve_metrics(step, port: int) -> None:
+def serve_metrics(step, port: int, address: str | None = None):
+    """Serve `step.statistics()` as Prometheus metrics on `address:port` (None: loopback
+    only). Returns the HTTP server and its thread."""
     registry = CollectorRegistry()
     registry.register(EngineCollector(step))
-    start_http_server(port, addr="0.0.0.0", registry=registry)
+    return start_http_server(port, addr=address or DEFAULT_METRICS_ADDRESS, registry=registry)

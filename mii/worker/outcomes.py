@@ -17,6 +17,20 @@ def ended(consumer: str, adm: Admission, reason: Reason, generated: int) -> Batc
     return Batch(finals=[(adm.rid, payload)], acks=[adm.entry])
 
 
+def failed(consumer: str, adm: Admission, error: str, generated: int) -> Batch:
+    """A request the worker cannot finish (the deployment was terminated): its error for
+    the client, then its ack."""
+    plen = len(adm.prompt_token_ids)
+    payload = final_chunk(consumer, Reason.ERROR, error=error, plen=plen, glen=generated)
+    return Batch(finals=[(adm.rid, payload)], acks=[adm.entry])
+
+
+def step_failure(adm: Admission, error: str) -> Refusal:
+    """A request that broke the engine's steps too often: dead-lettered with its payload."""
+    payload = wire.request_fields(adm.message)[wire.PAYLOAD]
+    return Refusal(adm.entry, adm.rid, error, wire.ErrorKind.GENERATION, payload)
+
+
 def refused(consumer: str, refusal: Refusal, deadletter: bool) -> Batch:
     """An error for the client, the ack, and for entries nobody can be told about (or that
     kept killing workers) a copy in the dead-letter stream."""

@@ -6,7 +6,8 @@ import os
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mii.broker_config.settings import REDIS_URL_ENV
@@ -20,6 +21,7 @@ class WorkerProcess:
     replica: int
     process: subprocess.Popen
     log_path: str
+    started: float = field(default_factory=time.monotonic)
 
     @property
     def pid(self) -> int:
@@ -36,38 +38,52 @@ class WorkerProcess:
         return "\n".join(text.splitlines()[-lines:])
 
 
-def spawn_worker(
-    deployment: str,
-    redis_url: str,
-    replica: int,
-    log_dir: str | None = None,
-    engine_factory: str = DEFAULT_FACTORY,
-) -> WorkerProcess:
-    """Start `mii worker` (a Celery worker hosting the engine; `MII_WORKER_HOST=plain` runs
-    `python -m mii.worker.main` instead) for one replica. The URL travels in the
-    environment, not the command line, so its password stays out of `ps`. The worker
-    gets its own session: like MII's server it outlives the process that served it."""
-    log_dir = log_dir or tempfile.mkdtemp(prefix=f"mii-{deployment.replace('/', '_')}-")
-    log_path = os.path.join(log_dir, f"worker-{replica}.log")
-    plain = os.environ.get(WORKER_HOST_ENV) == "plain"
-    cmd = [sys.executable, "-m", *(["mii.worker.main"] if plain else ["mii", "worker"])]
-    cmd += ["--deployment", deployment]
-    cmd += ["--replica", str(replica), "--engine-factory", engine_factory]
-    env = {**os.environ, REDIS_URL_ENV: redis_url, "PYTHONUNBUFFERED": "1"}
-    # A worker shares its cores with its publisher thread and often with Redis: OpenMP
-    # threads that spin while they wait take those cycles (SmolLM2 served on two cores:
-    # 423 -> 472 tok/s in scripts/bench_queue.py). Set OMP_WAIT_POLICY to choose otherwise.
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-    return WorkerProcess(replica, process, log_path)
+@dataclass(frozen=True)
+class WorkerSpec:
+    """How `mii.serve` starts the workers of one deployment (and restarts them)."""
+
+    deployment: str
+    redis_url: str = field(repr=False)  # may hold a password
+    engine_factory: str = DEFAULT_FACTORY
+    log_dir: str = ""
+    """Where the workers' logs go; empty: a new temporary folder."""
+
+    def __post_init__(self) -> None:
+        if not self.log_dir:
+            prefix = f"mii-{self.deployment.replace('/', '_')}-"
+            object.__setattr__(self, "log_dir", tempfile.mkdtemp(prefix=prefix))
+
+    def spawn(self, replica: int) -> WorkerProcess:
+        """Start `mii worker` (a Celery worker hosting the engine; `MII_WORKER_HOST=plain`
+        runs `python -m mii.worker.main` instead) for one replica. The URL travels in the
+        environment, not the command line, so its password stays out of `ps`. The worker
+        gets its own session: like MII's server it outlives the process that served it.
+        A restarted replica appends to the same log."""
+        log_path = os.path.join(self.log_dir, f"worker-{replica}.log")
+        with open(log_path, "ab") as log:
+            process = subprocess.Popen(
+                self._command(replica),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self._environment(),
+                start_new_session=True,
+            )
+        return WorkerProcess(replica, process, log_path)
+
+    def _command(self, replica: int) -> list[str]:
+        plain = os.environ.get(WORKER_HOST_ENV) == "plain"
+        cmd = [sys.executable, "-m", *(["mii.worker.main"] if plain else ["mii", "worker"])]
+        cmd += ["--deployment", self.deployment]
+        return cmd + ["--replica", str(replica), "--engine-factory", self.engine_factory]
+
+    def _environment(self) -> dict[str, str]:
+        env = {**os.environ, REDIS_URL_ENV: self.redis_url, "PYTHONUNBUFFERED": "1"}
+        # A worker shares its cores with its publisher thread and often with Redis: OpenMP
+        # threads that spin while they wait take those cycles (SmolLM2 served on two cores:
+        # 423 -> 472 tok/s in scripts/bench_queue.py). Set OMP_WAIT_POLICY to choose otherwise.
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        return env
 
 
 def stop_processes(workers: list[WorkerProcess], timeout_s: float) -> None:
@@ -75,9 +91,10 @@ def stop_processes(workers: list[WorkerProcess], timeout_s: float) -> None:
     for worker in workers:
         if worker.exit_code() is None:
             worker.process.terminate()
+    deadline = time.monotonic() + timeout_s
     for worker in workers:
         try:
-            worker.process.wait(timeout_s)
+            worker.process.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             worker.process.kill()
             worker.process.wait()

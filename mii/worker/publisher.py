@@ -15,6 +15,8 @@ import queue
 import threading
 from dataclasses import dataclass, field
 
+import redis
+
 from mii.broker_config import wire
 from mii.broker_config.connection import CONNECTION_ERRORS, Backoff
 from mii.broker_config.keys import WORKER_GROUP, DeploymentKeys
@@ -42,10 +44,17 @@ class Batch:
 
 class Publisher:
     def __init__(
-        self, redis, keys: DeploymentKeys, consumer: str, ttl_s: int, tokenizer=None
+        self,
+        redis,
+        keys: DeploymentKeys,
+        consumer: str,
+        ttl_s: int,
+        deadletter_maxlen=10_000,
+        tokenizer=None,
     ) -> None:
         """`tokenizer` (the engine's, if it has one) gives logprob chunks their token texts."""
         self.redis, self.keys, self.consumer, self.ttl_s = redis, keys, consumer, ttl_s
+        self.deadletter_maxlen = deadletter_maxlen
         self.tokenizer = tokenizer
         self._queue: queue.Queue[Batch | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="mii-publisher", daemon=True)
@@ -55,6 +64,7 @@ class Publisher:
         self.chunks_published = 0
         self.transactions = 0
         self.failed_attempts = 0
+        self.command_errors = 0
 
     def start(self) -> None:
         self._thread.start()
@@ -87,7 +97,11 @@ class Publisher:
         while True:
             first = self._queue.get()
             batches, stop = self._take_more([first])
-            self._write(batches)
+            try:
+                self._write(batches)
+            except Exception:  # noqa: BLE001 (a bad batch must not stop the publishing)
+                self.command_errors += 1
+                log.exception("could not publish a batch; dropped")
             if stop:
                 return
 
@@ -103,10 +117,12 @@ class Publisher:
 
     def _write(self, items: list) -> None:
         batches = [i for i in items if isinstance(i, Batch)]
-        if batches:
-            self._send(batches)
-        for marker in [i for i in items if isinstance(i, _Marker)]:
-            marker.done.set()
+        try:
+            if batches:
+                self._send(batches)
+        finally:
+            for marker in [i for i in items if isinstance(i, _Marker)]:
+                marker.done.set()
 
     def _send(self, batches: list[Batch]) -> None:
         commands: list[tuple] = []
@@ -124,6 +140,12 @@ class Publisher:
                 self.failed_attempts += 1
                 log.warning("publishing failed (%s); retrying", exc)
                 backoff.sleep()
+            except redis.ResponseError as exc:
+                # EXEC ran every other command (e.g. an XACK into a consumer group that a
+                # Redis which came back empty no longer has): nothing to send again.
+                self.command_errors += 1
+                log.warning("a published command failed: %s", exc)
+                break
         self.transactions += 1
         self.tokens_published += tokens
 
@@ -137,7 +159,8 @@ class Publisher:
         for rid, payload in batch.finals:
             self._xadd(commands, rid, payload, True)
         for fields in batch.deadletters:
-            commands.append(("xadd", self.keys.deadletter, fields))
+            maxlen = self.deadletter_maxlen  # exact: dead letters are rare
+            commands.append(("xadd", self.keys.deadletter, fields, "*", maxlen, False))
         for stream, fields in batch.requeue:
             commands.append(("xadd", stream, fields))
         for entry in batch.acks:

@@ -17,7 +17,8 @@ if n == 0 then return {control, false} end
 for i = 2, 3 do
   local ok, reply = pcall(redis.call, 'XREADGROUP', 'GROUP', ARGV[2], ARGV[3],
                           'COUNT', n, 'STREAMS', KEYS[i], '>')
-  if ok and reply then return {control, reply} end
+  if not ok then return redis.error_reply(reply.err or tostring(reply)) end
+  if reply then return {control, reply} end
 end
 return {control, false}
 """

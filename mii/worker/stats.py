@@ -19,6 +19,9 @@ class LoopStats:
     resumed: int = 0  # continued after tokens another worker published
     lost: int = 0  # taken over by another worker while this one stalled
     handed_back: int = 0  # requeued when draining or stopping
+    duplicates: int = 0  # second entries of a request id another entry serves: dropped
+    step_failures: int = 0  # engine steps that raised and were recovered from
+    abandoned: int = 0  # cancelled because their client went away
     steps: int = 0
     busy_s: float = 0.0  # wall time of loop iterations that had engine work
     step_s: float = 0.0  # of which inside engine.step(): the rest is the queue's overhead

@@ -69,6 +69,12 @@ def test_openai_completion_and_chat_bodies_map_to_mii_options():
         ({"url": COMPLETIONS, "body": {"prompt": "x", "n": 3}}, "n > 1"),
         ({"url": COMPLETIONS, "body": {"prompt": "x", "tools": [{}]}}, "tools"),
         ({"messages": [{"content": "no role"}]}, "role"),
+        ('{"prompt": "abc\\udcff"}', "not valid Unicode"),
+        ({"prompt": [1, 2**70]}, "token id"),
+        ({"prompt": "x", "params": {"max_new_tokens": 10**30}}, "max_new_tokens"),
+        ({"prompt": "x", "params": {"do_sample": "yes"}}, "do_sample"),
+        ('{"messages": [{"role": "user", "content": "\\ud800"}]}', "not valid Unicode"),
+        ('{"prompt": "x", "id": "\\udcff"}', "the line's id is not valid Unicode"),
     ],
 )
 def test_a_bad_line_is_an_error_for_that_line_only(line, message):

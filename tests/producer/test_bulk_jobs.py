@@ -60,6 +60,16 @@ def msgpack_version(fields) -> int:
     return msgpack.unpackb(fields[wire.PAYLOAD])["v"]
 
 
+def test_a_line_over_the_byte_limit_is_that_lines_error(harness, bulk):
+    big = "x" * (bulk.client.max_request_bytes + 1)
+    job = read_input([json.dumps({"prompt": "small"}), json.dumps({"prompt": big})])
+    status = bulk.submit(job, params=GREEDY)
+    assert (status.submitted, status.errors) == (2, 1)
+    assert harness.redis.xlen(harness.keys.bulk) == 1
+    (error,) = list(bulk.results(status.job_id, partial=True))  # the only finished line
+    assert "over this deployment's limit" in json.dumps(error)
+
+
 def test_job_id_comes_from_input_and_options_and_clashes_are_refused(bulk):
     first = bulk.submit(read_input(_lines(2)), params=GREEDY)
     assert first.job_id == bulk.submit(read_input(_lines(2)), params=GREEDY).job_id

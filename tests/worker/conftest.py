@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 
 import pytest
@@ -17,3 +18,25 @@ def harness():
     h = Harness()
     yield h
     h.stop()
+
+
+@pytest.fixture
+def worker_env(monkeypatch, tmp_path):
+    """For tests that start worker processes: they import the fake engine from this folder;
+    local deployment notes go to tmp; no Redis URL leaks in from the environment."""
+    here = os.path.dirname(__file__)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("MII_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("MII_REDIS_URL", raising=False)
+
+
+@pytest.fixture(scope="module")
+def private_redis():
+    """A redis-server of this test module's own (tests may restart, flush or ACL it)."""
+    from redis_server import RedisServer
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("needs redis-server")
+    server = RedisServer().start()
+    yield server
+    server.stop()

@@ -17,12 +17,19 @@ from mii.engine.outputs import RequestOutput
 from mii.errors import InvalidRequestError
 
 POISON = "POISON"  # a prompt containing this makes step() raise, like a crashing kernel
+FATAL = "FATAL"  # ... raise what a broken device raises (the engine cannot go on)
+SLOW = "SLOW"  # a prompt containing this takes `slow_tokenize_s` to tokenize
 
 
 class ByteTokenizer:
     eos_token_id = None
 
+    def __init__(self, slow_tokenize_s: float = 0.0) -> None:
+        self.slow_tokenize_s = slow_tokenize_s
+
     def encode(self, text: str) -> list[int]:
+        if SLOW in text:
+            time.sleep(self.slow_tokenize_s)  # like a fast tokenizer: the GIL is free
         return list(text.encode())
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
@@ -58,8 +65,9 @@ class FakeEngine:
         capacity_tokens: int = 1 << 20,
         max_num_seqs: int = 256,
         step_delay_s: float = 0.0,
+        slow_tokenize_s: float = 0.0,
     ) -> None:
-        self.tokenizer = ByteTokenizer()
+        self.tokenizer = ByteTokenizer(slow_tokenize_s)
         self.max_model_len = max_model_len
         self.capacity_tokens = capacity_tokens
         self.max_num_seqs = max_num_seqs
@@ -88,6 +96,9 @@ class FakeEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def close(self) -> None:
+        self.requests.clear()
+
     def used_tokens(self) -> int:
         return sum(len(r.prompt) + len(r.generated) for r in self.requests.values())
 
@@ -109,6 +120,8 @@ class FakeEngine:
     def _advance(self, rid: str, req: _Request) -> RequestOutput:
         if POISON.encode() in bytes(req.prompt):
             raise RuntimeError(f"poisoned request {rid}")
+        if FATAL.encode() in bytes(req.prompt):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
         index = len(req.generated)
         token = token_for(req.prompt, index)
         req.generated.append(token)

@@ -31,6 +31,7 @@ class Harness:
         )
         record = DeploymentRecord(mii_config=self.mii_config.model_dump(mode="json", by_alias=True))
         save_record(self.redis, self.keys, record)
+        self.record = record
         self.workers: list[tuple[WorkerLoop, threading.Thread]] = []
         self.errors: list[BaseException] = []
 
@@ -56,6 +57,7 @@ class Harness:
             self.settings,
             consumer,
             poll_script=False,
+            record=self.record,
         )
 
     def start(self, engine: FakeEngine | None = None, consumer: str | None = None) -> WorkerLoop:

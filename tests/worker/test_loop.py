@@ -9,6 +9,7 @@ from harness import wait_for
 from mii.broker_config import wire
 from mii.broker_config.keys import WORKER_GROUP
 from mii.constants import GenerationFinishReason as Reason
+from mii.worker.fault import EngineBroken
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -83,12 +84,12 @@ def test_prompt_too_long_is_refused_by_the_worker(harness):
         harness.client().generate("x" * 40, max_new_tokens=2)
 
 
-def test_engine_failure_leaves_its_requests_pending(harness):
+def test_a_broken_engine_ends_the_loop_and_leaves_its_requests_pending(harness):
     harness.start()
     client = harness.client()
-    sub = client._submit(["POISON pill"], {"max_new_tokens": 3})
+    sub = client._submit(["FATAL pill"], {"max_new_tokens": 3})
     wait_for(lambda: harness.errors, what="engine failure")
-    assert "poisoned" in str(harness.errors[0])
+    assert isinstance(harness.errors[0], EngineBroken) and "CUDA error" in str(harness.errors[0])
     pending = harness.redis.xpending(harness.keys.requests, WORKER_GROUP)
     assert pending["pending"] == 1 and sub.requests[0].rid
 
@@ -143,10 +144,10 @@ def test_engine_failure_is_reported_in_the_worker_status(harness):
     from mii.broker_config.deployment import read_workers
 
     loop = harness.start()
-    harness.client()._submit(["POISON"], {"max_new_tokens": 2})
+    harness.client()._submit(["FATAL"], {"max_new_tokens": 2})
     wait_for(lambda: harness.errors, what="engine failure")
     status = read_workers(harness.redis, harness.keys)[loop.consumer]
-    assert status["state"] == "failed" and "poisoned" in status["error"]
+    assert status["state"] == "failed" and "CUDA error" in status["error"]
 
 
 def test_loop_accounts_its_time_outside_the_engine(harness):

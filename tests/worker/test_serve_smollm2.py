@@ -233,7 +233,7 @@ def test_kill_9_of_a_worker_mid_generation(client, server, reference):
         lambda: [
             w
             for name, w in read_workers(client.redis, client.keys).items()
-            if name != consumer and w["stats"]["resumed"] > 0
+            if name != consumer and w.get("stats", {}).get("resumed", 0) > 0
         ],
         timeout_s=10,
         what="the survivor's report",

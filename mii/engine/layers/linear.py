@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mii.engine.layers.cpu_linear import pack_weight, packed_linear
-from mii.engine.parallel import ParallelContext
+from mii.engine.tp.context import ParallelContext
 
 
 def _param(shape: tuple[int, ...], loader) -> nn.Parameter:

@@ -21,7 +21,7 @@ from mii.engine.layers.linear import (
 )
 from mii.engine.layers.norm import RMSNorm
 from mii.engine.layers.rotary import cos_sin_cache, rope_parameters
-from mii.engine.parallel import ParallelContext
+from mii.engine.tp.context import ParallelContext
 
 
 def _head_dim(cfg: Any) -> int:

@@ -16,7 +16,7 @@ from mii.engine.layers.linear import (
     ReplicatedLinear,
     RowParallelLinear,
 )
-from mii.engine.parallel import ParallelContext
+from mii.engine.tp.context import ParallelContext
 
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh")}
 POSITION_OFFSET = 2  # OPT's learned positions start at row 2 of their table

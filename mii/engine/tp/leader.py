@@ -22,7 +22,12 @@ import torch
 import torch.distributed as dist
 
 from mii.engine.config import EngineConfig
-from mii.engine.distributed import (
+from mii.engine.loader import build_model
+from mii.engine.model_runner import ModelRunner
+from mii.engine.step_plan import StepPlan
+from mii.engine.tp.context import ParallelContext
+from mii.engine.tp.follower import follower_main, share_cpu_cores
+from mii.engine.tp.group import (
     INIT_TIMEOUT,
     ControlChannel,
     RankSpec,
@@ -32,11 +37,6 @@ from mii.engine.distributed import (
     leave_group,
     plain_config,
 )
-from mii.engine.loader import build_model
-from mii.engine.model_runner import ModelRunner
-from mii.engine.parallel import ParallelContext
-from mii.engine.step_plan import StepPlan
-from mii.engine.tp_worker import follower_main, share_cpu_cores
 from mii.errors import TensorParallelError
 
 _FAILURE_GRACE_S = 5.0  # how long a failed collective waits to learn which rank died
@@ -263,7 +263,7 @@ class TensorParallelGroup:
         # Only the watcher thread reaps the ranks (two threads waiting on one child process
         # race in multiprocessing); it ends when the last rank has exited.
         self._watcher.join(_STOP_GRACE_S if healthy else 0)
-        if self._watcher.is_alive():  # the ranks ignore SIGTERM (see tp_worker.py)
+        if self._watcher.is_alive():  # the ranks ignore SIGTERM (see tp/follower.py)
             for proc in self.processes:
                 proc.kill()
             self._watcher.join(_STOP_GRACE_S)

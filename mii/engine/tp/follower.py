@@ -19,8 +19,8 @@ from multiprocessing.connection import Connection
 
 import torch
 
-from mii.engine.distributed import RankSpec, connect_store, join_group, leave_group
 from mii.engine.model_runner import ModelRunner
+from mii.engine.tp.group import RankSpec, connect_store, join_group, leave_group
 
 
 def follower_main(rank: int, spec: RankSpec, conn: Connection) -> None:

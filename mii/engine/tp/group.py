@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 
 from mii.engine.config import EngineConfig
-from mii.engine.parallel import ParallelContext
 from mii.engine.step_plan import StepPlan
+from mii.engine.tp.context import ParallelContext
 
 log = logging.getLogger(__name__)
 
