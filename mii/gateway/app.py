@@ -100,6 +100,7 @@ def _lifespan(gateway: Gateway):
         resume = anyio.to_thread.run_sync(gateway.batches.resume_all)
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(_quietly, resume)
+            tasks.start_soon(gateway.deployment.watch_workers)
             yield
             tasks.cancel_scope.cancel()
         gateway.deployment.client.close()

@@ -3,14 +3,18 @@ view of its workers (is any alive? how deep are its queues?)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 
+import anyio
 import anyio.to_thread
 
 from mii.broker_config.deployment import live_workers
 from mii.gateway.errors import no_live_worker, not_found
 from mii.gateway.settings import GatewaySettings
+
+log = logging.getLogger(__name__)
 
 
 class Deployment:
@@ -35,11 +39,25 @@ class Deployment:
             raise not_found(f"The model `{model}` does not exist", code="model_not_found")
 
     async def live_workers(self, fresh: bool = False) -> int:
-        """How many workers have a recent heartbeat (cached for `live_check_s`)."""
+        """How many workers have a recent heartbeat. `watch_workers` keeps the count fresh
+        off the request path; a count older than twice `live_check_s` is read here."""
         checked, count = self._live
-        if fresh or time.monotonic() - checked > self.settings.live_check_s:
-            count = await anyio.to_thread.run_sync(self._count_live)
-            self._live = (time.monotonic(), count)
+        if fresh or time.monotonic() - checked > 2 * self.settings.live_check_s:
+            count = await self._refresh()
+        return count
+
+    async def watch_workers(self) -> None:
+        """Refresh the live-worker count every `live_check_s`, until cancelled."""
+        while True:
+            try:
+                await self._refresh()
+            except Exception as exc:  # noqa: BLE001 (Redis away: requests find out themselves)
+                log.warning("cannot read the workers' heartbeats: %s", exc)
+            await anyio.sleep(self.settings.live_check_s)
+
+    async def _refresh(self) -> int:
+        count = await anyio.to_thread.run_sync(self._count_live)
+        self._live = (time.monotonic(), count)
         return count
 
     async def require_live_worker(self) -> None:

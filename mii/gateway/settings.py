@@ -30,7 +30,7 @@ class GatewaySettings(BaseModel):
     files_dir: str | None = None
     """Keep uploaded files in this folder (shared by every gateway of the deployment);
     None: in Redis, with the TTL of the deployment's bulk jobs."""
-    live_check_s: float = Field(1.0, ge=0)
+    live_check_s: float = Field(1.0, gt=0)
     """How long a gateway trusts its last look at the workers' heartbeats."""
     retry_after_s: int = Field(1, ge=0)
     """`Retry-After` of a 429 (queue full)."""
