@@ -5,6 +5,7 @@
     mii generate smollm2-mii-deployment "Hello" --max-new-tokens 32
     mii terminate smollm2-mii-deployment
     mii bulk submit smollm2-mii-deployment prompts.jsonl --output out.jsonl   # offline job
+    mii gateway smollm2-mii-deployment --port 8000                      # OpenAI HTTP API
 
 To add a subcommand, write `_add_NAME(parser)` and `_run_NAME(args) -> int` and list it in
 `COMMANDS`.
@@ -21,6 +22,7 @@ import threading
 from redis import RedisError
 
 from mii.errors import MIIError
+from mii.gateway.cli import add_gateway_args, run_gateway
 from mii.producer.bulk_cli import add_bulk_args, run_bulk
 from mii.worker.celery_cli import add_flower_args, add_worker_args, run_flower, run_worker
 
@@ -164,6 +166,7 @@ COMMANDS = {
     "worker": (add_worker_args, run_worker, "run a Celery worker serving one replica"),
     "flower": (add_flower_args, run_flower, "start Flower (basic auth) on the deployment's Redis"),
     "bulk": (add_bulk_args, run_bulk, "offline bulk jobs: submit, status, wait, results, cancel"),
+    "gateway": (add_gateway_args, run_gateway, "serve a deployment over HTTP (OpenAI API)"),
 }
 
 

@@ -25,6 +25,7 @@ from mii.engine.sampling_params import SamplingParams
 from mii.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 100.0  # OpenAI's bound on a logit bias
 MAX_INT32 = 2**31 - 1
 """Largest token id and token count: the engine holds them as int32."""
 
@@ -65,6 +66,30 @@ class GenerateParams(BaseModel):
     stop_token_ids: list[TokenId] = Field(default_factory=list)
     logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     """Return the chosen token's log-probability and this many top alternatives."""
+    presence_penalty: Float = Field(0.0, ge=-2, le=2)
+    """OpenAI's: subtracted once from the logit of every token generated so far."""
+    frequency_penalty: Float = Field(0.0, ge=-2, le=2)
+    """OpenAI's: subtracted from a token's logit once per time it was generated."""
+    logit_bias: dict[str, Float] | None = None
+    """OpenAI's: token id -> a value in [-100, 100] added to its logit. The ids are kept as
+    text, as JSON and the wire's msgpack maps carry them."""
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _bias_ids_as_text(cls, value):
+        if not isinstance(value, dict):
+            return value
+        ids = {str(k).strip(): v for k, v in value.items()}
+        if not all(k.isdigit() for k in ids):
+            raise ValueError(f"logit_bias keys are token ids (integers >= 0), got {list(value)}")
+        return {str(int(k)): v for k, v in ids.items()}
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_in_bounds(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if any(abs(bias) > MAX_LOGIT_BIAS for bias in (value or {}).values()):
+            raise ValueError("logit_bias values must be in [-100, 100]")
+        return value
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -136,6 +161,9 @@ class GenerateParams(BaseModel):
             stop=tuple(self.stop),
             stop_token_ids=tuple(self.stop_token_ids),
             logprobs=self.logprobs,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            logit_bias=tuple(sorted((int(k), v) for k, v in (self.logit_bias or {}).items())),
         )
 
 

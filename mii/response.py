@@ -18,6 +18,12 @@ class Response:
     """The generated token ids (an extension of MII's Response)."""
     logprobs: list[float] | None = None
     """Log-probability of each generated token, when `logprobs=` was asked for."""
+    tokens: list[str] | None = None
+    """Text of each generated token decoded alone, when `logprobs=` was asked for (from a
+    deployment; the in-process pipeline leaves it None)."""
+    top_logprobs: list[list[tuple[int, float, str]]] | None = None
+    """For each generated token, its best alternatives as (token id, logprob, text), when
+    `logprobs=` > 0 was asked for (from a deployment)."""
 
     def to_msg_dict(self) -> dict:
         msg = asdict(self)
@@ -49,23 +55,45 @@ class ResponseParts:
     text: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    tokens: list[str] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float, str]]] = field(default_factory=list)
     finish_reason: GenerationFinishReason | None = None
 
-    def add(self, token_ids: list[int], text: str, logprobs: list[float] | None = None) -> None:
+    def add(
+        self,
+        token_ids: list[int],
+        text: str,
+        logprobs: list[float] | None = None,
+        tokens: list[str] | None = None,
+        top: list | None = None,
+    ) -> None:
         self.token_ids += token_ids
         self.text.append(text)
         if logprobs:
             self.logprobs += logprobs
+        if tokens:
+            self.tokens += tokens
+        if top:
+            self.top_logprobs += [[tuple(alt) for alt in alts] for alts in top]
 
     def delta(self, token_ids: list[int], text: str) -> Response:
-        """A streamed piece: its own tokens and text, the totals so far."""
+        """A streamed piece: its own tokens, text and logprobs, the totals so far."""
+        n = len(token_ids)
         return Response(
             generated_text=text,
             prompt_length=self.prompt_length,
             generated_length=len(self.token_ids),
             finish_reason=self.finish_reason or GenerationFinishReason.NONE,
             token_ids=list(token_ids),
+            logprobs=self._last(self.logprobs, n),
+            tokens=self._last(self.tokens, n),
+            top_logprobs=self._last(self.top_logprobs, n),
         )
+
+    def _last(self, values: list, n: int) -> list | None:
+        if not self.want_logprobs or not values:
+            return None
+        return values[len(values) - n :] if n else []
 
     def response(self) -> Response:
         text = "".join(self.text)
@@ -78,4 +106,6 @@ class ResponseParts:
             finish_reason=self.finish_reason or GenerationFinishReason.NONE,
             token_ids=self.token_ids,
             logprobs=self.logprobs if self.want_logprobs else None,
+            tokens=(self.tokens or None) if self.want_logprobs else None,
+            top_logprobs=(self.top_logprobs or None) if self.want_logprobs else None,
         )

@@ -158,6 +158,21 @@ class DeploymentKeys:
         """Keys of one bulk job of this deployment (same hash tag)."""
         return JobKeys(self.prefix, job_id)
 
+    def file(self, file_id: str) -> str:
+        """Hash: a file uploaded through the HTTP gateway's `/v1/files` (`meta`, `content`),
+        with the TTL of the deployment's bulk jobs."""
+        return f"{self.prefix}:file:{file_id}"
+
+    def batch(self, batch_id: str) -> str:
+        """String: an OpenAI batch created through the gateway (JSON: its input file, endpoint,
+        metadata); its lines run as the bulk job of the same id. Same TTL as the job."""
+        return f"{self.prefix}:batch:{batch_id}"
+
+    @property
+    def batches(self) -> str:
+        """Sorted set: ids of the gateway's batches by creation time (`GET /v1/batches`)."""
+        return f"{self.prefix}:batches"
+
     def request_streams(self) -> tuple[str, str]:
         """Request streams in the order workers serve them."""
         return (self.requests, self.bulk)

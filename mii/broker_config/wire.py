@@ -13,7 +13,9 @@ Control stream entry (`mii:{dep}:control`), one field:
 A reader refuses a message whose `v` it does not know; a new version adds fields with
 defaults, so old messages stay readable. Request messages are at version 2 (`messages`,
 `job`, `line`); one that uses none of these is still written as version 1, so workers of
-the previous release keep reading interactive requests during a rolling upgrade.
+the previous release keep reading interactive requests during a rolling upgrade. Response
+chunks follow the same rule: version 2 (`toks`, `top`) only for a request that asked for
+logprobs, version 1 otherwise.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from mii.errors import MIIError
 
 WIRE_VERSION = 1
 REQUEST_WIRE_VERSION = 2
+CHUNK_WIRE_VERSION = 2
 PAYLOAD = b"m"
 RID = b"rid"
 _RID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
@@ -101,6 +104,7 @@ class ErrorKind(str, Enum):
 class ResponseChunk(_Message):
     """Tokens of one engine step for one request; the last chunk has `reason` set."""
 
+    v: Literal[1, 2] = WIRE_VERSION
     i: int = Field(0, ge=0)
     """Index of `ids[0]` among the request's generated tokens (replays drop duplicates)."""
     ids: list[int] = Field(default_factory=list)
@@ -108,6 +112,12 @@ class ResponseChunk(_Message):
     """Newly releasable text (held-back bytes of a character or of a stop string come later)."""
     lp: list[float] | None = None
     """Log-probability of each token in `ids`, when asked for."""
+    toks: list[str] | None = None
+    """v2: the text of each token in `ids` decoded alone, when logprobs are asked for (a
+    client without the tokenizer, such as the HTTP gateway, shows them)."""
+    top: list[list[tuple[int, float, str]]] | None = None
+    """v2: for each token in `ids`, the most likely alternatives as (token id, logprob,
+    text), when `logprobs` > 0."""
     plen: int = Field(0, ge=0)
     """Prompt length in tokens."""
     glen: int = Field(0, ge=0)
@@ -163,7 +173,8 @@ def request_fields(msg: RequestMessage) -> dict[bytes, bytes]:
 def chunk_payload(**fields: Any) -> bytes:
     """A response chunk, packed without a pydantic pass (this is the worker's hot path);
     tests check that it decodes as a valid `ResponseChunk`."""
-    fields["v"] = WIRE_VERSION
+    v2 = fields.get("toks") is not None or fields.get("top") is not None
+    fields["v"] = CHUNK_WIRE_VERSION if v2 else WIRE_VERSION
     reason = fields.get("reason")
     if reason is not None:
         fields["reason"] = GenerationFinishReason(reason).value

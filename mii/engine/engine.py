@@ -104,7 +104,7 @@ class LLMEngine:
         use_async = config.async_scheduling
         self._async = self.runner.device.type == "cuda" if use_async is None else use_async
         self._inflight: _Launched | None = None
-        self._needs_history: set[str] = set()  # requests with a repetition penalty
+        self._needs_history: set[str] = set()  # requests with a penalty
 
     def _dtype(self):
         if self.config.dtype != "auto":
@@ -136,7 +136,7 @@ class LLMEngine:
         if self.tokenizer is not None:
             detok = IncrementalDetokenizer(self.tokenizer, params.stop, generated_token_ids)
         self.requests[request_id] = _Request(seq, detok)
-        if params.repetition_penalty != 1.0:
+        if params.needs_history:
             self._needs_history.add(request_id)
         self.scheduler.add(seq)
 
@@ -152,6 +152,7 @@ class LLMEngine:
             )
         self._check_ids("prompt", (*prompt, *generated))
         self._check_ids("stop_token_ids", params.stop_token_ids)
+        self._check_ids("logit_bias", [t for t, _ in params.logit_bias])
         if params.max_new_tokens < 1:
             raise InvalidRequestError("max_new_tokens must be at least 1")
         if params.stop and self.tokenizer is None:

@@ -90,13 +90,22 @@ class Sampler:
         return self._with_logprobs(raw, token_ids, seqs)
 
     def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Logit bias, then the repetition, presence and frequency penalties (vLLM's order),
+        then the ban of EOS and stop ids before `min_new_tokens`; on a copy, and only for
+        the rows that ask for them."""
+        biased = [i for i, s in enumerate(seqs) if s.params.logit_bias]
         penalised = [i for i, s in enumerate(seqs) if s.params.repetition_penalty != 1.0]
+        counted = [i for i, s in enumerate(seqs) if _counts_tokens(s.params)]
         too_short = [i for i, s in enumerate(seqs) if s.num_generated < s.params.min_new_tokens]
-        if not penalised and not too_short:
+        if not (biased or penalised or counted or too_short):
             return logits
         logits = logits.clone()
+        if biased:
+            _logit_bias(logits, seqs, biased)
         if penalised:
             self._repetition_penalty(logits, [seqs[i] for i in penalised], penalised)
+        if counted:
+            _presence_frequency(logits, [seqs[i] for i in counted], counted)
         for i in too_short:
             banned = [*self.eos_token_ids, *seqs[i].params.stop_token_ids]
             logits[i, _column(banned, torch.int64, logits.device)] = -float("inf")
@@ -106,12 +115,7 @@ class Sampler:
     def _repetition_penalty(logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> None:
         """transformers' rule: divide positive logits of seen tokens, multiply negative ones."""
         device, vocab = logits.device, logits.shape[1]
-        width = max(s.num_tokens for s in seqs)
-        # Pad with an extra column index `vocab` that lands outside the real vocabulary.
-        ids = torch.full((len(seqs), width), vocab, dtype=torch.int64)
-        for r, s in enumerate(seqs):
-            ids[r, : s.num_tokens] = torch.tensor(s.token_ids)
-        ids = ids.to(device)
+        ids = _padded([s.token_ids for s in seqs], vocab).to(device)
         idx = _column(rows, torch.int64, device)
         penalty = _column([s.params.repetition_penalty for s in seqs], torch.float32, device)
         extended = torch.cat([logits[idx], logits.new_zeros(len(seqs), 1)], dim=1)
@@ -153,6 +157,43 @@ class Sampler:
             return SamplerOutput(token_ids, chosen)
         top = logprobs.topk(k, dim=-1)
         return SamplerOutput(token_ids, chosen, top.indices, top.values)
+
+
+def _counts_tokens(params) -> bool:
+    return params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
+
+
+def _padded(rows: list[list[int]], pad: int) -> torch.Tensor:
+    """(len(rows), longest) int64 on the host; `pad` fills the ragged ends. Pad with the
+    vocabulary size: a column index just outside the real vocabulary."""
+    ids = torch.full((len(rows), max(1, max(len(r) for r in rows))), pad, dtype=torch.int64)
+    for r, row in enumerate(rows):
+        ids[r, : len(row)] = torch.tensor(row, dtype=torch.int64)
+    return ids
+
+
+def _logit_bias(logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> None:
+    """Add each request's bias to the logits of its tokens (OpenAI's `logit_bias`)."""
+    device = logits.device
+    pairs = [(row, t, b) for row in rows for t, b in seqs[row].params.logit_bias]
+    row_idx = _column([p[0] for p in pairs], torch.int64, device)
+    col_idx = _column([p[1] for p in pairs], torch.int64, device)
+    bias = _column([p[2] for p in pairs], torch.float32, device)
+    logits.index_put_((row_idx, col_idx), bias, accumulate=True)
+
+
+def _presence_frequency(logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> None:
+    """OpenAI's penalties over the generated tokens (not the prompt): subtract
+    `frequency_penalty` per occurrence and `presence_penalty` once for any."""
+    device, vocab = logits.device, logits.shape[1]
+    ids = _padded([s.generated_token_ids for s in seqs], vocab).to(device)  # (R, W)
+    counts = torch.zeros(len(seqs), vocab + 1, device=device)
+    counts.scatter_add_(1, ids, torch.ones(ids.shape, device=device))
+    counts = counts[:, :vocab]  # (R, V), the padding column dropped
+    freq = _column([s.params.frequency_penalty for s in seqs], torch.float32, device)
+    presence = _column([s.params.presence_penalty for s in seqs], torch.float32, device)
+    idx = _column(rows, torch.int64, device)
+    logits[idx] -= freq[:, None] * counts + presence[:, None] * (counts > 0).float()
 
 
 def _top_k_top_p(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:

@@ -19,6 +19,17 @@ from mii.producer.submit import SUBMIT_SCRIPT
 from mii.response import Response
 
 log = logging.getLogger(__name__)
+_CLEANUPS: set[asyncio.Task] = set()  # strong references while they run
+
+
+async def _uncancellable(coro) -> None:
+    """Run `coro` to its end even when the caller is cancelled: a web server cancels a
+    request's task (repeatedly, under anyio) when its client disconnects, and the cleanup
+    must still cancel the work that client left in the queue."""
+    task = asyncio.ensure_future(coro)
+    _CLEANUPS.add(task)
+    task.add_done_callback(_CLEANUPS.discard)
+    await asyncio.shield(task)
 
 
 class AsyncClientMixin:
@@ -40,7 +51,7 @@ class AsyncClientMixin:
             async for _ in self._afollow(requests):
                 pass
         finally:
-            await self._acleanup(requests)
+            await _uncancellable(self._acleanup(requests))
         return requests.responses()
 
     async def astream(self, prompt, **kwargs) -> AsyncIterator[Response]:
@@ -51,7 +62,21 @@ class AsyncClientMixin:
                 yield delta
             requests.responses()
         finally:
-            await self._acleanup(requests)
+            await _uncancellable(self._acleanup(requests))
+
+    async def astream_many(self, prompts, **kwargs) -> AsyncIterator[tuple[int, Response]]:
+        """Stream several requests at once: `(index, delta)` as chunks arrive, where index
+        counts the requests in submit order (with `n=`, prompt-major: prompt p's choice c is
+        p * n + c). Each request's last delta carries its finish reason; a worker's error
+        is raised after the deltas before it. Closing the iterator cancels what runs."""
+        requests = await self._asubmit(prompts, kwargs)
+        index = {r.rid: i for i, r in enumerate(requests.requests)}
+        try:
+            async for request, delta in self._afollow(requests):
+                yield index[request.rid], delta
+            requests.responses()
+        finally:
+            await _uncancellable(self._acleanup(requests))
 
     async def _asubmit(self, prompts, kwargs: dict, stream: str | None = None) -> RequestSet:
         sub = self._prepare(prompts, kwargs, stream)

@@ -40,8 +40,7 @@ class ResponseAssembler:
                 f"request {self.rid}: token {chunk.i} arrived before token {len(self.token_ids)}"
             )
         new_text = chunk.text if len(fresh) == len(chunk.ids) else ""
-        lp = chunk.lp[len(chunk.lp) - len(fresh) :] if chunk.lp else None
-        self.parts.add(fresh, new_text, lp)
+        self.parts.add(fresh, new_text, *_tails(len(fresh), chunk.lp, chunk.toks, chunk.top))
         if chunk.final:
             self._finish(chunk)
         elif not fresh:
@@ -61,3 +60,8 @@ class ResponseAssembler:
         if self.error is not None:
             raise self.error
         return self.parts.response()
+
+
+def _tails(n: int, *per_token: list | None) -> list[list | None]:
+    """The entries of the last `n` tokens of each per-token list of a chunk (the fresh ones)."""
+    return [values[len(values) - n :] if values else None for values in per_token]

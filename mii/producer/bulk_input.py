@@ -18,20 +18,7 @@ from typing import Any
 
 from mii.errors import InvalidRequestError
 from mii.params import GenerateParams, check_prompt, check_text
-
-COMPLETIONS = "/v1/completions"
-CHAT = "/v1/chat/completions"
-# OpenAI body options with a meaning here -> MII's name; others are refused by name.
-_OPENAI_OPTIONS = {
-    "max_tokens": "max_new_tokens",
-    "max_completion_tokens": "max_new_tokens",
-    "temperature": "temperature",
-    "top_p": "top_p",
-    "stop": "stop",
-    "seed": "seed",
-    "logprobs": "logprobs",
-}
-_OPENAI_IGNORED = {"model", "user", "stream", "n"}
+from mii.producer.openai_params import CHAT, COMPLETIONS, mii_options
 
 
 @dataclass(frozen=True)
@@ -100,8 +87,7 @@ def _openai_line(number: int, ident: str, data: dict[str, Any]) -> BulkLine:
         raise InvalidRequestError(f"url {url!r} is not {COMPLETIONS} or {CHAT}")
     if data.get("method", "POST") != "POST" or not isinstance(body, dict):
         raise InvalidRequestError("an OpenAI batch line is a POST with an object body")
-    params = _openai_params(body)
-    GenerateParams.from_kwargs(**params)
+    params = _openai_params(body, url)
     if url == CHAT:
         prompt, messages = _prompt_or_messages(None, body.get("messages"))
     else:
@@ -109,24 +95,13 @@ def _openai_line(number: int, ident: str, data: dict[str, Any]) -> BulkLine:
     return BulkLine(number, ident, prompt, messages, params, openai_url=url)
 
 
-def _openai_params(body: dict[str, Any]) -> dict[str, Any]:
+def _openai_params(body: dict[str, Any], url: str) -> dict[str, Any]:
+    """The line's options (explicit either way: they win over a job's defaults)."""
     if body.get("n", 1) != 1:
         raise InvalidRequestError("n > 1 is not supported; submit the line n times")
-    unknown = sorted(set(body) - set(_OPENAI_OPTIONS) - _OPENAI_IGNORED - {"prompt", "messages"})
-    if unknown:
-        raise InvalidRequestError(f"unsupported OpenAI option(s): {', '.join(unknown)}")
-    params = {_OPENAI_OPTIONS[k]: v for k, v in body.items() if k in _OPENAI_OPTIONS}
-    # OpenAI samples at temperature 1 and top_p 1 unless told; 0 means greedy.
-    temperature = params.pop("temperature", 1.0)
-    # Explicit either way: the line's options win over a job's defaults (greedy, say).
-    if temperature == 0:
-        params["do_sample"] = False
-    else:
-        params.update(do_sample=True, temperature=temperature)
-        params.setdefault("top_p", 1.0)
-    if isinstance(params.get("logprobs"), bool):
-        params["logprobs"] = 0 if params["logprobs"] else None
-    return {k: v for k, v in params.items() if v is not None}
+    if body.get("echo"):
+        raise InvalidRequestError("echo is not supported in bulk jobs")
+    return mii_options(body, url)
 
 
 def _prompt_or_messages(prompt, messages):

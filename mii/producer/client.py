@@ -8,12 +8,15 @@
     async for delta in client.astream("Hello"): ...
 
 Options are `GenerateParams` (MII's names) plus `timeout=` seconds per request (default
-`broker.request_timeout_s`; `timeout=None`: no deadline). Bad options and prompts raise
-`InvalidRequestError` before anything is queued; a full queue raises `QueueFullError`; a
-failed deployment `DeploymentFailedError`; a request that vanished from Redis (flushed, or
-restarted without persistence) `RequestLostError`; a Redis unreachable for longer than
-`broker.reconnect_timeout_s` `BrokerUnavailableError`, and what the call abandoned is
-cancelled once Redis answers again. No call waits forever unless asked to.
+`broker.request_timeout_s`; `timeout=None`: no deadline) and `n=` choices per prompt (`n`
+responses each, prompt-major). A prompt is a text, token ids, or a
+`mii.producer.submit.Chat` of messages (the worker applies the chat template). Bad options
+and prompts raise `InvalidRequestError` before anything is queued; a full queue raises
+`QueueFullError`; a failed deployment `DeploymentFailedError`; a request that vanished
+from Redis (flushed, or restarted without persistence) `RequestLostError`; a Redis
+unreachable for longer than `broker.reconnect_timeout_s` `BrokerUnavailableError`, and
+what the call abandoned is cancelled once Redis answers again. No call waits forever
+unless asked to.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from mii.broker_config.connection import connect as redis_connect
 from mii.broker_config.keys import DeploymentKeys
 from mii.config import MIIConfig
 from mii.errors import BrokerUnavailableError, InvalidRequestError
-from mii.params import GenerateParams, as_prompt_list
+from mii.params import GenerateParams
 from mii.producer.aio import AsyncClientMixin
 from mii.producer.liveness import ClientLiveness
 from mii.producer.outage import Abandoned, broker_unavailable, queue_cancels
@@ -39,6 +42,7 @@ from mii.producer.submit import (
     Prompt,
     Submission,
     Timeout,
+    as_prompt_list,
     build_requests,
     check_prompt_size,
     request_timeout,
@@ -131,11 +135,12 @@ class Client(AsyncClientMixin):
         kwargs = dict(kwargs)
         timeout = kwargs.pop("timeout", Timeout.DEFAULT)
         timeout_s = request_timeout(timeout, self.settings.request_timeout_s)
+        n = kwargs.pop("n", 1)
         prompts = as_prompt_list(prompts)
         params = GenerateParams.from_kwargs(**kwargs)
         for i, prompt in enumerate(prompts):
             check_prompt_size(prompt, self.max_request_bytes, i if len(prompts) > 1 else None)
-        messages = build_requests(prompts, params, timeout_s)
+        messages = build_requests(prompts, params, timeout_s, n)
         stream = stream or self.keys.requests
         requests = RequestSet(self.keys, messages, params)
         limit = self._depth_limit(stream)

@@ -10,11 +10,13 @@ Cluster safe.
 from __future__ import annotations
 
 import enum
+import json
 import math
 import numbers
 import random
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
@@ -24,11 +26,24 @@ from mii.broker_config.keys import DeploymentKeys, process_name
 from mii.broker_config.settings import REQUEST_BYTES_PER_TOKEN
 from mii.broker_config.wire import RequestMessage
 from mii.errors import DeploymentFailedError, InvalidRequestError, QueueFullError
-from mii.params import GenerateParams
+from mii.params import GenerateParams, check_prompt
+from mii.params import as_prompt_list as params_prompt_list
 from mii.producer.request_set import RequestSet
 
-Prompt = str | list[int]
+MAX_CHOICES = 128  # most completions `n=` asks for one prompt
 TOKEN_ID_BYTES = 4  # what a token id counts against the byte limit
+
+
+@dataclass(frozen=True)
+class Chat:
+    """A conversation as a prompt: `client.generate(Chat([{"role": "user", "content":
+    "Hi"}]))`. The worker applies the model's chat template, so the client needs no model
+    files."""
+
+    messages: list[dict[str, Any]]
+
+
+Prompt = str | list[int] | Chat
 
 SUBMIT_SCRIPT = """
 -- KEYS: request stream, deployment state, [client liveness key]
@@ -79,10 +94,20 @@ def request_timeout(value, default_s: float | None) -> float | None:
     return float(value)
 
 
+def as_prompt_list(prompts) -> list[Prompt]:
+    """`mii.params.as_prompt_list`, with `Chat` prompts as well."""
+    if isinstance(prompts, Chat):
+        return [_check_chat(prompts)]
+    if isinstance(prompts, list | tuple) and any(isinstance(p, Chat) for p in prompts):
+        return [_check_chat(p) if isinstance(p, Chat) else check_prompt(p, i)
+                for i, p in enumerate(prompts)]  # fmt: skip
+    return params_prompt_list(prompts)
+
+
 def check_prompt_size(prompt: Prompt, limit: int, index: int | None = None) -> None:
     """Refuse a prompt over the deployment's byte limit (UTF-8 bytes, or 4 per token id)
     before it is queued: a client cannot count tokens without the model's tokenizer."""
-    size = len(prompt.encode()) if isinstance(prompt, str) else TOKEN_ID_BYTES * len(prompt)
+    size = _prompt_bytes(prompt)
     if size > limit:
         where = "" if index is None else f" (prompts[{index}])"
         raise InvalidRequestError(
@@ -93,27 +118,57 @@ def check_prompt_size(prompt: Prompt, limit: int, index: int | None = None) -> N
         )
 
 
+def _prompt_bytes(prompt: Prompt) -> int:
+    if isinstance(prompt, Chat):
+        return len(json.dumps(prompt.messages, ensure_ascii=False).encode())
+    return len(prompt.encode()) if isinstance(prompt, str) else TOKEN_ID_BYTES * len(prompt)
+
+
+def _check_chat(chat: Chat) -> Chat:
+    messages = chat.messages
+    if not isinstance(messages, list | tuple) or not messages:
+        raise InvalidRequestError("a chat needs a non-empty list of messages")
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
+            raise InvalidRequestError("each chat message is an object with a role and a content")
+    return Chat(list(messages))
+
+
 def build_requests(
-    prompts: list[Prompt], params: GenerateParams, timeout_s: float | None
+    prompts: list[Prompt], params: GenerateParams, timeout_s: float | None, n: int = 1
 ) -> list[RequestMessage]:
-    """One message per prompt, each with a fresh id and, when sampling, its own seed: a
-    worker that takes over a request continues the same random stream."""
+    """`n` messages per prompt (prompt-major), each with a fresh id and, when sampling, its
+    own seed: a worker that takes over a request continues the same random stream. With a
+    `seed`, choice c of a prompt samples with seed + c, so the n choices differ."""
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
+        raise InvalidRequestError(f"n must be an integer from 1 to {MAX_CHOICES}, got {n!r}")
     options = params.model_dump(exclude_defaults=True)
-    messages = []
-    for prompt in prompts:
-        fields = dict(options)
-        if not params.greedy and params.seed is None:
-            fields["seed"] = random.getrandbits(63)
-        messages.append(
-            RequestMessage(
-                rid=uuid.uuid4().hex,
-                prompt=prompt,
-                params=fields,
-                timeout_s=timeout_s,
-                client=process_name(),
-            )
-        )
-    return messages
+    return [
+        _message(prompt, _choice_options(options, params, choice), timeout_s)
+        for prompt in prompts
+        for choice in range(n)
+    ]
+
+
+def _choice_options(options: dict, params: GenerateParams, choice: int) -> dict:
+    fields = dict(options)
+    if params.seed is not None and choice:
+        fields["seed"] = (params.seed + choice) % 2**63
+    elif not params.greedy and params.seed is None:
+        fields["seed"] = random.getrandbits(63)
+    return fields
+
+
+def _message(prompt: Prompt, params: dict, timeout_s: float | None) -> RequestMessage:
+    chat = isinstance(prompt, Chat)
+    return RequestMessage(
+        rid=uuid.uuid4().hex,
+        prompt="" if chat else prompt,
+        messages=prompt.messages if chat else None,
+        params=params,
+        timeout_s=timeout_s,
+        client=process_name(),
+    )
 
 
 @dataclass

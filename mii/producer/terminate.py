@@ -41,10 +41,13 @@ EMBEDDED_GRACE_S = 0.5  # waiting clients read their error before the embedded R
 def terminate_deployment(
     redis, keys: DeploymentKeys, settings: BrokerSettings, owner, timeout_s: float
 ) -> None:
-    """Mark the deployment TERMINATING (supervisors stop restarting workers), tell the
-    workers (they end their requests with an error and stop), wait for the live ones, end
-    every request still queued, delete the deployment's keys, wait for the launcher's own
-    processes (`owner`), and shut down a Redis that `mii.serve` embedded."""
+    """Stop the launcher's HTTP gateway (no new requests), mark the deployment TERMINATING
+    (supervisors stop restarting workers), tell the workers (they end their requests with an
+    error and stop), wait for the live ones, end every request still queued, delete the
+    deployment's keys, wait for the launcher's own processes (`owner`), and shut down a
+    Redis that `mii.serve` embedded."""
+    if owner is not None:
+        owner.stop_gateway()
     record = _record_or_none(redis, keys)
     error = _why_ended(redis, keys)
     set_state(redis, keys, TERMINATING)

@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from mii.broker_config.connection import CONNECTION_ERRORS, answers, connect
 from mii.broker_config.deployment import (
@@ -37,6 +38,9 @@ from mii.worker.engine_factory import DEFAULT_FACTORY
 from mii.worker.processes import WorkerProcess, WorkerSpec, stop_processes
 from mii.worker.supervisor import Supervisor
 
+if TYPE_CHECKING:
+    from mii.gateway.server import GatewayProcess
+
 log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 600.0
 WAIT_POLL_S = 0.5
@@ -49,6 +53,12 @@ class LocalDeployment:
     workers: list[WorkerProcess] = field(default_factory=list)
     redis: EmbeddedRedis | None = None
     supervisor: Supervisor | None = None
+    gateway: GatewayProcess | None = None
+    """The HTTP gateway, with `enable_restful_api`."""
+
+    def stop_gateway(self) -> None:
+        if self.gateway is not None:
+            self.gateway.stop()
 
     def wait_for_workers(self, stop: threading.Event) -> None:
         """Until `stop` is set or the deployment ended: terminated (from any client), or
@@ -121,7 +131,10 @@ def serve_deployment(
             redis, keys, mii_config.broker, record, spec, local.workers, embedded
         )
         local.supervisor.start()
+        if mii_config.enable_restful_api:
+            local.gateway = _start_gateway(mii_config, url)
     except BaseException as exc:
+        local.stop_gateway()
         local.stop_workers(timeout_s=5.0)
         if recorded:
             _forget(redis, keys, mii_config, f"deployment failed to start: {exc!r}")
@@ -152,6 +165,14 @@ def _forget(redis, keys: DeploymentKeys, mii_config: MIIConfig, error: str) -> N
     with contextlib.suppress(*CONNECTION_ERRORS):  # an embedded Redis stops next anyway
         end_queued_requests(redis, keys, error.splitlines()[0], broker.response_ttl_s)
         delete_deployment_keys(redis, keys, broker.response_ttl_s)
+
+
+def _start_gateway(mii_config: MIIConfig, url: str) -> GatewayProcess:
+    """MII's RESTful API, here the whole gateway (`mii.gateway`), on `restful_api_port`."""
+    from mii.gateway.server import spawn_gateway
+
+    host, port = mii_config.restful_api_host, mii_config.restful_api_port
+    return spawn_gateway(mii_config.deployment_name, url, host, port)
 
 
 def _refuse_running(redis, keys: DeploymentKeys, mii_config: MIIConfig) -> None:

@@ -65,7 +65,12 @@ class WorkerLoop(UpkeepMixin):
         self.consumer = consumer or process_name()
         self.record = record
         self.publisher = Publisher(
-            redis, self.keys, self.consumer, settings.response_ttl_s, settings.deadletter_maxlen
+            redis,
+            self.keys,
+            self.consumer,
+            settings.response_ttl_s,
+            settings.deadletter_maxlen,
+            tokenizer=engine.tokenizer,
         )
         self.leases = Leases(redis, self.keys, self.consumer, settings.reclaim_idle_s)
         self.reader = Reader(redis, self.keys, self.consumer, script=poll_script)

@@ -44,10 +44,18 @@ class Batch:
 
 class Publisher:
     def __init__(
-        self, redis, keys: DeploymentKeys, consumer: str, ttl_s: int, deadletter_maxlen=10_000
+        self,
+        redis,
+        keys: DeploymentKeys,
+        consumer: str,
+        ttl_s: int,
+        deadletter_maxlen=10_000,
+        tokenizer=None,
     ) -> None:
+        """`tokenizer` (the engine's, if it has one) gives logprob chunks their token texts."""
         self.redis, self.keys, self.consumer, self.ttl_s = redis, keys, consumer, ttl_s
         self.deadletter_maxlen = deadletter_maxlen
+        self.tokenizer = tokenizer
         self._queue: queue.Queue[Batch | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="mii-publisher", daemon=True)
         self._fresh: set[str] = set()  # response streams this worker has not written yet
@@ -145,7 +153,8 @@ class Publisher:
         """Append the batch's commands; return how many tokens they publish."""
         tokens = 0
         for out in batch.outputs:
-            self._xadd(commands, out.request_id, _chunk(out, self.consumer), out.finished)
+            payload = _chunk(out, self.consumer, self.tokenizer)
+            self._xadd(commands, out.request_id, payload, out.finished)
             tokens += len(out.token_ids)
         for rid, payload in batch.finals:
             self._xadd(commands, rid, payload, True)
@@ -173,16 +182,32 @@ class _Marker:
     done: threading.Event
 
 
-def _chunk(out: RequestOutput, consumer: str) -> bytes:
+def _chunk(out: RequestOutput, consumer: str, tokenizer=None) -> bytes:
     fields = dict(i=out.first_token_index, ids=list(out.token_ids), text=out.text)
     fields.update(plen=out.prompt_length, glen=out.generated_length)
     if out.logprobs is not None:
-        fields["lp"] = [lp.logprob for lp in out.logprobs]
+        fields.update(_logprob_fields(out.logprobs, tokenizer))
     if out.finished:
         fields.update(reason=out.finish_reason, worker=consumer)
     if out.error is not None:
         fields.update(error=out.error, etype=wire.ErrorKind.GENERATION)
     return wire.chunk_payload(**fields)
+
+
+def _logprob_fields(logprobs, tokenizer) -> dict:
+    """`lp`; with a tokenizer also `toks` and, when alternatives were asked for, `top`.
+    Decoded here, in the publisher's thread, off the engine's critical path."""
+    fields: dict = {"lp": [lp.logprob for lp in logprobs]}
+    if tokenizer is None:
+        return fields
+    fields["toks"] = [_token_text(tokenizer, lp.token_id) for lp in logprobs]
+    if any(lp.top for lp in logprobs):
+        fields["top"] = [[(t, v, _token_text(tokenizer, t)) for t, v in lp.top] for lp in logprobs]
+    return fields
+
+
+def _token_text(tokenizer, token_id: int) -> str:
+    return tokenizer.decode([token_id], skip_special_tokens=False)
 
 
 def final_chunk(

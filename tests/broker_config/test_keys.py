@@ -17,6 +17,7 @@ def test_every_key_carries_the_deployment_hash_tag():
     keys = DeploymentKeys("smollm2-mii-deployment")
     names = [keys.requests, keys.bulk, keys.deadletter, keys.control, keys.config, keys.workers]
     names += [keys.response("abc"), keys.cancelled("abc")]
+    names += [keys.file("file-1"), keys.batch("batch_1"), keys.batches]
     assert {_hash_tag(n) for n in names} == {"smollm2-mii-deployment"}
     assert len(set(names)) == len(names)
     assert keys.requests == "mii:{smollm2-mii-deployment}:requests"

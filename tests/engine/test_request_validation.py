@@ -21,6 +21,7 @@ def pipe(tiny_model):
     [
         ({"stop_token_ids": [10**6], "min_new_tokens": 2}, "stop_token_ids"),
         ({"stop_token_ids": [10**6]}, "stop_token_ids"),
+        ({"logit_bias": {"1000000": 5.0}}, "logit_bias"),
     ],
 )
 def test_out_of_vocabulary_ids_are_refused_and_the_engine_goes_on(pipe, options, field):

@@ -106,3 +106,42 @@ def test_logprobs_are_log_softmax_of_the_model_logits(k):
     assert torch.allclose(out.logprobs, ref.gather(1, out.token_ids[:, None]).squeeze(1))
     if k:
         assert torch.allclose(out.top_logprobs, ref.topk(k).values)
+
+
+def _reference_penalties(logits, seqs):
+    """Plain torch, one row at a time: logit bias, then OpenAI's presence and frequency
+    penalties over the generated tokens."""
+    out = logits.clone()
+    for row, s in enumerate(seqs):
+        for token, bias in s.params.logit_bias:
+            out[row, token] += bias
+        generated = torch.tensor(s.generated_token_ids, dtype=torch.int64)
+        counts = torch.bincount(generated, minlength=V).float()
+        out[row] -= s.params.frequency_penalty * counts
+        out[row] -= s.params.presence_penalty * (counts > 0).float()
+    return out
+
+
+def test_presence_frequency_and_logit_bias_match_a_plain_reference():
+    torch.manual_seed(0)
+    logits = torch.randn(4, V)
+    params = [
+        SamplingParams(max_new_tokens=9, presence_penalty=0.7, frequency_penalty=0.3),
+        SamplingParams(max_new_tokens=9, logit_bias=((4, 5.0), (7, -100.0))),
+        SamplingParams(max_new_tokens=9),  # untouched beside the others
+        SamplingParams(max_new_tokens=9, frequency_penalty=-1.5, logit_bias=((4, 1.0),)),
+    ]
+    seqs = seqs_of(*params, tokens=(4, 4, 9))  # prompt tokens do not count
+    for s, generated in zip(seqs, ([4, 4, 7], [4], [4], [7, 7, 7, 4]), strict=True):
+        s.token_ids.extend(generated)
+    got = Sampler([0])._apply_penalties(logits.clone(), seqs)
+    assert torch.allclose(got, _reference_penalties(logits, seqs))
+    assert torch.equal(got[2], logits[2])
+    out = Sampler([0])(logits.clone(), seqs)
+    assert out.token_ids.tolist() == got.argmax(-1).tolist()
+
+
+def test_penalties_make_the_engine_step_synchronously():
+    assert SamplingParams(max_new_tokens=1, presence_penalty=0.5).needs_history
+    assert SamplingParams(max_new_tokens=1, repetition_penalty=1.1).needs_history
+    assert not SamplingParams(max_new_tokens=1, logit_bias=((1, 2.0),)).needs_history

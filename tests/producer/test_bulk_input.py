@@ -67,7 +67,7 @@ def test_openai_completion_and_chat_bodies_map_to_mii_options():
         ({"prompt": "x", "extra": 1}, "unknown field"),
         ({"url": "/v1/embeddings", "body": {}}, "url"),
         ({"url": COMPLETIONS, "body": {"prompt": "x", "n": 3}}, "n > 1"),
-        ({"url": COMPLETIONS, "body": {"prompt": "x", "frequency_penalty": 1}}, "frequency"),
+        ({"url": COMPLETIONS, "body": {"prompt": "x", "tools": [{}]}}, "tools"),
         ({"messages": [{"content": "no role"}]}, "role"),
         ('{"prompt": "abc\\udcff"}', "not valid Unicode"),
         ({"prompt": [1, 2**70]}, "token id"),

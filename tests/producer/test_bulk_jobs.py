@@ -197,7 +197,7 @@ def test_openai_batch_input_gets_openai_batch_output(harness, bulk):
     lines = [
         _openai("c0", COMPLETIONS, {"model": "m", "prompt": "2+2=", "max_tokens": 3}),
         _openai("c1", CHAT, {"model": "m", "messages": [{"role": "user", "content": "hi"}]}),
-        _openai("c2", COMPLETIONS, {"prompt": "x", "frequency_penalty": 1}),  # refused
+        _openai("c2", COMPLETIONS, {"prompt": "x", "tools": [{}]}),  # refused
         _openai("c3", COMPLETIONS, {"prompt": "y"}),
     ]
     status = bulk.submit(read_input(lines), job_id="oa", params=GREEDY)
@@ -217,7 +217,7 @@ def test_openai_batch_input_gets_openai_batch_output(harness, bulk):
     assert chat["object"] == "chat.completion"
     assert chat["choices"][0]["message"] == {"role": "assistant", "content": "Hello!"}
     assert c2["response"]["status_code"] == 400
-    assert "frequency_penalty" in c2["response"]["body"]["error"]["message"]
+    assert "tools" in c2["response"]["body"]["error"]["message"]
     assert c3["response"] is None and c3["error"]["code"] == "batch_cancelled"
 
 

@@ -3,6 +3,8 @@ and a lost connection is retried with the same commands, in order."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import fakeredis
 import pytest
 import redis
@@ -83,3 +85,21 @@ def test_lost_connection_is_retried_with_the_same_commands():
     assert check.xlen(KEYS.response("r2")) == 1
     assert check.ttl(KEYS.response("r2")) > 0  # the EXPIRE survived the retries
     assert publisher.failed_attempts == 2
+
+
+def test_logprob_chunks_carry_token_texts_and_alternatives_as_version_2():
+    from mii.worker.publisher import _chunk
+
+    class Letters:
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(chr(i) for i in ids)
+
+    out = _output("r1", 0)
+    plain = wire.decode_chunk({wire.PAYLOAD: _chunk(out, "w", None)})
+    assert plain.v == 1 and plain.toks is None and plain.lp == [-0.5]
+    top = (TokenLogprob(65, -0.5, ((65, -0.5), (66, -1.5))),)
+    rich = wire.decode_chunk(
+        {wire.PAYLOAD: _chunk(dataclasses.replace(out, logprobs=top), "w", Letters())}
+    )
+    assert rich.v == 2 and rich.toks == ["A"]
+    assert rich.top == [[(65, -0.5, "A"), (66, -1.5, "B")]]

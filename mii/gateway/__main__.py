@@ -1,0 +1,5 @@
+import sys
+
+from mii.gateway.cli import main
+
+sys.exit(main())
