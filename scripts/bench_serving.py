@@ -238,6 +238,11 @@ def parse_args(argv=None):
     p.add_argument("--redis-url", default=None, help="for --compare-client / --launch")
     p.add_argument("--launch", default=None, metavar="MODEL",
                    help="start MODEL with mii.serve and its gateway, compare, stop")  # fmt: skip
+    p.add_argument("--preset", default=None,
+                   help="with --launch: serve this preset's shape (bench_common.PRESETS) with "
+                        "random weights; --launch names the tokenizer folder")  # fmt: skip
+    p.add_argument("--serve-option", action="append", default=[], metavar="KEY=JSON",
+                   help="with --launch: a mii.serve option, e.g. max_num_seqs=256")  # fmt: skip
     p.add_argument("--rounds", type=int, default=1, help="alternate the paths this often")
     p.add_argument("--warmup", type=int, default=4, help="requests sent first, not counted")
     p.add_argument("--seed", type=int, default=0)
@@ -254,11 +259,25 @@ def launch(args):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    client = mii.serve(args.launch, redis_url=args.redis_url, enable_restful_api=True,
-                       restful_api_host="127.0.0.1", restful_api_port=port)  # fmt: skip
+    model, options = args.launch, dict(_serve_option(o) for o in args.serve_option)
+    if args.preset:  # the preset's shape, random weights; the tokenizer of --launch
+        from bench_common import preset_folder
+
+        model = preset_folder(args.preset)
+        options.update(load_format="dummy", tokenizer=args.launch)
+    client = mii.serve(model, redis_url=args.redis_url, enable_restful_api=True,
+                       restful_api_host="127.0.0.1", restful_api_port=port, **options)  # fmt: skip
     args.base_url, args.model = f"http://127.0.0.1:{port}", client.deployment_name
     args.compare_client, args.redis_url = client.deployment_name, client.redis_url
     return client
+
+
+def _serve_option(text: str) -> tuple[str, object]:
+    key, _, value = text.partition("=")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
 
 
 async def bench(args) -> dict:
