@@ -50,7 +50,7 @@ def serve(
     Keyword arguments are `ModelConfig` or `MIIConfig` fields (`deployment_name`,
     `tensor_parallel`, `replica_num`, `max_length`, `redis_url`, ...).
     """
-    from mii.worker.launcher import serve_deployment
+    from mii.serve.launcher import serve_deployment
 
     config = _model_config(model_name_or_path, model_config, kwargs)
     fields = dict(mii_config or {})

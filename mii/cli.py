@@ -23,8 +23,8 @@ from redis import RedisError
 
 from mii.errors import MIIError
 from mii.gateway.cli import add_gateway_args, run_gateway
-from mii.producer.bulk_cli import add_bulk_args, run_bulk
-from mii.worker.celery_cli import add_flower_args, add_worker_args, run_flower, run_worker
+from mii.producer.bulk.cli import add_bulk_args, run_bulk
+from mii.worker.celery.cli import add_flower_args, add_worker_args, run_flower, run_worker
 
 USER_ERRORS = (MIIError, ValueError, OSError, RedisError)
 """What `main` reports in one line: bad arguments and options (pydantic's errors are

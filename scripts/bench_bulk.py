@@ -21,7 +21,7 @@ import platform
 import time
 
 import mii
-from mii.producer.bulk import BulkJobs, read_input
+from mii.producer.bulk.jobs import BulkJobs, read_input
 
 TOPICS = ["the ocean", "a robot", "coffee", "mountains", "jazz", "the moon", "bread", "chess"]
 

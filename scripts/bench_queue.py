@@ -21,7 +21,7 @@ import mii
 from mii.broker_config.deployment import read_workers
 from mii.config import MIIConfig
 from mii.params import GenerateParams, encode_prompt
-from mii.worker.launcher import serve_deployment
+from mii.serve.launcher import serve_deployment
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FAKE_DIR = os.path.join(os.path.dirname(HERE), "tests", "worker")  # the fake engine

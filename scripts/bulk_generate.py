@@ -17,7 +17,7 @@ import argparse
 import sys
 
 from mii.errors import MIIError
-from mii.producer.bulk_cli import add_submit_args, run_submit
+from mii.producer.bulk.cli import add_submit_args, run_submit
 
 
 def main(argv=None) -> int:

@@ -7,6 +7,7 @@ worker and the client add `Backoff` on top, so a Redis restart of any length is 
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -84,26 +85,34 @@ class Backoff:
 
 
 def retry_until(
-    operation: Callable[[], T], give_up_after_s: float, backoff: Backoff | None = None
+    operation: Callable[[], T],
+    give_up_after_s: float | None,
+    backoff: Backoff | None = None,
+    on_retry: Callable[[BaseException], None] | None = None,
 ) -> T:
-    """Run `operation`, retrying connection errors with backoff for up to `give_up_after_s`."""
+    """Run `operation`, retrying connection errors with backoff for up to `give_up_after_s`
+    (None: until it succeeds); `on_retry` hears of each failure that is retried."""
     backoff = backoff or Backoff()
-    deadline = time.monotonic() + give_up_after_s
+    deadline = _deadline(give_up_after_s)
     while True:
         try:
             return operation()
-        except CONNECTION_ERRORS:
+        except CONNECTION_ERRORS as exc:
             if time.monotonic() >= deadline:
                 raise
+            if on_retry is not None:
+                on_retry(exc)
             backoff.sleep()
 
 
 async def retry_until_async(
-    operation: Callable[[], Awaitable[T]], give_up_after_s: float, backoff: Backoff | None = None
+    operation: Callable[[], Awaitable[T]],
+    give_up_after_s: float | None,
+    backoff: Backoff | None = None,
 ) -> T:
     """`retry_until` for coroutines: `operation()` is awaited, the backoff too."""
     backoff = backoff or Backoff()
-    deadline = time.monotonic() + give_up_after_s
+    deadline = _deadline(give_up_after_s)
     while True:
         try:
             return await operation()
@@ -111,3 +120,12 @@ async def retry_until_async(
             if time.monotonic() >= deadline:
                 raise
             await asyncio.sleep(backoff.next_delay())
+
+
+def _deadline(give_up_after_s: float | None) -> float:
+    return math.inf if give_up_after_s is None else time.monotonic() + give_up_after_s
+
+
+def as_text(value: bytes | str) -> str:
+    """A Redis reply value as text (redis-py gives bytes unless asked to decode)."""
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,10 +1,14 @@
-"""A deployment's record in Redis (`mii:{dep}:config`) and, for embedded Redis servers, on
-this host, so that `mii.client(name)` finds the deployment from any process."""
+"""A deployment in Redis: its record (`mii:{dep}:config`, what every client and worker
+reads), its state (`:state`), and its workers' statuses (`:workers`: each worker writes its
+own, `WorkerRegistry`; anyone reads them, liveness coming from the heartbeat). For embedded
+Redis servers, also a note on this host, so that `mii.client(name)` finds the deployment
+from any process."""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -90,6 +94,25 @@ def remembered_url(deployment: str) -> str | None:
 def forget_url(deployment: str) -> None:
     path = _local_dir() / f"{deployment.replace('/', '_')}.json"
     path.unlink(missing_ok=True)
+
+
+class WorkerRegistry:
+    """One worker's entry in the `workers` hash (the writer; `read_workers` and
+    `live_workers` are the readers): what the launcher's ready check, terminate,
+    takeovers and operators read."""
+
+    def __init__(self, client, keys: DeploymentKeys, consumer: str, **identity) -> None:
+        self.redis, self.keys, self.consumer = client, keys, consumer
+        self.identity = {"host": socket.gethostname(), "pid": os.getpid(), **identity}
+        self.started = time.time()
+
+    def report(self, state: str, **info) -> None:
+        status = {**self.identity, "state": state, "started": self.started, **info}
+        status["heartbeat"] = time.time()
+        self.redis.hset(self.keys.workers, self.consumer, json.dumps(status))
+
+    def remove(self) -> None:
+        self.redis.hdel(self.keys.workers, self.consumer)
 
 
 def read_workers(client, keys: DeploymentKeys) -> dict[str, dict]:

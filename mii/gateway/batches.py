@@ -19,9 +19,9 @@ import uuid
 from dataclasses import asdict, dataclass, field
 
 from mii.gateway.errors import bad_request, not_found
-from mii.producer.bulk import BulkJobs, read_input
-from mii.producer.bulk_input import BulkLine
-from mii.producer.bulk_store import JobNotFoundError, JobState, JobStatus
+from mii.producer.bulk.input import BulkLine
+from mii.producer.bulk.jobs import BulkJobs, read_input
+from mii.producer.bulk.store import JobNotFoundError, JobState, JobStatus
 from mii.producer.openai_params import CHAT, COMPLETIONS
 
 log = logging.getLogger(__name__)

@@ -3,6 +3,7 @@ the blocking, streaming and asyncio clients share it)."""
 
 from __future__ import annotations
 
+from mii.broker_config.replay import take
 from mii.broker_config.wire import ErrorKind, ResponseChunk
 from mii.errors import GenerationError, InvalidRequestError, MIIError
 from mii.params import GenerateParams
@@ -32,14 +33,12 @@ class ResponseAssembler:
         if self.done:
             return None
         self.parts.prompt_length = chunk.plen or self.parts.prompt_length
-        fresh = (
-            chunk.ids[len(self.token_ids) - chunk.i :] if chunk.i <= len(self.token_ids) else None
-        )
-        if fresh is None:
+        taken = take(chunk, len(self.token_ids))
+        if taken is None:
             raise GenerationError(
                 f"request {self.rid}: token {chunk.i} arrived before token {len(self.token_ids)}"
             )
-        new_text = chunk.text if len(fresh) == len(chunk.ids) else ""
+        fresh, new_text = taken
         self.parts.add(fresh, new_text, *_tails(len(fresh), chunk.lp, chunk.toks, chunk.top))
         if chunk.final:
             self._finish(chunk)

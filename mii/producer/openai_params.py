@@ -1,6 +1,6 @@
 """OpenAI's request options as MII's generation options: the one translation behind the HTTP
 gateway's `/v1/completions` and `/v1/chat/completions` and the OpenAI batch lines of bulk
-jobs (`mii.producer.bulk_input`).
+jobs (`mii.producer.bulk.input`).
 
 OpenAI samples at temperature 1 and top_p 1 unless told; `temperature: 0` means greedy.
 vLLM's extensions keep vLLM's names (`top_k`, `min_p`, `repetition_penalty`, `min_tokens`,

@@ -1,35 +1,79 @@
-"""Building a worker's engine and loop from the deployment's record in Redis: what every host
-of the loop does first (the plain process of `mii.worker.main`, the Celery bootstep)."""
+"""Building a worker's engine and loop from the deployment's record in Redis: what the host
+of the loop (the Celery bootstep, `mii.worker.celery.bootstep`) does first.
+
+The engine comes from a factory, `module:function` (`--engine-factory`): by default
+`build_engine`, the real `LLMEngine` on the replica's devices; the tests and the broker
+benchmark name a fast fake with the same interface (`mii.engine.base.Engine`)."""
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
+import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from mii.broker_config.connection import connect
-from mii.broker_config.deployment import load_record
+from mii.broker_config.deployment import FAILED, STARTING, WorkerRegistry, load_record
 from mii.broker_config.keys import DeploymentKeys, process_name
 from mii.config import MIIConfig
-from mii.worker.engine_factory import load_factory, replica_devices
+from mii.engine.base import Engine
 from mii.worker.loop import WorkerLoop
 from mii.worker.observer import RequestObserver
-from mii.worker.registry import FAILED, STARTING, WorkerRegistry
 
 log = logging.getLogger("mii.worker")
+DEFAULT_FACTORY = "mii.worker.hosting:build_engine"
 
 
 @dataclass
 class HostedWorker:
     loop: WorkerLoop
-    engine: object
+    engine: Engine
     mii_config: MIIConfig
     replica: int
 
     def close(self) -> None:
-        getattr(self.engine, "close", lambda: None)()
+        self.engine.close()
+
+
+def build_engine(mii_config: MIIConfig, replica: int) -> Engine:
+    """The real `LLMEngine` on this replica's devices."""
+    import torch
+
+    from mii.engine.engine import LLMEngine
+    from mii.engine.loader import resolve_model_path
+
+    model = mii_config.model_conf
+    path = resolve_model_path(model.model_name_or_path)
+    config = model.to_engine_config(path, replica=replica)
+    if config.torch_device.type == "cpu":
+        # Replicas on one host split its cores instead of fighting over them.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // model.replica_num))
+    return LLMEngine(config)
+
+
+def load_factory(spec: str) -> Callable:
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise ValueError(f"engine factory must look like 'package.module:function', got {spec!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def replica_devices(mii_config: MIIConfig, replica: int) -> list[int] | str:
+    """What a replica runs on, for its status: CUDA device indices, or 'cpu'."""
+    model = mii_config.model_conf
+    if model.device == "cpu" or not _has_cuda():
+        return "cpu"
+    ids = model.device_ids(replica)
+    return list(ids) if ids is not None else list(range(model.tensor_parallel))
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 @contextlib.contextmanager

@@ -1,34 +1,76 @@
-"""What a worker publishes for requests the engine does not finish: cancelled, timed out,
-refused (bad input), dead-lettered. Each is one `Batch`: a final chunk on the request's
-stream (when it has a readable id), the ack of its entry, maybe a dead-letter entry."""
+"""What a worker publishes, as records: `Batch` (one step's outputs, or one loop event) and
+`Ending` (a request ended outside the engine: cancelled, timed out, refused, dead-lettered,
+terminated). The publisher packs them for Redis; the bulk recorder reads them as they are.
+Each builder below is one `Batch`: a final chunk on the request's stream (when it has a
+readable id), the ack of its entry, maybe a dead-letter entry."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from mii.broker_config import wire
+from mii.broker_config.wire import ErrorKind
 from mii.constants import GenerationFinishReason as Reason
+from mii.engine.outputs import RequestOutput
 from mii.worker.intake import Admission, Entry, Refusal, tag_job
-from mii.worker.publisher import Batch, final_chunk
 
 
-def ended(consumer: str, adm: Admission, reason: Reason, generated: int) -> Batch:
+@dataclass(frozen=True)
+class Ending:
+    """How a request ended, for its final chunk (and its bulk line's result)."""
+
+    rid: str
+    reason: Reason
+    plen: int = 0
+    glen: int = 0
+    error: str | None = None
+    etype: ErrorKind | None = None
+
+    @classmethod
+    def of(cls, out: RequestOutput) -> Ending:
+        """The ending of a request the engine finished."""
+        etype = None if out.error is None else ErrorKind.GENERATION
+        reason = out.finish_reason or Reason.NONE
+        return cls(out.request_id, reason, out.prompt_length, out.generated_length, out.error,
+                   etype)  # fmt: skip
+
+
+@dataclass
+class Batch:
+    """What one engine step (or one loop event) publishes."""
+
+    outputs: list[RequestOutput] = field(default_factory=list)
+    endings: list[Ending] = field(default_factory=list)
+    """Requests ended outside the engine."""
+    acks: list[Entry] = field(default_factory=list)
+    """Entries to acknowledge and delete once the chunks above are written."""
+    deadletters: list[dict] = field(default_factory=list)
+    """Entries (fields) to append to the dead-letter stream."""
+    requeue: list[tuple[str, dict]] = field(default_factory=list)
+    """(stream, fields) of handed-back requests, added before the acks of their old entries."""
+
+    def __bool__(self) -> bool:
+        return bool(self.outputs or self.endings or self.acks or self.deadletters or self.requeue)
+
+
+def ended(adm: Admission, reason: Reason, generated: int) -> Batch:
     """A request stopped early (cancel, deadline): its final chunk, then its ack."""
-    plen = len(adm.prompt_token_ids)
-    payload = final_chunk(consumer, reason, plen=plen, glen=generated)
-    return Batch(finals=[(adm.rid, payload)], acks=[adm.entry])
+    ending = Ending(adm.rid, reason, len(adm.prompt_token_ids), generated)
+    return Batch(endings=[ending], acks=[adm.entry])
 
 
-def failed(consumer: str, adm: Admission, error: str, generated: int) -> Batch:
+def failed(adm: Admission, error: str, generated: int) -> Batch:
     """A request the worker cannot finish (the deployment was terminated): its error for
     the client, then its ack."""
     plen = len(adm.prompt_token_ids)
-    payload = final_chunk(consumer, Reason.ERROR, error=error, plen=plen, glen=generated)
-    return Batch(finals=[(adm.rid, payload)], acks=[adm.entry])
+    ending = Ending(adm.rid, Reason.ERROR, plen, generated, error, ErrorKind.GENERATION)
+    return Batch(endings=[ending], acks=[adm.entry])
 
 
 def step_failure(adm: Admission, error: str) -> Refusal:
     """A request that broke the engine's steps too often: dead-lettered with its payload."""
     payload = wire.request_fields(adm.message)[wire.PAYLOAD]
-    return Refusal(adm.entry, adm.rid, error, wire.ErrorKind.GENERATION, payload)
+    return Refusal(adm.entry, adm.rid, error, ErrorKind.GENERATION, payload)
 
 
 def refused(consumer: str, refusal: Refusal, deadletter: bool) -> Batch:
@@ -36,8 +78,8 @@ def refused(consumer: str, refusal: Refusal, deadletter: bool) -> Batch:
     kept killing workers) a copy in the dead-letter stream."""
     batch = Batch(acks=[refusal.entry])
     if refusal.rid is not None:
-        payload = final_chunk(consumer, Reason.ERROR, error=refusal.error, etype=refusal.kind)
-        batch.finals.append((refusal.rid, payload))
+        ending = Ending(refusal.rid, Reason.ERROR, error=refusal.error, etype=refusal.kind)
+        batch.endings.append(ending)
     if deadletter or refusal.rid is None:
         batch.deadletters.append(_deadletter_fields(consumer, refusal))
     return batch
@@ -49,7 +91,7 @@ def too_many_deliveries(entry: Entry, rid: str | None, payload, limit: int) -> R
         "holding it died: dead-lettered"
     )
     entry = tag_job(entry, _message(payload))  # a bulk line records this as its result
-    return Refusal(entry, rid, error, wire.ErrorKind.DEADLETTER, payload)
+    return Refusal(entry, rid, error, ErrorKind.DEADLETTER, payload)
 
 
 def _message(payload) -> wire.RequestMessage | None:

@@ -5,7 +5,7 @@ MULTI/EXEC pipeline per step (or per several steps, when it fell behind), so pub
 overlaps the next forward pass. A final chunk, its XACK and the XDEL of the request entry
 travel in the same transaction: an entry is never acknowledged before its client can see
 the end. For a line of a bulk job, the line's result is recorded in the job there too
-(`job_results`). Lost connections are retried with backoff, in order, until they succeed.
+(`bulk_results`). Lost connections are retried with backoff, in order, until they succeed.
 """
 
 from __future__ import annotations
@@ -13,33 +13,18 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import redis
 
 from mii.broker_config import wire
-from mii.broker_config.connection import CONNECTION_ERRORS, Backoff
+from mii.broker_config.connection import retry_until
 from mii.broker_config.keys import WORKER_GROUP, DeploymentKeys
 from mii.engine.outputs import RequestOutput
-from mii.worker.intake import Entry
-from mii.worker.job_results import JobRecorder
+from mii.worker.bulk_results import JobRecorder
+from mii.worker.outcomes import Batch, Ending
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Batch:
-    """What one engine step (or one loop event) publishes."""
-
-    outputs: list[RequestOutput] = field(default_factory=list)
-    finals: list[tuple[str, bytes]] = field(default_factory=list)
-    """(request id, packed final chunk) for requests ended outside the engine."""
-    acks: list[Entry] = field(default_factory=list)
-    """Entries to acknowledge and delete once the chunks above are written."""
-    deadletters: list[dict] = field(default_factory=list)
-    """Entries (fields) to append to the dead-letter stream."""
-    requeue: list[tuple[str, dict]] = field(default_factory=list)
-    """(stream, fields) of handed-back requests, added before the acks of their old entries."""
 
 
 class Publisher:
@@ -70,7 +55,7 @@ class Publisher:
         self._thread.start()
 
     def put(self, batch: Batch) -> None:
-        if batch.outputs or batch.finals or batch.acks or batch.deadletters or batch.requeue:
+        if batch:
             self._queue.put(batch)
 
     def refresh_ttl(self, request_id: str) -> None:
@@ -128,26 +113,25 @@ class Publisher:
         commands: list[tuple] = []
         tokens = sum(self._add_batch(commands, b) for b in batches)
         commands += self.jobs.commands(batches)
-        backoff = Backoff()
-        while True:
-            pipe = self.redis.pipeline(transaction=True)
-            for name, *args in commands:
-                getattr(pipe, name)(*args)
-            try:
-                pipe.execute()
-                break
-            except CONNECTION_ERRORS as exc:
-                self.failed_attempts += 1
-                log.warning("publishing failed (%s); retrying", exc)
-                backoff.sleep()
-            except redis.ResponseError as exc:
-                # EXEC ran every other command (e.g. an XACK into a consumer group that a
-                # Redis which came back empty no longer has): nothing to send again.
-                self.command_errors += 1
-                log.warning("a published command failed: %s", exc)
-                break
+        try:
+            retry_until(lambda: self._execute(commands), None, on_retry=self._failed_attempt)
+        except redis.ResponseError as exc:
+            # EXEC ran every other command (e.g. an XACK into a consumer group that a Redis
+            # which came back empty no longer has): nothing to send again.
+            self.command_errors += 1
+            log.warning("a published command failed: %s", exc)
         self.transactions += 1
         self.tokens_published += tokens
+
+    def _execute(self, commands: list[tuple]) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        for name, *args in commands:
+            getattr(pipe, name)(*args)
+        pipe.execute()
+
+    def _failed_attempt(self, exc: BaseException) -> None:
+        self.failed_attempts += 1
+        log.warning("publishing failed (%s); retrying", exc)
 
     def _add_batch(self, commands: list[tuple], batch: Batch) -> int:
         """Append the batch's commands; return how many tokens they publish."""
@@ -156,8 +140,8 @@ class Publisher:
             payload = _chunk(out, self.consumer, self.tokenizer)
             self._xadd(commands, out.request_id, payload, out.finished)
             tokens += len(out.token_ids)
-        for rid, payload in batch.finals:
-            self._xadd(commands, rid, payload, True)
+        for ending in batch.endings:
+            self._xadd(commands, ending.rid, _ending_payload(ending, self.consumer), True)
         for fields in batch.deadletters:
             maxlen = self.deadletter_maxlen  # exact: dead letters are rare
             commands.append(("xadd", self.keys.deadletter, fields, "*", maxlen, False))
@@ -210,11 +194,10 @@ def _token_text(tokenizer, token_id: int) -> str:
     return tokenizer.decode([token_id], skip_special_tokens=False)
 
 
-def final_chunk(
-    consumer: str, reason, *, error=None, etype=None, plen: int = 0, glen: int = 0
-) -> bytes:
-    """A final chunk for a request ended outside the engine (cancel, deadline, refusal)."""
-    fields = dict(i=glen, plen=plen, glen=glen, reason=reason, worker=consumer)
-    if error is not None:
-        fields.update(error=error, etype=etype or wire.ErrorKind.GENERATION)
+def _ending_payload(ending: Ending, consumer: str) -> bytes:
+    """The final chunk of a request ended outside the engine (cancel, deadline, refusal)."""
+    fields = dict(i=ending.glen, plen=ending.plen, glen=ending.glen, reason=ending.reason,
+                  worker=consumer)  # fmt: skip
+    if ending.error is not None:
+        fields.update(error=ending.error, etype=ending.etype or wire.ErrorKind.GENERATION)
     return wire.chunk_payload(**fields)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from mii.producer.bulk_input import CHAT, COMPLETIONS, BulkLine, LineError, read_lines
+from mii.producer.bulk.input import CHAT, COMPLETIONS, BulkLine, LineError, read_lines
 
 
 def parse(*objs) -> list:

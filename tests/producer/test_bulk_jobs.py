@@ -12,10 +12,10 @@ from mii.broker_config import jobs, wire
 from mii.broker_config.keys import WORKER_GROUP
 from mii.constants import GenerationFinishReason as Reason
 from mii.errors import InvalidRequestError, MIIError
-from mii.producer.bulk import BulkJobs, JobIncompleteError, line_seed, read_input
-from mii.producer.bulk_input import CHAT, COMPLETIONS
-from mii.producer.bulk_store import JobNotFoundError, JobState
-from mii.producer.progress import ProgressBar
+from mii.producer.bulk.input import CHAT, COMPLETIONS
+from mii.producer.bulk.jobs import BulkJobs, JobIncompleteError, line_seed, read_input
+from mii.producer.bulk.progress import ProgressBar
+from mii.producer.bulk.store import JobNotFoundError, JobState
 
 pytestmark = pytest.mark.timeout(20)
 GREEDY = {"max_new_tokens": 4, "do_sample": False}

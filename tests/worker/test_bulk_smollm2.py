@@ -13,7 +13,7 @@ import pytest
 from redis_server import RedisServer
 
 import mii
-from mii.producer.bulk_input import CHAT, COMPLETIONS
+from mii.producer.bulk.input import CHAT, COMPLETIONS
 
 pytestmark = [
     pytest.mark.redis,

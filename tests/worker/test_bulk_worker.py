@@ -16,9 +16,10 @@ from mii.broker_config import wire
 from mii.broker_config.keys import WORKER_GROUP
 from mii.constants import GenerationFinishReason as Reason
 from mii.engine.outputs import RequestOutput
-from mii.producer.bulk import BulkJobs, read_input
+from mii.producer.bulk.jobs import BulkJobs, read_input
 from mii.worker.intake import Entry, JobLine
-from mii.worker.publisher import Batch, Publisher, final_chunk
+from mii.worker.outcomes import Batch, Ending
+from mii.worker.publisher import Publisher
 
 pytestmark = pytest.mark.timeout(30)
 CHAT = [{"role": "user", "content": "hi there"}]
@@ -118,8 +119,8 @@ def test_a_taken_over_line_records_the_text_its_first_worker_published(harness):
     ]
     publisher.put(Batch(outputs=[_output("tk-0", 3, "d")]))
     publisher.put(Batch(outputs=[_output("tk-0", 4, "e", finished=True)], acks=[tagged[0]]))
-    cancelled = final_chunk("w:2", Reason.CANCELLED, plen=2, glen=3)  # ended before a step here
-    publisher.put(Batch(finals=[("tk-1", cancelled)], acks=[tagged[1]]))
+    cancelled = Ending("tk-1", Reason.CANCELLED, plen=2, glen=3)  # ended before a step here
+    publisher.put(Batch(endings=[cancelled], acks=[tagged[1]]))
     assert publisher.flush(5)
     publisher.stop()
     first, second = bulk.results("tk")

@@ -22,10 +22,10 @@ from serving import FAKE, fake_config
 import mii
 from mii.broker_config.keys import DeploymentKeys
 from mii.cli import build_parser, main
-from mii.worker.celery_app import make_app
-from mii.worker.embedded_redis import free_port
-from mii.worker.launcher import serve_deployment
-from mii.worker.metrics import serve_metrics
+from mii.serve.embedded_redis import free_port
+from mii.serve.launcher import serve_deployment
+from mii.worker.celery.app import make_app
+from mii.worker.celery.metrics import serve_metrics
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
 PASSWORD = "s3cret-pw"

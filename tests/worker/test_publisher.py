@@ -14,7 +14,8 @@ from mii.broker_config.keys import DeploymentKeys
 from mii.constants import GenerationFinishReason as Reason
 from mii.engine.outputs import RequestOutput, TokenLogprob
 from mii.worker.intake import Entry
-from mii.worker.publisher import Batch, Publisher
+from mii.worker.outcomes import Batch
+from mii.worker.publisher import Publisher
 
 pytestmark = pytest.mark.timeout(20)
 KEYS = DeploymentKeys("pub")

@@ -11,7 +11,7 @@ from redis_server import RedisServer
 from mii.broker_config import wire
 from mii.broker_config.connection import connect
 from mii.broker_config.keys import WORKER_GROUP, DeploymentKeys
-from mii.worker.reader import Reader
+from mii.worker.streams import Reader
 
 pytestmark = [
     pytest.mark.redis,

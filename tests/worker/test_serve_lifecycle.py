@@ -25,9 +25,9 @@ from mii.cli import main
 from mii.config import MIIConfig
 from mii.constants import GenerationFinishReason as Reason
 from mii.errors import DeploymentNotFoundError, MIIError
-from mii.worker import launcher
-from mii.worker.embedded_redis import free_port, redis_server_binary
-from mii.worker.launcher import serve_deployment
+from mii.serve import launcher
+from mii.serve.embedded_redis import free_port, redis_server_binary
+from mii.serve.launcher import serve_deployment
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(120)]
 
@@ -102,7 +102,7 @@ def test_a_failed_start_with_embedded_redis_forgets_it(worker_env, monkeypatch):
 def test_ctrl_c_during_start_leaves_nothing_behind(worker_env, server):
     code = (
         "import sys; from serving import FAKE, fake_config; "
-        "from mii.worker.launcher import serve_deployment; "
+        "from mii.serve.launcher import serve_deployment; "
         f"serve_deployment(fake_config('ctrl-c-dep', redis_url={server.url!r}), FAKE)"
     )
     launch = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)

@@ -26,8 +26,8 @@ from mii.broker_config.deployment import (
 from mii.broker_config.keys import WORKER_GROUP, DeploymentKeys
 from mii.errors import DeploymentFailedError
 from mii.producer.client import Client
-from mii.worker.launcher import serve_deployment
-from mii.worker.processes import WorkerSpec
+from mii.serve.launcher import serve_deployment
+from mii.serve.processes import WorkerSpec
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
 

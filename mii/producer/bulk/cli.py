@@ -62,19 +62,19 @@ def run_bulk(args) -> int:
 
 def _jobs(args):
     import mii
-    from mii.producer.bulk import BulkJobs
+    from mii.producer.bulk.jobs import BulkJobs
 
     return BulkJobs(mii.client(args.deployment, redis_url=args.redis_url))
 
 
 def _progress(args, label: str):
-    from mii.producer.progress import ProgressBar
+    from mii.producer.bulk.progress import ProgressBar
 
     return None if args.quiet else ProgressBar(label)
 
 
 def run_submit(args) -> int:
-    from mii.producer.bulk import read_input
+    from mii.producer.bulk.jobs import read_input
 
     jobs = _jobs(args)
     params = {"max_new_tokens": args.max_new_tokens, "do_sample": args.sample}

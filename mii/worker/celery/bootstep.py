@@ -18,7 +18,7 @@ import time
 from celery import bootsteps
 from celery.platforms import EX_FAILURE
 
-from mii.worker.task_events import TaskEvents
+from mii.worker.celery.events import TaskEvents
 
 log = logging.getLogger("mii.worker")
 EXIT_CODE_ATTR = "mii_exit_code"
@@ -53,7 +53,7 @@ class EngineLoopStep(bootsteps.StartStopStep):
             observer=self.events,
         )  # fmt: skip
         if self.metrics_port:
-            from mii.worker.metrics import serve_metrics
+            from mii.worker.celery.metrics import serve_metrics
 
             serve_metrics(self, int(self.metrics_port), self.metrics_address)
         self.thread = threading.Thread(target=self._run, name="mii-engine-loop", daemon=True)
@@ -115,7 +115,7 @@ class EngineLoopStep(bootsteps.StartStopStep):
             "engine": engine,
             "loop": loop.stats.as_dict(),
             "active_requests": len(loop.active),
-            "queued_in_worker": len(loop.backlog),
+            "queued_in_worker": len(loop.held.backlog),
             "tokens_published": published,
             "tokens_per_s": published / uptime,
             "queue_depth": _queue_depth(loop),

@@ -17,7 +17,7 @@ from typing import Any
 from mii.broker_config.jobs import LineInfo, LineResult
 from mii.broker_config.wire import ErrorKind
 from mii.constants import GenerationFinishReason as Reason
-from mii.producer.bulk_input import CHAT
+from mii.producer.bulk.input import CHAT
 
 # Lines ended before they could finish: OpenAI reports them as errors of the batch.
 _UNFINISHED = {

@@ -14,15 +14,13 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import msgpack
-
-from mii.broker_config import wire
-from mii.broker_config.connection import CONNECTION_ERRORS, Backoff
+from mii.broker_config.connection import retry_until
 from mii.broker_config.jobs import RECORD_SCRIPT, result_payload
 from mii.broker_config.keys import DeploymentKeys
-from mii.broker_config.wire import WireError
+from mii.broker_config.replay import replay
 from mii.engine.outputs import RequestOutput
 from mii.worker.intake import JobLine
+from mii.worker.outcomes import Batch, Ending
 
 log = logging.getLogger(__name__)
 SWEEP_EVERY = 256  # transactions
@@ -64,15 +62,6 @@ class TextLog:
             del self._texts[rid]
 
 
-@dataclass(frozen=True)
-class _Final:
-    reason: str
-    plen: int
-    glen: int
-    error: str | None = None
-    etype: str | None = None
-
-
 class JobRecorder:
     def __init__(self, redis, keys: DeploymentKeys, consumer: str) -> None:
         self.redis, self.keys, self.consumer = redis, keys, consumer
@@ -80,7 +69,7 @@ class JobRecorder:
         self.recorded = 0
         self._transactions = 0
 
-    def commands(self, batches: list) -> list[tuple]:
+    def commands(self, batches: list[Batch]) -> list[tuple]:
         """Commands that record the job lines these batches end (their final chunks and
         acks are in the same batches); reads a response stream only for taken-over lines."""
         records: dict[str, list] = {}  # job id -> RECORD_SCRIPT arguments
@@ -98,23 +87,17 @@ class JobRecorder:
         self._sweep_now_and_then()
         return self._script_calls(records) + [("delete", key) for key in deletes]
 
-    def _finals(self, batch) -> dict[str, _Final]:
+    def _finals(self, batch: Batch) -> dict[str, Ending]:
         """How each request this batch ends ended (the batch's outputs enter the log)."""
         finals = {}
         for out in batch.outputs:
             self.texts.add(out)
             if out.finished:
-                etype = None if out.error is None else wire.ErrorKind.GENERATION.value
-                reason = out.finish_reason.value if out.finish_reason else "none"
-                final = _Final(reason, out.prompt_length, out.generated_length, out.error, etype)
-                finals[out.request_id] = final
-        for rid, payload in batch.finals:
-            chunk = msgpack.unpackb(payload, raw=False)
-            counts = chunk.get("plen", 0), chunk.get("glen", 0)
-            finals[rid] = _Final(chunk["reason"], *counts, chunk.get("error"), chunk.get("etype"))
+                finals[out.request_id] = Ending.of(out)
+        finals.update((ending.rid, ending) for ending in batch.endings)
         return finals
 
-    def _record_args(self, line: JobLine, final: _Final) -> list:
+    def _record_args(self, line: JobLine, final: Ending) -> list:
         held = self.texts.pop(line.rid)
         start, text = held if held is not None else (final.glen, "")
         if start > 0:
@@ -137,32 +120,19 @@ class JobRecorder:
 
     def _published_text(self, rid: str, upto: int) -> str:
         """Text of the tokens before `upto` in the response stream (another worker's)."""
-        entries = self._read_with_retry(self.keys.response(rid))
-        parts, seen = [], 0
-        for _, fields in entries:
-            try:
-                chunk = wire.decode_chunk(fields)
-            except WireError:
-                continue
-            if chunk.i >= upto or chunk.i > seen:
-                break
-            if chunk.i == seen:  # a replayed chunk repeats text already taken
-                parts.append(chunk.text)
-                seen += len(chunk.ids)
-        if seen != upto:
-            log.warning("request %s: the stream holds %d of %d earlier tokens", rid, seen, upto)
-        return "".join(parts)
-
-    def _read_with_retry(self, key: str):
-        backoff = Backoff()
-        while True:
-            try:
-                return self.redis.xrange(key)
-            except CONNECTION_ERRORS as exc:
-                log.warning("reading %s failed (%s); retrying", key, exc)
-                backoff.sleep()
+        key = self.keys.response(rid)
+        entries = retry_until(lambda: self.redis.xrange(key), None, on_retry=_log_retry(key))
+        replayed = replay(entries, upto)
+        if len(replayed.token_ids) != upto:
+            log.warning("request %s: the stream holds %d of %d earlier tokens", rid,
+                        len(replayed.token_ids), upto)  # fmt: skip
+        return replayed.text
 
     def _sweep_now_and_then(self) -> None:
         self._transactions += 1
         if self._transactions % SWEEP_EVERY == 0:
             self.texts.sweep()
+
+
+def _log_retry(key: str):
+    return lambda exc: log.warning("reading %s failed (%s); retrying", key, exc)

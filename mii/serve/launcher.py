@@ -33,10 +33,9 @@ from mii.config import MIIConfig
 from mii.errors import DeploymentFailedError, DeploymentNotFoundError, MIIError
 from mii.producer.client import Client
 from mii.producer.terminate import delete_deployment_keys, end_queued_requests
-from mii.worker.embedded_redis import EmbeddedRedis
-from mii.worker.engine_factory import DEFAULT_FACTORY
-from mii.worker.processes import WorkerProcess, WorkerSpec, stop_processes
-from mii.worker.supervisor import Supervisor
+from mii.serve.embedded_redis import EmbeddedRedis
+from mii.serve.processes import WorkerProcess, WorkerSpec, stop_processes
+from mii.serve.supervisor import Supervisor
 
 if TYPE_CHECKING:
     from mii.gateway.server import GatewayProcess
@@ -108,7 +107,7 @@ def find_redis(mii_config: MIIConfig) -> tuple[str, EmbeddedRedis | None]:
 
 def serve_deployment(
     mii_config: MIIConfig,
-    engine_factory: str = DEFAULT_FACTORY,
+    engine_factory: str | None = None,
     ready_timeout_s: float = READY_TIMEOUT_S,
 ) -> ServedClient:
     """Start `replica_num` workers of `mii_config` and return a client once all are ready;

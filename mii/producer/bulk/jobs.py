@@ -30,10 +30,10 @@ from mii.broker_config.wire import PAYLOAD, ErrorKind, RequestMessage, request_f
 from mii.constants import GenerationFinishReason as Reason
 from mii.errors import InvalidRequestError, MIIError, RequestTimeoutError
 from mii.params import GenerateParams
-from mii.producer.bulk_input import BulkLine, LineError, read_lines
-from mii.producer.bulk_output import output_record
-from mii.producer.bulk_store import JobStatus, JobStore
-from mii.producer.progress import ProgressBar
+from mii.producer.bulk.input import BulkLine, LineError, read_lines
+from mii.producer.bulk.output import output_record
+from mii.producer.bulk.progress import ProgressBar
+from mii.producer.bulk.store import JobStatus, JobStore
 from mii.producer.submit import check_prompt_size
 
 SUBMIT_BATCH = 256  # lines per submit script call

@@ -11,9 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mii.broker_config.settings import REDIS_URL_ENV
-from mii.worker.engine_factory import DEFAULT_FACTORY
-
-WORKER_HOST_ENV = "MII_WORKER_HOST"
 
 
 @dataclass
@@ -44,7 +41,8 @@ class WorkerSpec:
 
     deployment: str
     redis_url: str = field(repr=False)  # may hold a password
-    engine_factory: str = DEFAULT_FACTORY
+    engine_factory: str | None = None
+    """`module:function` building each worker's engine; None: the real engine."""
     log_dir: str = ""
     """Where the workers' logs go; empty: a new temporary folder."""
 
@@ -54,8 +52,8 @@ class WorkerSpec:
             object.__setattr__(self, "log_dir", tempfile.mkdtemp(prefix=prefix))
 
     def spawn(self, replica: int) -> WorkerProcess:
-        """Start `mii worker` (a Celery worker hosting the engine; `MII_WORKER_HOST=plain`
-        runs `python -m mii.worker.main` instead) for one replica. The URL travels in the
+        """Start `mii worker` (a Celery worker hosting the engine) for one replica. The URL
+        travels in the
         environment, not the command line, so its password stays out of `ps`. The worker
         gets its own session: like MII's server it outlives the process that served it.
         A restarted replica appends to the same log."""
@@ -72,10 +70,9 @@ class WorkerSpec:
         return WorkerProcess(replica, process, log_path)
 
     def _command(self, replica: int) -> list[str]:
-        plain = os.environ.get(WORKER_HOST_ENV) == "plain"
-        cmd = [sys.executable, "-m", *(["mii.worker.main"] if plain else ["mii", "worker"])]
-        cmd += ["--deployment", self.deployment]
-        return cmd + ["--replica", str(replica), "--engine-factory", self.engine_factory]
+        cmd = [sys.executable, "-m", "mii", "worker", "--deployment", self.deployment]
+        cmd += ["--replica", str(replica)]
+        return cmd + (["--engine-factory", self.engine_factory] if self.engine_factory else [])
 
     def _environment(self) -> dict[str, str]:
         env = {**os.environ, REDIS_URL_ENV: self.redis_url, "PYTHONUNBUFFERED": "1"}

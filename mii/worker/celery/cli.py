@@ -7,8 +7,8 @@ import os
 import re
 
 from mii.broker_config.settings import DEFAULT_REDIS_URL, explicit_redis_url
-from mii.worker.bootstep import EXIT_CODE_ATTR
-from mii.worker.engine_factory import DEFAULT_FACTORY
+from mii.worker.celery.bootstep import EXIT_CODE_ATTR
+from mii.worker.hosting import DEFAULT_FACTORY
 
 
 def add_worker_args(p: argparse.ArgumentParser) -> None:
@@ -37,7 +37,7 @@ def node_name(deployment: str, replica: int) -> str:
 
 
 def run_worker(args) -> int:
-    from mii.worker.celery_app import make_app
+    from mii.worker.celery.app import make_app
 
     url = explicit_redis_url(args.redis_url) or DEFAULT_REDIS_URL
     if args.devices:  # before anything initialises CUDA in this process
@@ -97,8 +97,8 @@ def add_flower_args(p: argparse.ArgumentParser) -> None:
 def run_flower(args) -> int:
     """Flower on the deployment's Redis (the Celery broker), with basic auth on; its
     Prometheus metrics are at /metrics (behind the same basic auth)."""
-    from mii.worker.celery_app import make_app
-    from mii.worker.flower_auth import protect_metrics
+    from mii.worker.celery.app import make_app
+    from mii.worker.celery.flower_auth import protect_metrics
 
     if not args.basic_auth and not args.no_auth:
         raise SystemExit("mii flower: give --basic-auth user:password (or --no-auth)")

@@ -1,4 +1,4 @@
-"""The Celery app whose workers host mii's engine loop: `celery -A mii.worker.celery_app worker`
+"""The Celery app whose workers host mii's engine loop: `celery -A mii.worker.celery.app worker`
 (or `mii worker`, which wraps it).
 
 Generation requests do not travel as Celery messages: they come through the deployment's
@@ -6,6 +6,9 @@ Redis streams, which a bootstep's engine loop reads. Celery supplies what an ope
 fleet expects: workers and every request visible in Flower (task events of `mii.generate`),
 engine statistics in `celery inspect stats`, remote control (`mii_pause`, `mii_resume`,
 `shutdown`), and its worker lifecycle (SIGTERM drains). JSON only on the wire, never pickle.
+
+Remote control: `celery -A mii.worker.celery.app control mii_pause` (stop taking work, finish
+what is in flight), `mii_resume`, and `inspect mii_stats`; Celery's own `shutdown` drains.
 """
 
 from __future__ import annotations
@@ -13,12 +16,12 @@ from __future__ import annotations
 import os
 
 from celery import Celery
+from celery.worker.control import control_command, inspect_command
 from click import Option
 
 from mii.broker_config.settings import DEFAULT_REDIS_URL, REDIS_URL_ENV
-from mii.worker import celery_control  # noqa: F401 (registers the remote-control commands)
-from mii.worker.bootstep import EngineLoopStep
-from mii.worker.engine_factory import DEFAULT_FACTORY
+from mii.worker.celery.bootstep import EngineLoopStep
+from mii.worker.hosting import DEFAULT_FACTORY
 
 
 def make_app(redis_url: str | None = None) -> Celery:
@@ -50,3 +53,39 @@ def make_app(redis_url: str | None = None) -> Celery:
 
 
 app = make_app()
+
+
+# ---- remote control -------------------------------------------------------------------
+NOT_HOSTING = {"error": "this worker hosts no mii engine"}
+
+
+def _loop(state):
+    step = getattr(state.consumer.controller, "mii_step", None)
+    return None if step is None else step.loop
+
+
+@control_command()
+def mii_pause(state):
+    """Stop reading new requests; keep serving the ones in flight."""
+    loop = _loop(state)
+    if loop is None:
+        return NOT_HOSTING
+    loop.pause()
+    return {"ok": "paused", "in_flight": len(loop.active)}
+
+
+@control_command()
+def mii_resume(state):
+    """Read new requests again."""
+    loop = _loop(state)
+    if loop is None:
+        return NOT_HOSTING
+    loop.resume()
+    return {"ok": "serving"}
+
+
+@inspect_command()
+def mii_stats(state):
+    """Engine and loop statistics of this worker."""
+    step = getattr(state.consumer.controller, "mii_step", None)
+    return NOT_HOSTING if step is None else step.statistics()

@@ -1,0 +1,1 @@
+"""Offline bulk jobs: input lines, the job's record in Redis, results and progress."""
