@@ -50,7 +50,7 @@ def serve(
     Keyword arguments are `ModelConfig` or `MIIConfig` fields (`deployment_name`,
     `tensor_parallel`, `replica_num`, `max_length`, `redis_url`, ...).
     """
-    from mii.serve.launcher import serve_deployment
+    from mii.launch.serve import serve_deployment
 
     config = _model_config(model_name_or_path, model_config, kwargs)
     fields = dict(mii_config or {})
@@ -62,6 +62,6 @@ def serve(
 
 def client(model_or_deployment_name: str, **kwargs: Any):
     """Connect to a running deployment by name (any process, any host reaching its Redis)."""
-    from mii.producer.client import connect
+    from mii.producer.connect import connect_deployment
 
-    return connect(model_or_deployment_name, **kwargs)
+    return connect_deployment(model_or_deployment_name, **kwargs)

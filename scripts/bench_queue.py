@@ -20,8 +20,8 @@ import uuid
 import mii
 from mii.broker_config.deployment import read_workers
 from mii.config import MIIConfig
+from mii.launch.serve import serve_deployment
 from mii.params import GenerateParams, encode_prompt
-from mii.serve.launcher import serve_deployment
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FAKE_DIR = os.path.join(os.path.dirname(HERE), "tests", "worker")  # the fake engine
@@ -72,9 +72,9 @@ def run_pipeline(pipe, texts: list[str], options: dict) -> dict:
 def run_served(client, texts: list[str], options: dict) -> dict:
     """The same through the queue: one submit of all prompts, then read every stream."""
     t0 = time.perf_counter()
-    requests = client._submit(texts, dict(options))
+    requests = client.submit(texts, **options)
     first, done, tokens = {}, {}, 0
-    for request, delta in client._follow(requests):
+    for request, delta in requests:
         now = time.perf_counter()
         first.setdefault(request.rid, now)
         tokens += len(delta.token_ids)
@@ -174,15 +174,15 @@ def _timed(fn) -> float:
 
 
 def _until_acked(client, texts: list[str], new_tokens: int) -> None:
-    requests = client._submit(texts, {"max_new_tokens": new_tokens})
+    requests = client.submit(texts, max_new_tokens=new_tokens)
     while client.redis.xlen(client.keys.requests):  # acked entries are deleted
         time.sleep(0.005)
     client._cleanup(requests)
 
 
 def _read_everything(client, texts: list[str], new_tokens: int) -> None:
-    requests = client._submit(texts, {"max_new_tokens": new_tokens})
-    tokens = sum(len(d.token_ids) for _, d in client._follow(requests))
+    requests = client.submit(texts, max_new_tokens=new_tokens)
+    tokens = sum(len(d.token_ids) for _, d in requests)
     assert tokens == len(texts) * new_tokens
     client._cleanup(requests)
 

@@ -126,6 +126,7 @@ def _deadline(give_up_after_s: float | None) -> float:
     return math.inf if give_up_after_s is None else time.monotonic() + give_up_after_s
 
 
-def as_text(value: bytes | str) -> str:
-    """A Redis reply value as text (redis-py gives bytes unless asked to decode)."""
-    return value.decode() if isinstance(value, bytes) else value
+def as_text(value, errors: str = "strict"):
+    """A Redis reply value as text (redis-py gives bytes unless asked to decode); None and
+    text pass through."""
+    return value.decode(errors=errors) if isinstance(value, bytes) else value

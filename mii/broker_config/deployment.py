@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from mii.broker_config.connection import as_text
 from mii.broker_config.keys import DeploymentKeys
 from mii.broker_config.wire import WIRE_VERSION
 from mii.errors import DeploymentNotFoundError
@@ -61,7 +62,7 @@ def set_state(client, keys: DeploymentKeys, state: str, error: str | None = None
 
 def read_state(client, keys: DeploymentKeys) -> dict[str, str]:
     """The deployment's state as its launcher last recorded it; {} when none is recorded."""
-    return {_text(k): _text(v) for k, v in client.hgetall(keys.state).items()}
+    return {as_text(k): as_text(v) for k, v in client.hgetall(keys.state).items()}
 
 
 def _local_dir() -> Path:
@@ -118,7 +119,7 @@ class WorkerRegistry:
 def read_workers(client, keys: DeploymentKeys) -> dict[str, dict]:
     """Consumer name -> last reported status of every worker that registered."""
     raw = client.hgetall(keys.workers)
-    return {_text(k): json.loads(v) for k, v in raw.items()}
+    return {as_text(k): json.loads(v) for k, v in raw.items()}
 
 
 def is_live(status: dict, dead_after_s: float, now: float | None = None) -> bool:
@@ -145,7 +146,3 @@ def mark_exited(client, keys: DeploymentKeys, host: str, pid: int, exit_code: in
             client.hset(keys.workers, name, json.dumps(status))
             return True
     return False
-
-
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -18,6 +18,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 
+from mii.broker_config.connection import as_text
 from mii.gateway.errors import bad_request, not_found
 from mii.producer.bulk.input import BulkLine
 from mii.producer.bulk.jobs import BulkJobs, read_input
@@ -126,7 +127,7 @@ class Batches:
     def resume_all(self) -> None:
         """Resume the submissions that a gateway left unfinished (at start-up)."""
         for raw in self.redis.zrange(self.keys.batches, 0, -1):
-            batch_id = raw.decode() if isinstance(raw, bytes) else raw
+            batch_id = as_text(raw)
             try:
                 self.get(batch_id)
             except Exception:  # noqa: BLE001 (one broken record must not stop the others)
@@ -148,8 +149,7 @@ class Batches:
         return self.describe(record, self._status(batch_id))
 
     def list(self, limit: int, after: str | None) -> dict:
-        ids = [i.decode() if isinstance(i, bytes) else i
-               for i in self.redis.zrevrange(self.keys.batches, 0, -1)]  # fmt: skip
+        ids = [as_text(i) for i in self.redis.zrevrange(self.keys.batches, 0, -1)]
         if after in ids:
             ids = ids[ids.index(after) + 1 :]
         page = []

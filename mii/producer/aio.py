@@ -1,20 +1,24 @@
 """The asyncio half of `Client`: `agenerate` and `astream`, usable inside a running event
 loop (notebooks, web servers). Each event loop gets its own redis.asyncio connection, since
-those cannot cross loops. Every decision (validation, the submit script, liveness, the
-check for lost requests, what an outage abandons) is the blocking client's; only the I/O
-differs."""
+those cannot cross loops, and its own `ResponseReader`: one task reads the response
+streams of every call waiting on that loop. Every decision (validation, the submit script,
+deadlines, liveness, the check for lost requests, what an outage abandons) is the blocking
+client's; only the I/O differs."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import redis
 
 from mii.broker_config.connection import CONNECTION_ERRORS, connect_async, retry_until_async
 from mii.producer.request_set import RequestSet
+from mii.producer.response_reader import Follower, ResponseReader
 from mii.producer.submit import SUBMIT_SCRIPT
 from mii.response import Response
 
@@ -32,16 +36,27 @@ async def _uncancellable(coro) -> None:
     await asyncio.shield(task)
 
 
+@dataclass
+class _LoopRedis:
+    """What one event loop uses: its connection, the submit script on it, its reader."""
+
+    redis: object  # redis.asyncio.Redis (or fakeredis's)
+    submit: object  # AsyncScript
+    reader: ResponseReader
+
+
 class AsyncClientMixin:
     def __init__(self, redis_url: str | None, async_redis_factory: Callable | None) -> None:
         self._async_factory = async_redis_factory or (lambda: connect_async(redis_url))
         self._per_loop: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    def _aredis(self):
+    def _aredis(self) -> _LoopRedis:
         loop = asyncio.get_running_loop()
         if loop not in self._per_loop:
             client = self._async_factory()
-            self._per_loop[loop] = (client, client.register_script(SUBMIT_SCRIPT))
+            reader = ResponseReader(client, self.settings.reconnect_timeout_s,
+                                    self._abandoned, lambda: self._acancel_now(()))  # fmt: skip
+            self._per_loop[loop] = _LoopRedis(client, client.register_script(SUBMIT_SCRIPT), reader)
         return self._per_loop[loop]
 
     async def agenerate(self, prompts, **kwargs) -> list[Response]:
@@ -80,7 +95,7 @@ class AsyncClientMixin:
 
     async def _asubmit(self, prompts, kwargs: dict, stream: str | None = None) -> RequestSet:
         sub = self._prepare(prompts, kwargs, stream)
-        _, script = self._aredis()
+        script = self._aredis().submit
         keys, args = sub.script_keys(), sub.script_args()
         try:
             ids = await self._acall(lambda: script(keys=keys, args=args), sub.rids())
@@ -90,21 +105,40 @@ class AsyncClientMixin:
         return sub.accepted(ids)
 
     async def _afollow(self, requests: RequestSet):
-        client, _ = self._aredis()
-        while not requests.done:
-            requests.check_deadlines()
-            await self._aupkeep(requests)
-            streams, block = requests.streams(), self._block_ms(requests)
-            reply = await self._acall(lambda s=streams, b=block: client.xread(s, block=b))
-            for item in requests.feed(reply):
-                yield item
-            failed = requests.failed()
-            if failed is not None:
-                failed.assembler.response()
+        """`_follow` for asyncio: the loop's reader reads the streams, this call waits."""
+        reader = self._aredis().reader
+        follower = reader.follow(requests)
+        try:
+            while True:
+                for item in follower.take():
+                    yield item
+                follower.raise_error()
+                failed = requests.failed()
+                if failed is not None:
+                    failed.assembler.response()  # raises its error
+                if requests.done:
+                    return
+                requests.check_deadlines()
+                give_up_at = self._check_reader(reader, follower)
+                await self._aupkeep(requests)
+                wait_s = self._block_ms(requests) / 1000
+                if give_up_at is not None:
+                    wait_s = min(wait_s, give_up_at - time.monotonic())
+                await follower.wait(wait_s)
+        finally:
+            reader.unfollow(requests)
+
+    def _check_reader(self, reader: ResponseReader, follower: Follower) -> float | None:
+        """`BrokerUnavailableError` once the reader failed for `reconnect_timeout_s` of
+        this call's wait; else when that would be (None while it reads)."""
+        give_up_at = reader.give_up_at(follower)
+        if give_up_at is not None and time.monotonic() >= give_up_at:
+            raise self._gave_up(reader.failure, ()) from reader.failure
+        return give_up_at
 
     async def _aupkeep(self, requests: RequestSet) -> None:
         """`_upkeep` for asyncio."""
-        client, _ = self._aredis()
+        client = self._aredis().redis
         if self._liveness.due():
             key, ttl = self._liveness.key, self._liveness.ttl_s
             await self._acall(lambda: client.set(key, 1, ex=ttl))
@@ -116,12 +150,13 @@ class AsyncClientMixin:
             self._presence.judge(suspects, replies)
 
     async def _acleanup(self, requests: RequestSet) -> None:
+        self._aredis().reader.unfollow(requests)
         delete = [r.key for r in requests.requests] if self.delete_responses else []
         await self._acancel_now([r.rid for r in requests.open()], delete)
 
     async def _acancel_now(self, rids: Iterable[str], delete: Sequence[str] = ()) -> None:
         """`_cancel_now` for asyncio."""
-        client, _ = self._aredis()
+        client = self._aredis().redis
         rids = [*rids, *self._abandoned.take()]
         try:
             await self._cancel_pipe(client.pipeline(), rids, delete).execute()

@@ -36,7 +36,7 @@ from mii.producer.aio import AsyncClientMixin
 from mii.producer.liveness import ClientLiveness
 from mii.producer.outage import Abandoned, broker_unavailable, queue_cancels
 from mii.producer.presence import PresenceCheck
-from mii.producer.request_set import RequestSet
+from mii.producer.request_set import PendingRequest, RequestSet
 from mii.producer.submit import (
     SUBMIT_SCRIPT,
     Prompt,
@@ -83,6 +83,11 @@ class Client(AsyncClientMixin):
         self._abandoned = Abandoned()
 
     # ---- blocking ------------------------------------------------------------------------
+    def submit(self, prompts: Prompt | list[Prompt], **kwargs) -> Generation:
+        """Queue one request per prompt and return at once; the `Generation` follows them
+        (`wait()`, or iterate over `(request, delta)` as chunks arrive) or cancels them."""
+        return Generation(self, self._submit(prompts, kwargs))
+
     def generate(
         self,
         prompts: Prompt | list[Prompt],
@@ -254,9 +259,38 @@ class Client(AsyncClientMixin):
         self.close()
 
 
-def connect(model_or_deployment_name: str, redis_url: str | None = None, **kwargs) -> Client:
-    """What `mii.client(name)` calls: a `Client` for a running deployment (see
-    `mii.producer.connect` for how its Redis is found)."""
-    from mii.producer.connect import connect_deployment
+class Generation:
+    """Requests that `Client.submit` queued: iterate over `(request, delta)` pairs as their
+    chunks arrive, `wait()` for their responses, or `cancel()` them. `requests` has each
+    one's id (`.rid`) and response stream (`.key`)."""
 
-    return connect_deployment(model_or_deployment_name, redis_url, **kwargs)
+    def __init__(self, client: Client, requests: RequestSet) -> None:
+        self.client, self._set = client, requests
+
+    @property
+    def requests(self) -> list[PendingRequest]:
+        return self._set.requests
+
+    @property
+    def request_ids(self) -> list[str]:
+        return [r.rid for r in self._set.requests]
+
+    def __iter__(self) -> Iterator[tuple[PendingRequest, Response]]:
+        """Deltas until every request ended; raises a request's error as it arrives."""
+        return self.client._follow(self._set)
+
+    def wait(self) -> list[Response]:
+        """Every response, once all ended (cancelling the rest if one fails)."""
+        try:
+            for _ in self:
+                pass
+        finally:
+            self.client._cleanup(self._set)
+        return self.responses()
+
+    def responses(self) -> list[Response]:
+        """The responses so far complete; raises the error of a request that failed."""
+        return self._set.responses()
+
+    def cancel(self) -> None:
+        self.client.cancel_many([r.rid for r in self._set.open()])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 
+from mii.broker_config.connection import as_text
 from mii.broker_config.deployment import FAILED
 from mii.broker_config.keys import DeploymentKeys
 from mii.errors import RequestLostError
@@ -43,7 +44,7 @@ class PresenceCheck:
     def judge(self, suspects: list[PendingRequest], replies: list) -> None:
         """Raise `DeploymentFailedError` or `RequestLostError` from the check's replies;
         requests still held count as heard of now."""
-        state, error = (_text(v) for v in replies[-1])
+        state, error = (as_text(v, "replace") for v in replies[-1])
         if state == FAILED:
             raise deployment_failed(self.keys.deployment, error)
         replies, now = iter(replies[:-1]), time.monotonic()
@@ -62,7 +63,3 @@ def _lost(request: PendingRequest) -> RequestLostError:
         "and it has no response. Was Redis flushed, or restarted without persistence (or "
         "failed over to a replica without it)? Submit it again."
     )
-
-
-def _text(value) -> str | None:
-    return value.decode(errors="replace") if isinstance(value, bytes) else value

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 
 from mii.broker_config import wire
+from mii.broker_config.connection import as_text
 from mii.broker_config.keys import DeploymentKeys
 from mii.broker_config.wire import RequestMessage
 from mii.errors import RequestTimeoutError
@@ -66,7 +67,7 @@ class RequestSet:
         """Record the entry ids the submit script returned, one per request in order."""
         for request, entry_id in zip(self.requests, entry_ids, strict=True):
             request.stream = stream
-            request.entry_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+            request.entry_id = as_text(entry_id)
 
     def silent(self, for_s: float) -> list[PendingRequest]:
         """Unfinished requests of which nothing was heard for `for_s` seconds."""

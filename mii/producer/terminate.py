@@ -12,7 +12,7 @@ import logging
 import time
 
 from mii.broker_config import wire
-from mii.broker_config.connection import CONNECTION_ERRORS
+from mii.broker_config.connection import CONNECTION_ERRORS, as_text
 from mii.broker_config.deployment import (
     FAILED,
     TERMINATING,
@@ -108,7 +108,7 @@ def end_queued_requests(redis, keys: DeploymentKeys, error: str, ttl_s: int) -> 
                 _end_request(pipe, keys, fields, error, ttl_s)
             pipe.execute()
             ended += len(entries)
-            start = "(" + _text(entries[-1][0])
+            start = "(" + as_text(entries[-1][0], "replace")
     return ended
 
 
@@ -133,7 +133,7 @@ def _request_of(fields: dict) -> tuple[str | None, RequestMessage | None]:
     except WireError:
         pass
     try:
-        return RequestMessage(rid=_text(fields.get(wire.RID, b""))).rid, None
+        return RequestMessage(rid=as_text(fields.get(wire.RID, b""), "replace")).rid, None
     except ValueError:
         return None, None
 
@@ -157,7 +157,7 @@ def _scan_batches(redis, pattern: str):
     while cursor != 0:
         cursor, batch = redis.scan(cursor or 0, match=pattern, count=1000)
         if batch:
-            yield [_text(key) for key in batch]
+            yield [as_text(key, "replace") for key in batch]
 
 
 def _expire_forever_streams(redis, streams: list[str], ttl_s: int) -> None:
@@ -179,7 +179,3 @@ def _shutdown_redis(redis) -> None:
         pass  # it went away while answering, as it should
     except Exception as exc:  # noqa: BLE001 (ACLs may forbid SHUTDOWN; the owner kills it)
         log.warning("could not shut the embedded Redis down: %s", exc)
-
-
-def _text(value) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else value

@@ -12,6 +12,7 @@ is dropped too, and a client can tell a request that Redis still holds from a lo
 
 from __future__ import annotations
 
+from mii.broker_config.connection import as_text
 from mii.broker_config.keys import DeploymentKeys
 from mii.worker.intake import Admission
 
@@ -36,7 +37,7 @@ class Claims:
             pipe.get(key)
         replies = pipe.execute()[1::2]
         pairs = zip(admissions, replies, strict=True)
-        return [_text(got) == claim_value(adm) for adm, got in pairs]
+        return [as_text(got) == claim_value(adm) for adm, got in pairs]
 
     def refresh(self, rids: list[str]) -> None:
         """Keep the claims of long-running requests from expiring under them."""
@@ -45,7 +46,3 @@ class Claims:
             for rid in rids:
                 pipe.expire(self.keys.claim(rid), self.ttl_s)
             pipe.execute()
-
-
-def _text(value) -> str | None:
-    return value.decode() if isinstance(value, bytes) else value

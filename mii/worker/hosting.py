@@ -100,7 +100,7 @@ def build_worker(
     deployment: str,
     redis_url: str,
     replica: int,
-    engine_factory: str,
+    engine_factory: str | None = None,
     observer: RequestObserver | None = None,
 ) -> HostedWorker:
     """Connect, read the deployment's config, announce STARTING, build the engine (a failure
@@ -115,7 +115,7 @@ def build_worker(
     log.info("worker %s: replica %d on %s", process_name(), replica, devices)
     try:
         with _still_starting(registry, mii_config.broker.heartbeat_interval_s):
-            engine = load_factory(engine_factory)(mii_config, replica)
+            engine = load_factory(engine_factory or DEFAULT_FACTORY)(mii_config, replica)
     except Exception as exc:
         registry.report(FAILED, error=f"{type(exc).__name__}: {exc}")
         raise

@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from mii.broker_config import wire
+from mii.broker_config.connection import as_text
 from mii.broker_config.wire import ErrorKind, RequestMessage, WireError
 from mii.engine.sampling_params import SamplingParams
 from mii.errors import InvalidRequestError
@@ -76,16 +77,12 @@ class Refusal:
     """The entry's raw payload, kept for the dead-letter stream."""
 
 
-def _decode(text: bytes | str) -> str:
-    return text.decode() if isinstance(text, bytes) else text
-
-
 def readable_rid(fields: dict) -> str | None:
     raw = fields.get(wire.RID)
     if raw is None:
         return None
     try:
-        rid = _decode(raw)
+        rid = as_text(raw)
     except UnicodeDecodeError:
         return None
     return rid if _valid_rid(rid) else None

@@ -7,7 +7,7 @@ import time
 
 import uvicorn
 
-from mii.serve.embedded_redis import free_port
+from mii.launch.embedded_redis import free_port
 
 
 class ThreadedGateway:

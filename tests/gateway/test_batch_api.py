@@ -20,8 +20,8 @@ from redis_server import RedisServer
 
 from mii.config import MIIConfig
 from mii.gateway.server import spawn_gateway
-from mii.serve.embedded_redis import free_port
-from mii.serve.launcher import serve_deployment
+from mii.launch.embedded_redis import free_port
+from mii.launch.serve import serve_deployment
 
 pytestmark = [
     pytest.mark.redis,

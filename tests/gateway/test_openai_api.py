@@ -136,7 +136,7 @@ def test_full_queue_is_429_with_retry_after(gateway_for):
     crowded = Harness(deployment="full-dep", max_queue_depth=1)
     try:
         crowded.start().pause()  # alive, reads nothing
-        crowded.client()._submit(["waiting"], {})
+        crowded.client().submit(["waiting"])
         from mii.gateway.app import create_app
         from mii.gateway.settings import GatewaySettings
 

@@ -89,7 +89,7 @@ def test_queue_depth_limit_refuses_clearly_and_adds_nothing():
 
     h = Harness(max_queue_depth=3)
     client = h.client()
-    client._submit(["a", "b"], {"max_new_tokens": 1})
+    client.submit(["a", "b"], max_new_tokens=1)
     with pytest.raises(
         QueueFullError, match="holds 2 requests; adding 2 would pass its limit of 3"
     ):
@@ -101,12 +101,11 @@ def test_cancel_frees_the_engine_and_ends_the_stream(harness):
     engine = FakeEngine(step_delay_s=0.01)
     harness.start(engine)
     client = harness.client()
-    sub = client._submit(["long one"], {"max_new_tokens": 1000})
+    sub = client.submit(["long one"], max_new_tokens=1000)
     rid = sub.requests[0].rid
     wait_for(lambda: rid in engine.requests, what="admitted")
     client.cancel(rid)
-    for _ in client._follow(sub):
-        pass
+    sub.wait()
     (response,) = sub.responses()
     assert response.finish_reason == Reason.CANCELLED
     assert rid in engine.aborted and rid not in engine.requests
@@ -124,12 +123,11 @@ def test_closing_a_stream_early_cancels_it(harness):
 
 def test_cancel_before_a_worker_reads_it(harness):
     client = harness.client()
-    sub = client._submit(["queued"], {"max_new_tokens": 5})
+    sub = client.submit(["queued"], max_new_tokens=5)
     client.cancel(sub.requests[0].rid)
     engine = FakeEngine()
     harness.start(engine)
-    for _ in client._follow(sub):
-        pass
+    sub.wait()
     assert sub.responses()[0].finish_reason == Reason.CANCELLED
     assert engine.added == []
 

@@ -16,7 +16,7 @@ import mii
 from mii.broker_config.deployment import DeploymentRecord, save_record
 from mii.broker_config.keys import DeploymentKeys
 from mii.errors import BrokerUnavailableError, DeploymentNotFoundError
-from mii.serve.embedded_redis import free_port
+from mii.launch.embedded_redis import free_port
 
 pytestmark = [
     pytest.mark.redis,

@@ -18,28 +18,27 @@ pytestmark = pytest.mark.timeout(30)
 
 def test_the_submit_sets_the_key_with_its_ttl():
     h = Harness(client_timeout_s=2.5)
-    h.client()._submit(["hi"], {})
+    h.client().submit(["hi"])
     key = h.keys.client_alive(process_name())
     assert h.redis.get(key) == b"1" and 0 < h.redis.ttl(key) <= 3  # ceil(2.5)
 
 
 def test_no_key_without_a_client_timeout():
     h = Harness(client_timeout_s=None)
-    h.client()._submit(["hi"], {})
+    h.client().submit(["hi"])
     assert h.redis.keys(f"{h.keys.prefix}:client:*") == []
 
 
 def _wait_without_workers(client, requests):
     with pytest.raises(RequestTimeoutError):
-        for _ in client._follow(requests):
-            pass
+        requests.wait()
 
 
 def test_waiting_calls_refresh_the_key(monkeypatch):
     monkeypatch.setattr(request_set, "DEADLINE_GRACE_S", 0.0)
     h = Harness(client_timeout_s=0.3)  # refreshed every 0.1 s, TTL 1 s
     client, key = h.client(), h.keys.client_alive(process_name())
-    requests = client._submit(["waits"], {"timeout": 0.4})
+    requests = client.submit(["waits"], timeout=0.4)
     h.redis.delete(key)
     _wait_without_workers(client, requests)
     assert h.redis.ttl(key) == 1

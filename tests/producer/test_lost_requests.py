@@ -32,9 +32,9 @@ def _queued_timeouts(h: Harness) -> list:
 
 def test_the_default_timeout_applies_and_none_means_no_deadline(harness):
     client = harness.client()
-    default = client._submit(["default"], {})
-    explicit = client._submit(["explicit"], {"timeout": 2})
-    endless = client._submit(["endless"], {"timeout": None})
+    default = client.submit(["default"])
+    explicit = client.submit(["explicit"], timeout=2)
+    endless = client.submit(["endless"], timeout=None)
     assert _queued_timeouts(harness) == [7.0, 2.0, None]
     assert default.requests[0].give_up_at is not None
     assert endless.requests[0].give_up_at is None and endless.block_ms() == 1000
@@ -52,12 +52,11 @@ def test_with_no_worker_the_default_timeout_ends_the_call(monkeypatch):
 
 def test_a_request_flushed_from_redis_fails_instead_of_hanging(harness):
     client = harness.client()
-    requests = client._submit(["to be flushed"], {"max_new_tokens": 2})
+    requests = client.submit(["to be flushed"], max_new_tokens=2)
     harness.redis.flushall()  # a Redis that came back empty
     start = time.monotonic()
     with pytest.raises(RequestLostError, match="vanished from Redis.*flushed.*persistence"):
-        for _ in client._follow(requests):
-            pass
+        requests.wait()
     assert time.monotonic() - start < GRACE_S + 0.5  # not a read timeout later
 
 
@@ -92,7 +91,7 @@ def test_a_handed_back_request_is_found_by_its_claim(harness):
     """A draining worker requeues a request under a new entry and moves its claim there:
     the entry the client knows is gone, the claim shows the request is alive."""
     client = harness.client()
-    requests = client._submit(["handed back"], {"max_new_tokens": 2})
+    requests = client.submit(["handed back"], max_new_tokens=2)
     stream, rid, old = (
         harness.keys.requests,
         requests.requests[0].rid,
@@ -103,8 +102,7 @@ def test_a_handed_back_request_is_found_by_its_claim(harness):
     harness.redis.xdel(stream, old)
     harness.redis.set(harness.keys.claim(rid), f"{stream} {new}")
     threading.Timer(4 * GRACE_S, harness.start).start()
-    for _ in client._follow(requests):
-        pass
+    requests.wait()
     assert requests.responses()[0].generated_text == expected_text("handed back", 2)
 
 

@@ -63,21 +63,20 @@ def test_submit_during_an_outage_is_abandoned_then_cancelled(harness):
 
 def test_a_wait_cut_off_cancels_its_request_when_redis_is_back(harness):
     client = harness.client()
-    requests = client._submit(["cut off"], {"max_new_tokens": 2})
+    requests = client.submit(["cut off"], max_new_tokens=2)
     rid = requests.requests[0].rid
     threading.Timer(0.05, _down, args=(harness,)).start()
 
     def follow():
         try:
-            for _ in client._follow(requests):
-                pass
+            requests.wait()
         finally:
             client._cleanup(requests)
 
     _raises_unavailable(follow)
     _up(harness)
     assert _cancelled(harness) == set()
-    client._submit(["next"], {})  # the next successful call sends the cancel
+    client.submit(["next"])  # the next successful call sends the cancel
     assert _cancelled(harness) == {rid}
 
 

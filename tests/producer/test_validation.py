@@ -71,8 +71,8 @@ def test_temperature_zero_is_greedy_whatever_do_sample_says(harness):
 
 def test_greedy_requests_carry_no_seed(harness):
     client = harness.client()
-    client._submit(["a"], {"temperature": 0})
-    client._submit(["b"], {})
+    client.submit(["a"], temperature=0)
+    client.submit(["b"])
     entries = harness.redis.xrange(harness.keys.requests)
     params = [wire.decode_request(fields).params for _, fields in entries]
     assert "seed" not in params[0] and "seed" in params[1]
@@ -95,7 +95,7 @@ def test_prompt_byte_limit_is_checked_before_queueing(harness):
     with pytest.raises(InvalidRequestError, match=r"prompts\[1\].*4,194,304 bytes"):
         client.generate(["fine", [7] * (1 << 20)])
     assert harness.redis.xlen(harness.keys.requests) == 0
-    client._submit(["é" * (1 << 19)], {})  # 2 bytes a character: exactly at the limit
+    client.submit(["é" * (1 << 19)])  # 2 bytes a character: exactly at the limit
     assert harness.redis.xlen(harness.keys.requests) == 1
 
 

@@ -11,7 +11,7 @@ import time
 
 import redis as redis_py
 
-from mii.serve.embedded_redis import free_port
+from mii.launch.embedded_redis import free_port
 
 
 class RedisServer:

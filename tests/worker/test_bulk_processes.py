@@ -21,8 +21,8 @@ from redis_server import RedisServer
 
 from mii.broker_config.keys import WORKER_GROUP
 from mii.config import MIIConfig
+from mii.launch.serve import serve_deployment
 from mii.producer.bulk.jobs import BulkJobs
-from mii.serve.launcher import serve_deployment
 
 pytestmark = [
     pytest.mark.redis,

@@ -79,7 +79,7 @@ def test_interactive_requests_go_before_queued_bulk_lines():
         loop.iterate()
         assert 0 < len(engine.added) < 40  # bulk work under way, more of it queued
         client = harness.client()
-        requests = client._submit(["interactive"], {"max_new_tokens": 2})
+        requests = client.submit(["interactive"], max_new_tokens=2)
         before = len(engine.added)
         loop.iterate()
         assert engine.added[before:] == [requests.requests[0].rid]  # and no bulk line

@@ -21,7 +21,7 @@ import mii
 from mii.broker_config.connection import connect
 from mii.broker_config.deployment import read_workers
 from mii.broker_config.keys import DeploymentKeys
-from mii.serve.embedded_redis import free_port
+from mii.launch.embedded_redis import free_port
 from mii.worker.celery.app import make_app
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(180)]

@@ -12,7 +12,7 @@ from redis_server import RedisServer
 
 from mii.broker_config.keys import DeploymentKeys
 from mii.cli import COMMANDS, build_parser, main
-from mii.serve.embedded_redis import free_port
+from mii.launch.embedded_redis import free_port
 
 pytestmark = pytest.mark.timeout(60)
 

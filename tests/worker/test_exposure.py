@@ -22,8 +22,8 @@ from serving import FAKE, fake_config
 import mii
 from mii.broker_config.keys import DeploymentKeys
 from mii.cli import build_parser, main
-from mii.serve.embedded_redis import free_port
-from mii.serve.launcher import serve_deployment
+from mii.launch.embedded_redis import free_port
+from mii.launch.serve import serve_deployment
 from mii.worker.celery.app import make_app
 from mii.worker.celery.metrics import serve_metrics
 

@@ -21,7 +21,7 @@ from mii.broker_config import wire
 from mii.config import MIIConfig
 from mii.constants import GenerationFinishReason as Reason
 from mii.errors import GenerationError
-from mii.serve.launcher import serve_deployment
+from mii.launch.serve import serve_deployment
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(120)]
 FAST = {"heartbeat_interval_s": 0.5, "reclaim_idle_s": 5.0, "client_timeout_s": 1.0}

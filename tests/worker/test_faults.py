@@ -27,7 +27,7 @@ def _chunks(harness, rid):
 def test_a_request_that_breaks_steps_is_dead_lettered_and_the_rest_are_served(harness):
     loop = harness.start()
     client = harness.client(delete_responses=False)
-    sub = client._submit(["good one", "POISON pill", "another"], {"max_new_tokens": 6})
+    sub = client.submit(["good one", "POISON pill", "another"], max_new_tokens=6)
     good, poison, other = (r.rid for r in sub.requests)
     final = wait_for(lambda: [c for c in _chunks(harness, poison) if c.final], what="error")
     assert final[0].reason == Reason.ERROR and "failed 3 times" in final[0].error
@@ -114,7 +114,7 @@ def test_requests_of_a_worker_known_dead_are_taken_over_at_once():
     harness = Harness(reclaim_idle_s=60.0, heartbeat_interval_s=0.05)
     try:
         client = harness.client()
-        sub = client._submit(["orphaned"], {"max_new_tokens": 4})
+        sub = client.submit(["orphaned"], max_new_tokens=4)
         harness.redis.xgroup_create(harness.keys.requests, WORKER_GROUP, id="0", mkstream=True)
         harness.redis.xreadgroup(WORKER_GROUP, "deadhost:9", {harness.keys.requests: ">"})
         status = {"host": "deadhost", "pid": 9, "state": EXITED, "heartbeat": time.time()}
@@ -122,8 +122,7 @@ def test_requests_of_a_worker_known_dead_are_taken_over_at_once():
         time.sleep(0.6)  # longer than the takeover's minimum idle time, far below 60 s
         loop = harness.start()
         started = time.monotonic()
-        for _ in client._follow(sub):
-            pass
+        sub.wait()
         assert sub.responses()[0].generated_text == expected_text("orphaned", 4)
         assert time.monotonic() - started < 5 and loop.stats.reclaimed == 1
     finally:
@@ -162,7 +161,7 @@ def test_terminate_ends_running_and_queued_requests_with_an_error():
         engine = FakeEngine(step_delay_s=0.01, max_num_seqs=2)
         loop = harness.start(engine)
         client = harness.client(delete_responses=False)
-        sub = client._submit([f"job {i}" for i in range(4)], {"max_new_tokens": 100_000})
+        sub = client.submit([f"job {i}" for i in range(4)], max_new_tokens=100_000)
         wait_for(lambda: len(loop.active) == 2, what="two running")
         harness.redis.xadd(
             harness.keys.control, wire.control_fields(wire.ControlMessage(op="terminate"))
@@ -180,13 +179,11 @@ def test_terminate_ends_running_and_queued_requests_with_an_error():
 def test_a_long_tokenization_does_not_stall_other_streams(harness):
     harness.start(FakeEngine(step_delay_s=0.005, slow_tokenize_s=1.5))
     client = harness.client(delete_responses=False)
-    runner = client._submit(["streaming"], {"max_new_tokens": 400})
+    runner = client.submit(["streaming"], max_new_tokens=400)
     time.sleep(0.2)
-    slow = client._submit(["SLOW " + "x" * 1000], {"max_new_tokens": 2})
-    for _ in client._follow(slow):
-        pass
-    for _ in client._follow(runner):
-        pass
+    slow = client.submit(["SLOW " + "x" * 1000], max_new_tokens=2)
+    slow.wait()
+    runner.wait()
     stamps = [int(i.split(b"-")[0]) for i, _ in harness.redis.xrange(runner.requests[0].key)]
     gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
     assert max(gaps) < 500  # ms; tokenizing on the step thread would stall it 1500 ms
@@ -220,7 +217,7 @@ def test_a_worker_that_starts_during_terminate_does_not_serve(harness):
     from mii.broker_config.deployment import TERMINATING, set_state
 
     set_state(harness.redis, harness.keys, TERMINATING)
-    harness.client()._submit(["too late"], {"max_new_tokens": 2})
+    harness.client().submit(["too late"], max_new_tokens=2)
     loop = harness.loop()
     loop.run()  # returns: the worker stops at once
     assert harness.redis.xlen(harness.keys.requests) == 1 and loop.stats.received == 0

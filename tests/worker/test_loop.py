@@ -45,7 +45,7 @@ def test_one_transaction_per_step_carries_every_request(harness):
 def test_interactive_before_bulk(harness):
     client = harness.client()
     bulk = client._submit(["bulk one"], {"max_new_tokens": 1}, stream=harness.keys.bulk)
-    inter = client._submit(["interactive"], {"max_new_tokens": 1})
+    inter = client.submit(["interactive"], max_new_tokens=1)
     engine = FakeEngine()
     harness.start(engine)
     wait_for(lambda: len(engine.added) == 2, what="both admitted")
@@ -87,7 +87,7 @@ def test_prompt_too_long_is_refused_by_the_worker(harness):
 def test_a_broken_engine_ends_the_loop_and_leaves_its_requests_pending(harness):
     harness.start()
     client = harness.client()
-    sub = client._submit(["FATAL pill"], {"max_new_tokens": 3})
+    sub = client.submit(["FATAL pill"], max_new_tokens=3)
     wait_for(lambda: harness.errors, what="engine failure")
     assert isinstance(harness.errors[0], EngineBroken) and "CUDA error" in str(harness.errors[0])
     pending = harness.redis.xpending(harness.keys.requests, WORKER_GROUP)
@@ -97,7 +97,7 @@ def test_a_broken_engine_ends_the_loop_and_leaves_its_requests_pending(harness):
 def test_drain_finishes_in_flight_work(harness):
     loop = harness.start(FakeEngine(step_delay_s=0.01))
     client = harness.client()
-    sub = client._submit(["draining"], {"max_new_tokens": 30})
+    sub = client.submit(["draining"], max_new_tokens=30)
     wait_for(lambda: loop.active, what="admitted")
     loop.drain()
     wait_for(lambda: not harness.workers[0][1].is_alive(), what="loop exit")
@@ -109,15 +109,14 @@ def test_stop_hands_work_back_and_another_worker_continues_it(harness):
     first = FakeEngine(step_delay_s=0.02)
     loop = harness.start(first)
     client = harness.client(delete_responses=False)
-    sub = client._submit(["handed back"], {"max_new_tokens": 40})
+    sub = client.submit(["handed back"], max_new_tokens=40)
     rid = sub.requests[0].rid
     wait_for(lambda: len(harness.response_chunks(rid)) >= 3, what="some tokens")
     loop.stop()
     harness.workers[0][1].join(5)
     second = FakeEngine()
     harness.start(second)
-    for _ in client._follow(sub):
-        pass
+    sub.wait()
     (response,) = sub.responses()
     assert response.generated_text == expected_text("handed back", 40)
     assert second.resumed_from[rid] >= 3
@@ -129,11 +128,10 @@ def test_a_second_entry_of_a_running_request_is_dropped(harness):
     engine = FakeEngine(step_delay_s=0.01)
     loop = harness.start(engine)
     client = harness.client()
-    sub = client._submit(["twice"], {"max_new_tokens": 20})
+    sub = client.submit(["twice"], max_new_tokens=20)
     wait_for(lambda: loop.active, what="admitted")
     harness.redis.xadd(harness.keys.requests, wire.request_fields(sub.requests[0].message))
-    for _ in client._follow(sub):
-        pass
+    sub.wait()
     (response,) = sub.responses()
     assert response.generated_text == expected_text("twice", 20)
     assert engine.added.count(sub.requests[0].rid) == 1
@@ -144,7 +142,7 @@ def test_engine_failure_is_reported_in_the_worker_status(harness):
     from mii.broker_config.deployment import read_workers
 
     loop = harness.start()
-    harness.client()._submit(["FATAL"], {"max_new_tokens": 2})
+    harness.client().submit(["FATAL"], max_new_tokens=2)
     wait_for(lambda: harness.errors, what="engine failure")
     status = read_workers(harness.redis, harness.keys)[loop.consumer]
     assert status["state"] == "failed" and "CUDA error" in status["error"]

@@ -36,14 +36,13 @@ def _publish(harness, rid: str, prompt: str, start: int, stop: int) -> None:
 
 def test_reclaimed_request_continues_from_published_tokens(harness):
     client = harness.client(delete_responses=False)
-    sub = client._submit(["resume me"], {"max_new_tokens": 12})
+    sub = client.submit(["resume me"], max_new_tokens=12)
     rid = sub.requests[0].rid
     _dead_worker_takes(harness)
     _publish(harness, rid, "resume me", 0, 5)
     engine = FakeEngine()
     loop = harness.start(engine)
-    for _ in client._follow(sub):
-        pass
+    sub.wait()
     (response,) = sub.responses()
     assert response.generated_text == expected_text("resume me", 12)
     assert engine.resumed_from[rid] == 5 and loop.stats.reclaimed == 1
@@ -54,7 +53,7 @@ def test_reclaimed_request_continues_from_published_tokens(harness):
 
 def test_request_finished_by_a_dead_worker_is_only_acked(harness):
     client = harness.client(delete_responses=False)
-    sub = client._submit(["done already"], {"max_new_tokens": 2})
+    sub = client.submit(["done already"], max_new_tokens=2)
     rid = sub.requests[0].rid
     _dead_worker_takes(harness)
     _publish(harness, rid, "done already", 0, 2)
@@ -68,7 +67,7 @@ def test_request_finished_by_a_dead_worker_is_only_acked(harness):
 
 def test_request_delivered_too_often_is_dead_lettered(harness):
     client = harness.client()
-    sub = client._submit(["kills workers"], {"max_new_tokens": 3})
+    sub = client.submit(["kills workers"], max_new_tokens=3)
     entry_id = _dead_worker_takes(harness, "deadhost:1")
     for n in (2, 3):  # two more workers took it over and died too
         harness.redis.xclaim(harness.keys.requests, WORKER_GROUP, f"deadhost:{n}", 0, [entry_id])
@@ -76,8 +75,7 @@ def test_request_delivered_too_often_is_dead_lettered(harness):
     engine = FakeEngine()
     harness.start(engine)
     with pytest.raises(GenerationError, match="delivered 4 times.*dead-lettered"):
-        for _ in client._follow(sub):
-            pass
+        sub.wait()
     letters = harness.redis.xrange(harness.keys.deadletter)
     assert letters[0][1][b"rid"] == sub.requests[0].rid.encode()
     assert engine.added == []
@@ -87,7 +85,7 @@ def test_worker_that_lost_its_entry_stops_working_on_it(harness):
     engine = FakeEngine(step_delay_s=0.01)
     loop = harness.start(engine)
     client = harness.client()
-    sub = client._submit(["stolen"], {"max_new_tokens": 10_000})
+    sub = client.submit(["stolen"], max_new_tokens=10_000)
     rid = sub.requests[0].rid
     wait_for(lambda: rid in engine.requests, what="admitted")
     entry_id = loop.active[rid].entry.entry_id

@@ -25,9 +25,9 @@ from mii.cli import main
 from mii.config import MIIConfig
 from mii.constants import GenerationFinishReason as Reason
 from mii.errors import DeploymentNotFoundError, MIIError
-from mii.serve import launcher
-from mii.serve.embedded_redis import free_port, redis_server_binary
-from mii.serve.launcher import serve_deployment
+from mii.launch import serve as launcher
+from mii.launch.embedded_redis import free_port, redis_server_binary
+from mii.launch.serve import serve_deployment
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(120)]
 
@@ -102,7 +102,7 @@ def test_a_failed_start_with_embedded_redis_forgets_it(worker_env, monkeypatch):
 def test_ctrl_c_during_start_leaves_nothing_behind(worker_env, server):
     code = (
         "import sys; from serving import FAKE, fake_config; "
-        "from mii.serve.launcher import serve_deployment; "
+        "from mii.launch.serve import serve_deployment; "
         f"serve_deployment(fake_config('ctrl-c-dep', redis_url={server.url!r}), FAKE)"
     )
     launch = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
@@ -132,15 +132,14 @@ def test_sigterm_drains_in_flight_work(worker_env, server, monkeypatch):
     monkeypatch.setenv("MII_FAKE_STEP_DELAY", "0.01")
     client = serve_deployment(fake_config("drain-dep", redis_url=server.url), engine_factory=FAKE)
     try:
-        requests = client._submit(["drain me"], {"max_new_tokens": 200})
+        requests = client.submit(["drain me"], max_new_tokens=200)
         wait_for(
             lambda: client.redis.xpending(client.keys.requests, WORKER_GROUP)["pending"],
             what="request taken",
         )
         (worker,) = client.local.workers
         worker.process.send_signal(signal.SIGTERM)
-        for _ in client._follow(requests):
-            pass
+        requests.wait()
         (response,) = requests.responses()
         assert response.finish_reason == Reason.LENGTH and response.generated_length == 200
         assert worker.process.wait(20) == 0

@@ -122,9 +122,8 @@ def test_sixteen_concurrent_clients(client, server):
 
 def test_both_replicas_take_work(client, server):
     inspect = _inspecting_client(server)
-    requests = inspect._submit(PROMPTS, dict(GREEDY))
-    for _ in inspect._follow(requests):
-        pass
+    requests = inspect.submit(PROMPTS, **GREEDY)
+    requests.wait()
     finals = [_chunks(inspect, r.rid)[-1] for r in requests.requests]
     assert len({f.worker for f in finals}) == 2
     assert {w for w in read_workers(client.redis, client.keys)} == {f.worker for f in finals}
@@ -168,9 +167,7 @@ def _kv_free(client) -> dict[str, tuple[int, int]]:
 
 
 def test_cancel_frees_kv_blocks(client):
-    requests = client._submit(
-        ["Tell me a very long story."], dict(max_new_tokens=400, ignore_eos=True)
-    )
+    requests = client.submit(["Tell me a very long story."], max_new_tokens=400, ignore_eos=True)
     rid = requests.requests[0].rid
     wait_for(lambda: len(_chunks(client, rid)) >= 3, timeout_s=60, what="tokens")
     wait_for(  # worker statuses refresh every heartbeat
@@ -179,8 +176,7 @@ def test_cancel_frees_kv_blocks(client):
         what="blocks in use",
     )
     client.cancel(rid)
-    for _ in client._follow(requests):
-        pass
+    requests.wait()
     assert requests.responses()[0].finish_reason == Reason.CANCELLED
     wait_for(
         lambda: all(free == total for free, total in _kv_free(client).values()),
@@ -192,12 +188,11 @@ def test_cancel_frees_kv_blocks(client):
 def test_redis_restart_mid_run(client, server, reference):
     inspect = _inspecting_client(server)
     prompts = PROMPTS[2:6]
-    requests = inspect._submit(prompts, dict(GREEDY))
+    requests = inspect.submit(prompts, **GREEDY)
     first = requests.requests[0].rid
     wait_for(lambda: len(_chunks(inspect, first)) >= 2, timeout_s=60, what="tokens")
     server.restart(down_s=1.0)
-    for _ in inspect._follow(requests):
-        pass
+    requests.wait()
     assert [r.generated_text for r in requests.responses()] == [reference[p] for p in prompts]
     for request in requests.requests:
         # a reply lost in the restart may make a worker write a chunk twice; no gaps
@@ -208,7 +203,7 @@ def test_redis_restart_mid_run(client, server, reference):
 def test_kill_9_of_a_worker_mid_generation(client, server, reference):
     """Runs last: it leaves the deployment with one replica."""
     inspect = _inspecting_client(server)
-    requests = inspect._submit(PROMPTS, dict(GREEDY))
+    requests = inspect.submit(PROMPTS, **GREEDY)
     rids = [r.rid for r in requests.requests]
 
     def victim():
@@ -220,8 +215,7 @@ def test_kill_9_of_a_worker_mid_generation(client, server, reference):
     consumer = wait_for(victim, timeout_s=60, what="a worker mid-generation")
     os.kill(int(consumer.rsplit(":", 1)[1]), signal.SIGKILL)
     killed_at = time.monotonic()
-    for _ in inspect._follow(requests):
-        pass
+    requests.wait()
     assert time.monotonic() - killed_at < 60
     n = GREEDY["max_new_tokens"]
     for prompt, request in zip(PROMPTS, requests.requests, strict=True):

@@ -25,9 +25,9 @@ from mii.broker_config.deployment import (
 )
 from mii.broker_config.keys import WORKER_GROUP, DeploymentKeys
 from mii.errors import DeploymentFailedError
+from mii.launch.processes import WorkerSpec
+from mii.launch.serve import serve_deployment
 from mii.producer.client import Client
-from mii.serve.launcher import serve_deployment
-from mii.serve.processes import WorkerSpec
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
 
@@ -47,7 +47,7 @@ def test_a_killed_worker_is_marked_exited_at_once_and_restarted(worker_env, priv
     config = fake_config("restart-dep", redis_url=private_redis.url)
     client = serve_deployment(config, engine_factory=FAKE)
     try:
-        in_flight = client._submit(["survive this"], {"max_new_tokens": 100})
+        in_flight = client.submit(["survive this"], max_new_tokens=100)
         wait_for(lambda: client.redis.xpending(client.keys.requests, WORKER_GROUP)["pending"],
                  10, "the request to be taken")  # fmt: skip
         (victim,) = client.local.workers
@@ -56,7 +56,7 @@ def test_a_killed_worker_is_marked_exited_at_once_and_restarted(worker_env, priv
         wait_for(lambda: _status_of(client, victim.pid)["state"] == "exited", 5, "EXITED")
         assert time.monotonic() - killed < 2.0  # not after its heartbeat aged (15 s)
         wait_for(lambda: client.local.workers[0].pid != victim.pid, 10, "a restart")
-        for _ in client._follow(in_flight):  # the new worker takes over the request
+        for _ in in_flight:  # the new worker takes over the request
             pass
         (response,) = in_flight.responses()
         assert response.generated_text == expected_text("survive this", 100)

@@ -18,8 +18,8 @@ from mii.broker_config import wire
 from mii.broker_config.keys import DeploymentKeys
 from mii.constants import GenerationFinishReason as Reason
 from mii.errors import MIIError
+from mii.launch.serve import serve_deployment
 from mii.producer.bulk.jobs import BulkJobs, read_input
-from mii.serve.launcher import serve_deployment
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(90)]
 NAME = "term-dep"

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from mii.broker_config import jobs
+from mii.broker_config.connection import as_text
 from mii.broker_config.jobs import LineInfo, LineResult
 from mii.broker_config.keys import WORKER_GROUP, DeploymentKeys, JobKeys
 from mii.errors import MIIError
@@ -64,12 +65,8 @@ class JobStatus:
         return {"state": self.state.value, **dataclasses.asdict(self)}
 
 
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def _status(job_id: str, raw: dict) -> JobStatus:
-    meta = {_text(k): _text(v) for k, v in raw.items()}
+    meta = {as_text(k): as_text(v) for k, v in raw.items()}
 
     def number(name: str, kind=int, default=0):
         return kind(meta[name]) if name in meta else default
@@ -100,7 +97,7 @@ class JobStore:
     # ---- creating and queuing -----------------------------------------------------------
     def fingerprint(self, job_id: str) -> str | None:
         value = self.redis.hget(self.keys.job(job_id).meta, "fingerprint")
-        return None if value is None else _text(value)
+        return None if value is None else as_text(value)
 
     def write_manifest(self, job_id: str, infos: dict[int, LineInfo], ttl_s: int) -> None:
         """Before the job exists: idempotent, so a submitter that died here is simply rerun."""
@@ -119,7 +116,7 @@ class JobStore:
         args = [fingerprint]
         for name, value in {"created": time.time(), **meta}.items():
             args += [name, value if isinstance(value, str | int | float) else json.dumps(value)]
-        return _text(self._create(keys=list(job.all()), args=args))
+        return as_text(self._create(keys=list(job.all()), args=args))
 
     def submit(self, job_id: str, items: list[tuple], limit: int | None) -> int:
         """Queue lines (`(line, "q", rid, payload)` or `(line, "e", result, "")`) in order, up

@@ -21,7 +21,6 @@ from click import Option
 
 from mii.broker_config.settings import DEFAULT_REDIS_URL, REDIS_URL_ENV
 from mii.worker.celery.bootstep import EngineLoopStep
-from mii.worker.hosting import DEFAULT_FACTORY
 
 
 def make_app(redis_url: str | None = None) -> Celery:
@@ -44,7 +43,7 @@ def make_app(redis_url: str | None = None) -> Celery:
     options = app.user_options["worker"]
     options.add(Option(["--deployment"], default=None, help="mii deployment to serve"))
     options.add(Option(["--replica"], type=int, default=0, help="which replica's devices"))
-    options.add(Option(["--engine-factory"], default=DEFAULT_FACTORY, help="module:function"))
+    options.add(Option(["--engine-factory"], default=None, help="module:function"))
     options.add(Option(["--metrics-port"], type=int, default=None, help="Prometheus port"))
     options.add(
         Option(["--metrics-address"], default=None, help="Prometheus interface (127.0.0.1)")

@@ -7,8 +7,6 @@ import os
 import re
 
 from mii.broker_config.settings import DEFAULT_REDIS_URL, explicit_redis_url
-from mii.worker.celery.bootstep import EXIT_CODE_ATTR
-from mii.worker.hosting import DEFAULT_FACTORY
 
 
 def add_worker_args(p: argparse.ArgumentParser) -> None:
@@ -21,7 +19,7 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tensor-parallel", type=int, default=1, help="with --model")
     p.add_argument("--devices", default=None, help="CUDA devices of this worker, e.g. 0,1")
     p.add_argument("--replica", type=int, default=0)
-    p.add_argument("--engine-factory", default=DEFAULT_FACTORY)
+    p.add_argument("--engine-factory", default=None, help="module:function (default: the engine)")
     p.add_argument("--redis-url", default=None, help="default: $MII_REDIS_URL")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics")
     p.add_argument(
@@ -38,6 +36,7 @@ def node_name(deployment: str, replica: int) -> str:
 
 def run_worker(args) -> int:
     from mii.worker.celery.app import make_app
+    from mii.worker.celery.bootstep import EXIT_CODE_ATTR
 
     url = explicit_redis_url(args.redis_url) or DEFAULT_REDIS_URL
     if args.devices:  # before anything initialises CUDA in this process
@@ -49,8 +48,9 @@ def run_worker(args) -> int:
         "--concurrency=1", f"--loglevel={args.loglevel}", "--without-mingle",
         "--without-gossip", "--task-events", f"--queues=mii.{args.deployment}",
         f"--deployment={args.deployment}", f"--replica={args.replica}",
-        f"--engine-factory={args.engine_factory}",
     ]  # fmt: skip
+    if args.engine_factory:
+        argv.append(f"--engine-factory={args.engine_factory}")
     if args.metrics_port:
         argv.append(f"--metrics-port={args.metrics_port}")
     if args.metrics_address:

@@ -31,8 +31,8 @@ from mii.broker_config.deployment import (
 from mii.broker_config.keys import DeploymentKeys
 from mii.broker_config.settings import BrokerSettings
 from mii.errors import DeploymentNotFoundError
-from mii.serve.embedded_redis import EmbeddedRedis
-from mii.serve.processes import WorkerProcess, WorkerSpec
+from mii.launch.embedded_redis import EmbeddedRedis
+from mii.launch.processes import WorkerProcess, WorkerSpec
 
 log = logging.getLogger(__name__)
 POLL_S = 0.2

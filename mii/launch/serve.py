@@ -31,11 +31,11 @@ from mii.broker_config.keys import DeploymentKeys
 from mii.broker_config.settings import DEFAULT_REDIS_URL, explicit_redis_url, redact_url
 from mii.config import MIIConfig
 from mii.errors import DeploymentFailedError, DeploymentNotFoundError, MIIError
+from mii.launch.embedded_redis import EmbeddedRedis
+from mii.launch.processes import WorkerProcess, WorkerSpec, stop_processes
+from mii.launch.supervisor import Supervisor
 from mii.producer.client import Client
 from mii.producer.terminate import delete_deployment_keys, end_queued_requests
-from mii.serve.embedded_redis import EmbeddedRedis
-from mii.serve.processes import WorkerProcess, WorkerSpec, stop_processes
-from mii.serve.supervisor import Supervisor
 
 if TYPE_CHECKING:
     from mii.gateway.server import GatewayProcess
