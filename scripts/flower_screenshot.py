@@ -17,7 +17,7 @@ import time
 import urllib.request
 
 import mii
-from mii.serve.embedded_redis import EmbeddedRedis, free_port
+from mii.launch.embedded_redis import EmbeddedRedis, free_port
 
 
 def main() -> None:
