@@ -22,6 +22,7 @@ from pathlib import Path
 
 from mii.broker_config.connection import answers
 from mii.errors import MIIError
+from mii.launch.child import ChildProcess, log_tail, stop_all
 
 SERVER_ENV = "MII_REDIS_SERVER"
 START_TIMEOUT_S = 15.0
@@ -118,17 +119,8 @@ class EmbeddedRedis:
         return self.process is not None and self.process.poll() is None
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        if self.process is not None:
+            stop_all([ChildProcess(self.process, self.log_path)], timeout_s)
 
     def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(Path(self.log_path).read_text().splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+        return log_tail(self.log_path, lines)

@@ -8,31 +8,15 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from mii.broker_config.settings import REDIS_URL_ENV
+from mii.launch.child import ChildProcess
 
 
 @dataclass
-class WorkerProcess:
-    replica: int
-    process: subprocess.Popen
-    log_path: str
+class WorkerProcess(ChildProcess):
+    replica: int = 0
     started: float = field(default_factory=time.monotonic)
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def exit_code(self) -> int | None:
-        return self.process.poll()
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = Path(self.log_path).read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
 
 
 @dataclass(frozen=True)
@@ -67,7 +51,7 @@ class WorkerSpec:
                 env=self._environment(),
                 start_new_session=True,
             )
-        return WorkerProcess(replica, process, log_path)
+        return WorkerProcess(process, log_path, replica)
 
     def _command(self, replica: int) -> list[str]:
         cmd = [sys.executable, "-m", "mii", "worker", "--deployment", self.deployment]
@@ -81,17 +65,3 @@ class WorkerSpec:
         # 423 -> 472 tok/s in scripts/bench_queue.py). Set OMP_WAIT_POLICY to choose otherwise.
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         return env
-
-
-def stop_processes(workers: list[WorkerProcess], timeout_s: float) -> None:
-    """SIGTERM (drain), then SIGKILL whoever is still there after the timeout."""
-    for worker in workers:
-        if worker.exit_code() is None:
-            worker.process.terminate()
-    deadline = time.monotonic() + timeout_s
-    for worker in workers:
-        try:
-            worker.process.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            worker.process.kill()
-            worker.process.wait()

@@ -31,14 +31,15 @@ from mii.broker_config.keys import DeploymentKeys
 from mii.broker_config.settings import DEFAULT_REDIS_URL, explicit_redis_url, redact_url
 from mii.config import MIIConfig
 from mii.errors import DeploymentFailedError, DeploymentNotFoundError, MIIError
+from mii.launch.child import stop_all
 from mii.launch.embedded_redis import EmbeddedRedis
-from mii.launch.processes import WorkerProcess, WorkerSpec, stop_processes
+from mii.launch.processes import WorkerProcess, WorkerSpec
 from mii.launch.supervisor import Supervisor
 from mii.producer.client import Client
 from mii.producer.terminate import delete_deployment_keys, end_queued_requests
 
 if TYPE_CHECKING:
-    from mii.gateway.server import GatewayProcess
+    from mii.launch.gateway import GatewayProcess
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 600.0
@@ -71,7 +72,7 @@ class LocalDeployment:
     def stop_workers(self, timeout_s: float = 30.0) -> None:
         if self.supervisor is not None:
             self.supervisor.stop()
-        stop_processes(self.workers, timeout_s)
+        stop_all(self.workers, timeout_s)
 
     def stop_redis(self) -> None:
         if self.redis is not None:
@@ -168,7 +169,7 @@ def _forget(redis, keys: DeploymentKeys, mii_config: MIIConfig, error: str) -> N
 
 def _start_gateway(mii_config: MIIConfig, url: str) -> GatewayProcess:
     """MII's RESTful API, here the whole gateway (`mii.gateway`), on `restful_api_port`."""
-    from mii.gateway.server import spawn_gateway
+    from mii.launch.gateway import spawn_gateway
 
     host, port = mii_config.restful_api_host, mii_config.restful_api_port
     return spawn_gateway(mii_config.deployment_name, url, host, port)

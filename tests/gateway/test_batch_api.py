@@ -19,8 +19,8 @@ from harness import wait_for
 from redis_server import RedisServer
 
 from mii.config import MIIConfig
-from mii.gateway.server import spawn_gateway
 from mii.launch.embedded_redis import free_port
+from mii.launch.gateway import spawn_gateway
 from mii.launch.serve import serve_deployment
 
 pytestmark = [

@@ -29,8 +29,9 @@ pytestmark = [
     pytest.mark.timeout(120),
     pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server"),
 ]
-HERE = os.path.dirname(__file__)
-SCRIPT = os.path.join(os.path.dirname(os.path.dirname(HERE)), "scripts", "bulk_generate.py")
+TESTS = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FAKES = os.path.join(TESTS, "worker")  # the fake engine the worker processes import
+SCRIPT = os.path.join(os.path.dirname(TESTS), "scripts", "bulk_generate.py")
 NAME = "bulk-itest"
 CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
 BAD = {  # line -> (input line, what its error says)
@@ -46,7 +47,7 @@ def deployment(tmp_path_factory):
     server = RedisServer().start()
     log_dir = str(tmp_path_factory.mktemp("executions"))
     saved = dict(os.environ)
-    os.environ["PYTHONPATH"] = os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")])
+    os.environ["PYTHONPATH"] = os.pathsep.join([FAKES, os.environ.get("PYTHONPATH", "")])
     os.environ.update({EXEC_LOG_ENV: log_dir, "MII_FAKE_STEP_DELAY": "0.01"})
     os.environ["MII_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
     config = MIIConfig(
