@@ -3,7 +3,9 @@ streamed as server-sent events (`data: {chunk}` ... `data: [DONE]`).
 
 A streamed request waits for its first delta before the response starts, so a refusal
 (bad options, a full queue, a prompt the worker rejects, a deadline) is still an HTTP
-status; an error after that is a last `data: {"error": ...}` event. A client that
+status; an error after that is a last `data: {"error": ...}` event. The deltas that
+arrived together go out as one body chunk: a busy gateway falls behind by whole steps,
+and catches up with one write per request rather than one per token. A client that
 disconnects cancels its requests: the client library's cleanup runs even though the
 server cancels the task that streamed.
 """
@@ -68,25 +70,25 @@ async def answer(
         body = shape.body(responses)
         timing.done(body["usage"]["prompt_tokens"], body["usage"]["completion_tokens"])
         return JSONResponse(body)
-    deltas = client.astream_many(request.prompts, **options)
-    first = await anext(deltas)  # a refusal raises here, before any byte is sent
-    events = _events(shape, first, deltas, timing, deployment.settings.retry_after_s)
+    batches = client.astream_batches(request.prompts, **options)
+    first = await anext(batches)  # a refusal raises here, before any byte is sent
+    events = _events(shape, first, batches, timing, deployment.settings.retry_after_s)
     return StreamingResponse(events, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache"})  # fmt: skip
 
 
 async def _events(
     shape: Shape,
-    first: tuple[int, Response],
-    rest: AsyncIterator[tuple[int, Response]],
+    first: list[tuple[int, Response]],
+    rest: AsyncIterator[list[tuple[int, Response]]],
     timing: Timing,
     retry_after_s: int,
 ) -> AsyncIterator[bytes]:
     tally = _Tally(shape.request.n)
     try:
-        yield _piece(shape, tally, timing, *first)
-        async for index, delta in rest:
-            yield _piece(shape, tally, timing, index, delta)
+        yield _pieces(shape, tally, timing, first)
+        async for batch in rest:
+            yield _pieces(shape, tally, timing, batch)
         if shape.request.include_usage:
             yield sse_event(shape.usage_chunk(tally.usage()))
         timing.done(*tally.totals())
@@ -95,6 +97,13 @@ async def _events(
     finally:
         await rest.aclose()  # cancels what still runs (a no-op once it ended)
     yield DONE
+
+
+def _pieces(
+    shape: Shape, tally: _Tally, timing: Timing, batch: list[tuple[int, Response]]
+) -> bytes:
+    """The events of the deltas in `batch`, as one body chunk."""
+    return b"".join(_piece(shape, tally, timing, index, delta) for index, delta in batch)
 
 
 def _piece(shape: Shape, tally: _Tally, timing: Timing, index: int, delta: Response) -> bytes:

@@ -73,8 +73,9 @@ class AsyncClientMixin:
         """`stream` for asyncio: `async for delta in client.astream(prompt)`."""
         requests = await self._asubmit(self._single(prompt), kwargs)
         try:
-            async for _, delta in self._afollow(requests):
-                yield delta
+            async for batch in self._afollow(requests):
+                for _, delta in batch:
+                    yield delta
             requests.responses()
         finally:
             await _uncancellable(self._acleanup(requests))
@@ -85,13 +86,31 @@ class AsyncClientMixin:
         p * n + c). Each request's last delta carries its finish reason; a worker's error
         is raised after the deltas before it. Closing the iterator cancels what runs."""
         requests = await self._asubmit(prompts, kwargs)
-        index = {r.rid: i for i, r in enumerate(requests.requests)}
         try:
-            async for request, delta in self._afollow(requests):
-                yield index[request.rid], delta
+            async for batch in self._aindexed(requests):
+                for item in batch:
+                    yield item
             requests.responses()
         finally:
             await _uncancellable(self._acleanup(requests))
+
+    async def astream_batches(self, prompts, **kwargs) -> AsyncIterator[list[tuple[int, Response]]]:
+        """`astream_many`, a list at a time: every `(index, delta)` that arrived since the
+        last list, in arrival order (never empty). A consumer that falls behind catches up
+        in fewer, larger steps: the gateway writes one HTTP body chunk per list."""
+        requests = await self._asubmit(prompts, kwargs)
+        try:
+            async for batch in self._aindexed(requests):
+                yield batch
+            requests.responses()
+        finally:
+            await _uncancellable(self._acleanup(requests))
+
+    async def _aindexed(self, requests: RequestSet):
+        """`_afollow`'s lists with each request's index in submit order."""
+        index = {r.rid: i for i, r in enumerate(requests.requests)}
+        async for batch in self._afollow(requests):
+            yield [(index[request.rid], delta) for request, delta in batch]
 
     async def _asubmit(self, prompts, kwargs: dict, stream: str | None = None) -> RequestSet:
         sub = self._prepare(prompts, kwargs, stream)
@@ -105,13 +124,15 @@ class AsyncClientMixin:
         return sub.accepted(ids)
 
     async def _afollow(self, requests: RequestSet):
-        """`_follow` for asyncio: the loop's reader reads the streams, this call waits."""
+        """`_follow` for asyncio, a list of `(request, delta)` at a time (what arrived since
+        the last): the loop's reader reads the streams, this call waits for its deltas."""
         reader = self._aredis().reader
         follower = reader.follow(requests)
         try:
             while True:
-                for item in follower.take():
-                    yield item
+                batch = follower.take()
+                if batch:
+                    yield batch
                 follower.raise_error()
                 failed = requests.failed()
                 if failed is not None:
