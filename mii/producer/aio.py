@@ -133,14 +133,13 @@ class AsyncClientMixin:
                 batch = follower.take()
                 if batch:
                     yield batch
-                follower.raise_error()
-                failed = requests.failed()
-                if failed is not None:
-                    failed.assembler.response()  # raises its error
-                if requests.done:
-                    return
-                requests.check_deadlines()
-                give_up_at = self._check_reader(reader, follower)
+                give_up_at = None
+                if not follower.ready:  # else more came while the caller had the batch
+                    self._check_ended(requests, follower)
+                    if requests.done:
+                        return
+                    requests.check_deadlines()
+                    give_up_at = self._check_reader(reader, follower)
                 await self._aupkeep(requests)
                 wait_s = self._block_ms(requests) / 1000
                 if give_up_at is not None:
@@ -148,6 +147,14 @@ class AsyncClientMixin:
                 await follower.wait(wait_s)
         finally:
             reader.unfollow(requests)
+
+    @staticmethod
+    def _check_ended(requests: RequestSet, follower: Follower) -> None:
+        """Raise a request's error, or the reader's for this call, once its deltas are out."""
+        follower.raise_error()
+        failed = requests.failed()
+        if failed is not None:
+            failed.assembler.response()  # raises its error
 
     def _check_reader(self, reader: ResponseReader, follower: Follower) -> float | None:
         """`BrokerUnavailableError` once the reader failed for `reconnect_timeout_s` of

@@ -44,6 +44,11 @@ class Follower:
         self._ready: list[tuple[PendingRequest, Response]] = []
         self._waiter: asyncio.Future | None = None
 
+    @property
+    def ready(self) -> bool:
+        """Whether deltas wait to be taken."""
+        return bool(self._ready)
+
     def take(self) -> list[tuple[PendingRequest, Response]]:
         """The deltas fed since the last `take`, in arrival order."""
         ready, self._ready = self._ready, []

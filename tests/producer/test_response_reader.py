@@ -321,3 +321,48 @@ def test_a_long_outage_ends_each_waiting_call_with_broker_unavailable():
         h.server.connected = True
     assert all(isinstance(e, BrokerUnavailableError) for e in errors), errors
     assert len(client._abandoned.take()) == 3  # owed a cancel when Redis answers again
+
+
+def test_a_consumer_that_falls_behind_gets_what_arrived_in_one_batch(harness):
+    harness.start(FakeEngine(step_delay_s=0.005))
+    client = harness.client()
+
+    async def main():
+        sizes, text = [], ""
+        async for batch in client.astream_batches(["behind", "beside"], max_new_tokens=20):
+            sizes.append(len(batch))
+            text += "".join(delta.generated_text for index, delta in batch if index == 0)
+            if len(sizes) == 1:
+                await asyncio.sleep(0.3)  # dozens of engine steps pass meanwhile
+        return sizes, text
+
+    sizes, text = asyncio.run(main())
+    assert text == expected_text("behind", 20)
+    assert min(sizes) >= 1 and max(sizes) > 2  # both requests' deltas of several steps
+
+
+def test_a_consumer_that_always_finds_deltas_waiting_still_refreshes_its_liveness():
+    h = Harness(client_timeout_s=0.3)  # refreshed every 0.1 s
+    h.start(FakeEngine(step_delay_s=0.005))
+    client = h.client()
+    refreshes: list[bool] = []
+    due = client._liveness.due
+
+    def counted_due() -> bool:
+        refreshes.append(due())
+        return refreshes[-1]
+
+    client._liveness.due = counted_due
+
+    async def main():
+        batches = 0
+        async for _ in client.astream_batches(["slow reader"], max_new_tokens=100):
+            batches += 1
+            await asyncio.sleep(0.02)  # deltas of several steps wait at every resume
+        return batches
+
+    try:
+        batches = asyncio.run(main())
+    finally:
+        h.stop()
+    assert batches < 100 and sum(refreshes) >= 2  # 100 steps of 5 ms: several periods
