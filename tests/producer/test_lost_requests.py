@@ -32,9 +32,9 @@ def _queued_timeouts(h: Harness) -> list:
 
 def test_the_default_timeout_applies_and_none_means_no_deadline(harness):
     client = harness.client()
-    default = client.submit(["default"])
-    explicit = client.submit(["explicit"], timeout=2)
-    endless = client.submit(["endless"], timeout=None)
+    default = client._submit(["default"], {})  # the request sets themselves, below
+    explicit = client._submit(["explicit"], {"timeout": 2})
+    endless = client._submit(["endless"], {"timeout": None})
     assert _queued_timeouts(harness) == [7.0, 2.0, None]
     assert default.requests[0].give_up_at is not None
     assert endless.requests[0].give_up_at is None and endless.block_ms() == 1000
