@@ -328,8 +328,7 @@ class Probe:
     """CPU seconds of the processes this benchmark started (by role) and Redis commands,
     counted between `Probe(...)` and `done()`."""
 
-    ROLES = (("mii.gateway", "gateway"), ("mii worker", "worker"), ("redis-server", "redis"),
-             ("multiprocessing", "senders"))  # fmt: skip
+    ROLES = (("mii.gateway", "gateway"), ("mii worker", "worker"), ("redis-server", "redis"))
 
     def __init__(self, redis_url: str | None) -> None:
         self.redis = None
@@ -362,15 +361,24 @@ class Probe:
         totals: dict[str, float] = {}
         for proc in psutil.Process().children(recursive=True):
             try:
-                role = self._role(" ".join(proc.cmdline()))
+                role = self._role(proc)
                 times = proc.cpu_times()
             except psutil.Error:
                 continue
             totals[role] = totals.get(role, 0.0) + times.user + times.system
         return totals
 
-    def _role(self, cmdline: str) -> str:
-        return next((role for marker, role in self.ROLES if marker in cmdline), "other")
+    def _role(self, proc) -> str:
+        """By the command line of the process or of its nearest ancestor below this one
+        that has a role (a multi-process gateway's processes are children of `mii.gateway`)."""
+        for each in [proc, *proc.parents()]:
+            if each.pid == os.getpid():
+                break
+            cmdline = " ".join(each.cmdline())
+            role = next((r for marker, r in self.ROLES if marker in cmdline), None)
+            if role is not None:
+                return role
+        return "senders" if "multiprocessing" in " ".join(proc.cmdline()) else "other"
 
     def _commands(self) -> dict[str, int]:
         if self.redis is None:
@@ -503,8 +511,8 @@ class Launched:
 def launch(args) -> Launched:
     """A deployment (mii.serve(MODEL), or the fake engine) and a gateway of
     `--gateway-workers` processes on a free port; fills in base URL and names."""
-    from mii.gateway.server import spawn_gateway
     from mii.launch.embedded_redis import free_port
+    from mii.launch.gateway import spawn_gateway
 
     client = _serve_fake(args) if args.fake_engine else _serve_model(args)
     try:
