@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 import threading
 import time
@@ -172,7 +173,11 @@ def _start_gateway(mii_config: MIIConfig, url: str) -> GatewayProcess:
     from mii.launch.gateway import spawn_gateway
 
     host, port = mii_config.restful_api_host, mii_config.restful_api_port
-    return spawn_gateway(mii_config.deployment_name, url, host, port)
+    # MII's restful_processes (32 by default), at most one a core: the gateway keeps no
+    # state, so its processes share the port and scale it over cores
+    processes = max(1, min(mii_config.restful_processes, os.cpu_count() or 1))
+    extra = ("--workers", str(processes)) if processes > 1 else ()
+    return spawn_gateway(mii_config.deployment_name, url, host, port, extra)
 
 
 def _refuse_running(redis, keys: DeploymentKeys, mii_config: MIIConfig) -> None:
