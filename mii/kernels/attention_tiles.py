@@ -4,14 +4,20 @@ cached keys, and the launcher checks of the paged cache.
 The loop reads keys and values straight from the paged cache through a sequence's block
 table row; one tile of `BLOCK_N` key positions spans `BLOCK_N // BLOCK_SIZE` cache blocks.
 Scores live in the log2 domain (`scale * log2(e)` folded into one multiply) so the
-softmax runs on `exp2`.
+softmax runs on `exp2`. Two options are compile-time flags, so that a model without them
+runs the very loop it ran before: SLIDING (a row sees keys `> q_pos - window` only) and
+SOFTCAP (scores `softcap * tanh(score / softcap)`, Gemma-2).
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
+
+from mii.kernels.jit_math import tanh
 
 LOG2E = 1.4426950408889634
 
@@ -49,6 +55,26 @@ def load_kv_tile(
 
 
 @triton.jit
+def score_tile(q, k, qk_scale, softcap_inv, softcap_log2e, DOT_PRECISION: tl.constexpr,
+               SOFTCAP: tl.constexpr):  # fmt: skip
+    """(BLOCK_M, BLOCK_N) scores in the log2 domain. Without SOFTCAP, qk_scale is
+    scale * log2(e); with it, qk_scale is the plain scale and the cap converts."""
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if SOFTCAP:
+        qk = softcap_log2e * tanh(qk * softcap_inv)
+    return qk
+
+
+@triton.jit
+def visible(offs_n, q_pos, window, SLIDING: tl.constexpr):
+    """(BLOCK_M, BLOCK_N): which keys each row attends to (causal, and its window)."""
+    ok = offs_n[None, :] <= q_pos[:, None]
+    if SLIDING:
+        ok = ok & (offs_n[None, :] > q_pos[:, None] - window)
+    return ok
+
+
+@triton.jit
 def attend_range(
     acc,
     m_i,
@@ -61,21 +87,27 @@ def attend_range(
     start,
     end,
     seq_len,
-    scale_log2e,
+    qk_scale,
     stride_k_block,
     stride_k_slot,
     stride_v_block,
     stride_v_slot,
+    window,
+    softcap_inv,
+    softcap_log2e,
     BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     MASKED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    SLIDING: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     """Online softmax of the (BLOCK_M, BLOCK_D) queries `q` over key positions
-    [start, end). MASKED applies the causal mask `key <= q_pos` per row (and the sequence
-    end); unmasked ranges must lie wholly below every row's position.
+    [start, end). MASKED applies the causal mask `key <= q_pos` per row (and the window
+    when SLIDING, and the sequence end); unmasked ranges must lie wholly inside every row's
+    visible keys.
 
     acc: (BLOCK_M, BLOCK_D) fp32 unnormalised output; m_i, l_i: (BLOCK_M,) running max
     (log2 domain) and running sum of exp2.
@@ -87,13 +119,17 @@ def attend_range(
             k_ptr, table_ptr, offs_n, offs_d, seq_len, stride_k_block, stride_k_slot,
             BLOCK_SIZE, HEAD_DIM, BLOCK_D, MASKED,
         )  # fmt: skip
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
-        qk = qk * scale_log2e
+        qk = score_tile(q, k, qk_scale, softcap_inv, softcap_log2e, DOT_PRECISION, SOFTCAP)
         if MASKED:
-            qk = tl.where(offs_n[None, :] <= q_pos[:, None], qk, float("-inf"))
+            qk = tl.where(visible(offs_n, q_pos, window, SLIDING), qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
+        m_ref = m_new
+        if SLIDING:
+            # A row may see no key yet (a tile at its window's lower edge): exponents
+            # relative to 0 keep exp2(-inf - -inf) from making NaN; its maximum stays -inf.
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_ref[:, None])
+        alpha = tl.math.exp2(m_i - m_ref)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = load_kv_tile(
             v_ptr, table_ptr, offs_n, offs_d, seq_len, stride_v_block, stride_v_slot,
@@ -102,6 +138,25 @@ def attend_range(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, m_i, l_i
+
+
+class ScoreOptions(NamedTuple):
+    """The launch arguments of the sliding window and soft-capping (see attend_range)."""
+
+    qk_scale: float
+    window: int
+    softcap_inv: float
+    softcap_log2e: float
+    sliding: bool
+    softcap: bool
+
+    @classmethod
+    def of(cls, scale: float, window: int | None, softcap: float | None) -> ScoreOptions:
+        assert window is None or window >= 1, "a sliding window holds at least one key"
+        assert softcap is None or softcap > 0
+        if softcap is None:
+            return cls(scale * LOG2E, window or 0, 0.0, 0.0, window is not None, False)
+        return cls(scale, window or 0, 1.0 / softcap, softcap * LOG2E, window is not None, True)
 
 
 def dot_precision(dtype: torch.dtype) -> str:

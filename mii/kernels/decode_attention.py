@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from mii.kernels.attention_tiles import (
-    LOG2E,
+    ScoreOptions,
     attend_range,
     check_paged_inputs,
     dot_precision,
@@ -44,25 +44,32 @@ class SplitConfig(NamedTuple):
 def _split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     block_tables_ptr, seq_lens_ptr,
-    scale_log2e, num_splits,
+    qk_scale, num_splits,
     stride_q_seq, stride_q_head, stride_o_seq, stride_o_head,
     stride_k_block, stride_k_slot, stride_k_head,
     stride_v_block, stride_v_slot, stride_v_head,
-    stride_table,
+    stride_table, window, softcap_inv, softcap_log2e,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SLIDING: tl.constexpr, SOFTCAP: tl.constexpr,
 ):  # fmt: skip
     """Grid (sequences, kv heads, splits). The group's query heads are the tile's rows."""
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
-    # Tile-aligned ranges, so only the sequence's last tile needs a mask.
-    chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    start = split * chunk
+    # The splits share the keys the query sees: all of them, or its window's.
+    window_lo = 0
+    if SLIDING:
+        window_lo = tl.maximum(seq_len - window, 0)
+    lo = window_lo // BLOCK_N * BLOCK_N
+    # Tile-aligned ranges, so only the window's first and the sequence's last tile need a mask.
+    chunk = tl.cdiv(tl.cdiv(seq_len - lo, num_splits), BLOCK_N) * BLOCK_N
+    start = lo + split * chunk
     end = tl.minimum(start + chunk, seq_len)
-    full_end = tl.maximum(start, end // BLOCK_N * BLOCK_N)
+    head_end = tl.minimum(end, tl.maximum(start, tl.cdiv(window_lo, BLOCK_N) * BLOCK_N))
+    full_end = tl.maximum(head_end, end // BLOCK_N * BLOCK_N)
 
     rows = tl.minimum(tl.arange(0, BLOCK_M), GROUP - 1)  # padding rows redo the last head
     row_ok = tl.arange(0, BLOCK_M) < GROUP
@@ -79,15 +86,24 @@ def _split_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if SLIDING:  # the window's first tile, partly before the window
+        acc, m_i, l_i = attend_range(
+            acc, m_i, l_i, q, q_pos, k_ptr, v_ptr, table_ptr, start, head_end, seq_len,
+            qk_scale, stride_k_block, stride_k_slot, stride_v_block, stride_v_slot,
+            window, softcap_inv, softcap_log2e,
+            BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, True, DOT_PRECISION, SLIDING, SOFTCAP,
+        )  # fmt: skip
     acc, m_i, l_i = attend_range(
-        acc, m_i, l_i, q, q_pos, k_ptr, v_ptr, table_ptr, start, full_end, seq_len,
-        scale_log2e, stride_k_block, stride_k_slot, stride_v_block, stride_v_slot,
-        BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, False, DOT_PRECISION,
+        acc, m_i, l_i, q, q_pos, k_ptr, v_ptr, table_ptr, head_end, full_end, seq_len,
+        qk_scale, stride_k_block, stride_k_slot, stride_v_block, stride_v_slot,
+        window, softcap_inv, softcap_log2e,
+        BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, False, DOT_PRECISION, SLIDING, SOFTCAP,
     )  # fmt: skip
     acc, m_i, l_i = attend_range(
         acc, m_i, l_i, q, q_pos, k_ptr, v_ptr, table_ptr, full_end, end, seq_len,
-        scale_log2e, stride_k_block, stride_k_slot, stride_v_block, stride_v_slot,
-        BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, True, DOT_PRECISION,
+        qk_scale, stride_k_block, stride_k_slot, stride_v_block, stride_v_slot,
+        window, softcap_inv, softcap_log2e,
+        BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, True, DOT_PRECISION, SLIDING, SOFTCAP,
     )  # fmt: skip
 
     if SINGLE_SPLIT:
@@ -144,9 +160,11 @@ def default_num_splits(batch: int, kv_heads: int, max_context: int, sm_count: in
     return splits
 
 
-def _num_splits(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch.Tensor) -> int:
+def _num_splits(q, k_cache, block_tables, window: int | None) -> int:
     sm_count = _sm_count(q.device.index or 0) if q.is_cuda else 132
     max_context = block_tables.shape[1] * k_cache.shape[1]
+    if window is not None:  # a split covers keys of the window only
+        max_context = min(max_context, window + 1)
     return default_num_splits(q.shape[0], k_cache.shape[2], max_context, sm_count)
 
 
@@ -159,15 +177,21 @@ def decode_attention(
     scale: float,
     *,
     num_splits: int | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """q: (B, Hq, D), one token per sequence at position seq_lens - 1. Returns (B, Hq, D),
     the same as `torch_ref.paged_attention_ref` with every query length 1."""
-    splits = num_splits or _num_splits(q, k_cache, block_tables)
-    return launch(q, k_cache, v_cache, block_tables, seq_lens, scale, splits, SplitConfig())
+    splits = num_splits or _num_splits(q, k_cache, block_tables, window)
+    options = ScoreOptions.of(scale, window, softcap)
+    return launch(
+        q, k_cache, v_cache, block_tables, seq_lens, scale, splits, SplitConfig(), options
+    )
 
 
-def launch(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, config):
+def launch(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, config, options=None):
     """`decode_attention` with the split count and tile shape given (benchmarks)."""
+    options = options or ScoreOptions.of(scale, None, None)
     check_paged_inputs(q, k_cache, v_cache, block_tables, seq_lens)
     assert q.shape[0] == seq_lens.shape[0], "one query token per sequence"
     assert num_splits >= 1
@@ -183,15 +207,15 @@ def launch(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, confi
     group = q_heads // kv_heads
     _split_kernel[(batch, kv_heads, num_splits)](
         q, k_cache, v_cache, out, part_out, part_lse, block_tables, seq_lens,
-        scale * LOG2E, num_splits,
+        options.qk_scale, num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        block_tables.stride(0),
+        block_tables.stride(0), options.window, options.softcap_inv, options.softcap_log2e,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=dot_width(head_dim),
         BLOCK_SIZE=k_cache.shape[1], BLOCK_M=max(16, triton.next_power_of_2(group)),
         BLOCK_N=config.block_n, SINGLE_SPLIT=num_splits == 1,
-        DOT_PRECISION=dot_precision(q.dtype),
+        DOT_PRECISION=dot_precision(q.dtype), SLIDING=options.sliding, SOFTCAP=options.softcap,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     if num_splits > 1:

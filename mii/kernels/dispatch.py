@@ -18,13 +18,17 @@ def _triton_on(t: torch.Tensor) -> bool:
 
 
 def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    unit_offset: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if _triton_on(x):
         from mii.kernels.rms_norm import rms_norm as kernel
 
-        return kernel(x, weight, eps, residual)
-    return torch_ref.rms_norm_ref(x, weight, eps, residual)
+        return kernel(x, weight, eps, residual, unit_offset)
+    return torch_ref.rms_norm_ref(x, weight, eps, residual, unit_offset)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
@@ -33,6 +37,14 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
         return kernel(x)
     return torch_ref.silu_and_mul_ref(x)
+
+
+def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
+    if _triton_on(x):
+        from mii.kernels.activation import gelu_tanh_and_mul as kernel
+
+        return kernel(x)
+    return torch_ref.gelu_tanh_and_mul_ref(x)
 
 
 def rope_kv_write(
@@ -52,39 +64,52 @@ def rope_kv_write(
 
 def paged_attention(
     q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, *,
-    max_query_len: int, step: dict | None = None,
+    max_query_len: int, step: dict | None = None, window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Decode-only steps (max_query_len == 1, known on the host) take the split-K kernel,
     which keeps the GPU busy at small batches; mixed steps take the ragged kernel. `step`:
-    as in `rope_kv_write` (the torch path's attention layout)."""
+    as in `rope_kv_write` (the torch path's attention layout, one per window). `window`:
+    sliding-window attention over the last `window` keys; `softcap`: tanh soft-capping of
+    the scores (see torch_ref)."""
     if not _triton_on(q):
-        key = ("attention", q.shape[1] // k_cache.shape[2])
+        key = ("attention", q.shape[1] // k_cache.shape[2], window)
         step = {} if step is None else step
         if key not in step:
             step[key] = torch_ref.attention_layout(
-                q.shape[0], key[1], block_tables, query_start_loc, seq_lens
+                q.shape[0], key[1], block_tables, query_start_loc, seq_lens, window
             )
         return torch_ref.paged_attention_ref(
-            q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, step[key]
-        )
+            q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, step[key],
+            softcap=softcap,
+        )  # fmt: skip
     if max_query_len == 1 and q.shape[0] == seq_lens.shape[0]:
         from mii.kernels.decode_attention import decode_attention as decode
 
-        return decode(q, k_cache, v_cache, block_tables, seq_lens, scale)
+        return decode(
+            q, k_cache, v_cache, block_tables, seq_lens, scale, window=window, softcap=softcap
+        )
     from mii.kernels.paged_attention import paged_attention as kernel
 
     return kernel(
         q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
-        max_query_len=max_query_len,
+        max_query_len=max_query_len, window=window, softcap=softcap,
     )  # fmt: skip
 
 
 def decode_attention(
-    q, k_cache, v_cache, block_tables, seq_lens, scale, *, num_splits: int | None = None
-) -> torch.Tensor:
+    q, k_cache, v_cache, block_tables, seq_lens, scale, *, num_splits: int | None = None,
+    window: int | None = None, softcap: float | None = None,
+) -> torch.Tensor:  # fmt: skip
     if _triton_on(q):
         from mii.kernels.decode_attention import decode_attention as kernel
 
-        return kernel(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits=num_splits)
+        return kernel(
+            q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits=num_splits,
+            window=window, softcap=softcap,
+        )  # fmt: skip
     starts = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device)
-    return torch_ref.paged_attention_ref(q, k_cache, v_cache, block_tables, starts, seq_lens, scale)
+    return torch_ref.paged_attention_ref(
+        q, k_cache, v_cache, block_tables, starts, seq_lens, scale, window=window,
+        softcap=softcap,
+    )  # fmt: skip

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from mii.kernels.attention_tiles import (
-    LOG2E,
+    ScoreOptions,
     attend_range,
     check_paged_inputs,
     dot_precision,
@@ -56,14 +56,14 @@ def _find_sequence(query_start_loc_ptr, num_seqs, tile, GROUP: tl.constexpr, BLO
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     block_tables_ptr, query_start_loc_ptr, seq_lens_ptr,
-    scale_log2e, num_seqs,
+    qk_scale, num_seqs,
     stride_q_tok, stride_q_head, stride_o_tok, stride_o_head,
     stride_k_block, stride_k_slot, stride_k_head,
     stride_v_block, stride_v_slot, stride_v_head,
-    stride_table,
+    stride_table, window, softcap_inv, softcap_log2e,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -91,24 +91,40 @@ def _paged_attention_kernel(
     q = tl.load(q_ptr + q_offs, mask=d_ok[None, :], other=0.0)
 
     # Keys below the tile's first row position are visible to every row: no mask there.
+    # With a window, keys the last row's window still holds are the lower edge of that.
     first_pos = context + row0 // GROUP
     last_pos = context + (tl.minimum(row0 + BLOCK_M, num_rows) - 1) // GROUP
     unmasked_end = (first_pos + 1) // BLOCK_N * BLOCK_N
+    lo = 0
+    unmasked_lo = 0
+    if SLIDING:
+        lo = tl.maximum(first_pos - window + 1, 0) // BLOCK_N * BLOCK_N
+        shared_lo = tl.cdiv(tl.maximum(last_pos - window + 1, 0), BLOCK_N) * BLOCK_N
+        unmasked_lo = tl.minimum(shared_lo, unmasked_end)
     table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_table
     k_ptr = k_cache_ptr + kv_head * stride_k_head
     v_ptr = v_cache_ptr + kv_head * stride_v_head
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if SLIDING:  # the window's lower edge: keys some rows no longer see
+        acc, m_i, l_i = attend_range(
+            acc, m_i, l_i, q, q_pos, k_ptr, v_ptr, table_ptr, lo, unmasked_lo, last_pos + 1,
+            qk_scale, stride_k_block, stride_k_slot, stride_v_block, stride_v_slot,
+            window, softcap_inv, softcap_log2e,
+            BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, True, DOT_PRECISION, SLIDING, SOFTCAP,
+        )  # fmt: skip
     acc, m_i, l_i = attend_range(
-        acc, m_i, l_i, q, q_pos, k_ptr, v_ptr, table_ptr, 0, unmasked_end, last_pos + 1,
-        scale_log2e, stride_k_block, stride_k_slot, stride_v_block, stride_v_slot,
-        BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, False, DOT_PRECISION,
+        acc, m_i, l_i, q, q_pos, k_ptr, v_ptr, table_ptr, unmasked_lo, unmasked_end,
+        last_pos + 1, qk_scale, stride_k_block, stride_k_slot, stride_v_block, stride_v_slot,
+        window, softcap_inv, softcap_log2e,
+        BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, False, DOT_PRECISION, SLIDING, SOFTCAP,
     )  # fmt: skip
     acc, m_i, l_i = attend_range(
         acc, m_i, l_i, q, q_pos, k_ptr, v_ptr, table_ptr, unmasked_end, last_pos + 1,
-        last_pos + 1, scale_log2e, stride_k_block, stride_k_slot, stride_v_block,
-        stride_v_slot, BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, True, DOT_PRECISION,
+        last_pos + 1, qk_scale, stride_k_block, stride_k_slot, stride_v_block,
+        stride_v_slot, window, softcap_inv, softcap_log2e,
+        BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, True, DOT_PRECISION, SLIDING, SOFTCAP,
     )  # fmt: skip
 
     out = acc / l_i[:, None]
@@ -137,6 +153,8 @@ def paged_attention(
     scale: float,
     *,
     max_query_len: int,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Triton version of `torch_ref.paged_attention_ref`. `max_query_len` is a host int
     (no sync): it picks the tile shape."""
@@ -145,11 +163,17 @@ def paged_attention(
     assert block_tables.shape[1] * k_cache.shape[1] >= max_query_len, "block table too narrow"
     group = q.shape[1] // k_cache.shape[2]
     config = tile_config(max_query_len * group, q.shape[2])
-    return launch(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, config)
+    options = ScoreOptions.of(scale, window, softcap)
+    return launch(
+        q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, config, options
+    )
 
 
-def launch(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, config):
+def launch(
+    q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, config, options=None
+):
     """`paged_attention` with the tile shape given (benchmarks sweep it)."""
+    options = options or ScoreOptions.of(scale, None, None)
     check_paged_inputs(q, k_cache, v_cache, block_tables, seq_lens)
     assert query_start_loc.dtype == torch.int32
     assert query_start_loc.shape == (seq_lens.shape[0] + 1,)
@@ -164,14 +188,14 @@ def launch(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, 
     grid = (tokens * group // config.block_m + num_seqs, kv_heads)
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens,
-        scale * LOG2E, num_seqs,
+        options.qk_scale, num_seqs,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        block_tables.stride(0),
+        block_tables.stride(0), options.window, options.softcap_inv, options.softcap_log2e,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=dot_width(head_dim),
         BLOCK_SIZE=k_cache.shape[1], BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        DOT_PRECISION=dot_precision(q.dtype),
+        DOT_PRECISION=dot_precision(q.dtype), SLIDING=options.sliding, SOFTCAP=options.softcap,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return out

@@ -11,7 +11,7 @@ import triton.language as tl
 def _rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, new_residual_ptr,
     hidden, eps, stride_x, stride_residual, stride_out, stride_new_residual,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, UNIT_OFFSET: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -23,10 +23,12 @@ def _rms_norm_kernel(
         tl.store(new_residual_ptr + row * stride_new_residual + offs, x, mask=mask)
     h = x.to(tl.float32)
     inv_rms = tl.math.rsqrt(tl.sum(h * h, 0) / hidden + eps)
-    normed = (h * inv_rms).to(x.dtype).to(tl.float32)  # HF rounds before the weight
     w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    out_dtype = out_ptr.dtype.element_ty
-    tl.store(out_ptr + row * stride_out + offs, (w * normed).to(out_dtype), mask=mask)
+    if UNIT_OFFSET:  # noqa: SIM108 (a static if) Gemma: (1 + w) in fp32, one rounding
+        out = h * inv_rms * (1.0 + w)
+    else:
+        out = w * (h * inv_rms).to(x.dtype).to(tl.float32)  # HF llama rounds before the weight
+    tl.store(out_ptr + row * stride_out + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -36,17 +38,23 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    unit_offset: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton version of `torch_ref.rms_norm_ref`: (weight * norm(x + residual),
-    x + residual); without a residual the second result is x itself."""
+    x + residual); without a residual the second result is x itself. `unit_offset`:
+    Gemma's (1 + weight) scale, the result in x's dtype."""
     hidden = x.shape[-1]
     assert weight.shape == (hidden,) and weight.stride(0) == 1
     assert weight.device == x.device
     if residual is not None:
         assert residual.shape == x.shape and residual.dtype == x.dtype
         assert residual.device == x.device
-    out_dtype = torch.promote_types(weight.dtype, x.dtype)  # as torch's weight * normed
+    # as torch's weight * normed; Gemma casts back to x's dtype
+    out_dtype = x.dtype if unit_offset else torch.promote_types(weight.dtype, x.dtype)
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     new_residual = x if residual is None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
     x2, out2 = _rows(x), out.view(-1, hidden)  # (N, H)
@@ -58,7 +66,7 @@ def rms_norm(
     _rms_norm_kernel[(x2.shape[0],)](
         x2, res2, weight, out2, new2, hidden, eps,
         x2.stride(0), res2.stride(0), out2.stride(0), new2.stride(0),
-        HAS_RESIDUAL=residual is not None, BLOCK=block,
+        HAS_RESIDUAL=residual is not None, UNIT_OFFSET=unit_offset, BLOCK=block,
         num_warps=min(16, max(1, block // 512)),
     )  # fmt: skip
     return out, new_residual

@@ -1,5 +1,6 @@
 """Rotary embedding of q and k (in place) fused with the write of k and v into the paged
-KV cache: one program per token reads its q, k and v once."""
+KV cache: one program per token reads its q, k and v once. With partial rotary (Phi-2,
+Phi-4-mini) the first ROT_HALF * 2 dims of each head turn and the rest pass through."""
 
 from __future__ import annotations
 
@@ -11,22 +12,21 @@ import triton.language as tl
 @triton.jit
 def _rotate_heads(
     ptr, stride_tok, stride_head, token, cos, sin, num_heads,
-    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, ROTATE: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):  # fmt: skip
-    """Load one token's (heads, D) as two halves; rotate them in place when ROTATE.
-    Returns the halves in the tensor's dtype, as stored."""
+    """Rotate one token's heads in place (their first 2 * HALF dims, as two halves).
+    Returns the rotated halves in the tensor's dtype, as stored."""
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_HALF)
     mask = (offs_h[:, None] < num_heads) & (offs_d[None, :] < HALF)
     ptrs = ptr + token * stride_tok + offs_h[:, None] * stride_head + offs_d[None, :]
     x1 = tl.load(ptrs, mask=mask, other=0.0)
     x2 = tl.load(ptrs + HALF, mask=mask, other=0.0)
-    if ROTATE:
-        a, b = x1.to(tl.float32), x2.to(tl.float32)
-        x1 = (a * cos[None, :] - b * sin[None, :]).to(x1.dtype)
-        x2 = (b * cos[None, :] + a * sin[None, :]).to(x2.dtype)
-        tl.store(ptrs, x1, mask=mask)
-        tl.store(ptrs + HALF, x2, mask=mask)
+    a, b = x1.to(tl.float32), x2.to(tl.float32)
+    x1 = (a * cos[None, :] - b * sin[None, :]).to(x1.dtype)
+    x2 = (b * cos[None, :] + a * sin[None, :]).to(x2.dtype)
+    tl.store(ptrs, x1, mask=mask)
+    tl.store(ptrs + HALF, x2, mask=mask)
     return x1, x2
 
 
@@ -46,6 +46,25 @@ def _store_slot(
 
 
 @triton.jit
+def _copy_to_slot(
+    ptr, stride_tok, stride_head, token, cache_ptr, block, offset, stride_block, stride_slot,
+    stride_cache_head, num_heads,
+    START: tl.constexpr, WIDTH: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+):  # fmt: skip
+    """Copy dims [START, START + WIDTH) of one token's heads into its cache slot."""
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = START + tl.arange(0, BLOCK_W)
+    mask = (offs_h[:, None] < num_heads) & (offs_d[None, :] < START + WIDTH)
+    x = tl.load(
+        ptr + token * stride_tok + offs_h[:, None] * stride_head + offs_d[None, :],
+        mask=mask, other=0.0,
+    )  # fmt: skip
+    base = cache_ptr + block * stride_block + offset * stride_slot
+    ptrs = base + offs_h[:, None] * stride_cache_head + offs_d[None, :]
+    tl.store(ptrs, x.to(cache_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _rope_kv_write_kernel(
     q_ptr, k_ptr, v_ptr, positions_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr, slots_ptr,
     q_heads, kv_heads,
@@ -53,39 +72,48 @@ def _rope_kv_write_kernel(
     stride_cos_sin,
     stride_kc_block, stride_kc_slot, stride_kc_head,
     stride_vc_block, stride_vc_slot, stride_vc_head,
-    HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_HQ: tl.constexpr,
-    BLOCK_HKV: tl.constexpr, BLOCK_HALF: tl.constexpr, ROTATE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, ROT_HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_TAIL: tl.constexpr, ROTATE: tl.constexpr,
 ):  # fmt: skip
     token = tl.program_id(0).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_HALF)
-    cos = tl.zeros((BLOCK_HALF,), dtype=tl.float32)
-    sin = tl.zeros((BLOCK_HALF,), dtype=tl.float32)
     if ROTATE:
         row = cos_sin_ptr + tl.load(positions_ptr + token).to(tl.int64) * stride_cos_sin
-        cos = tl.load(row + offs_d, mask=offs_d < HALF, other=0.0).to(tl.float32)
-        sin = tl.load(row + HALF + offs_d, mask=offs_d < HALF, other=0.0).to(tl.float32)
+        cos = tl.load(row + offs_d, mask=offs_d < ROT_HALF, other=0.0).to(tl.float32)
+        sin = tl.load(row + ROT_HALF + offs_d, mask=offs_d < ROT_HALF, other=0.0).to(tl.float32)
         _rotate_heads(
             q_ptr, stride_q_tok, stride_q_head, token, cos, sin, q_heads,
-            HALF, BLOCK_HQ, BLOCK_HALF, True,
+            ROT_HALF, BLOCK_HQ, BLOCK_HALF,
         )  # fmt: skip
-    k1, k2 = _rotate_heads(
-        k_ptr, stride_k_tok, stride_k_head, token, cos, sin, kv_heads,
-        HALF, BLOCK_HKV, BLOCK_HALF, ROTATE,
-    )  # fmt: skip
+        k1, k2 = _rotate_heads(
+            k_ptr, stride_k_tok, stride_k_head, token, cos, sin, kv_heads,
+            ROT_HALF, BLOCK_HKV, BLOCK_HALF,
+        )  # fmt: skip
     slot = tl.load(slots_ptr + token).to(tl.int64)
     if slot >= 0:  # negative slots are padding rows: rotate, but write nothing
-        v1, v2 = _rotate_heads(
-            v_ptr, stride_v_tok, stride_v_head, token, cos, sin, kv_heads,
-            HALF, BLOCK_HKV, BLOCK_HALF, False,
-        )  # fmt: skip
         block, offset = slot // BLOCK_SIZE, slot % BLOCK_SIZE
-        _store_slot(
-            k_cache_ptr, block, offset, stride_kc_block, stride_kc_slot, stride_kc_head,
-            k1, k2, kv_heads, HALF, BLOCK_HKV, BLOCK_HALF,
-        )  # fmt: skip
-        _store_slot(
-            v_cache_ptr, block, offset, stride_vc_block, stride_vc_slot, stride_vc_head,
-            v1, v2, kv_heads, HALF, BLOCK_HKV, BLOCK_HALF,
+        if ROTATE:
+            _store_slot(
+                k_cache_ptr, block, offset, stride_kc_block, stride_kc_slot, stride_kc_head,
+                k1, k2, kv_heads, ROT_HALF, BLOCK_HKV, BLOCK_HALF,
+            )  # fmt: skip
+            if 2 * ROT_HALF < HEAD_DIM:  # the dims past the rotary ones, as they are
+                _copy_to_slot(
+                    k_ptr, stride_k_tok, stride_k_head, token, k_cache_ptr, block, offset,
+                    stride_kc_block, stride_kc_slot, stride_kc_head, kv_heads,
+                    2 * ROT_HALF, HEAD_DIM - 2 * ROT_HALF, BLOCK_HKV, BLOCK_TAIL,
+                )  # fmt: skip
+        else:
+            _copy_to_slot(
+                k_ptr, stride_k_tok, stride_k_head, token, k_cache_ptr, block, offset,
+                stride_kc_block, stride_kc_slot, stride_kc_head, kv_heads,
+                0, HEAD_DIM, BLOCK_HKV, BLOCK_D,
+            )  # fmt: skip
+        _copy_to_slot(
+            v_ptr, stride_v_tok, stride_v_head, token, v_cache_ptr, block, offset,
+            stride_vc_block, stride_vc_slot, stride_vc_head, kv_heads,
+            0, HEAD_DIM, BLOCK_HKV, BLOCK_D,
         )  # fmt: skip
 
 
@@ -100,7 +128,8 @@ def _check(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping) ->
     assert positions.shape == (tokens,) and slot_mapping.shape == (tokens,)
     assert not positions.is_floating_point() and not slot_mapping.is_floating_point()
     if cos_sin_cache is not None:
-        assert cos_sin_cache.dim() == 2 and cos_sin_cache.shape[1] == dim
+        width = cos_sin_cache.shape[1]
+        assert cos_sin_cache.dim() == 2 and width <= dim and width % 2 == 0, "rotary width"
         assert cos_sin_cache.stride(1) == 1
     tensors = (k, v, positions, k_cache, v_cache, slot_mapping, cos_sin_cache)
     assert all(t.device == q.device for t in tensors if t is not None), "one device"
@@ -125,6 +154,8 @@ def rope_kv_write(
         return
     rotate = cos_sin_cache is not None
     cos_sin = cos_sin_cache if rotate else q  # never read: a placeholder pointer
+    rot_half = cos_sin_cache.shape[1] // 2 if rotate else dim // 2
+    tail = max(1, dim - 2 * rot_half)
     _rope_kv_write_kernel[(tokens,)](
         q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping,
         q_heads, kv_heads,
@@ -132,8 +163,9 @@ def rope_kv_write(
         cos_sin.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        HALF=dim // 2, BLOCK_SIZE=k_cache.shape[1],
+        HEAD_DIM=dim, ROT_HALF=rot_half, BLOCK_SIZE=k_cache.shape[1],
         BLOCK_HQ=triton.next_power_of_2(q_heads), BLOCK_HKV=triton.next_power_of_2(kv_heads),
-        BLOCK_HALF=triton.next_power_of_2(dim // 2), ROTATE=rotate,
+        BLOCK_HALF=triton.next_power_of_2(rot_half), BLOCK_D=triton.next_power_of_2(dim),
+        BLOCK_TAIL=triton.next_power_of_2(tail), ROTATE=rotate,
         num_warps=4,
     )  # fmt: skip

@@ -9,7 +9,10 @@ A step's batch is ragged: the query tokens of all sequences are concatenated
 (`T` tokens in all). Sequence `i` owns query rows `query_start_loc[i]:query_start_loc[i+1]`;
 `seq_lens[i]` is its context length *after* this step's tokens were written, so its query
 row `j` (0-based in its chunk) sits at absolute position
-`seq_lens[i] - q_len_i + j` and attends causally to key positions `0..that position`.
+`seq_lens[i] - q_len_i + j` and attends causally to key positions `0..that position`, or
+with a sliding `window` to the last `window` of them (keys `> position - window`, as
+transformers masks them). `softcap` caps the scaled scores at +-softcap through
+`softcap * tanh(score / softcap)` before the mask (Gemma-2).
 """
 
 from __future__ import annotations
@@ -48,8 +51,9 @@ def rope_kv_write_ref(
 ) -> None:
     """Apply rotary to q and k in place, then write k and v into the paged cache.
 
-    q: (T, Hq, D); k, v: (T, Hkv, D); positions: (T,) int; cos_sin_cache: (max_pos, D) with
+    q: (T, Hq, D); k, v: (T, Hkv, D); positions: (T,) int; cos_sin_cache: (max_pos, R) with
     cos in the first half and sin in the second, or None for models without rotary (OPT);
+    R <= D is the rotary width: only the first R dims of each head turn (partial rotary);
     slot_mapping: (T,) int64, a negative slot means "do not write" (padding rows).
     `step`: a dict that lives for one step, where every layer after the first finds the
     rotary factors and the written rows of the step (None: computed here).
@@ -61,8 +65,9 @@ def rope_kv_write_ref(
             cos, sin = cos_sin_cache[positions].chunk(2, dim=-1)
             step[key] = (cos.unsqueeze(1).float(), sin.unsqueeze(1).float())
         c, s = step[key]
-        q.copy_(_rotate(q, c, s))
-        k.copy_(_rotate(k, c, s))
+        width = cos_sin_cache.shape[1]
+        q[..., :width] = _rotate(q[..., :width], c, s)
+        k[..., :width] = _rotate(k[..., :width], c, s)
     if "keep" not in step:
         step["keep"] = slot_mapping >= 0 if bool((slot_mapping < 0).any()) else None
     keep = step["keep"]
@@ -92,21 +97,25 @@ def paged_attention_ref(
     seq_lens: torch.Tensor,
     scale: float,
     layout: list[GroupLayout] | None = None,
+    *,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Ragged paged attention over prompt chunks and decodes of one step.
 
     q: (T, Hq, D); block_tables: (B, max_blocks) int32; query_start_loc: (B + 1,) int32;
     seq_lens: (B,) int32. Returns (T, Hq, D) in q's dtype. Computes in float32.
-    `layout`: what `attention_layout` returns for these arguments (every layer of a step
-    shares it); computed here when None.
+    `layout`: what `attention_layout` returns for these arguments and `window` (every layer
+    of a step with that window shares it); computed here when None.
     """
     out = q.new_empty(q.shape)  # dense, even when q is a strided view of a fused qkv
     if layout is None:
+        group_size = q.shape[1] // k_cache.shape[2]
         layout = attention_layout(
-            q.shape[0], q.shape[1] // k_cache.shape[2], block_tables, query_start_loc, seq_lens
+            q.shape[0], group_size, block_tables, query_start_loc, seq_lens, window
         )
     for group in layout:
-        _attend_group(q, out, k_cache, v_cache, group, scale)
+        _attend_group(q, out, k_cache, v_cache, group, scale, softcap)
     return out
 
 
@@ -130,10 +139,11 @@ def attention_layout(
     block_tables: torch.Tensor,
     query_start_loc: torch.Tensor,
     seq_lens: torch.Tensor,
+    window: int | None = None,
 ) -> list[GroupLayout]:
     """Decodes run as one padded batch; prompt chunks as another when padding them to the
     longest chunk wastes less than half the work, else one by one. `group_size`: query
-    heads per KV head."""
+    heads per KV head; `window`: the sliding window of the mask (None: causal only)."""
     starts = query_start_loc.tolist()
     q_lens = [b - a for a, b in zip(starts[:-1], starts[1:], strict=True)]
     decodes = [i for i, n in enumerate(q_lens) if n == 1]
@@ -145,11 +155,12 @@ def attention_layout(
         groups.extend([i] for i in chunks)
     lens = seq_lens.tolist()
     return [
-        _group_layout(num_tokens, group_size, block_tables, starts, q_lens, lens, g) for g in groups
+        _group_layout(num_tokens, group_size, block_tables, starts, q_lens, lens, g, window)
+        for g in groups
     ]
 
 
-def _group_layout(num_tokens, group_size, block_tables, starts, q_lens, lens, group):
+def _group_layout(num_tokens, group_size, block_tables, starts, q_lens, lens, group, window):
     device = block_tables.device
     batch, max_q = len(group), max(q_lens[i] for i in group)
     max_len = max(lens[i] for i in group)
@@ -160,7 +171,10 @@ def _group_layout(num_tokens, group_size, block_tables, starts, q_lens, lens, gr
     valid = j[None, :] < q_len[:, None]  # (B, Lq)
     rows = torch.where(valid, start[:, None] + j[None, :], 0)  # token row of each query
     q_pos = (seq_len - q_len)[:, None] + j[None, :]  # (B, Lq) absolute positions
-    mask = torch.arange(max_len, device=device)[None, None, :] <= q_pos[:, :, None]  # (B,Lq,L)
+    keys = torch.arange(max_len, device=device)[None, None, :]
+    mask = keys <= q_pos[:, :, None]  # (B, Lq, L)
+    if window is not None:
+        mask &= keys > q_pos[:, :, None] - window
     mask = mask[:, None, None].expand(batch, 1, group_size, max_q, max_len)
     # A group that is the whole batch in order (every decode-only step) needs no gather.
     in_order = (batch, max_q) == (num_tokens, 1) and group == list(range(num_tokens))
@@ -176,7 +190,7 @@ def _group_layout(num_tokens, group_size, block_tables, starts, q_lens, lens, gr
     )
 
 
-def _attend_group(q, out, k_cache, v_cache, group: GroupLayout, scale):
+def _attend_group(q, out, k_cache, v_cache, group: GroupLayout, scale, softcap=None):
     """Attention of one group's sequences, queries padded to the longest among them."""
     batch, max_q = group.batch, group.max_q
     k = _gather_context(k_cache, group.tables, group.max_len).float().transpose(1, 2)
@@ -188,7 +202,12 @@ def _attend_group(q, out, k_cache, v_cache, group: GroupLayout, scale):
     qg = (q.unsqueeze(1) if group.in_order else q[group.rows]).float()
     qg = qg.view(batch, max_q, hkv, g, dim).permute(0, 2, 3, 1, 4)
     qg = qg.reshape(batch, hkv, g * max_q, dim)  # (B, Hkv, G*Lq, D)
-    o = F.scaled_dot_product_attention(qg, k, v, attn_mask=group.mask, scale=scale)
+    if softcap is None:
+        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=group.mask, scale=scale)
+    else:
+        scores = qg @ k.transpose(-1, -2) * scale  # (B, Hkv, G*Lq, L)
+        scores = softcap * torch.tanh(scores / softcap)
+        o = scores.masked_fill(~group.mask, float("-inf")).softmax(-1) @ v
     o = o.view(batch, hkv, g, max_q, dim).permute(0, 3, 1, 2, 4).reshape(batch, max_q, hq, dim)
     if group.in_order:
         out.copy_(o.squeeze(1))
@@ -197,16 +216,23 @@ def _attend_group(q, out, k_cache, v_cache, group: GroupLayout, scale):
 
 
 def rms_norm_ref(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    unit_offset: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Residual add then RMSNorm, rounded as HF llama rounds it.
 
     Returns (normed, new_residual) with new_residual = x + residual (or x when residual is
     None), added in x's dtype; the norm computes in float32 and casts back before the weight.
+    `unit_offset` (Gemma): the scale is `1 + weight`, applied in float32 before the cast.
     """
     hidden = x if residual is None else x + residual
     h32 = hidden.float()
     normed = h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)
+    if unit_offset:
+        return (normed * (1.0 + weight.float())).to(x.dtype), hidden
     return weight * normed.to(x.dtype), hidden
 
 
@@ -214,3 +240,10 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
     """x: (T, 2I) holding [gate | up]; returns silu(gate) * up, (T, I)."""
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def gelu_tanh_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
+    """x: (T, 2I) holding [gate | up]; returns gelu(gate) * up with GELU's tanh
+    approximation (GeGLU of Gemma), (T, I)."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 KERNEL_MODULES = (
+    "jit_math",
     "attention_tiles",
     "paged_attention",
     "decode_attention",

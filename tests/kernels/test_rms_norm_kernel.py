@@ -9,15 +9,15 @@ from kernel_testing import TOLERANCE, poisoned_allocations, rel_err
 from mii.kernels.torch_ref import rms_norm_ref
 
 
-def _check(module, tokens, hidden, dtype, weight_dtype, with_residual, device):
+def _check(module, tokens, hidden, dtype, weight_dtype, with_residual, device, unit_offset=False):
     gen = torch.Generator().manual_seed(hidden)
     x = torch.randn(tokens, hidden, generator=gen).to(device=device, dtype=dtype)
     residual = torch.randn(tokens, hidden, generator=gen).to(device=device, dtype=dtype)
     residual = residual if with_residual else None
     weight = (1 + 0.1 * torch.randn(hidden, generator=gen)).to(device=device, dtype=weight_dtype)
-    expected, expected_residual = rms_norm_ref(x, weight, 1e-6, residual)
+    expected, expected_residual = rms_norm_ref(x, weight, 1e-6, residual, unit_offset)
     with poisoned_allocations():
-        out, new_residual = module.rms_norm(x, weight, 1e-6, residual)
+        out, new_residual = module.rms_norm(x, weight, 1e-6, residual, unit_offset)
     assert out.dtype == expected.dtype and new_residual.dtype == dtype
     assert rel_err(out, expected) < TOLERANCE[dtype]
     assert torch.equal(new_residual, expected_residual)  # one rounding, as torch's add
@@ -36,9 +36,25 @@ def test_float32_weight_promotes_like_torch_interpreted(interpreted):
     _check(interpreted.rms_norm, 3, 64, torch.float16, torch.float32, True, "cpu")
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("with_residual", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gemma_unit_offset_interpreted(interpreted, with_residual, dtype):
+    _check(interpreted.rms_norm, 5, 576, dtype, dtype, with_residual, "cpu", unit_offset=True)
+    x, w = torch.randn(2, 64), torch.randn(64)
+    offset = rms_norm_ref(x, w, 1e-6, unit_offset=True)[0]
+    assert torch.allclose(offset, rms_norm_ref(x, w + 1, 1e-6)[0], atol=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("with_residual", [True, False])
 @pytest.mark.parametrize("hidden", [576, 4096, 8192])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_matches_reference_gpu(compiled, with_residual, hidden, dtype):
     _check(compiled.rms_norm, 300, hidden, dtype, dtype, with_residual, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hidden", [2304, 3584])  # Gemma-2 2B, 9B
+def test_gemma_unit_offset_gpu(compiled, hidden):
+    _check(compiled.rms_norm, 300, hidden, torch.bfloat16, torch.bfloat16, True, "cuda", True)

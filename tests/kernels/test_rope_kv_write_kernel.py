@@ -9,8 +9,9 @@ from kernel_testing import TOLERANCE, rel_err
 from mii.kernels.torch_ref import rope_kv_write_ref
 
 
-def _inputs(tokens, q_heads, kv_heads, head_dim, dtype, device, rotary, seed=0):
-    """q, k, v as views of one fused qkv buffer; every third slot negative (padding)."""
+def _inputs(tokens, q_heads, kv_heads, head_dim, dtype, device, rotary, seed=0, rotary_dim=None):
+    """q, k, v as views of one fused qkv buffer; every third slot negative (padding).
+    `rotary_dim`: the rotary width (partial rotary below head_dim)."""
     gen = torch.Generator().manual_seed(seed)
     block_size, num_blocks = 16, -(-tokens // 16) + 2
     qkv = torch.randn(tokens, q_heads + 2 * kv_heads, head_dim, generator=gen)
@@ -18,7 +19,7 @@ def _inputs(tokens, q_heads, kv_heads, head_dim, dtype, device, rotary, seed=0):
     slots = torch.randperm(num_blocks * block_size, generator=gen)[:tokens]
     slots[::3] = -1
     max_pos = 4 * tokens + 8
-    angles = torch.rand(max_pos, head_dim // 2, generator=gen) * 6.3
+    angles = torch.rand(max_pos, (rotary_dim or head_dim) // 2, generator=gen) * 6.3
     return dict(
         qkv=qkv.to(device=device, dtype=dtype),
         heads=(q_heads, kv_heads),
@@ -58,6 +59,18 @@ def test_matches_reference_interpreted(interpreted, rotary, heads, head_dim, dty
     _check(interpreted.rope_kv_write, inputs, dtype)
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("rotary_dim", [32, 26, 2])  # Phi-2 turns 32 of 80 dims
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_partial_rotary_interpreted(interpreted, rotary_dim, dtype):
+    inputs = _inputs(23, 8, 2, 80, dtype, "cpu", True, rotary_dim=rotary_dim)
+    _check(interpreted.rope_kv_write, inputs, dtype)
+    # the dims past the rotary ones pass through, in q and in the cache
+    after = _run(rope_kv_write_ref, inputs)["qkv"]
+    assert torch.equal(after[..., rotary_dim:], inputs["qkv"][..., rotary_dim:])
+    assert not torch.equal(after[..., :rotary_dim], inputs["qkv"][..., :rotary_dim])
+
+
 GPU_SHAPES = [  # (q heads, kv heads, head_dim, dtype)
     (32, 8, 128, torch.bfloat16),
     (9, 3, 64, torch.bfloat16),
@@ -80,3 +93,11 @@ def test_matches_reference_gpu(compiled, rotary, shape):
     *heads, head_dim, dtype = shape
     inputs = _inputs(1000, *heads, head_dim, dtype, "cuda", rotary)
     _check(compiled.rope_kv_write, inputs, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(32, 32, 80, 32), (24, 8, 128, 96)], ids=str)  # Phi-2, -4-mini
+def test_partial_rotary_gpu(compiled, shape):
+    *heads, head_dim, rotary_dim = shape
+    inputs = _inputs(1000, *heads, head_dim, torch.bfloat16, "cuda", True, rotary_dim=rotary_dim)
+    _check(compiled.rope_kv_write, inputs, torch.bfloat16)
