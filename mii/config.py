@@ -20,6 +20,8 @@ class ModelConfig(_Model):
     """Which model to load and how (DeepSpeed-MII's field names, then mii's engine knobs)."""
 
     model_name_or_path: str
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) of a Hub model; every worker fetches this one."""
     tokenizer: str | None = None
     task: TaskType = TaskType.TEXT_GENERATION
     tensor_parallel: int = Field(default_factory=lambda: int(os.getenv("WORLD_SIZE", "1")), gt=0)
@@ -114,6 +116,7 @@ class ModelConfig(_Model):
         path = model_path or self.model_name_or_path
         return EngineConfig(
             model=path,
+            revision=self.revision,
             tokenizer=self.tokenizer if self.tokenizer != self.model_name_or_path else path,
             dtype=self.dtype,
             device=self.device,

@@ -45,8 +45,6 @@ def byte_tokenizer():
 
 
 def _tiny_config(arch: str):
-    from transformers import LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
-
     common = dict(
         vocab_size=VOCAB,
         hidden_size=64,
@@ -57,6 +55,16 @@ def _tiny_config(arch: str):
         eos_token_id=EOS,
         initializer_range=0.2,
     )
+    for family in (_llama_family, _new_families, _opt_family):
+        config = family(arch, common)
+        if config is not None:
+            return config
+    raise ValueError(arch)
+
+
+def _llama_family(arch: str, common: dict):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
     if arch == "llama":
         return LlamaConfig(num_attention_heads=4, num_key_value_heads=4, **common)
     if arch == "llama3":
@@ -75,14 +83,83 @@ def _tiny_config(arch: str):
             tie_word_embeddings=True,
             **common,
         )
-    if arch == "mistral":
+    if arch in ("mistral", "mistral_swa"):
+        # A window of 24 keys: prompts of 70 and 130 tokens run far past it, and cache
+        # blocks leave it (block size 16).
+        window = 24 if arch == "mistral_swa" else None
         return MistralConfig(
-            num_attention_heads=4, num_key_value_heads=2, sliding_window=None, **common
+            num_attention_heads=4, num_key_value_heads=2, sliding_window=window, **common
         )
     if arch == "qwen2":
         return Qwen2Config(
             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, **common
         )
+    if arch == "qwen2_swa":  # layer 0 attends globally, layer 1 through a window
+        return Qwen2Config(
+            num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
+            sliding_window=20, max_window_layers=1, **common,
+        )  # fmt: skip
+    return None
+
+
+def _new_families(arch: str, common: dict):
+    from transformers import FalconConfig, Gemma2Config, GemmaConfig, PhiConfig, Qwen3Config
+
+    heads = dict(num_attention_heads=4, num_key_value_heads=2)
+    if arch == "qwen3":
+        return Qwen3Config(head_dim=32, tie_word_embeddings=True, **heads, **common)
+    if arch == "gemma":
+        return GemmaConfig(num_attention_heads=4, num_key_value_heads=1, head_dim=32, **common)
+    if arch == "gemma2":
+        # Small caps so that they change the scores; layer 0 slides over 24 keys.
+        return Gemma2Config(
+            head_dim=16, query_pre_attn_scalar=24, sliding_window=24,
+            attn_logit_softcapping=2.0, final_logit_softcapping=5.0, tie_word_embeddings=False,
+            **heads, **common,
+        )  # fmt: skip
+    if arch == "phi3":
+        return _phi3(heads, common)
+    if arch == "phi2":
+        return PhiConfig(
+            num_attention_heads=4, partial_rotary_factor=0.5, hidden_act="gelu_new",
+            tie_word_embeddings=False, **common,
+        )  # fmt: skip
+    falcon = dict(common, num_attention_heads=4, alibi=False)
+    falcon.pop("intermediate_size")
+    if arch == "falcon7b":  # multi-query, attention and MLP side by side on one LayerNorm
+        return FalconConfig(multi_query=True, parallel_attn=True, **falcon)
+    if arch == "falcon40b":  # the new decoder architecture: grouped kv heads, two LayerNorms
+        return FalconConfig(
+            new_decoder_architecture=True, num_kv_heads=2, parallel_attn=True, **falcon
+        )
+    if arch == "falcon_seq":  # old architecture: a kv head per head, sequential, biases
+        return FalconConfig(multi_query=False, parallel_attn=False, bias=True, **falcon)
+    return None
+
+
+def _phi3(heads: dict, common: dict):
+    """Fused qkv and gate_up weights; LongRoPE with a pretraining length of 48 (prompts of
+    70 and 130 tokens take the long factors throughout, a 33-token prompt crosses 48 while
+    generating); partial rotary over half of each head, as Phi-4-mini turns 3/4."""
+    from transformers import Phi3Config
+
+    rotary_half = 32 // 2 // 2  # head_dim 32, half of it turns
+    scaling = {
+        "rope_type": "longrope",
+        "short_factor": [1.0 + 0.3 * i for i in range(rotary_half)],
+        "long_factor": [2.0 + 1.5 * i for i in range(rotary_half)],
+        "original_max_position_embeddings": 48,
+        "partial_rotary_factor": 0.5,
+    }
+    return Phi3Config(
+        rope_scaling=scaling, original_max_position_embeddings=48, pad_token_id=0,
+        **heads, **dict(common, hidden_size=128),
+    )  # fmt: skip
+
+
+def _opt_family(arch: str, common: dict):
+    from transformers import OPTConfig
+
     opt = dict(
         vocab_size=VOCAB,
         hidden_size=64,
@@ -99,10 +176,15 @@ def _tiny_config(arch: str):
         return OPTConfig(word_embed_proj_dim=64, **opt)
     if arch == "opt350":  # post-norm with projections in and out, as facebook/opt-350m
         return OPTConfig(word_embed_proj_dim=32, do_layer_norm_before=False, **opt)
-    raise ValueError(arch)
+    return None
 
 
 ARCHS = ("llama", "llama3", "mistral", "qwen2", "opt", "opt350")
+NEW_ARCHS = (
+    "mistral_swa", "qwen2_swa", "qwen3", "gemma", "gemma2", "phi3", "phi2",
+    "falcon7b", "falcon40b", "falcon_seq",
+)  # fmt: skip
+ALL_ARCHS = ARCHS + NEW_ARCHS
 
 
 def build_tiny_model(arch: str, folder: str, seed: int = 0) -> str:

@@ -5,6 +5,10 @@ tokens chained with the hash of the block before it, so a later prompt that star
 the same tokens reuses it instead of recomputing. Freed blocks keep their contents and
 hash; they go to the back of the free queue (least recently used first out) and are
 revived if a prefix matches before they are handed out again.
+
+With a sliding window on every layer (Mistral), a block whose tokens all lie before the
+window of the sequence's next token is never read again: it is released at once (and
+stays revivable as a cached prefix like any freed block).
 """
 
 from __future__ import annotations
@@ -28,11 +32,18 @@ def chain_hash(parent: int | None, token_ids: tuple[int, ...]) -> int:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        sliding_window: int | None = None,
+    ):
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError("num_blocks and block_size must be positive")
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.sliding_window = sliding_window
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.hash_to_block: dict[int, int] = {}
@@ -114,15 +125,35 @@ class BlockManager:
             seq.last_block_hash = block_hash
         seq.num_hashed_blocks = max(seq.num_hashed_blocks, full)
 
+    def release_out_of_window(self, seq: Sequence) -> int:
+        """Release the blocks before the sliding window of `seq`'s next token (position
+        `num_computed_tokens`, which sees keys after `position - window`); returns how many."""
+        if self.sliding_window is None:
+            return 0
+        first_needed = seq.num_computed_tokens - self.sliding_window + 1
+        releasable = min(max(0, first_needed) // self.block_size, len(seq.block_table))
+        if self.enable_prefix_caching:  # hashed first, so a later prompt can revive it
+            releasable = min(releasable, seq.num_hashed_blocks)
+        released = 0
+        while seq.num_released_blocks < releasable:
+            self._release(seq.block_table[seq.num_released_blocks])
+            seq.num_released_blocks += 1
+            released += 1
+        return released
+
+    def _release(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            self.free_ids[block_id] = None
+
     def free(self, seq: Sequence) -> None:
         """Release `seq`'s blocks; its tail goes to the free queue first, so that a shared
         prefix outlives the suffixes that hang from it."""
-        for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self.free_ids[block_id] = None
+        for block_id in reversed(seq.block_table[seq.num_released_blocks :]):
+            self._release(block_id)
         seq.block_table = []
+        seq.num_released_blocks = 0
         seq.num_computed_tokens = 0
         seq.num_hashed_blocks = 0
         seq.last_block_hash = None

@@ -63,7 +63,9 @@ class SchedulerConfig:
 @dataclass(frozen=True)
 class EngineConfig:
     model: str
-    """Path of a local Hugging Face model folder."""
+    """A local Hugging Face model folder, a Hub name (`org/model`) or a short name."""
+    revision: str | None = None
+    """The Hub revision (branch, tag or commit) of a Hub model; None: its default branch."""
     tokenizer: str | None = None
     dtype: str = "auto"
     """'auto' takes the checkpoint's dtype on the GPU and float32 on the CPU."""

@@ -11,7 +11,8 @@ from mii.constants import GenerationFinishReason
 from mii.engine.block_manager import BlockManager
 from mii.engine.config import EngineConfig, parse_dtype
 from mii.engine.detokenizer import IncrementalDetokenizer
-from mii.engine.loader import eos_token_ids, load_hf_config, load_tokenizer, resolve_model_path
+from mii.engine.loader import eos_token_ids, load_hf_config, load_tokenizer, model_folder
+from mii.engine.models.family import shared_window
 from mii.engine.outputs import RequestOutput, TokenLogprob
 from mii.engine.sampler import Sampler, SamplerOutput
 from mii.engine.sampling_params import SamplingParams
@@ -59,13 +60,8 @@ class _Request:
 
 
 def max_context(hf_config: Any) -> int:
-    """The longest context the model attends over correctly."""
-    limit = getattr(hf_config, "max_position_embeddings", None) or 2048
-    window = getattr(hf_config, "sliding_window", None)
-    if window and getattr(hf_config, "use_sliding_window", True):
-        # Without sliding-window attention, stay inside the window to stay exact.
-        limit = min(limit, window)
-    return limit
+    """The longest context the model attends over correctly (sliding windows included)."""
+    return getattr(hf_config, "max_position_embeddings", None) or 2048
 
 
 class LLMEngine:
@@ -77,12 +73,12 @@ class LLMEngine:
         load_tokenizer_files: bool = True,
     ) -> None:
         self.config = config
-        path = resolve_model_path(config.model)
-        self.hf_config = load_hf_config(path)
         random_weights = random_weights or config.load_format == "dummy"
-        load_tokenizer_files = load_tokenizer_files and not config.skip_tokenizer_init
-        tok_path = config.tokenizer or path
-        self.tokenizer = load_tokenizer(tok_path) if load_tokenizer_files else None
+        path = model_folder(config.model, config.revision, weights=not random_weights)
+        self.hf_config = load_hf_config(path)
+        self.tokenizer = None
+        if load_tokenizer_files and not config.skip_tokenizer_init:
+            self.tokenizer = load_tokenizer(self._tokenizer_folder(path))
         model_len = config.max_model_len or max_context(self.hf_config)
         # With tensor_parallel > 1 this process is rank 0 and starts the other ranks.
         self.runner = make_runner(
@@ -90,13 +86,24 @@ class LLMEngine:
         )
         self.runner.sampler = Sampler(eos_token_ids(path, self.hf_config, self.tokenizer))
         self.eos_token_ids = frozenset(self.runner.sampler.eos_token_ids)
-        cache_tokens = self.runner.num_blocks * config.cache.block_size
-        self.max_model_len = min(model_len, cache_tokens)
+        window = shared_window(self.hf_config)
+        self._window_blocks = _blocks_per_window(window, config)
+        if self._window_blocks is not None and self._window_blocks <= self.runner.num_blocks:
+            self.max_model_len = model_len  # a sequence holds only its window's blocks
+        else:
+            self.max_model_len = min(model_len, self.runner.num_blocks * config.cache.block_size)
         self.vocab_size = self.hf_config.vocab_size
+        long_rope = getattr(self.runner.model, "long_prompt_rope", None)
         self.block_manager = BlockManager(
-            self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
+            self.runner.num_blocks,
+            config.cache.block_size,
+            # LongRoPE turns the same tokens two ways (short and long sequences): no sharing
+            config.cache.enable_prefix_caching and long_rope is None,
+            sliding_window=window,
         )
-        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.scheduler = Scheduler(
+            config.scheduler, self.block_manager, long_rope and long_rope.original
+        )
         self.requests: dict[str, _Request] = {}
         self._arrivals = 0
         self._rng = random.Random()
@@ -105,6 +112,12 @@ class LLMEngine:
         self._async = self.runner.device.type == "cuda" if use_async is None else use_async
         self._inflight: _Launched | None = None
         self._needs_history: set[str] = set()  # requests with a penalty
+
+    def _tokenizer_folder(self, model_path: str) -> str:
+        name = self.config.tokenizer
+        if name in (None, self.config.model, model_path):
+            return model_path
+        return model_folder(name, weights=False)
 
     def _dtype(self):
         if self.config.dtype != "auto":
@@ -192,9 +205,13 @@ class LLMEngine:
         """Whether a new prompt of this length fits beside the work already queued."""
         if len(self.requests) >= self.config.scheduler.max_num_seqs:
             return False
-        bs = self.config.cache.block_size
-        queued = sum(-(-s.num_tokens // bs) for s in self.scheduler.waiting)
-        return queued + -(-num_prompt_tokens // bs) <= self.block_manager.num_free_blocks
+        queued = sum(self._blocks_held(s.num_tokens) for s in self.scheduler.waiting)
+        return queued + self._blocks_held(num_prompt_tokens) <= self.block_manager.num_free_blocks
+
+    def _blocks_held(self, num_tokens: int) -> int:
+        """The most blocks a sequence of this many tokens holds at once."""
+        blocks = -(-num_tokens // self.config.cache.block_size)
+        return blocks if self._window_blocks is None else min(blocks, self._window_blocks)
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -314,6 +331,16 @@ class LLMEngine:
         if generated >= params.max_new_tokens or num_tokens >= self.max_model_len:
             return GenerationFinishReason.LENGTH
         return None
+
+
+def _blocks_per_window(window: int | None, config: EngineConfig) -> int | None:
+    """With a sliding window on every layer, the most blocks one sequence holds: its
+    window and one step's tokens, a partial block at each end, one block not yet hashed
+    (the block manager releases only hashed ones). None without such a window."""
+    if window is None:
+        return None
+    tokens = window + config.scheduler.max_num_batched_tokens
+    return -(-tokens // config.cache.block_size) + 3
 
 
 def _logprob_rows(samples: SamplerOutput, token_ids: list[int]) -> list[TokenLogprob | None]:

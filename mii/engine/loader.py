@@ -1,8 +1,10 @@
-"""Loading a model from a local Hugging Face folder: config, tokenizer, weights."""
+"""Loading a model: where its folder is (local, the demo model, the Hugging Face Hub), then
+its config, tokenizer and weights."""
 
 from __future__ import annotations
 
 import glob
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,20 +14,35 @@ import torch
 from torch import nn
 
 from mii.engine.demo_model import SHORT_NAMES, ensure_demo_model
+from mii.engine.hub import SAFETENSORS_INDEX, TORCH_INDEX, hub_model_path, is_hub_name
 from mii.engine.models import model_class
 from mii.engine.tp.context import ParallelContext
 
 
 def resolve_model_path(name: str) -> str:
-    """A local folder as given, or the demo model for its short name (fetched on first use)."""
+    """A local folder as given, the demo model's folder for its short name (fetched on first
+    use), or a Hugging Face Hub name as given: the engine fetches Hub models itself
+    (`model_folder`), at the revision of its config, so that every host resolves the same
+    name and revision on its own."""
     if os.path.isdir(name):
         return name
     if name.lower() in SHORT_NAMES:
         return str(ensure_demo_model(name))
+    if is_hub_name(name):
+        return name
     raise FileNotFoundError(
-        f"model {name!r} is neither a local Hugging Face folder nor a known short name "
-        f"({', '.join(sorted(SHORT_NAMES))}); mii loads weights offline from local folders"
+        f"model {name!r} is neither a local Hugging Face folder, a Hub name (org/model) nor "
+        f"a known short name ({', '.join(sorted(SHORT_NAMES))})"
     )
+
+
+def model_folder(name: str, revision: str | None = None, weights: bool = True) -> str:
+    """The local folder of a model: `resolve_model_path`'s, with Hub names taken from the
+    HF cache or downloaded into it (`weights=False`: config and tokenizer only)."""
+    path = resolve_model_path(name)
+    if os.path.isdir(path):
+        return path
+    return hub_model_path(path, revision, weights)
 
 
 def load_hf_config(path: str) -> Any:
@@ -77,9 +94,17 @@ def build_model(
 
 
 def _checkpoint_files(path: str) -> tuple[list[str], bool]:
+    """The weight files, safetensors first; an index names the shards (a folder may hold
+    other copies beside them, as Mistral's `consolidated.safetensors`)."""
+    for index, is_safetensors in ((SAFETENSORS_INDEX, True), (TORCH_INDEX, False)):
+        if os.path.isfile(os.path.join(path, index)):
+            with open(os.path.join(path, index)) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            return [os.path.join(path, s) for s in shards], is_safetensors
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if files:
-        return files, True
+        single = os.path.join(path, "model.safetensors")
+        return ([single] if single in files else files), True
     files = sorted(glob.glob(os.path.join(path, "pytorch_model*.bin")))
     if not files:
         raise FileNotFoundError(f"no *.safetensors or pytorch_model*.bin weights in {path}")

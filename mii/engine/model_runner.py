@@ -178,7 +178,8 @@ class ModelRunner:
         """One forward pass; returns the samples of the chunks that end their sequence (on
         the device: nothing here waits for the GPU). With asynchronous scheduling, PENDING
         input tokens are `previous`'s samples at `sample_rows[id(seq)]`."""
-        plan = StepPlan.build(chunks, self.block_size, sample_rows)
+        long_rope = getattr(self.model, "long_prompt_rope", None)
+        plan = StepPlan.build(chunks, self.block_size, sample_rows, long_rope=long_rope)
         source = previous.token_ids if previous is not None else None
         logits = self.execute(plan, source)
         if logits is None:

@@ -48,9 +48,18 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        block_manager: BlockManager,
+        recompute_at: int | None = None,
+    ) -> None:
         self.config = config
         self.block_manager = block_manager
+        self.recompute_at = recompute_at
+        """LongRoPE (Phi-3): a sequence growing to `recompute_at + 1` tokens computes its
+        cache again from the start, every position now with the long factors, as
+        transformers' generate does (see layers/rotary.py)."""
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -63,6 +72,8 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        if self.recompute_at is not None:
+            self._restart_crossing()
         if self.config.policy == SchedulePolicy.PREFILL_FIRST:
             budget = self._schedule_running(out, budget, decodes=False)
             budget = self._schedule_waiting(out, budget)
@@ -85,6 +96,14 @@ class Scheduler:
                 out.chunks.append(ScheduledChunk.next_of(seq, n))
                 budget -= n
         return budget
+
+    def _restart_crossing(self) -> None:
+        """Drop the cache of sequences that just grew past `recompute_at` tokens (their
+        first token past it is the only one left to compute), so it is computed again."""
+        at = self.recompute_at
+        for seq in self.running:
+            if seq.num_computed_tokens == at and seq.num_tokens == at + 1:
+                self.block_manager.free(seq)
 
     def _make_room(self, seq: Sequence, n: int, out: SchedulerOutput) -> bool:
         """Allocate blocks for `seq`, preempting the newest other requests as needed."""
@@ -135,6 +154,7 @@ class Scheduler:
         for chunk in out.chunks:
             chunk.seq.num_computed_tokens += chunk.num_tokens
             self.block_manager.seal_computed_blocks(chunk.seq)
+            self.block_manager.release_out_of_window(chunk.seq)
 
     def remove(self, seq: Sequence) -> None:
         """Take a finished or aborted sequence out and free its blocks."""

@@ -45,6 +45,9 @@ class Sequence:
         self.num_resumed_tokens = len(generated_token_ids)
         self.num_computed_tokens = 0
         self.block_table: list[int] = []
+        self.num_released_blocks = 0
+        """Leading blocks given back once they left the sliding window (their table entries
+        stay for the positions; attention never reads them)."""
         self.num_hashed_blocks = 0
         self.last_block_hash: int | None = None
         self.status = SequenceStatus.WAITING

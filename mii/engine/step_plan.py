@@ -4,11 +4,15 @@ tensors, and what rank 0 of a tensor-parallel group sends to the other ranks."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mii.engine.scheduler import ScheduledChunk
 from mii.engine.sequence import PENDING
+
+if TYPE_CHECKING:
+    from mii.engine.layers.rotary import LongPromptRope
 
 HEADER = 5  # tokens, sequences, block-table width, sampling rows, pending tokens
 
@@ -36,11 +40,13 @@ class StepPlan:
         chunks: list[ScheduledChunk],
         block_size: int,
         sample_rows: dict[int, int] | None = None,
+        long_rope: LongPromptRope | None = None,
     ) -> StepPlan:
         """Flatten the chunks into one ragged batch. Loops run per sequence, not per token.
 
         `sample_rows` maps `id(seq)` to its row among the samples of the step still running,
-        for the sequences whose last token is PENDING (asynchronous scheduling)."""
+        for the sequences whose last token is PENDING (asynchronous scheduling).
+        `long_rope`: the model's LongRoPE rule; `positions` then index its rotary table."""
         q_lens = np.array([c.num_tokens for c in chunks], dtype=np.int32)
         query_start = np.zeros(len(chunks) + 1, dtype=np.int32)
         np.cumsum(q_lens, out=query_start[1:])
@@ -54,6 +60,8 @@ class StepPlan:
         rows = np.repeat(np.arange(len(chunks)), q_lens)
         slots = tables[rows, positions // block_size].astype(np.int64) * block_size
         slots += positions % block_size
+        if long_rope is not None:
+            positions = _long_rope_rows(chunks, q_lens, positions, long_rope)
         sampling = [i for i, c in enumerate(chunks) if c.samples]
         pending = [
             (int(query_start[i + 1]) - 1, sample_rows[id(c.seq)])
@@ -127,3 +135,11 @@ class StepPlan:
         tokens, num_seqs, width, sampling, pending = (int(v) for v in header)
         return [tokens, tokens, tokens, num_seqs * width, num_seqs + 1, num_seqs, sampling,
                 pending, pending]  # fmt: skip
+
+
+def _long_rope_rows(chunks, q_lens, positions: np.ndarray, rule: LongPromptRope) -> np.ndarray:
+    """Rows of a LongRoPE table: positions below `rule.original` of a sequence longer than
+    that move to the long-factor rows (see LongPromptRope)."""
+    long_seq = np.array([c.seq.num_tokens > rule.original for c in chunks])
+    shift = np.repeat(long_seq, q_lens) & (positions < rule.original)
+    return positions + shift * rule.offset

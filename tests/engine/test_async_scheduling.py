@@ -29,8 +29,8 @@ def pending_rows(monkeypatch):
     seen = {"rows": 0}
     build = step_plan.StepPlan.build.__func__
 
-    def counting(cls, chunks, block_size, sample_rows=None):
-        plan = build(cls, chunks, block_size, sample_rows)
+    def counting(cls, chunks, block_size, sample_rows=None, **options):
+        plan = build(cls, chunks, block_size, sample_rows, **options)
         seen["rows"] += len(plan.pending_rows)
         return plan
 

@@ -105,3 +105,52 @@ def test_decode_tokens_seal_blocks_too():
         compute(bm, a, 1)
     b = seq([1, 2, 3, 4, 5, 6], "b")
     assert bm.reuse_cached_prefix(b) == 4
+
+
+def window_step(bm: BlockManager, s: Sequence, n: int) -> None:
+    """A step as the scheduler runs it with a sliding window: compute, seal, release."""
+    compute(bm, s, n)
+    bm.release_out_of_window(s)
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_blocks_that_left_the_window_are_released(prefix_caching):
+    bm = BlockManager(num_blocks=10, block_size=BS, enable_prefix_caching=prefix_caching,
+                      sliding_window=6)  # fmt: skip
+    s = seq(range(30))
+    window_step(bm, s, 9)  # next token at 9 sees keys 4..9: block 0 (keys 0..3) is out
+    assert s.num_released_blocks == 1 and bm.num_free_blocks == 10 - 2
+    window_step(bm, s, 1)  # at 10, keys 5..10: block 1 (4..7) still holds key 5
+    assert s.num_released_blocks == 1
+    window_step(bm, s, 2)  # at 12, keys 7..12
+    assert s.num_released_blocks == 1
+    window_step(bm, s, 1)  # at 13, keys 8..13: block 1 is out
+    assert s.num_released_blocks == 2
+    # A 30-token sequence streams through with at most window + step + 2 blocks held.
+    while s.num_computed_tokens < 30:
+        window_step(bm, s, min(4, 30 - s.num_computed_tokens))
+        assert 10 - bm.num_free_blocks <= -(-(6 + 4) // BS) + 2
+    assert len(s.block_table) == 8  # positions keep their table entries
+    bm.free(s)  # releases only what it still holds: no double free
+    assert bm.num_free_blocks == 10
+    assert all(b.ref_count == 0 for b in bm.blocks)
+
+
+def test_a_shared_prefix_block_stays_while_a_sequence_still_sees_it():
+    bm = BlockManager(num_blocks=12, block_size=BS, sliding_window=6)
+    a = seq([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14], "a")
+    window_step(bm, a, 14)  # blocks 0..2 left a's window
+    assert a.num_released_blocks == 2
+    b = seq([1, 2, 3, 4, 5, 6, 7, 8, 99], "b")
+    assert bm.reuse_cached_prefix(b) == 8  # revived from the free queue, contents intact
+    first = b.block_table[0]
+    assert bm.blocks[first].ref_count == 1
+    window_step(bm, b, 1)  # b at 9 sees keys 4..9: its block 0 is out of its window too
+    assert bm.blocks[first].ref_count == 0 and first in bm.free_ids
+
+
+def test_without_a_window_nothing_is_released():
+    bm = BlockManager(num_blocks=10, block_size=BS)
+    s = seq(range(30))
+    window_step(bm, s, 30)
+    assert s.num_released_blocks == 0 and bm.num_free_blocks == 10 - 8

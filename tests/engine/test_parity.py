@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import ARCHS, mixed_prompts
+from tiny_models import ALL_ARCHS, mixed_prompts
 
 import mii
 
 
-def hf_greedy(path: str, prompts: list[list[int]], max_new_tokens: int, **kw) -> list[list[int]]:
-    from transformers import AutoModelForCausalLM
+def hf_greedy(
+    path: str, prompts: list[list[int]], max_new_tokens: int, config: dict | None = None, **kw
+) -> list[list[int]]:
+    """transformers' greedy generate, one prompt at a time; `config` overrides config fields."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    hf_config = AutoConfig.from_pretrained(path)
+    for key, value in (config or {}).items():
+        setattr(hf_config, key, value)
+    model = AutoModelForCausalLM.from_pretrained(path, config=hf_config, dtype=torch.float32)
     outs = []
     for p in prompts:
         ids = torch.tensor([p])
@@ -27,7 +33,8 @@ def hf_greedy(path: str, prompts: list[list[int]], max_new_tokens: int, **kw) ->
     return outs
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_tiny_models_match_transformers(tiny_model, arch):
     path = tiny_model(arch)
     # Budget 32: the 70- and 130-token prompts run as chunks over several steps, short ones
@@ -107,3 +114,56 @@ def test_smollm2_answers_the_demo_question(smollm2_path):
     (resp,) = mii.pipeline(smollm2_path)(prompt, max_new_tokens=20, do_sample=False)
     assert resp.generated_text == "The capital of France is Paris."
     assert resp.finish_reason == mii.GenerationFinishReason.STOP
+
+
+# What each family's parity test relies on: without it transformers answers otherwise, so
+# an implementation that ignored it would fail the parity test above.
+FULL = ["full_attention"] * 2
+FEATURES = {
+    "mistral_swa": {"sliding_window": None},
+    "qwen2_swa": {"layer_types": FULL},
+    "gemma2": {"attn_logit_softcapping": None},
+    "gemma2_window": {"layer_types": FULL},
+    "qwen3": {"rms_norm_eps": 1.0},  # a norm of eps 1 flattens q and k: the norms matter
+    "phi3": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                 "partial_rotary_factor": 0.5}},
+}  # fmt: skip
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("feature", sorted(FEATURES))
+def test_the_family_features_change_the_output(tiny_model, feature):
+    path = tiny_model(feature.split("_window")[0])
+    prompts = mixed_prompts(4, (70, 130, 33, 9), seed=1)
+    plain = hf_greedy(path, prompts, 24, min_new_tokens=24)
+    assert hf_greedy(path, prompts, 24, FEATURES[feature], min_new_tokens=24) != plain
+
+
+@pytest.mark.timeout(60)
+def test_sliding_window_runs_past_the_cache_and_frees_blocks(tiny_model):
+    """Mistral-style: every layer slides over 24 keys, so a sequence needs only its
+    window's blocks; 300-token prompts run through a cache of 8 blocks (128 tokens)."""
+    path = tiny_model("mistral_swa")
+    pipe = mii.pipeline(path, num_kv_blocks=8, max_num_batched_tokens=32)
+    engine = pipe.engine
+    assert engine.max_model_len == 1024 > 8 * 16
+    prompts = mixed_prompts(3, (300, 170, 9), seed=5)
+    held = []
+    stream = pipe.stream(prompts[0], max_new_tokens=30, min_new_tokens=30, do_sample=False)
+    for _ in stream:
+        held.append(engine.block_manager.num_blocks - engine.block_manager.num_free_blocks)
+    assert max(held) <= 5  # ceil((24 + 32) / 16) + 1: the window and one step
+    got = pipe(prompts, max_new_tokens=30, min_new_tokens=30, do_sample=False)
+    assert [r.token_ids for r in got] == hf_greedy(path, prompts, 30, min_new_tokens=30)
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+@pytest.mark.timeout(60)
+def test_longrope_parity_with_asynchronous_scheduling(tiny_model):
+    """Phi-3 recomputes a sequence's cache when it crosses LongRoPE's pretraining length;
+    with asynchronous scheduling the crossing token is still on its way from the device."""
+    path = tiny_model("phi3")
+    pipe = mii.pipeline(path, max_num_batched_tokens=16, async_scheduling=True)
+    prompts = mixed_prompts(4, (40, 47, 60, 3), seed=8)  # two cross 48 while generating
+    got = pipe(prompts, max_new_tokens=20, min_new_tokens=20, do_sample=False)
+    assert [r.token_ids for r in got] == hf_greedy(path, prompts, 20, min_new_tokens=20)

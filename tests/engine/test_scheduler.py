@@ -117,3 +117,24 @@ def test_no_blocks_leak_after_every_request_finishes_or_is_aborted():
             sched.remove(s)
     assert sched.block_manager.num_free_blocks == 30
     assert not sched.has_unfinished()
+
+
+def test_longrope_sequences_recompute_their_cache_once_they_outgrow_it():
+    """Phi-3's LongRoPE turns every position of a sequence longer than its pretraining
+    length with other factors: the cache is computed again when a sequence crosses it."""
+    cfg = SchedulerConfig(max_num_batched_tokens=8, max_num_seqs=8)
+    sched = Scheduler(cfg, BlockManager(64, 4, enable_prefix_caching=False), recompute_at=12)
+    short, long = add(sched, 10, "short"), add(sched, 14, "long")
+    chunks, long_starts = [], []  # (start, tokens of short when scheduled) of short's chunks
+    for _ in range(10):
+        out = sched.schedule()
+        chunks += [(c.start, c.seq.num_tokens) for c in out.chunks if c.seq is short]
+        long_starts += [c.start for c in out.chunks if c.seq is long]
+        sched.finish_step(out)
+        for c in out.chunks:
+            if c.samples:
+                c.seq.append_token(7)
+    restarts = [tokens for start, tokens in chunks if start == 0]
+    assert restarts == [10, 13]  # its prompt, then again once it holds 13 tokens
+    assert short.num_tokens > 14 and long.num_tokens > 16
+    assert long_starts.count(0) == 1  # a long prompt is computed long from the start

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 import torch
-from tiny_models import ARCHS, BOS, EOS, byte_tokenizer, mixed_prompts
+from tiny_models import ALL_ARCHS, BOS, EOS, byte_tokenizer, mixed_prompts
 
 import mii
 from mii.engine.step_plan import StepPlan
@@ -44,7 +44,7 @@ def no_rank_processes_left() -> bool:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_tp2_matches_tp1(tiny_model, arch):
     path = tiny_model(arch)
     # Budget 32: the 70-token prompt runs in chunks beside decodes of the others.

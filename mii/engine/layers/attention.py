@@ -31,12 +31,23 @@ class AttentionMetadata:
 
 class PagedAttention(nn.Module):
     """Writes this step's keys and values into the cache (rotating q and k on the way when
-    the model uses rotary embeddings), then attends over each sequence's cached context."""
+    the model uses rotary embeddings), then attends over each sequence's cached context:
+    all of it, or its last `window` tokens (sliding-window layers); `softcap` soft-caps the
+    scores (Gemma-2)."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float,
+        window: int | None = None,
+        softcap: float | None = None,
+    ) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = scale
+        self.window, self.softcap = window, softcap
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
 
@@ -66,4 +77,6 @@ class PagedAttention(nn.Module):
             self.scale,
             max_query_len=meta.max_query_len,
             step=meta.step,
+            window=self.window,
+            softcap=self.softcap,
         )

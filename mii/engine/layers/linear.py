@@ -67,6 +67,15 @@ class ColumnParallelLinear(LinearBase):
         param.data.copy_(loaded[start : start + self.out_per_rank])
 
 
+def load_fused(load, param: nn.Parameter, loaded, parts: list[tuple[object, int]]) -> None:
+    """Load a checkpoint weight that already fuses several parts (Phi-3's qkv_proj and
+    gate_up_proj), each through the loader of one part: `parts` are (shard id, rows)."""
+    start = 0
+    for shard_id, rows in parts:
+        load(param, loaded[start : start + rows], shard_id)
+        start += rows
+
+
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel outputs in one matmul (gate and up projections)."""
 
@@ -74,7 +83,10 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         self.sizes = sizes
         super().__init__(in_features, sum(sizes), bias, tp)
 
-    def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int) -> None:
+    def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None) -> None:
+        if shard_id is None:
+            load_fused(self._load, param, loaded, list(enumerate(self.sizes)))
+            return
         size = self.sizes[shard_id] // self.tp.world_size
         offset = sum(self.sizes[:shard_id]) // self.tp.world_size
         start = self.tp.rank * size
@@ -108,6 +120,8 @@ class QKVParallelLinear(ColumnParallelLinear):
                 f"{num_kv_heads} KV heads"
             )
         out = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp.world_size
+        self.checkpoint_rows = {"q": num_heads * head_dim, "k": num_kv_heads * head_dim}
+        self.checkpoint_rows["v"] = self.checkpoint_rows["k"]
         super().__init__(hidden_size, out, bias, tp)
 
     @property
@@ -118,7 +132,10 @@ class QKVParallelLinear(ColumnParallelLinear):
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
-    def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str) -> None:
+    def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | None) -> None:
+        if shard_id is None:  # q, k and v fused in the checkpoint, in this order
+            load_fused(self._load, param, loaded, list(self.checkpoint_rows.items()))
+            return
         if shard_id == "q":
             offset, size, index = 0, self.q_size, self.tp.rank
         else:

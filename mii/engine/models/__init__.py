@@ -6,13 +6,22 @@ from typing import Any
 
 from torch import nn
 
+from mii.engine.models.falcon import FalconForCausalLM
+from mii.engine.models.gemma2 import Gemma2ForCausalLM
 from mii.engine.models.llama import LlamaForCausalLM
 from mii.engine.models.opt import OPTForCausalLM
+from mii.engine.models.phi import PhiForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
+    "Qwen3ForCausalLM": LlamaForCausalLM,
+    "GemmaForCausalLM": LlamaForCausalLM,
+    "Phi3ForCausalLM": LlamaForCausalLM,
+    "Gemma2ForCausalLM": Gemma2ForCausalLM,
+    "PhiForCausalLM": PhiForCausalLM,
+    "FalconForCausalLM": FalconForCausalLM,
     "OPTForCausalLM": OPTForCausalLM,
 }
 
@@ -21,6 +30,12 @@ _BY_MODEL_TYPE = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma": "GemmaForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+    "phi": "PhiForCausalLM",
+    "falcon": "FalconForCausalLM",
     "opt": "OPTForCausalLM",
 }
 

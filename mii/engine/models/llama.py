@@ -1,7 +1,11 @@
-"""The llama family in one implementation: Llama 1/2/3, Mistral and Qwen2.
+"""The llama family in one implementation: Llama 1/2/3, Mistral, Qwen2, Qwen3, Gemma and
+Phi-3 (and, with its own decoder layer, Gemma-2: models/gemma2.py).
 
-Differences are configuration: GQA head counts, rope scaling (llama3), q/k/v biases (Qwen2),
-tied embeddings (small Llama 3.2 and Qwen2 checkpoints).
+Differences are configuration (models/family.py): GQA head counts, rope scaling (llama3,
+Phi-3's longrope), partial rotary, q/k/v biases (Qwen2), q/k norms (Qwen3), sliding
+windows (Mistral, Qwen2's use_sliding_window), Gemma's norm and embedding scales and GeGLU,
+tied embeddings (small Llama 3.2 and Qwen2 checkpoints, Gemma), fused q/k/v and gate/up
+weights in the checkpoint (Phi-3: the loaders split them).
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mii.engine.layers.activation import SiluAndMul
+from mii.engine.layers.activation import GATED_ACTIVATIONS
 from mii.engine.layers.attention import AttentionMetadata, PagedAttention
 from mii.engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from mii.engine.layers.linear import (
@@ -20,43 +24,29 @@ from mii.engine.layers.linear import (
     RowParallelLinear,
 )
 from mii.engine.layers.norm import RMSNorm
-from mii.engine.layers.rotary import cos_sin_cache, rope_parameters
+from mii.engine.layers.rotary import cos_sin_cache, long_prompt_rope, rope_parameters
+from mii.engine.models.family import Family
 from mii.engine.tp.context import ParallelContext
 
 
-def _head_dim(cfg: Any) -> int:
-    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-
-
-def _num_kv_heads(cfg: Any) -> int:
-    return getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-
-
-def _qkv_bias(cfg: Any) -> bool:
-    # Qwen2 always has q/k/v biases; Llama-family configs say so in attention_bias.
-    return cfg.model_type == "qwen2" or bool(getattr(cfg, "attention_bias", False))
-
-
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: Any, tp: ParallelContext) -> None:
+    def __init__(self, cfg: Any, fam: Family, layer: int, tp: ParallelContext) -> None:
         super().__init__()
-        head_dim = _head_dim(cfg)
+        dim = fam.head_dim
         self.qkv_proj = QKVParallelLinear(
-            cfg.hidden_size,
-            head_dim,
-            cfg.num_attention_heads,
-            _num_kv_heads(cfg),
-            _qkv_bias(cfg),
-            tp,
+            cfg.hidden_size, dim, cfg.num_attention_heads, fam.num_kv_heads, fam.qkv_bias, tp
         )
         self.o_proj = RowParallelLinear(
-            cfg.num_attention_heads * head_dim,
-            cfg.hidden_size,
-            bool(getattr(cfg, "attention_bias", False)),
-            tp,
+            cfg.num_attention_heads * dim, cfg.hidden_size, fam.out_bias, tp
         )
+        self.q_norm = self.k_norm = None
+        if fam.qk_norm:
+            self.q_norm = RMSNorm(dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(dim, cfg.rms_norm_eps)
         heads, kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
-        self.attn = PagedAttention(heads, kv_heads, head_dim, scale=head_dim**-0.5)
+        self.attn = PagedAttention(
+            heads, kv_heads, dim, fam.attn_scale, fam.windows[layer], fam.attn_softcap
+        )
 
     def forward(self, x, positions, cos_sin, meta: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(x)
@@ -65,30 +55,34 @@ class LlamaAttention(nn.Module):
         q = q.view(-1, proj.num_heads, proj.head_dim)  # (T, Hq, D)
         k = k.view(-1, proj.num_kv_heads, proj.head_dim)  # (T, Hkv, D)
         v = v.view(-1, proj.num_kv_heads, proj.head_dim)
+        if self.q_norm is not None:  # per head, before rotary
+            q = self.q_norm(q)[0].view(q.shape)
+            k = self.k_norm(k)[0].view(k.shape)
         out = self.attn(q, k, v, positions, cos_sin, meta)  # (T, Hq, D)
         return self.o_proj(out.flatten(1))
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: Any, tp: ParallelContext) -> None:
+    def __init__(self, cfg: Any, fam: Family, tp: ParallelContext) -> None:
         super().__init__()
-        bias = bool(getattr(cfg, "mlp_bias", False))
         size = cfg.intermediate_size
-        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [size, size], bias, tp)
-        self.down_proj = RowParallelLinear(size, cfg.hidden_size, bias, tp)
-        self.act = SiluAndMul()
+        self.gate_up_proj = MergedColumnParallelLinear(
+            cfg.hidden_size, [size, size], fam.mlp_bias, tp
+        )
+        self.down_proj = RowParallelLinear(size, cfg.hidden_size, fam.mlp_bias, tp)
+        self.act = GATED_ACTIVATIONS[fam.activation]()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: Any, tp: ParallelContext) -> None:
+    def __init__(self, cfg: Any, fam: Family, layer: int, tp: ParallelContext) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, tp)
-        self.mlp = LlamaMLP(cfg, tp)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = LlamaAttention(cfg, fam, layer, tp)
+        self.mlp = LlamaMLP(cfg, fam, tp)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fam.gemma_norm)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fam.gemma_norm)
 
     def forward(self, h, residual, positions, cos_sin, meta):
         normed, residual = self.input_layernorm(h, residual)
@@ -98,16 +92,19 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: Any, tp: ParallelContext) -> None:
+    def __init__(self, cfg: Any, fam: Family, tp: ParallelContext, layer_cls: type) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
+        self.embed_scale = fam.embed_scale
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, tp) for _ in range(cfg.num_hidden_layers)
+            layer_cls(cfg, fam, i, tp) for i in range(cfg.num_hidden_layers)
         )
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fam.gemma_norm)
 
     def forward(self, input_ids, positions, cos_sin, meta) -> torch.Tensor:
         h, residual = self.embed_tokens(input_ids), None
+        if self.embed_scale is not None:  # rounded to the weights' dtype, as transformers
+            h = h * torch.tensor(self.embed_scale, dtype=h.dtype)
         for layer in self.layers:
             h, residual = layer(h, residual, positions, cos_sin, meta)
         return self.norm(h, residual)[0]
@@ -123,19 +120,27 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
     skipped_weights = ("rotary_emb.inv_freq",)
+    decoder_layer: type[nn.Module] = LlamaDecoderLayer
 
     def __init__(self, cfg: Any, tp: ParallelContext, max_positions: int) -> None:
         super().__init__()
-        self.model = LlamaModel(cfg, tp)
+        fam = Family.of(cfg)
+        self.model = LlamaModel(cfg, fam, tp, self.decoder_layer)
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp)
+        self.final_softcap = fam.final_softcap
         self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        table = cos_sin_cache(_head_dim(cfg), max_positions, rope_parameters(cfg))
+        rope = rope_parameters(cfg)
+        self.long_prompt_rope = long_prompt_rope(rope, max_positions)
+        table = cos_sin_cache(fam.rotary_dim, max_positions, rope)
         self.register_buffer("cos_sin", table, persistent=False)
 
     def forward(self, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, self.cos_sin, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        logits = self.lm_head(hidden).float()
+        if self.final_softcap is not None:  # Gemma-2
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from mii.engine.layers.activation import activation
 from mii.engine.layers.attention import AttentionMetadata, PagedAttention
 from mii.engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from mii.engine.layers.linear import (
@@ -18,7 +18,6 @@ from mii.engine.layers.linear import (
 )
 from mii.engine.tp.context import ParallelContext
 
-_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh")}
 POSITION_OFFSET = 2  # OPT's learned positions start at row 2 of their table
 
 
@@ -59,7 +58,7 @@ class OPTDecoderLayer(nn.Module):
         self.fc1 = ColumnParallelLinear(cfg.hidden_size, cfg.ffn_dim, bias, tp)
         self.fc2 = RowParallelLinear(cfg.ffn_dim, cfg.hidden_size, bias, tp)
         self.final_layer_norm = _layer_norm(cfg)
-        self.act = _ACTIVATIONS[cfg.activation_function]
+        self.act = activation(cfg.activation_function)
 
     def _block(self, h, norm, fn):
         out = fn(norm(h) if self.pre_norm else h) + h
