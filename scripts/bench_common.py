@@ -77,6 +77,67 @@ PRESETS = {
             rope_theta=1e6,
         ),
     ),
+    "mistral-7b-v0.1": (  # sliding-window attention over 4096 keys, 32k positions
+        "MistralConfig",
+        dict(
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=32000,
+            max_position_embeddings=32768,
+            rope_theta=10000.0,
+            sliding_window=4096,
+        ),
+    ),
+    "gemma-2-9b": (  # head_dim 256, soft-capping, local (4096) and global layers alternate
+        "Gemma2Config",
+        dict(
+            hidden_size=3584,
+            intermediate_size=14336,
+            num_hidden_layers=42,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            head_dim=256,
+            vocab_size=256000,
+            max_position_embeddings=8192,
+            query_pre_attn_scalar=256,
+            sliding_window=4096,
+            attn_logit_softcapping=50.0,
+            final_logit_softcapping=30.0,
+        ),
+    ),
+    "phi-3-mini": (  # Phi-3-mini-4k: fused qkv and gate_up, a 2047-key window
+        "Phi3Config",
+        dict(
+            hidden_size=3072,
+            intermediate_size=8192,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            vocab_size=32064,
+            max_position_embeddings=4096,
+            original_max_position_embeddings=4096,
+            sliding_window=2047,
+            pad_token_id=32000,
+        ),
+    ),
+    "qwen3-8b": (  # q/k norms, head_dim 128
+        "Qwen3Config",
+        dict(
+            hidden_size=4096,
+            intermediate_size=12288,
+            num_hidden_layers=36,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+            vocab_size=151936,
+            max_position_embeddings=40960,
+            rope_theta=1e6,
+            tie_word_embeddings=False,
+        ),
+    ),
     "opt-6.7b": (
         "OPTConfig",
         dict(
@@ -92,23 +153,24 @@ PRESETS = {
 }
 
 
-def preset_folder(name: str) -> str:
-    """A folder holding only the preset's config.json (weights are drawn at load)."""
+def preset_folder(name: str, **overrides) -> str:
+    """A folder holding only the preset's config.json (weights are drawn at load);
+    `overrides` replace config fields (a sliding window, say)."""
     import transformers
 
     cls_name, kwargs = PRESETS[name]
-    config = getattr(transformers, cls_name)(**kwargs, torch_dtype="bfloat16")
+    config = getattr(transformers, cls_name)(**{**kwargs, **overrides}, torch_dtype="bfloat16")
     folder = tempfile.mkdtemp(prefix=f"mii-{name}-")
     config.save_pretrained(folder)
     return folder
 
 
-def hf_model(name: str, device: str = "cuda"):
+def hf_model(name: str, device: str = "cuda", **overrides):
     """transformers' model of the preset, random bf16 weights drawn on the device."""
     import transformers
 
     cls_name, kwargs = PRESETS[name]
-    config = getattr(transformers, cls_name)(**kwargs)
+    config = getattr(transformers, cls_name)(**{**kwargs, **overrides})
     with torch.device(device):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     return model.eval()

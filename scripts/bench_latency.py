@@ -2,7 +2,9 @@
 
 One request of --prompt-len random tokens generating --new-tokens, on a random-weight model
 of a real shape; transformers' `generate` on the same shape in the same process; the floor
-is the weights' bytes over the copy bandwidth measured in the same run.
+is the weights' bytes over the copy bandwidth measured in the same run. `--sliding-window`
+replaces the preset's window (0: none), so that one shape runs with and without it
+(Mistral-7B at 16k context: `--preset mistral-7b-v0.1 --prompt-len 16384`).
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from mii.engine.engine import LLMEngine
 from mii.engine.sampling_params import SamplingParams
 
 
-def bench_hf(preset: str, prompt, new_tokens: int) -> float:
-    model = hf_model(preset)
+def bench_hf(preset: str, prompt, new_tokens: int, overrides: dict) -> float:
+    model = hf_model(preset, **overrides)
     ids = torch.tensor([prompt], device="cuda")
     model.generate(ids, max_new_tokens=4, do_sample=False)
     with Timer() as short:
@@ -70,13 +72,19 @@ def main() -> None:
     ap.add_argument(
         "--sync", action="store_true", help="no asynchronous scheduling (the baseline for it)"
     )
+    ap.add_argument("--sliding-window", type=int, default=None, help="0: no window")
     args = ap.parse_args()
 
+    overrides = {}
+    if args.sliding_window is not None:
+        overrides["sliding_window"] = args.sliding_window or None
     peaks = measure_peaks()
     prompt = random_prompts(1, args.prompt_len, 32000)[0]
-    hf_ms = None if args.skip_hf else bench_hf(args.preset, prompt, args.hf_new_tokens)
+    hf_ms = None
+    if not args.skip_hf:
+        hf_ms = bench_hf(args.preset, prompt, args.hf_new_tokens, overrides)
     config = EngineConfig(
-        model=preset_folder(args.preset),
+        model=preset_folder(args.preset, **overrides),
         dtype="bfloat16",
         enforce_eager=args.eager,
         async_scheduling=False if args.sync else None,
@@ -87,17 +95,26 @@ def main() -> None:
     shape = ModelShape.of(engine.runner.model, engine.hf_config)
     floor_ms = shape.weight_bytes / peaks["copy_bytes_per_s"] * 1e3
     ours = bench_mii(engine, prompt, args.new_tokens)
+    window = getattr(engine.hf_config, "sliding_window", None)
     result = {
         "device": torch.cuda.get_device_name(),
         "args": vars(args),
+        "sliding_window": window,
+        "prompt_len": args.prompt_len,
         "peaks": peaks,
         "floor_ms": floor_ms,
         "hf_ms_per_token": hf_ms,
         **ours,
         "ratio_to_floor": ours["ms_per_token"] / floor_ms,
     }
-    write_json(f"latency_{args.preset}{'_sync' if args.sync else ''}.json", result)
-    print(f"device {result['device']}  copy {peaks['copy_bytes_per_s'] / 1e9:.0f} GB/s")
+    suffix = "_sync" if args.sync else ""
+    if args.sliding_window is not None:
+        suffix += f"_ctx{args.prompt_len}_window{args.sliding_window}"
+    write_json(f"latency_{args.preset}{suffix}.json", result)
+    print(
+        f"device {result['device']}  copy {peaks['copy_bytes_per_s'] / 1e9:.0f} GB/s  "
+        f"{args.preset}  prompt {args.prompt_len}  window {window}"
+    )
     print(f"{'what':<22}{'ms/token':>10}{'TTFT ms':>10}")
     if hf_ms:
         print(f"{'hf generate':<22}{hf_ms:>10.2f}{'':>10}")

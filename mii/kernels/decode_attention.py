@@ -38,6 +38,11 @@ class SplitConfig(NamedTuple):
     num_warps: int = 4
     num_stages: int = 3
 
+    @classmethod
+    def for_head_dim(cls, head_dim: int) -> SplitConfig:
+        """Heads of 256 (Gemma): half-width key tiles, two stages (shared memory)."""
+        return cls(32, 4, 2) if head_dim > 128 else cls()
+
 
 # No specialisation of num_splits: a constant 1 would compile a kernel apart.
 @triton.jit(do_not_specialize=["num_splits"])
@@ -184,9 +189,8 @@ def decode_attention(
     the same as `torch_ref.paged_attention_ref` with every query length 1."""
     splits = num_splits or _num_splits(q, k_cache, block_tables, window)
     options = ScoreOptions.of(scale, window, softcap)
-    return launch(
-        q, k_cache, v_cache, block_tables, seq_lens, scale, splits, SplitConfig(), options
-    )
+    config = SplitConfig.for_head_dim(q.shape[2])
+    return launch(q, k_cache, v_cache, block_tables, seq_lens, scale, splits, config, options)
 
 
 def launch(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, config, options=None):

@@ -134,8 +134,10 @@ def _paged_attention_kernel(
 
 def tile_config(max_rows: int, head_dim: int) -> TileConfig:
     """Tile sizes for the longest sequence's packed rows (query tokens x group), as
-    measured on an H100 (scripts/bench_kernels.py)."""
-    del head_dim  # 64 and 128 share the shapes below
+    measured on an H100 (scripts/bench_kernels.py) for head dims 64 and 128. Heads of 256
+    (Gemma) take half-width key tiles and two stages, to stay within shared memory."""
+    if head_dim > 128:
+        return TileConfig(16 if max_rows <= 16 else 64, 32, 4, 2)
     if max_rows <= 16:  # decodes: memory bound, a narrow M keeps the dot cheap
         return TileConfig(16, 128, 4, 3)
     if max_rows <= 64:

@@ -133,6 +133,17 @@ def test_window_reads_no_block_before_it_interpreted(interpreted):
     assert rel_err(out, expected) < 1e-4
 
 
+@pytest.mark.timeout(120)
+def test_gemma_heads_of_256_interpreted(interpreted):
+    """Heads of 256 take their own (narrower) tiles."""
+    batch = make_paged_batch(*CASES["mixed"], 4, 2, 256, dtype=torch.float32, device="cpu")
+    _check(_ragged(interpreted.paged_attention, batch, 37, 5.0), batch, 37, 5.0, torch.float32)
+    decode = make_paged_batch([1] * 3, [9, 100, 190], 4, 2, 256, dtype=torch.float32,
+                              device="cpu")  # fmt: skip
+    out = _decode(interpreted.decode_attention, decode, 37, 5.0, 3)
+    _check(out, decode, 37, 5.0, torch.float32)
+
+
 GPU_SHAPES = [  # (q heads, kv heads, head_dim)
     (32, 8, 128),  # Mistral-7B
     (16, 8, 256),  # Gemma-2-9B

@@ -95,7 +95,10 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: Any, fam: Family, tp: ParallelContext, layer_cls: type) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
-        self.embed_scale = fam.embed_scale
+        self.embed_scale = None
+        if fam.embed_scale is not None:  # rounded to the weights' dtype, as transformers does
+            dtype = torch.get_default_dtype()  # the model's dtype while it is built
+            self.embed_scale = float(torch.tensor(fam.embed_scale, dtype=dtype))
         self.layers = nn.ModuleList(
             layer_cls(cfg, fam, i, tp) for i in range(cfg.num_hidden_layers)
         )
@@ -103,8 +106,8 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids, positions, cos_sin, meta) -> torch.Tensor:
         h, residual = self.embed_tokens(input_ids), None
-        if self.embed_scale is not None:  # rounded to the weights' dtype, as transformers
-            h = h * torch.tensor(self.embed_scale, dtype=h.dtype)
+        if self.embed_scale is not None:
+            h = h * self.embed_scale
         for layer in self.layers:
             h, residual = layer(h, residual, positions, cos_sin, meta)
         return self.norm(h, residual)[0]
