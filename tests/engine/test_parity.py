@@ -167,3 +167,23 @@ def test_longrope_parity_with_asynchronous_scheduling(tiny_model):
     prompts = mixed_prompts(4, (40, 47, 60, 3), seed=8)  # two cross 48 while generating
     got = pipe(prompts, max_new_tokens=20, min_new_tokens=20, do_sample=False)
     assert [r.token_ids for r in got] == hf_greedy(path, prompts, 20, min_new_tokens=20)
+
+
+@pytest.mark.timeout(60)
+def test_gemma2_logprobs_see_the_final_soft_cap(tiny_model):
+    """The final soft-cap keeps greedy tokens (tanh is monotonic) but changes every
+    probability: the logprobs of the chosen tokens match transformers'."""
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_model("gemma2")
+    prompt = mixed_prompts(1, (40,), seed=3)[0]
+    (got,) = mii.pipeline(path)(
+        [prompt], max_new_tokens=6, min_new_tokens=6, do_sample=False, logprobs=0
+    )
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    ids = torch.tensor([prompt + got.token_ids])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt) - 1 : -1]  # the 6 steps' logits
+    expected = logits.log_softmax(-1).gather(-1, torch.tensor(got.token_ids)[:, None])[:, 0]
+    assert torch.allclose(torch.tensor(got.logprobs), expected, atol=1e-4)
+    assert logits.abs().max() <= 5.0  # capped at final_logit_softcapping
