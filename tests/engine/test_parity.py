@@ -187,3 +187,30 @@ def test_gemma2_logprobs_see_the_final_soft_cap(tiny_model):
     expected = logits.log_softmax(-1).gather(-1, torch.tensor(got.token_ids)[:, None])[:, 0]
     assert torch.allclose(torch.tensor(got.logprobs), expected, atol=1e-4)
     assert logits.abs().max() <= 5.0  # capped at final_logit_softcapping
+
+
+@pytest.mark.timeout(60)
+def test_unknown_architectures_fail_with_the_supported_list(tiny_model, tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "mamba"
+    shutil.copytree(tiny_model("llama"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(architectures=["MambaForCausalLM"], model_type="mamba")
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"MambaForCausalLM.*supported:.*Falcon.*Gemma2.*Qwen3"):
+        mii.pipeline(str(folder))
+
+
+@pytest.mark.timeout(60)
+def test_falcon_with_alibi_says_it_is_not_supported(tiny_model, tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "falcon-rw"
+    shutil.copytree(tiny_model("falcon_seq"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "alibi": True}))
+    with pytest.raises(NotImplementedError, match="ALiBi"):
+        mii.pipeline(str(folder))
