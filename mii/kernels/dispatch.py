@@ -113,3 +113,21 @@ def decode_attention(
         q, k_cache, v_cache, block_tables, starts, seq_lens, scale, window=window,
         softcap=softcap,
     )  # fmt: skip
+
+
+def fused_moe(
+    x: torch.Tensor,
+    router_logits: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    top_k: int,
+    renormalize: bool,
+) -> torch.Tensor:
+    """The routed experts of a mixture-of-experts layer (kernels/fused_moe_ref.py says how)."""
+    if _triton_on(x):
+        from mii.kernels.fused_moe import fused_moe as kernel
+
+        return kernel(x, router_logits, gate_up, down, top_k, renormalize)
+    from mii.kernels.fused_moe_ref import fused_moe_ref, route_ref
+
+    return fused_moe_ref(x, gate_up, down, route_ref(router_logits, top_k, renormalize))

@@ -1,0 +1,62 @@
+"""Torch reference of the fused mixture-of-experts layer: the contract of
+kernels/fused_moe.py and the engine's CPU path.
+
+Layout, as transformers 5 fuses its experts: `gate_up` (E, 2I, H) holds each expert's gate
+rows then its up rows; `down` (E, H, I). Under tensor parallelism each rank holds its slice
+of every expert's I (gate and up rows alike, down columns), and the result is a partial sum
+that the caller all-reduces.
+
+Routing (`route_ref`): softmax over all E router logits in float32, the top k experts by
+probability, their probabilities as weights, renormalised to sum to one when asked
+(Mixtral always; Qwen2-MoE per `norm_topk_prob`). Mixtral's softmax over only the top-k
+logits is the same as the renormalised top-k of the full softmax.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from mii.kernels.torch_ref import silu_and_mul_ref
+
+
+class Routing(NamedTuple):
+    weights: torch.Tensor  # (T, k) float32, each token's weight for its j-th expert
+    experts: torch.Tensor  # (T, k) int64, experts by falling probability
+
+
+def route_ref(logits: torch.Tensor, top_k: int, renormalize: bool) -> Routing:
+    """logits: (T, E) router logits of any float dtype."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    weights, experts = probs.topk(top_k, dim=-1)  # (T, k), (T, k)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return Routing(weights, experts)
+
+
+def fused_moe_ref(
+    x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, routing: Routing
+) -> torch.Tensor:
+    """sum_j weights[t, j] * down_e(silu(gate_e x_t) * up_e x_t) with e = experts[t, j].
+
+    x: (T, H); returns (T, H) in x's dtype, summed in float32. One sort of the (token, slot)
+    pairs by expert, then per expert that got any: a gather of its tokens, two matmuls, and
+    an index_add of the weighted rows (the best plain-torch formulation on CPU)."""
+    tokens, top_k = routing.experts.shape
+    flat = routing.experts.flatten()  # (T*k,) entry t*k + j
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat, minlength=gate_up.shape[0]).tolist()
+    rows = order // top_k  # the token of each sorted entry
+    weights = routing.weights.flatten()[order].unsqueeze(1)  # (T*k, 1)
+    out = torch.zeros((tokens, x.shape[1]), dtype=torch.float32, device=x.device)
+    start = 0
+    for expert, count in enumerate(counts):
+        if count:
+            picked = rows[start : start + count]
+            h = silu_and_mul_ref(F.linear(x.index_select(0, picked), gate_up[expert]))
+            y = F.linear(h, down[expert])  # (count, H)
+            out.index_add_(0, picked, y.float() * weights[start : start + count])
+        start += count
+    return out.to(x.dtype)
