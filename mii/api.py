@@ -1,29 +1,23 @@
-"""The public entry points: `pipeline`, `serve`, `client` (DeepSpeed-MII's signatures)."""
+"""The public entry points: `pipeline`, `serve`, `client` (DeepSpeed-MII's signatures; every
+form of passing the configuration that MII accepts: see `mii.config_forms`)."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from mii.config import MIIConfig, ModelConfig
+from mii.config_forms import mii_config_of, model_config_of, reject_unknown
+from mii.cpu_threads import prefer_passive_omp_wait
+from mii.ignored_options import warn_ignored
+from mii.launcher_env import LaunchedRank
 
-
-def _model_config(model_name_or_path: str, model_config: dict | None, kwargs: dict) -> ModelConfig:
-    fields = dict(model_config or {})
-    fields.setdefault("model_name_or_path", model_name_or_path)
-    model_keys = set(ModelConfig.model_fields)
-    for key in [k for k in kwargs if k in model_keys]:
-        fields[key] = kwargs.pop(key)
-    return ModelConfig(**fields)
-
-
-def _reject_unknown(kwargs: dict[str, Any], where: str) -> None:
-    if kwargs:
-        raise TypeError(f"{where}() got unknown option(s): {', '.join(sorted(kwargs))}")
+log = logging.getLogger(__name__)
 
 
 def pipeline(
     model_name_or_path: str = "",
-    model_config: dict | None = None,
+    model_config: dict | ModelConfig | None = None,
     all_rank_output: bool = False,
     **kwargs: Any,
 ):
@@ -31,33 +25,47 @@ def pipeline(
 
     `pipe(prompts, **generate_options)` returns one `Response` per prompt.
     Keyword arguments are `ModelConfig` fields (`tensor_parallel`, `max_length`, `dtype`, ...).
-    """
-    from mii.local_pipeline import MIIPipeline
 
-    config = _model_config(model_name_or_path, model_config, kwargs)
-    _reject_unknown(kwargs, "pipeline")
-    return MIIPipeline(config, all_rank_output=all_rank_output)
+    Under a launcher (`deepspeed --num_gpus N`, `torchrun --nproc_per_node N`) the launched
+    processes form one tensor-parallel group of WORLD_SIZE ranks: every rank makes the same
+    calls; rank 0 returns the responses, the others None (or the same responses with
+    `all_rank_output=True`).
+    """
+    prefer_passive_omp_wait()  # before anything imports torch
+    kwargs = dict(kwargs)
+    config = model_config_of(model_name_or_path, model_config, kwargs)
+    reject_unknown(kwargs, "pipeline")
+    warn_ignored(config)
+    from mii.launched_pipeline import start_pipeline
+
+    return start_pipeline(config, all_rank_output)
 
 
 def serve(
     model_name_or_path: str = "",
-    model_config: dict | None = None,
-    mii_config: dict | None = None,
+    model_config: dict | ModelConfig | None = None,
+    mii_config: dict | MIIConfig | None = None,
     **kwargs: Any,
 ):
     """Start a deployment (workers pulling from Redis streams) and return its `Client`.
 
     Keyword arguments are `ModelConfig` or `MIIConfig` fields (`deployment_name`,
-    `tensor_parallel`, `replica_num`, `max_length`, `redis_url`, ...).
+    `tensor_parallel`, `replica_num`, `max_length`, `redis_url`, ...); `model_config` and
+    `mii_config` may be dicts or config objects (MII's precedence: `mii.config_forms`).
+
+    Under a launcher (WORLD_SIZE > 1), rank 0 starts the deployment (its tensor_parallel
+    defaults to WORLD_SIZE) and the other ranks return None.
     """
+    config = mii_config_of(model_name_or_path, model_config, mii_config, kwargs)
+    warn_ignored(config)
+    rank = LaunchedRank.from_environment()
+    if rank is not None and rank.rank != 0:
+        log.info("rank %d of %d: rank 0 serves %s", rank.rank, rank.world_size,
+                 config.deployment_name)  # fmt: skip
+        return None
     from mii.launch.serve import serve_deployment
 
-    config = _model_config(model_name_or_path, model_config, kwargs)
-    fields = dict(mii_config or {})
-    for key in [k for k in kwargs if k in MIIConfig.model_fields]:
-        fields[key] = kwargs.pop(key)
-    _reject_unknown(kwargs, "serve")
-    return serve_deployment(MIIConfig(model_config=config, **fields))
+    return serve_deployment(config)
 
 
 def client(model_or_deployment_name: str, **kwargs: Any):

@@ -13,44 +13,71 @@ from mii.engine.config import CacheConfig, EngineConfig, SchedulePolicy, Schedul
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+    # Field docstrings become descriptions: the help of `mii serve` and `mii worker` options.
+    model_config = ConfigDict(
+        extra="forbid", populate_by_name=True, validate_assignment=True,
+        use_attribute_docstrings=True,
+    )  # fmt: skip
 
 
 class ModelConfig(_Model):
     """Which model to load and how (DeepSpeed-MII's field names, then mii's engine knobs)."""
 
     model_name_or_path: str
+    """A local Hugging Face folder, a Hub name (org/model) or a short name (smollm2)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of a Hub model; every worker fetches this one."""
     tokenizer: str | None = None
+    """The tokenizer's folder or Hub name, when it is not the model's."""
     task: TaskType = TaskType.TEXT_GENERATION
+    """Only text-generation."""
     tensor_parallel: int = Field(default_factory=lambda: int(os.getenv("WORLD_SIZE", "1")), gt=0)
+    """GPUs one replica's model is split over (default: $WORLD_SIZE, else 1)."""
     quantization_mode: str | None = None
+    """Not supported (MII's 'wf6af16'): give dtype instead."""
     inference_engine_config: dict[str, Any] = Field(default_factory=dict)
     """MII's ragged engine options; `state_manager.max_ragged_batch_size`,
     `state_manager.max_ragged_sequence_count` and `state_manager.max_context` are honoured."""
     torch_dist_port: int = 29500
+    """MII's; no effect (ranks meet on a free port)."""
     zmq_port_number: int = 25555
+    """MII's; no effect (ranks talk through torch.distributed)."""
     replica_num: int = Field(1, gt=0)
+    """Worker processes (model replicas) that `mii.serve` starts."""
     replica_configs: list[dict[str, Any]] = Field(default_factory=list)
+    """MII's; no effect (replicas take their GPUs from device_map)."""
     device_map: Literal["auto"] | dict[str, list[list[int]]] = "auto"
+    """GPUs of each replica: 'auto' (consecutive blocks of tensor_parallel), or
+    {host: [[gpu, ...] per replica]}."""
     max_length: int | None = Field(None, gt=0)
     """Largest prompt + generation the deployment accepts (defaults to the model's context)."""
     sync_debug: bool = False
+    """MII's; no effect."""
     profile_model_time: bool = False
+    """MII's; no effect (engine statistics are in Flower and /metrics)."""
     # mii's engine options.
     dtype: str = "auto"
+    """auto (the checkpoint's on GPU, fp32 on CPU), fp32, fp16 or bf16."""
     device: str = "auto"
+    """auto (CUDA when there is one), cpu, cuda or cuda:N."""
     block_size: int = Field(16, gt=0)
+    """Tokens per KV-cache block."""
     max_num_batched_tokens: int | None = Field(None, gt=0)
     """SplitFuse token budget per forward pass (MII: max_ragged_batch_size, default 768)."""
     max_num_seqs: int | None = Field(None, gt=0)
+    """Most requests in the engine at once (MII: max_ragged_sequence_count, default 256)."""
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    """Fraction of the GPU's memory for weights, activations and the KV cache."""
     cpu_kv_cache_gib: float = Field(1.0, gt=0)
+    """KV cache size on the CPU, in GiB."""
     num_kv_blocks: int | None = Field(None, gt=0)
+    """KV-cache blocks (default: as many as the memory options allow)."""
     enable_prefix_caching: bool = True
+    """Share the KV blocks of common prompt prefixes."""
     enforce_eager: bool = False
+    """No CUDA graphs."""
     schedule_policy: SchedulePolicy = SchedulePolicy.SPLITFUSE
+    """splitfuse (decodes first, prompt chunks fill the budget) or prefill_first."""
     async_scheduling: bool | None = None
     """Overlap the host's scheduling with the device's step (None: on for CUDA)."""
     load_format: Literal["auto", "dummy"] = "auto"
@@ -72,7 +99,12 @@ class ModelConfig(_Model):
     @model_validator(mode="after")
     def _quantization_unsupported(self) -> ModelConfig:
         if self.quantization_mode is not None:
-            raise ValueError(f"quantization_mode {self.quantization_mode!r} is not supported")
+            raise ValueError(
+                f"quantization_mode {self.quantization_mode!r} is not supported: mii runs "
+                "fp32, fp16 and bf16 weights (dtype='fp16' or 'bf16' halves fp32's memory); "
+                "a quantized GGUF checkpoint can be dequantized into a Hugging Face folder "
+                "as the demo model is (mii/engine/demo_model.py)"
+            )
         return self
 
     def _state_manager(self, key: str):
@@ -136,13 +168,26 @@ class MIIConfig(_Model):
     """A deployment: its name, its model and where its Redis is."""
 
     deployment_name: str = ""
+    """The deployment's name (default: MODEL-mii-deployment)."""
     deployment_type: DeploymentType = DeploymentType.LOCAL
+    """Only local (AML is not supported)."""
     model_conf: ModelConfig = Field(alias="model_config")
     port_number: int = 50050
+    """MII's; no effect (clients reach workers through Redis)."""
     enable_restful_api: bool = False
+    """Start the HTTP gateway (OpenAI API, MII's REST API) with the workers."""
     restful_api_host: str = "localhost"
+    """Interface of the HTTP gateway."""
     restful_api_port: int = 51080
+    """Port of the HTTP gateway."""
     restful_processes: int = Field(32, ge=1)
+    """Gateway processes (at most one a core)."""
+    hostfile: str = "/job/hostfile"
+    """MII's; no effect (start workers on other hosts with `mii worker`)."""
+    version: int = 1
+    """MII's AML option; no effect."""
+    instance_type: str = "Standard_NC12s_v3"
+    """MII's AML option; no effect."""
     # mii's broker options.
     redis_url: str | None = None
     """Redis URL (redis://, rediss://, with user and password); None: MII_REDIS_URL or an

@@ -5,6 +5,11 @@ class MIIError(Exception):
     """Base class of every error mii raises on purpose."""
 
 
+class UnknownArgument(MIIError, TypeError):
+    """A keyword argument that is neither a `ModelConfig` nor an `MIIConfig` field (MII's
+    name for it)."""
+
+
 class InvalidRequestError(MIIError, ValueError):
     """A prompt or a generation option is not acceptable."""
 

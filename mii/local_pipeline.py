@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Iterator
+from typing import Protocol
 
 from mii.config import ModelConfig
 from mii.constants import GenerationFinishReason
 from mii.engine.engine import LLMEngine
 from mii.engine.loader import resolve_model_path
 from mii.engine.outputs import RequestOutput
+from mii.engine.tp.launched import LaunchedGroup
 from mii.params import GenerateParams, as_prompt_list, encode_prompt
 from mii.response import Response, ResponseParts
 
 Prompt = str | list[int]
+
+
+class Lead(Protocol):
+    """Rank 0's side of a launcher's processes (`mii.launched_pipeline.LaunchedLead`)."""
+
+    group: LaunchedGroup
+
+    def end_call(self, responses: list[Response] | None, error: BaseException | None) -> None:
+        """Let the other ranks return from the call."""
 
 
 def _parts(prompt: Prompt, prompt_length: int, params: GenerateParams) -> ResponseParts:
@@ -32,34 +44,66 @@ def _add(parts: ResponseParts, out: RequestOutput) -> None:
 class MIIPipeline:
     """Call it with prompts and generation options; get one `Response` per prompt."""
 
-    def __init__(self, model_config: ModelConfig, all_rank_output: bool = False) -> None:
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        all_rank_output: bool = False,
+        lead: Lead | None = None,
+    ) -> None:
+        """`lead`: this process is rank 0 of a launcher's processes (`launched_pipeline`)."""
         self.model_config = model_config
         self.all_rank_output = all_rank_output
+        self.lead = lead
         path = resolve_model_path(model_config.model_name_or_path)
-        self.engine = LLMEngine(model_config.to_engine_config(path))
+        config = model_config.to_engine_config(path)
+        if lead is None:
+            self.engine = LLMEngine(config)
+        else:
+            config = dataclasses.replace(config, device=str(lead.group.device))
+            self.engine = LLMEngine(config, tp=lead.group.leader_context())
         self.tokenizer = self.engine.tokenizer
 
     def __call__(self, prompts: Prompt | list[Prompt], **kwargs) -> list[Response]:
-        pending = self._submit(prompts, kwargs)
+        responses, error = None, None
         try:
-            while self.engine.has_unfinished_requests():
-                for out in self.engine.step():
-                    _add(pending[out.request_id], out)
+            pending = self._submit(prompts, kwargs)
+            try:
+                while self.engine.has_unfinished_requests():
+                    for out in self.engine.step():
+                        _add(pending[out.request_id], out)
+            finally:
+                self._abort(pending)
+            responses = [parts.response() for parts in pending.values()]
+            return responses
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
-            self._abort(pending)
-        return [parts.response() for parts in pending.values()]
+            self._end_call(responses, error)
 
     def stream(self, prompt: Prompt, **kwargs) -> Iterator[Response]:
         """Yield one `Response` per engine step holding that step's new text and tokens."""
-        pending = self._submit([prompt], kwargs)
-        (request_id,) = pending
+        error = None
         try:
-            while self.engine.has_unfinished_requests():
-                for out in self.engine.step():
-                    if out.request_id == request_id:
-                        yield _delta(out)
+            pending = self._submit([prompt], kwargs)
+            (request_id,) = pending
+            try:
+                while self.engine.has_unfinished_requests():
+                    for out in self.engine.step():
+                        if out.request_id == request_id:
+                            yield _delta(out)
+            finally:
+                self._abort(pending)
+        except Exception as exc:  # not GeneratorExit: a stream closed early is no error
+            error = exc
+            raise
         finally:
-            self._abort(pending)
+            self._end_call(None, error)
+
+    def _end_call(self, responses: list[Response] | None, error: BaseException | None) -> None:
+        """The other ranks of a launcher's group return from their call too."""
+        if self.lead is not None:
+            self.lead.end_call(responses, error)
 
     def _submit(self, prompts, kwargs) -> dict[str, ResponseParts]:
         """Validate every prompt before queueing any, so a bad one leaves nothing behind."""

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from mii.broker_config.settings import REDIS_URL_ENV
 from mii.launch.child import ChildProcess
+from mii.launcher_env import without_launcher
 
 
 @dataclass
@@ -59,7 +60,9 @@ class WorkerSpec:
         return cmd + (["--engine-factory", self.engine_factory] if self.engine_factory else [])
 
     def _environment(self) -> dict[str, str]:
-        env = {**os.environ, REDIS_URL_ENV: self.redis_url, "PYTHONUNBUFFERED": "1"}
+        # not a launcher's rank (mii.serve under torchrun): the worker's ranks are its own
+        env = {**without_launcher(os.environ), REDIS_URL_ENV: self.redis_url,
+               "PYTHONUNBUFFERED": "1"}  # fmt: skip
         # A worker shares its cores with its publisher thread and often with Redis: OpenMP
         # threads that spin while they wait take those cycles (SmolLM2 served on two cores:
         # 423 -> 472 tok/s in scripts/bench_queue.py). Set OMP_WAIT_POLICY to choose otherwise.

@@ -15,6 +15,9 @@ class ParallelContext:
     world_size: int = 1
     group: Any = None
     """The torch.distributed process group; None in a single-process run."""
+    leader: Any = None
+    """On rank 0 of processes that a launcher started (`tp/launched.py`), their group: the
+    engine sends the other ranks each step's plan through it. None otherwise."""
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:

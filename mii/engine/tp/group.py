@@ -29,7 +29,7 @@ INIT_TIMEOUT = timedelta(minutes=5)
 # not time out while a worker idles.
 CONTROL_TIMEOUT = timedelta(days=365)
 _INLINE_WORDS = 1024  # the first broadcast of a message; a decode step's plan fits in it
-_STOP, _STEP = 0, 1
+_STOP, _STEP, _IDLE = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -101,9 +101,10 @@ def connect_store(port: int, world_size: int) -> dist.TCPStore:
 
 
 def join_group(
-    rank: int, world_size: int, store: dist.TCPStore, device: torch.device
+    rank: int, world_size: int, store: dist.TCPStore | None, device: torch.device
 ) -> tuple[ParallelContext, ControlChannel]:
-    """Join the model's process group and the control channel (a collective call)."""
+    """Join the model's process group and the control channel (a collective call); without
+    a store, by the launcher's environment (MASTER_ADDR, MASTER_PORT)."""
     if dist.is_initialized():
         raise RuntimeError(
             "this process already belongs to a torch.distributed group: one tensor-parallel "
@@ -112,7 +113,8 @@ def join_group(
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
+    where = {"store": store} if store is not None else {"init_method": "env://"}
+    dist.init_process_group(backend, rank=rank, world_size=world_size, **where)
     control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
     return ParallelContext(rank, world_size, dist.group.WORLD), ControlChannel(control)
 
@@ -158,6 +160,13 @@ class ControlChannel:
     def send_stop(self) -> None:
         self._send(_STOP, np.zeros(0, dtype=np.int64))
 
+    def send_idle(self, payload: bytes = b"") -> None:
+        """Rank 0 has no more steps for now (a launcher's processes: the call ended), with
+        `payload` for the other ranks (see `receive_idle`)."""
+        padded = payload + b"\0" * (-len(payload) % 8)
+        words = np.frombuffer(padded, dtype=np.int64)
+        self._send(_IDLE, np.concatenate([[len(payload)], words]).astype(np.int64))
+
     def _send(self, command: int, body: np.ndarray) -> None:
         message = torch.from_numpy(np.concatenate([[command, len(body)], body]).astype(np.int64))
         head = min(len(message), _INLINE_WORDS)
@@ -166,16 +175,30 @@ class ControlChannel:
         if len(message) > _INLINE_WORDS:
             dist.broadcast(message[_INLINE_WORDS:].contiguous(), src=0, group=self.group)
 
-    def receive(self) -> StepPlan | None:
-        """The next step's plan; None when rank 0 stops the group."""
-        dist.broadcast(self._first, src=0, group=self.group)
-        command, length = int(self._first[0]), int(self._first[1])
+    def receive(self) -> StepPlan | Idle | None:
+        """The next step's plan; `Idle` when rank 0 has no more steps for now; None when it
+        stops the group."""
+        command, body = self._receive()
         if command == _STOP:
             return None
+        if command == _IDLE:
+            return Idle(body[1:].tobytes()[: int(body[0])])
+        return StepPlan.unpack(body)
+
+    def _receive(self) -> tuple[int, np.ndarray]:
+        dist.broadcast(self._first, src=0, group=self.group)
+        command, length = int(self._first[0]), int(self._first[1])
         body = self._first[2 : 2 + length].clone()
         rest = 2 + length - _INLINE_WORDS
         if rest > 0:
             tail = torch.empty(rest, dtype=torch.int64)
             dist.broadcast(tail, src=0, group=self.group)
             body = torch.cat([body, tail])
-        return StepPlan.unpack(body.numpy())
+        return command, body.numpy()
+
+
+@dataclass(frozen=True)
+class Idle:
+    """Rank 0 ended a call of the launcher's processes (`ControlChannel.send_idle`)."""
+
+    payload: bytes

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -39,6 +39,9 @@ from mii.engine.tp.group import (
 )
 from mii.errors import TensorParallelError
 
+if TYPE_CHECKING:
+    from mii.engine.tp.launched import LaunchedGroup
+
 _FAILURE_GRACE_S = 5.0  # how long a failed collective waits to learn which rank died
 _STOP_GRACE_S = 10.0  # how long stopped ranks get to exit before they are killed
 _JOINING, _READY = "joining", "ready"
@@ -54,7 +57,13 @@ def make_runner(
     random_weights: bool,
 ) -> ModelRunner:
     """The engine's model runner; with `tensor_parallel > 1`, rank 0 of a group it starts
-    (unless `tp` says that the caller runs the group itself)."""
+    (unless `tp` says that the caller runs the group itself: a launcher's processes, whose
+    rank 0 leads the others through `tp.leader`)."""
+    if tp.leader is not None:
+        spec = RankSpec(
+            config, plain_config(hf_config), model_path, dtype, max_positions, random_weights
+        )
+        return TensorParallelRunner(tp.leader.lead(spec), spec)
     if config.tensor_parallel == 1 or tp.world_size > 1:
         return ModelRunner(config, hf_config, model_path, dtype, max_positions, tp, random_weights)
     # A model that does not split evenly fails here, before any process starts.
@@ -80,7 +89,7 @@ def make_runner(
 class TensorParallelRunner(ModelRunner):
     """Rank 0's runner: each step's plan goes to the other ranks before rank 0 runs it."""
 
-    def __init__(self, group: TensorParallelGroup, spec: RankSpec) -> None:
+    def __init__(self, group: TensorParallelGroup | LaunchedGroup, spec: RankSpec) -> None:
         self.group = group
         self._leading = False  # while building, every rank makes the same calls on its own
         super().__init__(
