@@ -9,6 +9,7 @@ from typing import Any
 from mii.config import MIIConfig, ModelConfig
 from mii.config_forms import mii_config_of, model_config_of, reject_unknown
 from mii.cpu_threads import prefer_passive_omp_wait
+from mii.extras import require
 from mii.ignored_options import warn_ignored
 from mii.launcher_env import LaunchedRank
 
@@ -36,6 +37,7 @@ def pipeline(
     config = model_config_of(model_name_or_path, model_config, kwargs)
     reject_unknown(kwargs, "pipeline")
     warn_ignored(config)
+    _require_for(config.model_name_or_path, "engine", "mii.pipeline")
     from mii.launched_pipeline import start_pipeline
 
     return start_pipeline(config, all_rank_output)
@@ -58,6 +60,9 @@ def serve(
     """
     config = mii_config_of(model_name_or_path, model_config, mii_config, kwargs)
     warn_ignored(config)
+    _require_for(config.model_conf.model_name_or_path, "worker", "mii.serve")
+    if config.enable_restful_api:
+        require("gateway", "mii.serve(enable_restful_api=True)")
     rank = LaunchedRank.from_environment()
     if rank is not None and rank.rank != 0:
         log.info("rank %d of %d: rank 0 serves %s", rank.rank, rank.world_size,
@@ -66,6 +71,15 @@ def serve(
     from mii.launch.serve import serve_deployment
 
     return serve_deployment(config)
+
+
+def _require_for(model: str, extra: str, what: str) -> None:
+    """`extra`'s packages, and the demo extra's when the demo model is still to convert
+    (one error naming all that is missing, not one extra after the other)."""
+    from mii.engine.demo_model import needs_conversion
+
+    require("demo" if needs_conversion(model) else extra, what)
+    require(extra, what)
 
 
 def client(model_or_deployment_name: str, **kwargs: Any):

@@ -18,28 +18,26 @@ import contextlib
 import signal
 import sys
 import threading
-
-from redis import RedisError
+from importlib import import_module
 
 from mii.errors import MIIError
-from mii.gateway.cli import add_gateway_args, run_gateway
-from mii.producer.bulk.cli import add_bulk_args, run_bulk
-from mii.worker.celery.cli import add_flower_args, add_worker_args, run_flower, run_worker
 
-USER_ERRORS = (MIIError, ValueError, OSError, RedisError)
-"""What `main` reports in one line: bad arguments and options (pydantic's errors are
-ValueErrors), missing files, unreachable or refusing Redis servers."""
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """What `main` reports in one line: bad arguments and options (pydantic's errors are
+    ValueErrors), missing files, unreachable or refusing Redis servers."""
+    from redis import RedisError
+
+    return (MIIError, ValueError, OSError, RedisError)
 
 
 def _add_serve(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="local HF folder or a short name such as smollm2")
-    p.add_argument("--deployment-name", default="")
-    p.add_argument("--replica-num", type=int, default=1)
-    p.add_argument("--tensor-parallel", type=int, default=1)
-    p.add_argument("--max-length", type=int, default=None)
-    p.add_argument("--redis-url", default=None, help="default: $MII_REDIS_URL, else embedded")
+    from mii.config_options import add_config_options
+
+    p.add_argument("model", help="local HF folder, Hub name, or a short name such as smollm2")
     p.add_argument("--prompt", default=None, help="stream one completion, then stop serving")
     _add_generation_options(p)
+    add_config_options(p)
 
 
 def _add_generate(p: argparse.ArgumentParser) -> None:
@@ -58,21 +56,25 @@ def _add_terminate(p: argparse.ArgumentParser) -> None:
 def _add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--sample", action="store_true", help="sample (default: greedy)")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="send the prompt as a user message: the worker applies the model's chat template",
+    )
 
 
 def _generation_kwargs(args) -> dict:
     return {"max_new_tokens": args.max_new_tokens, "do_sample": args.sample}
 
 
-def _chat_prompt(model: str, prompt: str) -> str:
-    from transformers import AutoTokenizer
+def _prompt(args):
+    """The prompt as given, or with --chat one user message (`Chat`): the worker applies
+    its model's chat template, so this host needs no model files."""
+    if not args.chat:
+        return args.prompt
+    from mii.producer.submit import Chat
 
-    from mii.engine.loader import resolve_model_path
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model), local_files_only=True)
-    chat = [{"role": "user", "content": prompt}]
-    return tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    return Chat([{"role": "user", "content": args.prompt}])
 
 
 def _stream_to_stdout(client, prompt: str, kwargs: dict) -> None:
@@ -84,22 +86,16 @@ def _stream_to_stdout(client, prompt: str, kwargs: dict) -> None:
 def _run_serve(args) -> int:
     import mii
     from mii.broker_config.settings import redact_url
+    from mii.config_options import serve_kwargs
 
     try:
-        client = mii.serve(
-            args.model,
-            deployment_name=args.deployment_name,
-            replica_num=args.replica_num,
-            tensor_parallel=args.tensor_parallel,
-            max_length=args.max_length,
-            redis_url=args.redis_url,
-        )
+        client = mii.serve(args.model, **serve_kwargs(args))
     except KeyboardInterrupt:  # what the start made is already stopped and forgotten
         print("mii serve: interrupted while starting", file=sys.stderr)
         return 130
     try:
         if args.prompt is not None:
-            prompt = _chat_prompt(args.model, args.prompt) if args.chat else args.prompt
+            prompt = _prompt(args)
             print(f"> {args.prompt}")
             _stream_to_stdout(client, prompt, _generation_kwargs(args))
             return 0
@@ -124,8 +120,7 @@ def _run_generate(args) -> int:
     import mii
 
     client = mii.client(args.deployment, redis_url=args.redis_url)
-    model = client.mii_config.model_conf.model_name_or_path
-    prompt = _chat_prompt(model, args.prompt) if args.chat else args.prompt
+    prompt = _prompt(args)
     _warn_without_workers(client)
     if args.no_stream:
         print(client.generate(prompt, **_generation_kwargs(args))[0].generated_text)
@@ -163,19 +158,48 @@ COMMANDS = {
     "serve": (_add_serve, _run_serve, "start a deployment (workers behind Redis streams)"),
     "generate": (_add_generate, _run_generate, "send a prompt to a running deployment"),
     "terminate": (_add_terminate, _run_terminate, "stop a deployment's workers"),
-    "worker": (add_worker_args, run_worker, "run a Celery worker serving one replica"),
-    "flower": (add_flower_args, run_flower, "start Flower (basic auth) on the deployment's Redis"),
-    "bulk": (add_bulk_args, run_bulk, "offline bulk jobs: submit, status, wait, results, cancel"),
-    "gateway": (add_gateway_args, run_gateway, "serve a deployment over HTTP (OpenAI API)"),
+    "worker": (
+        "mii.worker.celery.cli:add_worker_args",
+        "mii.worker.celery.cli:run_worker",
+        "run a Celery worker serving one replica",
+    ),
+    "flower": (
+        "mii.worker.celery.cli:add_flower_args",
+        "mii.worker.celery.cli:run_flower",
+        "start Flower (basic auth) on the deployment's Redis",
+    ),
+    "bulk": (
+        "mii.producer.bulk.cli:add_bulk_args",
+        "mii.producer.bulk.cli:run_bulk",
+        "offline bulk jobs: submit, status, wait, results, cancel",
+    ),
+    "gateway": (
+        "mii.gateway.cli:add_gateway_args",
+        "mii.gateway.cli:run_gateway",
+        "serve a deployment over HTTP (OpenAI API)",
+    ),
 }
+"""name -> (adds its options, runs it, help); functions, or "module:function" of commands
+whose modules are imported only when that command is parsed or run."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _function(ref):
+    if callable(ref):
+        return ref
+    module, _, name = ref.partition(":")
+    return getattr(import_module(module), name)
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """Every subcommand; with `only`, the options of that one alone ("": none), so that
+    `mii --help` and each command's parsing build no other command's options."""
     parser = argparse.ArgumentParser(prog="mii", description="Fast LLM generation over Redis")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (add, run, help_text) in COMMANDS.items():
-        add(sub.add_parser(name, help=help_text))
-        sub.choices[name].set_defaults(run=run)
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        if only is None or only == name:
+            _function(add)(command)
+        command.set_defaults(run=run)
     return parser
 
 
@@ -187,12 +211,15 @@ def main(argv=None) -> int:
     if undecodable is not None:
         print(f"mii: argument {undecodable} is not valid UTF-8", file=sys.stderr)
         return 2
-    args = build_parser().parse_args(argv)
+    command = argv[0] if argv and argv[0] in COMMANDS else ""
+    args = build_parser(command).parse_args(argv)
     try:
-        return args.run(args)
+        return _function(args.run)(args)
     except KeyboardInterrupt:
         return 130
-    except USER_ERRORS as exc:
+    except Exception as exc:
+        if not isinstance(exc, user_errors()):
+            raise
         print(f"mii {args.command}: {_one_line(exc)}", file=sys.stderr)
         return 1
 

@@ -23,10 +23,11 @@ def prefer_passive_omp_wait() -> bool:
     OpenMP) is loaded already; True when it is PASSIVE for this process's OpenMP."""
     if WAIT_POLICY in os.environ:
         return os.environ[WAIT_POLICY].upper() == "PASSIVE"
-    if "torch" not in sys.modules:
+    torch = sys.modules.get("torch")
+    if torch is None:
         os.environ[WAIT_POLICY] = "PASSIVE"
         return True
-    if sys.modules["torch"].cuda.is_available():
+    if torch.cuda.is_available():
         return False  # the GPU does the work: no warning
     log.warning(
         "torch was imported before mii.pipeline, so OpenMP's threads spin while they wait "

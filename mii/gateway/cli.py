@@ -38,6 +38,9 @@ def settings_from_args(args) -> GatewaySettings:
 
 
 def run_gateway(args) -> int:
+    from mii.extras import require
+
+    require("gateway", "mii gateway")
     from mii.gateway.server import serve
 
     serve(settings_from_args(args), log_level=args.log_level, workers=args.workers)

@@ -8,15 +8,20 @@ import re
 
 from mii.broker_config.settings import DEFAULT_REDIS_URL, explicit_redis_url
 
+WORKER_OWN = frozenset({"deployment_name", "redis_url"})
+"""Config fields the worker takes as its own options (--deployment, --redis-url)."""
+
 
 def add_worker_args(p: argparse.ArgumentParser) -> None:
+    from mii.config_options import add_config_options
+
     p.add_argument("--deployment", required=True)
     p.add_argument(
         "--model",
         default=None,
-        help="record the deployment with this model first if it is not recorded",
+        help="record the deployment with this model first if it is not recorded (with the "
+        "model, deployment and broker options below; otherwise the recorded config applies)",
     )
-    p.add_argument("--tensor-parallel", type=int, default=1, help="with --model")
     p.add_argument("--devices", default=None, help="CUDA devices of this worker, e.g. 0,1")
     p.add_argument("--replica", type=int, default=0)
     p.add_argument("--engine-factory", default=None, help="module:function (default: the engine)")
@@ -28,6 +33,7 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
         help="interface of the metrics port (default 127.0.0.1; 0.0.0.0: every interface)",
     )
     p.add_argument("--loglevel", default="INFO")  # fmt: skip
+    add_config_options(p, skip=WORKER_OWN)
 
 
 def node_name(deployment: str, replica: int) -> str:
@@ -35,6 +41,9 @@ def node_name(deployment: str, replica: int) -> str:
 
 
 def run_worker(args) -> int:
+    from mii.extras import require
+
+    require("worker", "mii worker")
     from mii.worker.celery.app import make_app
     from mii.worker.celery.bootstep import EXIT_CODE_ATTR
 
@@ -42,7 +51,9 @@ def run_worker(args) -> int:
     if args.devices:  # before anything initialises CUDA in this process
         os.environ["CUDA_VISIBLE_DEVICES"] = args.devices
     if args.model:
-        _record_if_missing(url, args.deployment, args.model, args.tensor_parallel)
+        _record_if_missing(url, _mii_config(args))
+    else:
+        _refuse_config_options(args)
     argv = [
         "worker", f"--hostname={node_name(args.deployment, args.replica)}", "--pool=solo",
         "--concurrency=1", f"--loglevel={args.loglevel}", "--without-mingle",
@@ -62,22 +73,38 @@ def run_worker(args) -> int:
     return getattr(app, EXIT_CODE_ATTR, 0)
 
 
-def _record_if_missing(url: str, deployment: str, model: str, tensor_parallel: int) -> None:
+def _mii_config(args):
+    """The deployment `--model` and the config options (and MII_* variables) describe."""
+    from mii.config_forms import mii_config_of
+    from mii.config_options import serve_kwargs
+
+    kwargs = serve_kwargs(args) | {"deployment_name": args.deployment}
+    kwargs.pop("redis_url", None)  # each process names its own
+    return mii_config_of(args.model, None, None, kwargs)
+
+
+def _refuse_config_options(args) -> None:
+    from mii.config_options import SECTIONS
+
+    given = [n for s in SECTIONS for n in s.config.model_fields
+             if n in vars(args) and n not in WORKER_OWN]  # fmt: skip
+    if given:
+        flags = ", ".join("--" + n.replace("_", "-") for n in given)
+        raise ValueError(f"{flags}: config options apply only with --model (a recorded "
+                         "deployment's config applies to every worker)")  # fmt: skip
+
+
+def _record_if_missing(url: str, config) -> None:
     from mii.broker_config.connection import connect
     from mii.broker_config.deployment import DeploymentRecord, load_record, save_record
     from mii.broker_config.keys import DeploymentKeys
-    from mii.config import MIIConfig
 
-    redis, keys = connect(url), DeploymentKeys(deployment)
+    redis, keys = connect(url), DeploymentKeys(config.deployment_name)
     try:
         load_record(redis, keys)
         return
     except Exception:  # noqa: BLE001 (no record yet: make one)
         pass
-    config = MIIConfig(
-        deployment_name=deployment,
-        model_config={"model_name_or_path": model, "tensor_parallel": tensor_parallel},
-    )
     mii_config = config.model_dump(mode="json", by_alias=True, exclude={"redis_url"})
     save_record(redis, keys, DeploymentRecord(mii_config=mii_config))
 
@@ -97,6 +124,9 @@ def add_flower_args(p: argparse.ArgumentParser) -> None:
 def run_flower(args) -> int:
     """Flower on the deployment's Redis (the Celery broker), with basic auth on; its
     Prometheus metrics are at /metrics (behind the same basic auth)."""
+    from mii.extras import require
+
+    require("flower", "mii flower")
     from mii.worker.celery.app import make_app
     from mii.worker.celery.flower_auth import protect_metrics
 
