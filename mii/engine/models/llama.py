@@ -80,9 +80,13 @@ class LlamaDecoderLayer(nn.Module):
     def __init__(self, cfg: Any, fam: Family, layer: int, tp: ParallelContext) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(cfg, fam, layer, tp)
-        self.mlp = LlamaMLP(cfg, fam, tp)
+        self.mlp = self.build_mlp(cfg, fam, layer, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fam.gemma_norm)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fam.gemma_norm)
+
+    def build_mlp(self, cfg: Any, fam: Family, layer: int, tp: ParallelContext) -> nn.Module:
+        """The layer's MLP; the mixture-of-experts models (models/moe.py) build theirs."""
+        return LlamaMLP(cfg, fam, tp)
 
     def forward(self, h, residual, positions, cos_sin, meta):
         normed, residual = self.input_layernorm(h, residual)
@@ -98,7 +102,7 @@ class LlamaModel(nn.Module):
         self.embed_scale = None
         if fam.embed_scale is not None:  # rounded to the weights' dtype, as transformers does
             dtype = torch.get_default_dtype()  # the model's dtype while it is built
-            self.embed_scale = float(torch.tensor(fam.embed_scale, dtype=dtype))
+            self.embed_scale = float(torch.tensor(fam.embed_scale, dtype=dtype, device="cpu"))
         self.layers = nn.ModuleList(
             layer_cls(cfg, fam, i, tp) for i in range(cfg.num_hidden_layers)
         )
