@@ -55,7 +55,7 @@ def _tiny_config(arch: str):
         eos_token_id=EOS,
         initializer_range=0.2,
     )
-    for family in (_llama_family, _new_families, _opt_family):
+    for family in (_llama_family, _new_families, _opt_family, _moe_family):
         config = family(arch, common)
         if config is not None:
             return config
@@ -179,12 +179,28 @@ def _opt_family(arch: str, common: dict):
     return None
 
 
+def _moe_family(arch: str, common: dict):
+    from transformers import MixtralConfig, Qwen2MoeConfig
+
+    heads = dict(num_attention_heads=4, num_key_value_heads=2)
+    if arch == "mixtral":  # top-2 of 8 experts in every layer
+        return MixtralConfig(num_local_experts=8, num_experts_per_tok=2, **heads, **common)
+    if arch == "qwen2_moe":  # top-4 of 8 plus the shared expert; layer 1 a dense MLP
+        return Qwen2MoeConfig(
+            num_experts=8, num_experts_per_tok=4, moe_intermediate_size=32,
+            shared_expert_intermediate_size=96, norm_topk_prob=False, mlp_only_layers=[1],
+            **heads, **dict(common, num_hidden_layers=3),
+        )  # fmt: skip
+    return None
+
+
 ARCHS = ("llama", "llama3", "mistral", "qwen2", "opt", "opt350")
 NEW_ARCHS = (
     "mistral_swa", "qwen2_swa", "qwen3", "gemma", "gemma2", "phi3", "phi2",
     "falcon7b", "falcon40b", "falcon_seq",
 )  # fmt: skip
-ALL_ARCHS = ARCHS + NEW_ARCHS
+MOE_ARCHS = ("mixtral", "qwen2_moe")
+ALL_ARCHS = ARCHS + NEW_ARCHS + MOE_ARCHS
 
 
 def build_tiny_model(arch: str, folder: str, seed: int = 0) -> str:

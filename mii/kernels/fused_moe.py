@@ -67,6 +67,24 @@ def moe_config(num_tokens: int, top_k: int, num_experts: int) -> MoeConfig:
     return MoeConfig(128, GemmTile(128, 64, 8, 3), GemmTile(256, 64, 8, 3))
 
 
+SHARED_MEMORY = 200 * 1024  # bytes of pipelined tiles a program may hold (H100: 227 KB)
+
+
+def fit_shared_memory(tile: GemmTile, block_m: int, weight_tiles: int, itemsize: int) -> GemmTile:
+    """Fewer stages, then narrower K tiles, until the pipelined operand tiles fit: float32
+    (the tests) doubles the bytes that the bf16 tiles were chosen for. `weight_tiles`: the
+    weight tiles a stage loads (gate_up: 2)."""
+    while tile.num_stages > 1 and tile.block_k > 16:
+        per_stage = (block_m + weight_tiles * tile.block_n) * tile.block_k * itemsize
+        if per_stage * tile.num_stages <= SHARED_MEMORY:
+            break
+        if tile.num_stages > 2:
+            tile = tile._replace(num_stages=tile.num_stages - 1)
+        else:
+            tile = tile._replace(block_k=tile.block_k // 2)
+    return tile
+
+
 def max_blocks(num_tokens: int, top_k: int, num_experts: int, block_m: int) -> int:
     entries = num_tokens * top_k
     return triton.cdiv(entries + min(num_experts, entries) * (block_m - 1), block_m)
@@ -315,7 +333,7 @@ def expert_gemms(
         return out.view(tokens, hidden)
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     h = torch.empty((blocks * config.block_m, inner), dtype=x.dtype, device=x.device)
-    tile = config.gate_up
+    tile = fit_shared_memory(config.gate_up, config.block_m, 2, x.element_size())
     _gate_up_kernel[(blocks * triton.cdiv(inner, tile.block_n),)](
         x, gate_up, h, routing.sorted_ids, routing.block_expert, routing.block_rows,
         blocks, inner, hidden, x.stride(0), gate_up.stride(0), gate_up.stride(1), h.stride(0),
@@ -323,7 +341,7 @@ def expert_gemms(
         GROUP_M=config.group_m, EVEN_K=hidden % tile.block_k == 0, PRECISION=precision,
         num_warps=tile.num_warps, num_stages=tile.num_stages,
     )  # fmt: skip
-    tile = config.down
+    tile = fit_shared_memory(config.down, config.block_m, 1, x.element_size())
     _down_kernel[(blocks * triton.cdiv(hidden, tile.block_n),)](
         h, down, out, routing.sorted_ids, routing.weights, routing.block_expert,
         routing.block_rows, blocks, hidden, inner, h.stride(0), down.stride(0),

@@ -153,6 +153,18 @@ def test_default_configs_cover_the_step_sizes(moe_interpreted, tokens):
         assert blocks <= 2  # a decode token's two experts, one block each
 
 
+@pytest.mark.timeout(30)
+def test_default_tiles_fit_shared_memory_in_bf16_and_shrink_for_fp32(moe_interpreted):
+    fit = moe_interpreted.fit_shared_memory
+    for tokens in (1, 16, 64, 256, 4096):
+        config = moe_interpreted.moe_config(tokens, 2, 8)
+        for tile, weight_tiles in ((config.gate_up, 2), (config.down, 1)):
+            assert fit(tile, config.block_m, weight_tiles, 2) == tile  # bf16: as chosen
+            small = fit(tile, config.block_m, weight_tiles, 4)
+            stage = (config.block_m + weight_tiles * small.block_n) * small.block_k * 4
+            assert stage * small.num_stages <= moe_interpreted.SHARED_MEMORY
+
+
 def dense_moe(x, gate_up, down, routing):
     """Every expert over every token, weighted by a dense (T, E) routing matrix."""
     dense = torch.zeros(x.shape[0], gate_up.shape[0]).scatter(1, routing.experts, routing.weights)

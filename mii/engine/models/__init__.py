@@ -9,6 +9,7 @@ from torch import nn
 from mii.engine.models.falcon import FalconForCausalLM
 from mii.engine.models.gemma2 import Gemma2ForCausalLM
 from mii.engine.models.llama import LlamaForCausalLM
+from mii.engine.models.moe import LlamaMoeForCausalLM
 from mii.engine.models.opt import OPTForCausalLM
 from mii.engine.models.phi import PhiForCausalLM
 
@@ -19,6 +20,8 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Qwen3ForCausalLM": LlamaForCausalLM,
     "GemmaForCausalLM": LlamaForCausalLM,
     "Phi3ForCausalLM": LlamaForCausalLM,
+    "MixtralForCausalLM": LlamaMoeForCausalLM,
+    "Qwen2MoeForCausalLM": LlamaMoeForCausalLM,
     "Gemma2ForCausalLM": Gemma2ForCausalLM,
     "PhiForCausalLM": PhiForCausalLM,
     "FalconForCausalLM": FalconForCausalLM,
@@ -34,6 +37,8 @@ _BY_MODEL_TYPE = {
     "gemma": "GemmaForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
     "phi3": "Phi3ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
     "phi": "PhiForCausalLM",
     "falcon": "FalconForCausalLM",
     "opt": "OPTForCausalLM",

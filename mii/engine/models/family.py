@@ -87,7 +87,8 @@ class Family:
             head_dim=dim,
             num_kv_heads=num_kv_heads(cfg),
             rotary_dim=rotary_dim(dim, rope_parameters(cfg)),
-            qkv_bias=cfg.model_type == "qwen2" or attention_bias,  # Qwen2 always has them
+            # Qwen2 always has them; Qwen2-MoE's config says so as qkv_bias
+            qkv_bias=cfg.model_type == "qwen2" or attention_bias or getattr(cfg, "qkv_bias", False),
             out_bias=attention_bias,
             mlp_bias=bool(getattr(cfg, "mlp_bias", False)),
             qk_norm=cfg.model_type == "qwen3",

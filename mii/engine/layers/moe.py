@@ -1,0 +1,114 @@
+"""The mixture-of-experts MLP (Mixtral, Qwen2-MoE): a router, E gated SiLU experts run by
+one fused kernel (kernels/fused_moe.py on CUDA, its torch reference on CPU), and Qwen2-MoE's
+shared expert behind its sigmoid gate.
+
+Tensor parallelism splits each expert's intermediate dimension over the group, as for the
+dense MLP: a rank holds its slice of every expert's gate and up rows and down columns, so
+its output is a partial sum. The router and the shared expert's gate are replicated; the
+shared expert is split the same way, and its partial sum (scaled by its gate, which is
+linear in it) joins the experts' before the layer's one all-reduce.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mii.engine.layers.activation import SiluAndMul
+from mii.engine.layers.linear import (
+    MergedColumnParallelLinear,
+    ReplicatedLinear,
+    RowParallelLinear,
+)
+from mii.engine.tp.context import ParallelContext
+from mii.kernels import dispatch
+
+
+class ExpertStack(nn.Module):
+    """One weight of every expert, stacked: (E, rows, cols)."""
+
+    def __init__(self, shape: tuple[int, int, int], loader) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(shape), requires_grad=False)
+        self.weight.weight_loader = loader
+
+
+class FusedExperts(nn.Module):
+    """gate_up (E, 2I/tp, H): each expert's gate rows then its up rows; down (E, H, I/tp).
+    Checkpoints hold one matrix per expert and projection; the loaders' shard ids say which:
+    (expert, 0 for gate or 1 for up), or the expert for down."""
+
+    def __init__(self, num_experts: int, hidden: int, inner: int, tp: ParallelContext):
+        super().__init__()
+        self.tp = tp
+        self.inner = tp.shard(inner, "expert intermediate size")
+        self.gate_up = ExpertStack((num_experts, 2 * self.inner, hidden), self._load_gate_up)
+        self.down = ExpertStack((num_experts, hidden, self.inner), self._load_down)
+
+    def _load_gate_up(self, param: nn.Parameter, loaded, shard: tuple[int, int]) -> None:
+        expert, part = shard
+        start = self.tp.rank * self.inner
+        rows = param.data[expert].narrow(0, part * self.inner, self.inner)
+        rows.copy_(loaded[start : start + self.inner])
+
+    def _load_down(self, param: nn.Parameter, loaded, expert: int) -> None:
+        start = self.tp.rank * self.inner
+        param.data[expert].copy_(loaded[:, start : start + self.inner])
+
+
+class SharedExpert(nn.Module):
+    """A gated SiLU MLP whose down projection leaves its partial sum unreduced."""
+
+    def __init__(self, hidden: int, inner: int, tp: ParallelContext) -> None:
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(hidden, [inner, inner], False, tp)
+        self.down_proj = RowParallelLinear(inner, hidden, False, tp)
+        self.act = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj.matmul(self.act(self.gate_up_proj(x)), None)
+
+
+class SparseMoeBlock(nn.Module):
+    def __init__(
+        self,
+        hidden: int,
+        num_experts: int,
+        top_k: int,
+        inner: int,
+        renormalize: bool,
+        tp: ParallelContext,
+        shared_inner: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.tp = tp
+        self.top_k = top_k
+        self.renormalize = renormalize
+        self.gate = ReplicatedLinear(hidden, num_experts)  # the router
+        self.experts = FusedExperts(num_experts, hidden, inner, tp)
+        self.shared_expert = self.shared_expert_gate = None
+        if shared_inner:
+            self.shared_expert = SharedExpert(hidden, shared_inner, tp)
+            self.shared_expert_gate = ReplicatedLinear(hidden, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.gate(x)  # (T, E)
+        experts = self.experts
+        out = dispatch.fused_moe(
+            x, logits, experts.gate_up.weight, experts.down.weight, self.top_k, self.renormalize
+        )
+        if self.shared_expert is not None:
+            gate = torch.sigmoid(self.shared_expert_gate(x))  # (T, 1)
+            out = out + gate * self.shared_expert(x)
+        return self.tp.all_reduce(out)
+
+
+def expert_checkpoint_names(num_experts: int, gate: str, up: str, down: str) -> dict:
+    """`packed_modules` entries that send each expert's checkpoint matrices into the stacks:
+    `experts.{e}.{gate}` to experts.gate_up with shard (e, 0), and so on."""
+    names = {}
+    for e in range(num_experts):
+        names[f"experts.{e}.{gate}"] = ("experts.gate_up", (e, 0))
+        names[f"experts.{e}.{up}"] = ("experts.gate_up", (e, 1))
+        names[f"experts.{e}.{down}"] = ("experts.down", e)
+    return names
