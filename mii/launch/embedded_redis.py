@@ -110,8 +110,10 @@ class EmbeddedRedis:
         deadline = time.monotonic() + START_TIMEOUT_S
         while not answers(self.url, timeout_s=0.5):
             if self.process.poll() is not None or time.monotonic() > deadline:
+                tail = self.log_tail()
                 self.stop()
-                raise MIIError(f"embedded Redis did not start; its log:\n{self.log_tail()}")
+                self.remove_dir()
+                raise MIIError(f"embedded Redis did not start; its log:\n{tail}")
             time.sleep(0.05)
         return self
 
@@ -121,6 +123,11 @@ class EmbeddedRedis:
     def stop(self, timeout_s: float = 10.0) -> None:
         if self.process is not None:
             stop_all([ChildProcess(self.process, self.log_path)], timeout_s)
+
+    def remove_dir(self) -> None:
+        """Remove its folder (config with the password, log) once it has stopped."""
+        if not self.running():
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     def log_tail(self, lines: int = 20) -> str:
         return log_tail(self.log_path, lines)

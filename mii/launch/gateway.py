@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from mii.broker_config.settings import REDIS_URL_ENV
 from mii.errors import MIIError
 from mii.launch.child import ChildProcess
+from mii.launcher_env import without_launcher
 
 READY_TIMEOUT_S = 60.0
 
@@ -25,13 +26,15 @@ class GatewayProcess(ChildProcess):
 
 
 def spawn_gateway(deployment: str, redis_url: str, host: str, port: int,
-                  extra_args: tuple[str, ...] = ()) -> GatewayProcess:  # fmt: skip
+                  extra_args: tuple[str, ...] = (), log_dir: str | None = None,
+                  ) -> GatewayProcess:  # fmt: skip
     """`mii gateway` in a child process; returns once it answers `/healthz`. The Redis URL
-    travels in the environment, so its password stays out of `ps`."""
-    log_dir = tempfile.mkdtemp(prefix=f"mii-gateway-{deployment.replace('/', '_')}-")
+    travels in the environment, so its password stays out of `ps`. Its log goes to
+    `log_dir` (default: a new temporary folder)."""
+    log_dir = log_dir or tempfile.mkdtemp(prefix=f"mii-gateway-{deployment.replace('/', '_')}-")
     log_path = os.path.join(log_dir, "gateway.log")
     cmd = [sys.executable, "-m", "mii.gateway", deployment, "--host", host, "--port", str(port)]
-    env = {**os.environ, REDIS_URL_ENV: redis_url, "PYTHONUNBUFFERED": "1"}
+    env = {**without_launcher(os.environ), REDIS_URL_ENV: redis_url, "PYTHONUNBUFFERED": "1"}
     with open(log_path, "ab") as log:
         process = subprocess.Popen([*cmd, *extra_args], stdin=subprocess.DEVNULL, stdout=log,
                                    stderr=subprocess.STDOUT, env=env)  # fmt: skip

