@@ -6,6 +6,7 @@
     mii terminate smollm2-mii-deployment
     mii bulk submit smollm2-mii-deployment prompts.jsonl --output out.jsonl   # offline job
     mii gateway smollm2-mii-deployment --port 8000                      # OpenAI HTTP API
+    mii control pause smollm2-mii-deployment        # workers finish what they hold, take nothing
 
 To add a subcommand, write `_add_NAME(parser)` and `_run_NAME(args) -> int` and list it in
 `COMMANDS`.
@@ -162,6 +163,11 @@ COMMANDS = {
         "mii.worker.celery.cli:add_worker_args",
         "mii.worker.celery.cli:run_worker",
         "run a Celery worker serving one replica",
+    ),
+    "control": (
+        "mii.worker.celery.control:add_control_args",
+        "mii.worker.celery.control:run_control",
+        "pause or resume a deployment's workers (Celery remote control)",
     ),
     "flower": (
         "mii.worker.celery.cli:add_flower_args",

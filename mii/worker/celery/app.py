@@ -48,6 +48,10 @@ def make_app(redis_url: str | None = None) -> Celery:
     options.add(
         Option(["--metrics-address"], default=None, help="Prometheus interface (127.0.0.1)")
     )
+    options.add(
+        Option(["--task-prompt-chars"], default=None,
+               help="prompt characters in Flower's task args (0: none; none: all)")
+    )  # fmt: skip
     return app
 
 

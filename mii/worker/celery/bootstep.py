@@ -18,21 +18,30 @@ import time
 from celery import bootsteps
 from celery.platforms import EX_FAILURE
 
-from mii.worker.celery.events import TaskEvents
+from mii.worker.celery.events import PREVIEW, TaskEvents
 
 log = logging.getLogger("mii.worker")
 EXIT_CODE_ATTR = "mii_exit_code"
+
+
+def _prompt_chars(option: str | int | None) -> int | None:
+    """`--task-prompt-chars`: a count, "none" for whole prompts; not given: the default."""
+    if option is None:
+        return PREVIEW
+    return None if str(option).lower() == "none" else int(option)
 
 
 class EngineLoopStep(bootsteps.StartStopStep):
     label = "mii engine loop"
 
     def __init__(self, worker, deployment=None, replica=0, engine_factory=None,
-                 metrics_port=None, metrics_address=None, **kwargs):  # fmt: skip
+                 metrics_port=None, metrics_address=None, task_prompt_chars=None,
+                 **kwargs):  # fmt: skip
         super().__init__(worker, **kwargs)
         self.deployment, self.replica = deployment, int(replica or 0)
         self.engine_factory, self.metrics_port = engine_factory, metrics_port
         self.metrics_address = metrics_address
+        self.prompt_chars = _prompt_chars(task_prompt_chars)
         self.hosted = None
         self.events: TaskEvents | None = None
         self.thread: threading.Thread | None = None
@@ -47,7 +56,7 @@ class EngineLoopStep(bootsteps.StartStopStep):
             return
         from mii.worker.hosting import build_worker
 
-        self.events = TaskEvents(worker.app, worker.hostname)
+        self.events = TaskEvents(worker.app, worker.hostname, self.prompt_chars)
         self.hosted = build_worker(
             self.deployment, worker.app.conf.broker_url, self.replica, self.engine_factory,
             observer=self.events,

@@ -33,7 +33,20 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
         help="interface of the metrics port (default 127.0.0.1; 0.0.0.0: every interface)",
     )
     p.add_argument("--loglevel", default="INFO")  # fmt: skip
+    p.add_argument(
+        "--task-prompt-chars",
+        default=os.environ.get("MII_TASK_PROMPT_CHARS", "80"),
+        type=_prompt_chars,
+        help="how much of each prompt Flower shows in the task's args: its first N characters "
+        "(0: none, only its length; 'none': all of it) [MII_TASK_PROMPT_CHARS; default 80]",
+    )
     add_config_options(p, skip=WORKER_OWN)
+
+
+def _prompt_chars(text: str) -> str:
+    if text.lower() != "none" and (not text.isdigit()):
+        raise argparse.ArgumentTypeError(f"a count of characters or 'none', not {text!r}")
+    return text.lower()
 
 
 def node_name(deployment: str, replica: int) -> str:
@@ -66,6 +79,7 @@ def run_worker(args) -> int:
         argv.append(f"--metrics-port={args.metrics_port}")
     if args.metrics_address:
         argv.append(f"--metrics-address={args.metrics_address}")
+    argv.append(f"--task-prompt-chars={args.task_prompt_chars}")
     app = make_app(url)
     app.worker_main(argv)
     # Celery drops its worker's exit code; the engine loop's bootstep leaves it on the app:

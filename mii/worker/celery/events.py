@@ -4,6 +4,10 @@ Requests reach workers through Redis streams, not as Celery messages, so the wor
 the task events itself: task-received when it reads a request, task-started when the
 engine admits it, task-succeeded (with a short result) or task-failed when it ends.
 Flower builds its tasks page from exactly these events.
+
+A task's args show the start of its prompt: `prompt_chars` characters (80 by default; `mii
+worker --task-prompt-chars N`), 0 for none (only its length), None for all of it. Anyone
+who can read the Celery events (Flower's users) reads what is shown.
 """
 
 from __future__ import annotations
@@ -15,19 +19,22 @@ from typing import Any
 from mii.worker.observer import RequestObserver
 
 TASK_NAME = "mii.generate"
-PREVIEW = 80  # characters of a prompt shown as the task's args
+PREVIEW = 80  # characters of a prompt shown as the task's args, by default
 
 
-def _preview(prompt: Any) -> str:
-    if isinstance(prompt, str):
-        text = prompt if len(prompt) <= PREVIEW else prompt[:PREVIEW] + "..."
-        return repr((text,))
-    return f"(<{len(prompt)} token ids>,)"
+def preview(prompt: Any, chars: int | None = PREVIEW) -> str:
+    """The task's args for a prompt: its first `chars` characters (None: all, 0: none)."""
+    if not isinstance(prompt, str):
+        return f"(<{len(prompt)} token ids>,)"
+    if chars == 0:
+        return f"(<prompt of {len(prompt)} characters, not shown>,)"
+    text = prompt if chars is None or len(prompt) <= chars else prompt[:chars] + "..."
+    return repr((text,))
 
 
 class TaskEvents(RequestObserver):
-    def __init__(self, app, hostname: str) -> None:
-        self.hostname = hostname
+    def __init__(self, app, hostname: str, prompt_chars: int | None = PREVIEW) -> None:
+        self.hostname, self.prompt_chars = hostname, prompt_chars
         self.connection = app.connection_for_write()
         self.dispatcher = app.events.Dispatcher(
             connection=self.connection, hostname=hostname, enabled=True
@@ -41,7 +48,7 @@ class TaskEvents(RequestObserver):
     def received(self, rid: str, prompt: Any, params: dict[str, Any]) -> None:
         self.received_ids.add(rid)
         self._send(
-            "received", rid, name=TASK_NAME, args=_preview(prompt),
+            "received", rid, name=TASK_NAME, args=preview(prompt, self.prompt_chars),
             kwargs=json.dumps(params, default=str), retries=0, eta=None, expires=None,
             root_id=rid, parent_id=None,
         )  # fmt: skip
