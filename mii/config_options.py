@@ -135,8 +135,9 @@ def environment_values(config: type[BaseModel], fields: list[str]) -> dict[str, 
     annotations = {n: config.model_fields[n].annotation | None for n in fields}
     namespace = {
         "__annotations__": annotations,
-        "model_config": SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore",
-                                           env_parse_none_str="none"),  # fmt: skip
+        "model_config": SettingsConfigDict(
+            env_prefix=ENV_PREFIX, extra="ignore", env_parse_none_str="none"
+        ),  # fmt: skip
         **dict.fromkeys(fields),
     }
     env = type(f"{config.__name__}Environment", (BaseSettings,), namespace)()

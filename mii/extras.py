@@ -27,8 +27,8 @@ def require(extra: str, what: str) -> None:
     for module in EXTRAS[extra]:
         if not _installed(module):
             raise MissingExtraError(
-                f"{what} needs {module!r}, which is not installed: pip install 'mii[{extra}]' "
-                f"(or 'mii[all]' for every role)"
+                f"{what} needs {module!r}, which is not installed: install mii's extra "
+                f"{extra!r} (pip install '.[{extra}]' in mii's checkout; '.[all]': every role)"
             )
 
 

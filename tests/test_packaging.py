@@ -59,14 +59,14 @@ def test_the_demo_model_without_gguf_names_the_extra(tmp_path):
     code = _without(("gguf",), "import mii\ntry: mii.pipeline('smollm2')\n"
                     "except ImportError as exc: print(exc)")  # fmt: skip
     out = _run(code, tmp_path)
-    assert "needs 'gguf', which is not installed: pip install 'mii[demo]'" in out.stdout, out
+    assert "needs 'gguf', which is not installed: install mii's extra 'demo'" in out.stdout, out
     assert not list(tmp_path.iterdir())  # nothing fetched
 
 
 def test_a_pipeline_without_torch_names_the_extra(tmp_path):
     code = _without(("torch",), f"import mii\ntry: mii.pipeline({str(tmp_path)!r})\n"
                     "except ImportError as exc: print(exc)")  # fmt: skip
-    assert "mii.pipeline needs 'torch', which is not installed: pip install 'mii[engine]'" in (
+    assert "mii.pipeline needs 'torch', which is not installed: install mii's extra 'engine'" in (
         _run(code, tmp_path).stdout
     )
 
@@ -78,14 +78,14 @@ def test_commands_without_their_extras_are_one_line(tmp_path):
     assert out.stdout.split() == ["1", "1"], out.stderr
     lines = out.stderr.strip().splitlines()
     assert lines == [
-        "mii worker: mii worker needs 'celery', which is not installed: pip install "
-        "'mii[worker]' (or 'mii[all]' for every role)",
-        "mii gateway: mii gateway needs 'starlette', which is not installed: pip install "
-        "'mii[gateway]' (or 'mii[all]' for every role)",
+        "mii worker: mii worker needs 'celery', which is not installed: install mii's extra "
+        "'worker' (pip install '.[worker]' in mii's checkout; '.[all]': every role)",
+        "mii gateway: mii gateway needs 'starlette', which is not installed: install mii's "
+        "extra 'gateway' (pip install '.[gateway]' in mii's checkout; '.[all]': every role)",
     ]
 
 
 def test_serve_without_the_worker_extra_fails_before_starting_anything(tmp_path):
     code = _without(("celery",), "import mii\ntry: mii.serve('fake')\n"
                     "except ImportError as exc: print(exc)")  # fmt: skip
-    assert "pip install 'mii[worker]'" in _run(code, tmp_path).stdout
+    assert "pip install '.[worker]'" in _run(code, tmp_path).stdout

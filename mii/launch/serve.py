@@ -218,7 +218,6 @@ def prepare_model(mii_config: MIIConfig, stages: Stages) -> None:
                      "converting it once into a Hugging Face folder")  # fmt: skip
         stages.model(f"ready in {ensure_demo_model(name)}")
     elif name.lower() not in SHORT_NAMES and "/" in name and is_hub_name(name):
-
         stages.model(f"{name} from the Hugging Face Hub (its cache first)")
         path = hub_model_path(name, model.revision, weights=model.load_format != "dummy")
         stages.model(f"ready in {path}")
