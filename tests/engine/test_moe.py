@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 from test_parity import hf_greedy
-from tiny_models import mixed_prompts
+from tiny_models import build_tiny_model, mixed_prompts
 
 import mii
 from mii.engine.layers.moe import SparseMoeBlock
@@ -18,6 +18,21 @@ from mii.engine.loader import build_model, load_hf_config, load_weights
 from mii.engine.models.llama import LlamaMLP
 from mii.engine.models.moe import MoeSpec
 from mii.engine.tp.context import ParallelContext
+
+
+@pytest.fixture(scope="module")
+def moe_model(tmp_path_factory):
+    """moe_model(arch) -> folder of the tiny random model. Built here rather than through
+    tests/conftest.py, so that the GPU tests of this file also run where the serving half's
+    test dependencies are missing (`PYTHONPATH=.:tests pytest --confcutdir=tests/kernels`)."""
+    made: dict[str, str] = {}
+
+    def make(arch: str) -> str:
+        if arch not in made:
+            made[arch] = build_tiny_model(arch, str(tmp_path_factory.mktemp(arch)))
+        return made[arch]
+
+    return make
 
 
 def hf_model(path: str):
@@ -41,8 +56,8 @@ def halves(t: torch.Tensor, dim: int, rank: int, world_size: int) -> torch.Tenso
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("world_size", [1, 2])
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
-def test_expert_weights_land_in_their_rank_slices(tiny_model, arch, world_size):
-    path = tiny_model(arch)
+def test_expert_weights_land_in_their_rank_slices(moe_model, arch, world_size):
+    path = moe_model(arch)
     theirs = hf_model(path).model.layers[0].mlp
     for rank in range(world_size):
         ours = our_model(path, rank, world_size).model.layers[0].mlp
@@ -61,8 +76,8 @@ def test_expert_weights_land_in_their_rank_slices(tiny_model, arch, world_size):
 
 
 @pytest.mark.timeout(60)
-def test_qwen2_moe_layers_are_sparse_or_dense_as_configured(tiny_model):
-    layers = our_model(tiny_model("qwen2_moe")).model.layers
+def test_qwen2_moe_layers_are_sparse_or_dense_as_configured(moe_model):
+    layers = our_model(moe_model("qwen2_moe")).model.layers
     kinds = [type(layer.mlp) for layer in layers]
     assert kinds == [SparseMoeBlock, LlamaMLP, SparseMoeBlock]  # mlp_only_layers=[1]
     assert layers[0].mlp.shared_expert is not None and layers[0].mlp.top_k == 4
@@ -95,10 +110,10 @@ def with_config(src: str, dst, **changes) -> str:
     ("arch", "changes"),
     [("qwen2_moe", {"norm_topk_prob": True}), ("mixtral", {"num_experts_per_tok": 3})],
 )
-def test_routing_options_are_honoured(tiny_model, tmp_path, arch, changes):
+def test_routing_options_are_honoured(moe_model, tmp_path, arch, changes):
     """Renormalised top-k (Qwen2-MoE) and a wider top-k (Mixtral) change transformers'
     tokens; ours follow, over a long prompt in chunks of a small budget beside others."""
-    original = tiny_model(arch)
+    original = moe_model(arch)
     changed = with_config(original, tmp_path / "changed", **changes)
     prompts = mixed_prompts(4, (90, 3, 20, 7), seed=13)
     expected = hf_greedy(changed, prompts, 16, min_new_tokens=16)
@@ -114,13 +129,13 @@ def test_routing_options_are_honoured(tiny_model, tmp_path, arch, changes):
 @pytest.mark.gpu
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
-def test_fp32_matches_transformers_on_the_gpu(tiny_model, arch):
+def test_fp32_matches_transformers_on_the_gpu(moe_model, arch):
     from test_gpu import hf_on_gpu, run_engine
 
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     torch.backends.cuda.matmul.allow_tf32 = False
-    path = tiny_model(arch)
+    path = moe_model(arch)
     prompts = mixed_prompts(8, (1, 5, 17, 70, 33, 130, 2, 9), seed=5)
     assert run_engine(path, prompts, 24, budget=32) == hf_on_gpu(path, prompts, 24)
 
@@ -128,12 +143,12 @@ def test_fp32_matches_transformers_on_the_gpu(tiny_model, arch):
 @pytest.mark.gpu
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
-def test_bf16_agrees_with_transformers_on_the_gpu(tiny_model, arch):
+def test_bf16_agrees_with_transformers_on_the_gpu(moe_model, arch):
     from test_gpu import hf_on_gpu, run_engine
 
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    path = tiny_model(arch)
+    path = moe_model(arch)
     prompts = mixed_prompts(8, (12, 48, 5, 90), seed=13)
     ours = run_engine(path, prompts, 32, dtype="bfloat16")
     ref = hf_on_gpu(path, prompts, 32, dtype=torch.bfloat16)
