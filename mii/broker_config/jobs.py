@@ -3,8 +3,10 @@ process reads back (`mii bulk status | wait | results`), so a job outlives its s
 
 Keys (`DeploymentKeys.job(id)`, all under the deployment's hash tag):
 
-    meta       hash   total, submitted, done, errors, tokens (counters); created, finished,
-                      cancelled (epoch seconds); ttl_s, fingerprint, format, model, params
+    meta       hash   total, submitted, done, errors, tokens (counters); streamed (tokens
+                      generated so far, lines still running included: the progress bar's
+                      rate); created, finished, cancelled (epoch seconds); ttl_s,
+                      fingerprint, format, model, params
     manifest   hash   line -> msgpack `LineInfo` (the line's id, its OpenAI endpoint)
     submitted  hash   line -> entry id of the line's request in the bulk stream ("" for a
                       line that was answered without one: refused at submit, cancelled)
@@ -36,6 +38,8 @@ class LineInfo(_Message):
     """The line's `id` (mii form) or `custom_id` (OpenAI form), else its line number."""
     url: str | None = None
     """The OpenAI endpoint the line was written for (its output is in OpenAI's form)."""
+    logprobs: int | None = None
+    """The line asked for log-probabilities, with this many alternatives a token."""
 
 
 class LineResult(_Message):
@@ -53,6 +57,12 @@ class LineResult(_Message):
     worker: str = ""
     t: float = 0.0
     """When it was recorded (the recorder's clock, epoch seconds)."""
+    ids: list[int] | None = None
+    lp: list[float] | None = None
+    toks: list[str] | None = None
+    top: list[list[tuple[int, float, str]]] | None = None
+    """With `logprobs` asked: the generated token ids, each one's log-probability, its text
+    and its best alternatives (token id, log-probability, text), as a response chunk's."""
 
 
 def result_payload(reason, *, text: str = "", plen: int = 0, glen: int = 0, **extra) -> bytes:
@@ -110,6 +120,15 @@ refresh(ttl)
 return n
 """
 )
+
+STREAMED_SCRIPT = """
+-- KEYS: the job's meta. ARGV: tokens a worker generated for the job's lines in one step.
+-- A job that expired or was deleted is not brought back.
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HINCRBY', KEYS[1], 'streamed', ARGV[1])
+end
+return 0
+"""
 
 CREATE_SCRIPT = """
 -- KEYS: meta, manifest, submitted, results; ARGV: fingerprint, then field, value pairs.

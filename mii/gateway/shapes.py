@@ -12,8 +12,8 @@ import uuid
 
 from mii.constants import GenerationFinishReason as Reason
 from mii.gateway.errors import APIError
-from mii.gateway.logprobs import chat_logprobs, completion_logprobs
 from mii.gateway.requests import GenerationRequest
+from mii.producer.openai_logprobs import chat_logprobs, completion_logprobs
 from mii.response import Response
 
 _FINISHED = {Reason.STOP: "stop", Reason.LENGTH: "length"}

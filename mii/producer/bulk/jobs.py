@@ -111,7 +111,7 @@ class BulkJobs:
     def _create(self, job_id, job_input: JobInput, params, fingerprint, ttl_s: int) -> None:
         existing = self._call(lambda: self.store.fingerprint(job_id))
         if existing is None:
-            infos = {line.line: _info(line) for line in job_input.lines}
+            infos = {line.line: _info(line, params) for line in job_input.lines}
             self._call(lambda: self.store.write_manifest(job_id, infos, ttl_s))
             meta = dict(total=len(job_input.lines), ttl_s=ttl_s, model=self.model, params=params)
             meta.update(format=_format(job_input), source=job_input.name)
@@ -254,9 +254,10 @@ def _fingerprint(job_input: JobInput, params: dict) -> str:
     return hashlib.sha256(f"{job_input.digest}\n{options}".encode()).hexdigest()
 
 
-def _info(line: BulkLine | LineError) -> LineInfo:
+def _info(line: BulkLine | LineError, defaults: dict) -> LineInfo:
     ident = line.id if line.id is not None else str(line.line)
-    return LineInfo(id=ident, url=getattr(line, "openai_url", None))
+    logprobs = {**defaults, **getattr(line, "params", {})}.get("logprobs")
+    return LineInfo(id=ident, url=getattr(line, "openai_url", None), logprobs=logprobs)
 
 
 def _format(job_input: JobInput) -> str:

@@ -7,7 +7,12 @@ mii's form, one object a line, in input order:
 OpenAI's form (https://platform.openai.com/docs/guides/batch):
     {"id", "custom_id", "response": {"status_code", "request_id", "body"} | null,
      "error": {"code", "message"} | null}
-with a `text_completion` or `chat.completion` body (choices, usage), or an error body.
+with a `text_completion` or `chat.completion` body (choices, usage, and each choice's
+`logprobs` when the line asked for them), or an error body.
+
+Each line is written in the form of its input line: a job that mixes both forms writes
+both (tell them apart by `custom_id`); a job whose valid lines are all OpenAI lines writes
+OpenAI's form throughout.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from mii.broker_config.jobs import LineInfo, LineResult
 from mii.broker_config.wire import ErrorKind
 from mii.constants import GenerationFinishReason as Reason
 from mii.producer.bulk.input import CHAT
+from mii.producer.openai_logprobs import chat_logprobs, completion_logprobs
+from mii.response import Response
 
 # Lines ended before they could finish: OpenAI reports them as errors of the batch.
 _UNFINISHED = {
@@ -73,9 +80,24 @@ def _success_body(rid: str, info: LineInfo, result: LineResult, model: str) -> d
         "total_tokens": result.plen + result.glen,
     }
     common = {"created": int(result.t), "model": model, "usage": usage}
+    logprobs = _logprobs(info, result)
     if info.url == CHAT:
         message = {"role": "assistant", "content": result.text}
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": reason}
+        choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": reason}
         return {"id": f"chatcmpl-{rid}", "object": "chat.completion", "choices": [choice]} | common
-    choice = {"index": 0, "text": result.text, "logprobs": None, "finish_reason": reason}
+    choice = {"index": 0, "text": result.text, "logprobs": logprobs, "finish_reason": reason}
     return {"id": f"cmpl-{rid}", "object": "text_completion", "choices": [choice]} | common
+
+
+def _logprobs(info: LineInfo, result: LineResult) -> dict | None:
+    """OpenAI's logprobs of the choice: when the line asked and its worker recorded them."""
+    if info.logprobs is None or result.lp is None:
+        return None
+    response = Response(
+        generated_text=result.text, prompt_length=result.plen, generated_length=result.glen,
+        finish_reason=result.reason, token_ids=list(result.ids or []), logprobs=result.lp,
+        tokens=result.toks, top_logprobs=result.top,
+    )  # fmt: skip
+    if info.url == CHAT:
+        return chat_logprobs(response, info.logprobs)
+    return completion_logprobs(response, info.logprobs)

@@ -1,5 +1,6 @@
 """A plain-text progress bar for bulk jobs: lines done of total, requests and tokens per
-second over the last few seconds, an ETA. One line redrawn in place on a terminal; a line
+second over the last few seconds (tokens as workers generate them, not only as lines end),
+an ETA. One line redrawn in place on a terminal; a line
 every `every_s` seconds elsewhere (logs, CI)."""
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ class ProgressBar:
 
     def update(self, status, final: bool = False) -> None:
         now = self.clock()
-        self._samples.append((now, status.done, status.tokens))
+        self._samples.append((now, status.done, status.tokens_so_far))
         while len(self._samples) > 2 and now - self._samples[0][0] > WINDOW_S:
             self._samples.popleft()
         if self.interactive:

@@ -41,12 +41,19 @@ class JobStatus:
     done: int
     errors: int
     tokens: int
+    """Tokens of the lines that ended."""
     created: float
     finished: float | None
     cancelled: float | None
     format: str
     model: str
     ttl_s: int
+    streamed: int = 0
+    """Tokens generated so far, running lines included (as workers count them)."""
+
+    @property
+    def tokens_so_far(self) -> int:
+        return max(self.tokens, self.streamed)
 
     @property
     def state(self) -> JobState:
@@ -84,6 +91,7 @@ def _status(job_id: str, raw: dict) -> JobStatus:
         format=meta.get("format", "mii"),
         model=meta.get("model", ""),
         ttl_s=number("ttl_s"),
+        streamed=number("streamed"),
     )
 
 

@@ -1,5 +1,6 @@
 """Log-probabilities in OpenAI's two forms, from a `Response` (or a streamed delta) that
-carries `logprobs`, `tokens` and `top_logprobs`.
+carries `logprobs`, `tokens` and `top_logprobs`: the gateway's answers and the OpenAI
+lines of a bulk job's output (`producer.bulk.output`).
 
 Completions: `{"tokens", "token_logprobs", "top_logprobs": [{text: logprob}], "text_offset"}`.
 Chat: `{"content": [{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob",
