@@ -74,8 +74,8 @@ def hub_model_path(name: str, revision: str | None = None, weights: bool = True)
     where = f"{name!r}" + (f" (revision {revision!r})" if revision else "")
     if hub_offline():
         raise FileNotFoundError(
-            f"model {where} is not in the Hugging Face cache at {cache} "
-            f"(missing: {', '.join(missing[:4])}) and HF_HUB_OFFLINE is set, so it cannot be "
+            f"model {where} is neither a local folder nor in the Hugging Face cache at {cache} "
+            f"(missing: {', '.join(missing[:4])}), and HF_HUB_OFFLINE is set, so it cannot be "
             f"downloaded: run `hf download {name}` where the Hub is reachable (same "
             "HF_HOME / HF_HUB_CACHE), or unset HF_HUB_OFFLINE"
         )
@@ -158,7 +158,8 @@ def _download(name: str, revision: str | None, cache: Path, weights: bool, where
         raise FileNotFoundError(f"Hub model {name!r} has no revision {revision!r}") from exc
     except RepositoryNotFoundError as exc:
         raise FileNotFoundError(
-            f"Hub model {where} not found (a private repository needs HF_TOKEN)"
+            f"model {where} is neither a local folder nor a Hub model (a private repository "
+            "needs HF_TOKEN)"
         ) from exc
     except (FileNotFoundError, PermissionError):
         raise

@@ -89,7 +89,7 @@ def test_revision_picks_its_snapshot(tiny_model, tmp_path, offline_cache, prompt
 
 
 def test_absent_model_fails_clearly_offline(offline_cache):
-    with pytest.raises(FileNotFoundError, match=r"'nobody/absent'.*not in the Hugging Face cache"):
+    with pytest.raises(FileNotFoundError, match=r"'nobody/absent'.*nor in the Hugging Face cache"):
         mii.pipeline("nobody/absent")
     with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE"):
         model_folder("nobody/absent")
@@ -209,3 +209,19 @@ def test_deployment_record_carries_the_name_and_revision_not_a_path(offline_cach
     # engine's config keeps the name and revision that the engine fetches.
     engine_config = config.to_engine_config(resolve_model_path("org/model"))
     assert (engine_config.model, engine_config.revision) == ("org/model", "v2")
+
+
+def test_an_unreachable_hub_says_how_to_run_from_the_cache(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+
+    def unreachable(self, name, revision=None, **kw):
+        raise OSError("[Errno 111] Connection refused")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", unreachable)
+    with pytest.raises(ConnectionError, match=r"org/m.*Connection refused.*HF_HUB_OFFLINE=1"):
+        model_folder("org/m")
