@@ -132,6 +132,11 @@ class DeploymentKeys:
         """One request's response stream: token chunks, then a final chunk."""
         return f"{self.prefix}:resp:{request_id}"
 
+    def replies(self, name: str) -> str:
+        """A reply stream: the chunks of every request that names it (`reply`), several
+        requests an entry (one XADD a worker step for all of a client's requests)."""
+        return f"{self.prefix}:replies:{name}"
+
     def claim(self, request_id: str) -> str:
         """String: `<stream> <entry id>` of the entry a worker serves this request from, set
         (NX) when a worker takes it and kept `response_ttl_s` after: a second entry of the

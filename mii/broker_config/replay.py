@@ -9,6 +9,7 @@ resuming a request and a worker recording a bulk line's whole text all read this
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from mii.broker_config import wire
@@ -37,15 +38,12 @@ class Replayed:
         return "".join(self.parts)
 
 
-def replay(entries, upto: int | None = None) -> Replayed:
-    """Replay XRANGE `entries` of a response stream (undecodable ones skipped), up to the
-    first gap, or up to token index `upto`."""
+def replay(entries, upto: int | None = None, rid: str | None = None) -> Replayed:
+    """Replay XRANGE `entries` of a request's response stream, or with `rid` of a reply
+    stream (only that request's chunks), up to the first gap or to token index `upto`;
+    undecodable entries are skipped."""
     out = Replayed()
-    for _, fields in entries:
-        try:
-            chunk = wire.decode_chunk(fields)
-        except WireError:
-            continue
+    for chunk in _chunks(entries, rid):
         taken = take(chunk, len(out.token_ids))
         if taken is None or (upto is not None and chunk.i >= upto):
             break
@@ -53,3 +51,17 @@ def replay(entries, upto: int | None = None) -> Replayed:
         out.parts.append(taken[1])
         out.final = chunk if chunk.final else out.final
     return out
+
+
+def _chunks(entries, rid: str | None) -> Iterator[ResponseChunk]:
+    mark = None if rid is None else rid.encode()
+    for _, fields in entries:
+        if mark is not None and mark not in (fields.get(wire.PAYLOAD) or b""):
+            continue  # a reply entry without this request's chunk: skip its decoding
+        try:
+            if rid is None:
+                yield wire.decode_chunk(fields)
+            else:
+                yield from (c for r, c in wire.decode_reply(fields) if r == rid)
+        except WireError:
+            continue

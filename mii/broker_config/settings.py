@@ -62,6 +62,9 @@ class BrokerSettings(BaseModel):
     max_request_bytes: int | None = Field(None, gt=0)
     """Largest prompt a client submits, in UTF-8 bytes (or 4 bytes per token id); None:
     `REQUEST_BYTES_PER_TOKEN` per token of the deployment's max_length, at least 1 MiB."""
+    reply_maxlen: int = Field(10_000, gt=0)
+    """Approximate length a reply stream is trimmed to (a client that falls further behind
+    than this many engine steps loses tokens and is told so)."""
     deadletter_maxlen: int = Field(10_000, gt=0)
     """Approximate length the dead-letter stream is trimmed to."""
     worker_restarts_per_minute: int = Field(5, ge=0)

@@ -7,13 +7,18 @@ Request stream entry (`mii:{dep}:requests` / `:bulk`), two fields:
 Response stream entry (`mii:{dep}:resp:{rid}`), one field:
     m    msgpack of `ResponseChunk`; the chunk with `reason` set is the last one
 
+Reply stream entry (`mii:{dep}:replies:{name}`, for requests that name a `reply` stream),
+one field:
+    m    msgpack of `{"v": 1, "c": {rid: ResponseChunk, ...}}`: one engine step's chunks of
+         every request of that reply stream that a worker serves (one XADD for them all)
+
 Control stream entry (`mii:{dep}:control`), one field:
     m    msgpack of `ControlMessage` (cancel one request, or terminate the deployment)
 
 A reader refuses a message whose `v` it does not know; a new version adds fields with
-defaults, so old messages stay readable. Request messages are at version 2 (`messages`,
-`job`, `line`); one that uses none of these is still written as version 1, so workers of
-the previous release keep reading interactive requests during a rolling upgrade. Response
+defaults, so old messages stay readable. Request messages are at version 3 (`reply`), 2
+(`messages`, `job`, `line`) or 1: each is written at the lowest version that carries it,
+so workers of a previous release keep reading what they can during a rolling upgrade. Response
 chunks follow the same rule: version 2 (`toks`, `top`) only for a request that asked for
 logprobs, version 1 otherwise.
 """
@@ -30,12 +35,14 @@ from mii.constants import GenerationFinishReason
 from mii.errors import MIIError
 
 WIRE_VERSION = 1
-REQUEST_WIRE_VERSION = 2
+REQUEST_WIRE_VERSION = 3
 CHUNK_WIRE_VERSION = 2
+REPLY_WIRE_VERSION = 1
 PAYLOAD = b"m"
 RID = b"rid"
 _RID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 _JOB_PATTERN = r"^[A-Za-z0-9_-]{1,48}$"
+REPLY_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 
 
 class WireError(MIIError):
@@ -51,7 +58,7 @@ class _Message(BaseModel):
 class RequestMessage(_Message):
     """One generation request, as a client submits it."""
 
-    v: Literal[1, 2] = WIRE_VERSION
+    v: Literal[1, 2, 3] = WIRE_VERSION
     rid: str = Field(pattern=_RID_PATTERN)
     prompt: str | list[int] = ""
     messages: list[dict[str, Any]] | None = None
@@ -69,14 +76,19 @@ class RequestMessage(_Message):
     in the job when the request ends (`mii.broker_config.jobs`)."""
     line: int | None = Field(None, ge=0)
     """v2: the line's number in the job's input."""
+    reply: str | None = Field(None, pattern=REPLY_PATTERN)
+    """v3: the reply stream (`DeploymentKeys.replies(reply)`) the client reads, shared
+    with its other requests; None: the request's own response stream."""
+    since_ms: int | None = Field(None, ge=0)
+    """v3: set on a handed-back request: when its first entry was queued (the Redis
+    clock, ms), so that its successor reads what was published since."""
 
     @model_validator(mode="before")
     @classmethod
     def _version(cls, data: Any) -> Any:
         """A message built here carries the version it is written with."""
         if isinstance(data, dict) and "v" not in data:
-            v2 = data.get("messages") is not None or data.get("job") is not None
-            data = {**data, "v": REQUEST_WIRE_VERSION if v2 else WIRE_VERSION}
+            data = {**data, "v": _request_version(data)}
         return data
 
     @model_validator(mode="after")
@@ -89,8 +101,13 @@ class RequestMessage(_Message):
 
     def wire_version(self) -> int:
         """The lowest version that can carry this message."""
-        v2 = self.messages is not None or self.job is not None
-        return REQUEST_WIRE_VERSION if v2 else WIRE_VERSION
+        return _request_version(self.__dict__)
+
+
+def _request_version(data: dict) -> int:
+    if data.get("reply") is not None or data.get("since_ms") is not None:
+        return 3
+    return 2 if data.get("messages") is not None or data.get("job") is not None else 1
 
 
 class ErrorKind(str, Enum):
@@ -170,9 +187,9 @@ def request_fields(msg: RequestMessage) -> dict[bytes, bytes]:
     return {RID: msg.rid.encode(), PAYLOAD: pack(data)}
 
 
-def chunk_payload(**fields: Any) -> bytes:
-    """A response chunk, packed without a pydantic pass (this is the worker's hot path);
-    tests check that it decodes as a valid `ResponseChunk`."""
+def chunk_fields(**fields: Any) -> dict[str, Any]:
+    """A response chunk as a plain map, built without a pydantic pass (this is the worker's
+    hot path); tests check that it decodes as a valid `ResponseChunk`."""
     v2 = fields.get("toks") is not None or fields.get("top") is not None
     fields["v"] = CHUNK_WIRE_VERSION if v2 else WIRE_VERSION
     reason = fields.get("reason")
@@ -180,7 +197,17 @@ def chunk_payload(**fields: Any) -> bytes:
         fields["reason"] = GenerationFinishReason(reason).value
     if fields.get("etype") is not None:
         fields["etype"] = ErrorKind(fields["etype"]).value
-    return pack(fields)
+    return fields
+
+
+def chunk_payload(**fields: Any) -> bytes:
+    """A response stream's entry payload: one chunk (`chunk_fields`)."""
+    return pack(chunk_fields(**fields))
+
+
+def reply_payload(chunks: dict[str, dict[str, Any]]) -> bytes:
+    """A reply stream's entry payload: request id -> chunk (`chunk_fields`)."""
+    return pack({"v": REPLY_WIRE_VERSION, "c": chunks})
 
 
 def decode_request(fields: dict[bytes, bytes]) -> RequestMessage:
@@ -189,6 +216,21 @@ def decode_request(fields: dict[bytes, bytes]) -> RequestMessage:
 
 def decode_chunk(fields: dict[bytes, bytes]) -> ResponseChunk:
     return unpack(ResponseChunk, fields.get(PAYLOAD))
+
+
+class ReplyEntry(_Message):
+    """One entry of a reply stream: the chunks of several requests."""
+
+    c: dict[str, dict[str, Any]]
+
+
+def decode_reply(fields: dict[bytes, bytes]) -> list[tuple[str, ResponseChunk]]:
+    """(request id, chunk) of each request in a reply stream's entry."""
+    entry = unpack(ReplyEntry, fields.get(PAYLOAD))
+    try:
+        return [(rid, ResponseChunk.model_validate(chunk)) for rid, chunk in entry.c.items()]
+    except ValidationError as exc:
+        raise WireError(f"invalid chunk in a reply entry: {exc.errors()[0]['msg']}") from None
 
 
 def control_fields(msg: ControlMessage) -> dict[bytes, bytes]:

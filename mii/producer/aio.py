@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -38,10 +39,12 @@ async def _uncancellable(coro) -> None:
 
 @dataclass
 class _LoopRedis:
-    """What one event loop uses: its connection, the submit script on it, its reader."""
+    """What one event loop uses: its connection, the submit script on it, its reply
+    stream and the reader of that stream."""
 
     redis: object  # redis.asyncio.Redis (or fakeredis's)
     submit: object  # AsyncScript
+    reply: str  # the name every request of this loop gives as its `reply`
     reader: ResponseReader
 
 
@@ -53,10 +56,12 @@ class AsyncClientMixin:
     def _aredis(self) -> _LoopRedis:
         loop = asyncio.get_running_loop()
         if loop not in self._per_loop:
-            client = self._async_factory()
-            reader = ResponseReader(client, self.settings.reconnect_timeout_s,
-                                    self._abandoned, lambda: self._acancel_now(()))  # fmt: skip
-            self._per_loop[loop] = _LoopRedis(client, client.register_script(SUBMIT_SCRIPT), reader)
+            client, reply = self._async_factory(), uuid.uuid4().hex
+            reader = ResponseReader(client, self.keys.replies(reply),
+                                    self.settings.reconnect_timeout_s, self._abandoned,
+                                    lambda: self._acancel_now(()))  # fmt: skip
+            script = client.register_script(SUBMIT_SCRIPT)
+            self._per_loop[loop] = _LoopRedis(client, script, reply, reader)
         return self._per_loop[loop]
 
     async def agenerate(self, prompts, **kwargs) -> list[Response]:
@@ -113,13 +118,20 @@ class AsyncClientMixin:
             yield [(index[request.rid], delta) for request, delta in batch]
 
     async def _asubmit(self, prompts, kwargs: dict, stream: str | None = None) -> RequestSet:
-        sub = self._prepare(prompts, kwargs, stream)
-        script = self._aredis().submit
+        """Queue the requests, followed by the loop's reader from before they are queued
+        (a worker may answer before this call reads)."""
+        loop_redis = self._aredis()
+        sub = self._prepare(prompts, kwargs, stream, loop_redis.reply)
         keys, args = sub.script_keys(), sub.script_args()
+        loop_redis.reader.follow(sub.requests)
         try:
-            ids = await self._acall(lambda: script(keys=keys, args=args), sub.rids())
+            ids = await self._acall(lambda: loop_redis.submit(keys=keys, args=args), sub.rids())
         except redis.ResponseError as exc:
+            loop_redis.reader.unfollow(sub.requests)
             raise sub.refusal(exc) from None
+        except BaseException:
+            loop_redis.reader.unfollow(sub.requests)
+            raise
         self._liveness.refreshed()
         return sub.accepted(ids)
 
@@ -127,7 +139,7 @@ class AsyncClientMixin:
         """`_follow` for asyncio, a list of `(request, delta)` at a time (what arrived since
         the last): the loop's reader reads the streams, this call waits for its deltas."""
         reader = self._aredis().reader
-        follower = reader.follow(requests)
+        follower = reader.follower(requests)
         try:
             while True:
                 batch = follower.take()
@@ -178,9 +190,10 @@ class AsyncClientMixin:
             self._presence.judge(suspects, replies)
 
     async def _acleanup(self, requests: RequestSet) -> None:
+        """Stop following; cancel what still runs (the loop's reply stream stays: other
+        calls read it, and its entries expire)."""
         self._aredis().reader.unfollow(requests)
-        delete = [r.key for r in requests.requests] if self.delete_responses else []
-        await self._acancel_now([r.rid for r in requests.open()], delete)
+        await self._acancel_now([r.rid for r in requests.open()])
 
     async def _acancel_now(self, rids: Iterable[str], delete: Sequence[str] = ()) -> None:
         """`_cancel_now` for asyncio."""

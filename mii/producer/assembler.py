@@ -16,7 +16,6 @@ class ResponseAssembler:
 
     def __init__(self, rid: str, prompt, params: GenerateParams) -> None:
         self.rid = rid
-        self.last_id = "0-0"
         self.parts = ResponseParts(prompt, params.return_full_text, params.logprobs is not None)
         self.error: MIIError | None = None
 

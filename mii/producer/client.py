@@ -22,6 +22,7 @@ unless asked to.
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import redis
@@ -135,8 +136,9 @@ class Client(AsyncClientMixin):
             raise InvalidRequestError("streaming takes exactly one prompt")
         return prompts
 
-    def _prepare(self, prompts, kwargs: dict, stream: str | None) -> Submission:
-        """Validate everything and build the entries; nothing is sent yet."""
+    def _prepare(self, prompts, kwargs: dict, stream: str | None, reply: str) -> Submission:
+        """Validate everything and build the entries; nothing is sent yet. Their chunks
+        will arrive on the reply stream `reply`."""
         kwargs = dict(kwargs)
         timeout = kwargs.pop("timeout", Timeout.DEFAULT)
         timeout_s = request_timeout(timeout, self.settings.request_timeout_s)
@@ -145,14 +147,14 @@ class Client(AsyncClientMixin):
         params = GenerateParams.from_kwargs(**kwargs)
         for i, prompt in enumerate(prompts):
             check_prompt_size(prompt, self.max_request_bytes, i if len(prompts) > 1 else None)
-        messages = build_requests(prompts, params, timeout_s, n)
+        messages = build_requests(prompts, params, timeout_s, n, reply)
         stream = stream or self.keys.requests
-        requests = RequestSet(self.keys, messages, params)
+        requests = RequestSet(self.keys, messages, params, reply)
         limit = self._depth_limit(stream)
         return Submission(requests, stream, limit, self.keys, self._liveness.ttl_s)
 
     def _submit(self, prompts, kwargs: dict, stream: str | None = None) -> RequestSet:
-        sub = self._prepare(prompts, kwargs, stream)
+        sub = self._prepare(prompts, kwargs, stream, reply=uuid.uuid4().hex)  # this call's
         keys, args = sub.script_keys(), sub.script_args()
         try:
             ids = self._call(lambda: self._submit_script(keys=keys, args=args), sub.rids())
@@ -195,8 +197,8 @@ class Client(AsyncClientMixin):
 
     def _cleanup(self, requests: RequestSet) -> None:
         """Cancel what is still running (an error, a timeout, an abandoned stream) and drop
-        the response streams this call read."""
-        delete = [r.key for r in requests.requests] if self.delete_responses else []
+        the reply stream this call read."""
+        delete = [requests.key] if self.delete_responses else []
         self._cancel_now([r.rid for r in requests.open()], delete)
 
     def _cancel_pipe(self, pipe, rids: list[str], delete: Sequence[str]):

@@ -35,7 +35,7 @@ class PresenceCheck:
     def queue(self, pipe, suspects: list[PendingRequest]):
         """Add the check's commands to `pipe` (a transaction) and return it."""
         for request in suspects:
-            pipe.exists(self.keys.claim(request.rid), request.key)
+            pipe.exists(self.keys.claim(request.rid))
             if request.entry_id is not None:
                 pipe.xrange(request.stream, request.entry_id, request.entry_id)
         pipe.hmget(self.keys.state, "state", "error")

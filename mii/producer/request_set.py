@@ -9,21 +9,20 @@ from dataclasses import dataclass
 from mii.broker_config import wire
 from mii.broker_config.connection import as_text
 from mii.broker_config.keys import DeploymentKeys
-from mii.broker_config.wire import RequestMessage
+from mii.broker_config.wire import RequestMessage, ResponseChunk
 from mii.errors import RequestTimeoutError
 from mii.params import GenerateParams
 from mii.producer.assembler import ResponseAssembler
 from mii.response import Response
 
 DEADLINE_GRACE_S = 2.0  # a worker reports a passed deadline itself; wait that long for it
-MAX_STREAMS_PER_READ = 256
 MAX_BLOCK_MS = 1000
 
 
 @dataclass
 class PendingRequest:
     message: RequestMessage
-    key: str
+    key: str  # the reply stream its chunks arrive on (shared with the call's other requests)
     assembler: ResponseAssembler
     give_up_at: float | None  # monotonic time after which the client stops waiting
     heard_at: float  # monotonic time of the last sign of life (its submit, a chunk, a check)
@@ -40,21 +39,30 @@ class PendingRequest:
 
 
 class RequestSet:
+    """Requests whose chunks arrive on one reply stream (`keys.replies(reply)`): workers
+    publish one entry a step for all of a reply stream's requests they serve."""
+
     def __init__(
-        self, keys: DeploymentKeys, messages: list[RequestMessage], params: GenerateParams
+        self,
+        keys: DeploymentKeys,
+        messages: list[RequestMessage],
+        params: GenerateParams,
+        reply: str,
     ) -> None:
         now = time.monotonic()
+        self.key = keys.replies(reply)
+        self.last_id = "0-0"  # of the reply stream, where this call's own reads resume
         self.requests = [
             PendingRequest(
                 message=m,
-                key=keys.response(m.rid),
+                key=self.key,
                 assembler=ResponseAssembler(m.rid, m.prompt, params),
                 give_up_at=None if m.timeout_s is None else now + m.timeout_s + DEADLINE_GRACE_S,
                 heard_at=now,
             )
             for m in messages
         ]
-        self._by_key = {r.key: r for r in self.requests}
+        self.by_rid = {r.rid: r for r in self.requests}
 
     @property
     def done(self) -> bool:
@@ -75,8 +83,8 @@ class RequestSet:
         return [r for r in self.open() if r.heard_at <= since]
 
     def streams(self) -> dict[str, str]:
-        """XREAD arguments: each unfinished response stream from the last id seen."""
-        return {r.key: r.assembler.last_id for r in self.open()[:MAX_STREAMS_PER_READ]}
+        """XREAD arguments: the reply stream from the last id seen (nothing once done)."""
+        return {self.key: self.last_id} if self.open() else {}
 
     def block_ms(self, check_after_s: float | None = None, wake_at: float | None = None) -> int:
         """How long the next read may block: until the nearest deadline, until a request
@@ -92,16 +100,26 @@ class RequestSet:
         return max(1, min(MAX_BLOCK_MS, int(left * 1000)))
 
     def feed(self, reply) -> list[tuple[PendingRequest, Response]]:
-        """Take an XREAD reply; return the new deltas in arrival order."""
-        deltas, now = [], time.monotonic()
-        for key, entries in reply or []:
-            request = self._by_key[key.decode() if isinstance(key, bytes) else key]
-            request.heard_at = now
+        """Take an XREAD reply of the reply stream; return the new deltas in arrival order
+        (chunks of requests that are not this call's are skipped)."""
+        deltas = []
+        for _, entries in reply or []:
             for entry_id, fields in entries:
-                request.assembler.last_id = entry_id
-                delta = request.assembler.feed(wire.decode_chunk(fields))
-                if delta is not None:
-                    deltas.append((request, delta))
+                self.last_id = as_text(entry_id)
+                deltas += self.feed_chunks(wire.decode_reply(fields))
+        return deltas
+
+    def feed_chunks(self, chunks: list[tuple[str, ResponseChunk]]) -> list:
+        """Feed decoded chunks in stream order; return the new `(request, delta)` pairs."""
+        deltas, now = [], time.monotonic()
+        for rid, chunk in chunks:
+            request = self.by_rid.get(rid)
+            if request is None:
+                continue
+            request.heard_at = now
+            delta = request.assembler.feed(chunk)
+            if delta is not None:
+                deltas.append((request, delta))
         return deltas
 
     def failed(self) -> PendingRequest | None:

@@ -1,18 +1,17 @@
 """One reader of response streams per (client, event loop), for the asyncio client.
 
 A process that follows many requests at once (a gateway streaming to 64 HTTP clients)
-would otherwise make one XREAD round trip per request for nearly every token. Here one
-task reads every stream that the loop's calls follow, in one XREAD (at most
-`MAX_STREAMS_PER_READ` streams a call; past that, several calls at once), feeds each
-stream's entries to its call's `RequestSet` and wakes that call's `Follower`. Each call
+would otherwise make one XREAD round trip per request for nearly every token. Here every
+request of the loop names the loop's reply stream, so workers write one entry a step for
+all of them, and one task reads that stream, feeds each entry's chunks to the calls whose
+requests they are (their `RequestSet`) and wakes those calls' `Follower`. Each call
 keeps its own loop for everything else (deadlines, the check for lost requests, the
 liveness key): `Client._afollow` waits on its follower where the blocking client waits on
 its own XREAD.
 
-A stream registered while a read is in flight joins the next read: reads block at most
-`BLOCK_MS`, and while tokens flow they return at every engine step anyway. A new request
-finds the reader idle when nothing else is followed (the reader stops when no stream is
-left to read; the next `follow` starts it again), so one request at a time waits for no one.
+A call follows its requests before it submits them, so no chunk of theirs can be read
+before they are known. The reader stops when no request is followed and the next `follow`
+starts it again, reading on from where it stopped.
 
 When Redis is unreachable the reader retries with backoff for as long as streams are
 followed; each call gives up with `BrokerUnavailableError` `reconnect_timeout_s` after
@@ -26,12 +25,13 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
-from mii.broker_config.connection import CONNECTION_ERRORS, Backoff
+from mii.broker_config import wire
+from mii.broker_config.connection import CONNECTION_ERRORS, Backoff, as_text
 from mii.producer.outage import Abandoned
-from mii.producer.request_set import MAX_STREAMS_PER_READ, PendingRequest, RequestSet
+from mii.producer.request_set import PendingRequest, RequestSet
 from mii.response import Response
 
-BLOCK_MS = 10  # how long a stream registered during a read may wait for the next one
+BLOCK_MS = 1000  # a read returns when an entry comes; the reader stops at most this late
 
 
 class Follower:
@@ -89,40 +89,45 @@ class ResponseReader:
     def __init__(
         self,
         redis,
+        key: str,
         reconnect_timeout_s: float,
         abandoned: Abandoned,
         cancel_abandoned: Callable[[], Awaitable[None]],
         block_ms: int = BLOCK_MS,
     ) -> None:
-        """`redis`: the loop's redis.asyncio client. After a successful read, the requests
-        in `abandoned` are cancelled with `cancel_abandoned()` (what a call cut off by an
+        """`redis`: the loop's redis.asyncio client; `key`: the loop's reply stream, which
+        every request of the loop names. After a successful read, the requests in
+        `abandoned` are cancelled with `cancel_abandoned()` (what a call cut off by an
         outage left)."""
-        self.redis, self.block_ms = redis, block_ms
+        self.redis, self.key, self.block_ms = redis, key, block_ms
         self.reconnect_timeout_s = reconnect_timeout_s
+        self.last_id = "0-0"  # of the reply stream: where the next read starts
         self.failing_since: float | None = None  # when the current run of failures began
         self.failure: BaseException | None = None
         self._abandoned, self._cancel_abandoned = abandoned, cancel_abandoned
         self._followers: dict[RequestSet, Follower] = {}
-        self._by_key: dict[str, Follower] = {}
+        self._by_rid: dict[str, Follower] = {}
         self._backoff = Backoff()
         self._task: asyncio.Task | None = None
 
     def follow(self, requests: RequestSet) -> Follower:
-        """Read `requests`' response streams from their last ids until `unfollow`."""
+        """Feed `requests` what the reply stream brings them until `unfollow`. Follow
+        before submitting: chunks read before a request is followed are not kept."""
         follower = Follower(requests)
         self._followers[requests] = follower
-        self._by_key.update((r.key, follower) for r in requests.requests)
+        self._by_rid.update((r.rid, follower) for r in requests.requests)
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run())
         return follower
 
+    def follower(self, requests: RequestSet) -> Follower:
+        return self._followers[requests]
+
     def unfollow(self, requests: RequestSet) -> None:
-        """Stop reading `requests`' streams (a no-op when they are not followed)."""
-        follower = self._followers.pop(requests, None)
-        if follower is not None:
+        """Stop feeding `requests` (a no-op when they are not followed)."""
+        if self._followers.pop(requests, None) is not None:
             for request in requests.requests:
-                if self._by_key.get(request.key) is follower:
-                    del self._by_key[request.key]
+                self._by_rid.pop(request.rid, None)
 
     def give_up_at(self, follower: Follower) -> float | None:
         """When `follower`'s call is to give up on Redis (monotonic time); None while the
@@ -133,42 +138,22 @@ class ResponseReader:
 
     async def _run(self) -> None:
         try:
-            while True:
-                batches = self._batches()
-                if not batches:
-                    return
-                if len(batches) == 1:
-                    await self._read(batches[0])
-                else:
-                    await asyncio.gather(*(self._read(batch) for batch in batches))
+            while any(f.error is None and f.requests.open() for f in self._followers.values()):
+                await self._read()
         finally:
             self._task = None
 
-    def _batches(self) -> list[dict[str, str]]:
-        """XREAD arguments: every followed stream from its last id, in batches."""
-        streams: dict[str, str] = {}
-        for follower in self._followers.values():
-            if follower.error is None:
-                streams.update((r.key, r.assembler.last_id) for r in follower.requests.open())
-        keys = list(streams)
-        return [
-            {key: streams[key] for key in keys[i : i + MAX_STREAMS_PER_READ]}
-            for i in range(0, len(keys), MAX_STREAMS_PER_READ)
-        ]
-
-    async def _read(self, streams: dict[str, str]) -> None:
+    async def _read(self) -> None:
         started = time.monotonic()
         try:
-            reply = await self.redis.xread(streams, block=self.block_ms)
+            reply = await self.redis.xread({self.key: self.last_id}, block=self.block_ms)
         except CONNECTION_ERRORS as exc:
             self._failed(started, exc)
             await asyncio.sleep(self._backoff.next_delay())
             return
         except Exception as exc:  # noqa: BLE001 (a reply no call can use: they all hear of it)
-            for key in streams:
-                follower = self._by_key.get(key)
-                if follower is not None:
-                    follower.fail(exc)
+            for follower in list(self._followers.values()):
+                follower.fail(exc)
             return
         self.failing_since, self.failure = None, None
         self._backoff.reset()
@@ -184,12 +169,25 @@ class ResponseReader:
             follower.wake()  # each decides whether to give up
 
     def _dispatch(self, reply) -> None:
-        for key, entries in reply or []:
-            follower = self._by_key.get(key.decode() if isinstance(key, bytes) else key)
-            if follower is None or follower.error is not None:
-                continue  # unfollowed while the read was in flight
+        """Each entry's chunks to the calls whose requests they are, in stream order."""
+        for _, entries in reply or []:
+            for entry_id, fields in entries:
+                self.last_id = as_text(entry_id)
+                self._deliver(fields)
+
+    def _deliver(self, fields) -> None:
+        try:
+            chunks = wire.decode_reply(fields)
+        except wire.WireError:
+            return  # not for anyone here to read
+        by_follower: dict[Follower, list] = {}
+        for rid, chunk in chunks:
+            follower = self._by_rid.get(rid)
+            if follower is not None and follower.error is None:
+                by_follower.setdefault(follower, []).append((rid, chunk))
+        for follower, mine in by_follower.items():
             try:
-                deltas = follower.requests.feed([(key, entries)])
+                deltas = follower.requests.feed_chunks(mine)
             except Exception as exc:  # noqa: BLE001 (e.g. tokens out of order: that call fails)
                 follower.fail(exc)
                 continue

@@ -135,16 +135,21 @@ def _check_chat(chat: Chat) -> Chat:
 
 
 def build_requests(
-    prompts: list[Prompt], params: GenerateParams, timeout_s: float | None, n: int = 1
+    prompts: list[Prompt],
+    params: GenerateParams,
+    timeout_s: float | None,
+    n: int = 1,
+    reply: str | None = None,
 ) -> list[RequestMessage]:
     """`n` messages per prompt (prompt-major), each with a fresh id and, when sampling, its
     own seed: a worker that takes over a request continues the same random stream. With a
-    `seed`, choice c of a prompt samples with seed + c, so the n choices differ."""
+    `seed`, choice c of a prompt samples with seed + c, so the n choices differ. `reply`:
+    the reply stream their chunks go to."""
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
         raise InvalidRequestError(f"n must be an integer from 1 to {MAX_CHOICES}, got {n!r}")
     options = params.model_dump(exclude_defaults=True)
     return [
-        _message(prompt, _choice_options(options, params, choice), timeout_s)
+        _message(prompt, _choice_options(options, params, choice), timeout_s, reply)
         for prompt in prompts
         for choice in range(n)
     ]
@@ -159,7 +164,9 @@ def _choice_options(options: dict, params: GenerateParams, choice: int) -> dict:
     return fields
 
 
-def _message(prompt: Prompt, params: dict, timeout_s: float | None) -> RequestMessage:
+def _message(
+    prompt: Prompt, params: dict, timeout_s: float | None, reply: str | None
+) -> RequestMessage:
     chat = isinstance(prompt, Chat)
     return RequestMessage(
         rid=uuid.uuid4().hex,
@@ -168,6 +175,7 @@ def _message(prompt: Prompt, params: dict, timeout_s: float | None) -> RequestMe
         params=params,
         timeout_s=timeout_s,
         client=process_name(),
+        reply=reply,
     )
 
 

@@ -97,7 +97,8 @@ def _wait_for_workers(redis, keys: DeploymentKeys, settings: BrokerSettings, dea
 # ---- requests nobody will serve -------------------------------------------------------
 def end_queued_requests(redis, keys: DeploymentKeys, error: str, ttl_s: int) -> int:
     """Give every request still in the request streams (unread, or pending with a worker
-    that is gone) a final error chunk on its response stream (expiring after `ttl_s`), and
+    that is gone) a final error chunk on its response or reply stream (expiring after
+    `ttl_s`), and
     every bulk line among them an error result in its job. Returns how many entries."""
     ended = 0
     for stream in keys.request_streams():
@@ -119,9 +120,12 @@ def _end_request(pipe, keys: DeploymentKeys, fields: dict, error: str, ttl_s: in
         payload = result_payload(Reason.ERROR, error=error, etype=ErrorKind.GENERATION)
         pipe.eval(RECORD_SCRIPT, 4, *job.all(), time.time(), message.line, payload, 0, 1)
     elif rid is not None:
-        chunk = wire.chunk_payload(reason=Reason.ERROR, error=error, etype=ErrorKind.GENERATION)
-        pipe.xadd(keys.response(rid), {wire.PAYLOAD: chunk})
-        pipe.expire(keys.response(rid), ttl_s)
+        chunk = wire.chunk_fields(reason=Reason.ERROR, error=error, etype=ErrorKind.GENERATION)
+        reply = None if message is None else message.reply
+        key = keys.response(rid) if reply is None else keys.replies(reply)
+        entry = wire.pack(chunk) if reply is None else wire.reply_payload({rid: chunk})
+        pipe.xadd(key, {wire.PAYLOAD: entry})
+        pipe.expire(key, ttl_s)
 
 
 def _request_of(fields: dict) -> tuple[str | None, RequestMessage | None]:
@@ -141,14 +145,16 @@ def _request_of(fields: dict) -> tuple[str | None, RequestMessage | None]:
 # ---- keys ------------------------------------------------------------------------------
 def delete_deployment_keys(redis, keys: DeploymentKeys, response_ttl_s: int) -> None:
     """Delete every key of the deployment (config, workers, state, control and request
-    streams, dead letters, claims, cancel markers, client keys) except response streams,
-    which only get an expiry if they lack one, and bulk jobs, which keep their TTL."""
+    streams, dead letters, claims, cancel markers, client keys) except response and reply
+    streams, which only get an expiry if they lack one, and bulk jobs, which keep their
+    TTL."""
     for batch in _scan_batches(redis, f"{keys.prefix}:*"):
         kinds = {key: key[len(keys.prefix) + 1 :].split(":", 1)[0] for key in batch}
-        doomed = [key for key, kind in kinds.items() if kind not in ("resp", "job")]
+        answers = ("resp", "replies")  # clients still read them: they expire instead
+        doomed = [key for key, kind in kinds.items() if kind not in (*answers, "job")]
         if doomed:
             redis.unlink(*doomed)
-        _expire_forever_streams(redis, [k for k, kind in kinds.items() if kind == "resp"],
+        _expire_forever_streams(redis, [k for k, kind in kinds.items() if kind in answers],
                                 response_ttl_s)  # fmt: skip
 
 

@@ -70,10 +70,9 @@ class JobRecorder:
         self._transactions = 0
 
     def commands(self, batches: list[Batch]) -> list[tuple]:
-        """Commands that record the job lines these batches end (their final chunks and
-        acks are in the same batches); reads a response stream only for taken-over lines."""
+        """Commands that record the job lines these batches end (their acks are in the same
+        batches; a bulk line publishes no chunks: its result is what its readers read)."""
         records: dict[str, list] = {}  # job id -> RECORD_SCRIPT arguments
-        deletes: list[str] = []
         for batch in batches:
             finals = self._finals(batch)
             for entry in batch.acks:
@@ -81,11 +80,10 @@ class JobRecorder:
                 if line is not None and line.rid in finals:
                     args = self._record_args(line, finals[line.rid])
                     records.setdefault(line.job, []).extend(args)
-                    deletes.append(self.keys.response(line.rid))
             for rid in finals:
                 self.texts.pop(rid)
         self._sweep_now_and_then()
-        return self._script_calls(records) + [("delete", key) for key in deletes]
+        return self._script_calls(records)
 
     def _finals(self, batch: Batch) -> dict[str, Ending]:
         """How each request this batch ends ended (the batch's outputs enter the log)."""

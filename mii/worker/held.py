@@ -97,6 +97,8 @@ class HeldRequests:
     def stepped(self, outputs: list[RequestOutput]) -> None:
         """Publish a step's outputs; the finished requests end with their final chunk."""
         batch = Batch(outputs=outputs)
+        held = [self.active.get(out.request_id) for out in outputs]
+        batch.entries = {adm.rid: adm.entry for adm in held if adm is not None}
         for out in outputs:
             self.generated[out.request_id] = out.generated_length
             if out.finished:

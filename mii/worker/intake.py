@@ -36,7 +36,11 @@ class Entry:
     entry_id: str
     deliveries: int = 1
     job: JobLine | None = field(default=None, compare=False)
-    """Set once the entry is parsed, for a line of a bulk job."""
+    """Set once the entry is parsed, for a line of a bulk job (its result goes into the
+    job; no chunk is published for it)."""
+    reply: str | None = field(default=None, compare=False)
+    """Set once the entry is parsed: the reply stream its request's chunks go to (None:
+    the request's own response stream)."""
 
     @property
     def added_ms(self) -> int:
@@ -56,6 +60,11 @@ class Admission:
     @property
     def rid(self) -> str:
         return self.message.rid
+
+    @property
+    def since_ms(self) -> int:
+        """When the request was first queued (Redis clock, ms): its chunks are newer."""
+        return self.message.since_ms or self.entry.added_ms
 
     @property
     def deadline(self) -> float | None:
@@ -109,7 +118,7 @@ def parse_entry(
     plain_rid = readable_rid(fields)
     if plain_rid is not None and plain_rid != message.rid:
         return Refusal(entry, plain_rid, "request entry names two different request ids")
-    entry = tag_job(entry, message)
+    entry = tagged(entry, message)
     try:
         params = GenerateParams.from_kwargs(**message.params)
         ids = prompt_token_ids(tokenizer, message)
@@ -119,11 +128,13 @@ def parse_entry(
     return Admission(entry, message, ids, sampling)
 
 
-def tag_job(entry: Entry, message: RequestMessage | None) -> Entry:
-    """The entry with the bulk job line its request serves, if it serves one."""
-    if message is None or message.job is None:
+def tagged(entry: Entry, message: RequestMessage | None) -> Entry:
+    """The entry with where its request's answers go: the bulk job line it serves, or the
+    reply stream its client reads."""
+    if message is None:
         return entry
-    return dataclasses.replace(entry, job=JobLine(message.job, message.line, message.rid))
+    job = None if message.job is None else JobLine(message.job, message.line, message.rid)
+    return dataclasses.replace(entry, job=job, reply=message.reply)
 
 
 def prompt_token_ids(tokenizer, message: RequestMessage) -> list[int]:
@@ -147,7 +158,8 @@ def prompt_token_ids(tokenizer, message: RequestMessage) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
-def requeue_fields(message: RequestMessage) -> dict[bytes, bytes]:
+def requeue_fields(adm: Admission) -> dict[bytes, bytes]:
     """A handed-back request as a new entry: whoever reads it continues the tokens that
-    were already published instead of starting over."""
-    return wire.request_fields(message.model_copy(update={"resume": True}))
+    were already published (since its first entry was queued) instead of starting over."""
+    update = {"resume": True, "since_ms": adm.since_ms}
+    return wire.request_fields(adm.message.model_copy(update=update))

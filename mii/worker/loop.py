@@ -73,6 +73,7 @@ class WorkerLoop:
         self.publisher = Publisher(
             redis, self.keys, self.consumer, settings.response_ttl_s,
             settings.deadletter_maxlen, tokenizer=engine.tokenizer,
+            reply_maxlen=settings.reply_maxlen,
         )  # fmt: skip
         self.leases = Leases(redis, self.keys, self.consumer, settings.reclaim_idle_s)
         self.reader = Reader(redis, self.keys, self.consumer, script=poll_script)
@@ -251,7 +252,7 @@ class WorkerLoop:
         """What these requests published; nothing when Redis is down (they then generate
         again from the start, and their clients drop the tokens they already have)."""
         try:
-            return self.leases.published_many([adm.rid for adm in taken])
+            return self.leases.published(taken)
         except (*CONNECTION_ERRORS, redis_py.ResponseError):
             return [Replayed() for _ in taken]
 
@@ -339,7 +340,7 @@ class WorkerLoop:
             self.held.admit()
 
     def _resume(self, adm: Admission) -> None:
-        published = self.leases.published_tokens(adm.rid)
+        (published,) = self.leases.published([adm])
         if published.final:  # the previous owner finished it but died before the ack
             self.held.ack(adm.entry)
             return

@@ -12,7 +12,7 @@ from mii.broker_config import wire
 from mii.broker_config.wire import ErrorKind
 from mii.constants import GenerationFinishReason as Reason
 from mii.engine.outputs import RequestOutput
-from mii.worker.intake import Admission, Entry, Refusal, tag_job
+from mii.worker.intake import Admission, Entry, Refusal, tagged
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,9 @@ class Ending:
     glen: int = 0
     error: str | None = None
     etype: ErrorKind | None = None
+    entry: Entry | None = None
+    """The request's entry, when known: where its final chunk goes (`Entry.reply`, none
+    for a bulk line)."""
 
     @classmethod
     def of(cls, out: RequestOutput) -> Ending:
@@ -40,6 +43,8 @@ class Batch:
     """What one engine step (or one loop event) publishes."""
 
     outputs: list[RequestOutput] = field(default_factory=list)
+    entries: dict[str, Entry] = field(default_factory=dict)
+    """The entry of each request with outputs here: where its chunks go."""
     endings: list[Ending] = field(default_factory=list)
     """Requests ended outside the engine."""
     acks: list[Entry] = field(default_factory=list)
@@ -55,7 +60,7 @@ class Batch:
 
 def ended(adm: Admission, reason: Reason, generated: int) -> Batch:
     """A request stopped early (cancel, deadline): its final chunk, then its ack."""
-    ending = Ending(adm.rid, reason, len(adm.prompt_token_ids), generated)
+    ending = Ending(adm.rid, reason, len(adm.prompt_token_ids), generated, entry=adm.entry)
     return Batch(endings=[ending], acks=[adm.entry])
 
 
@@ -63,7 +68,8 @@ def failed(adm: Admission, error: str, generated: int) -> Batch:
     """A request the worker cannot finish (the deployment was terminated): its error for
     the client, then its ack."""
     plen = len(adm.prompt_token_ids)
-    ending = Ending(adm.rid, Reason.ERROR, plen, generated, error, ErrorKind.GENERATION)
+    kind = ErrorKind.GENERATION
+    ending = Ending(adm.rid, Reason.ERROR, plen, generated, error, kind, entry=adm.entry)
     return Batch(endings=[ending], acks=[adm.entry])
 
 
@@ -78,7 +84,8 @@ def refused(consumer: str, refusal: Refusal, deadletter: bool) -> Batch:
     kept killing workers) a copy in the dead-letter stream."""
     batch = Batch(acks=[refusal.entry])
     if refusal.rid is not None:
-        ending = Ending(refusal.rid, Reason.ERROR, error=refusal.error, etype=refusal.kind)
+        ending = Ending(refusal.rid, Reason.ERROR, error=refusal.error, etype=refusal.kind,
+                        entry=refusal.entry)  # fmt: skip
         batch.endings.append(ending)
     if deadletter or refusal.rid is None:
         batch.deadletters.append(_deadletter_fields(consumer, refusal))
@@ -90,7 +97,7 @@ def too_many_deliveries(entry: Entry, rid: str | None, payload, limit: int) -> R
         f"request was delivered {entry.deliveries} times (limit {limit}); each worker "
         "holding it died: dead-lettered"
     )
-    entry = tag_job(entry, _message(payload))  # a bulk line records this as its result
+    entry = tagged(entry, _message(payload))  # a bulk line records this as its result
     return Refusal(entry, rid, error, ErrorKind.DEADLETTER, payload)
 
 

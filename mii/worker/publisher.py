@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass
 
 import redis
@@ -22,6 +23,7 @@ from mii.broker_config.connection import retry_until
 from mii.broker_config.keys import WORKER_GROUP, DeploymentKeys
 from mii.engine.outputs import RequestOutput
 from mii.worker.bulk_results import JobRecorder
+from mii.worker.intake import Entry
 from mii.worker.outcomes import Batch, Ending
 
 log = logging.getLogger(__name__)
@@ -36,10 +38,12 @@ class Publisher:
         ttl_s: int,
         deadletter_maxlen=10_000,
         tokenizer=None,
+        reply_maxlen=10_000,
     ) -> None:
         """`tokenizer` (the engine's, if it has one) gives logprob chunks their token texts."""
         self.redis, self.keys, self.consumer, self.ttl_s = redis, keys, consumer, ttl_s
-        self.deadletter_maxlen = deadletter_maxlen
+        self.deadletter_maxlen, self.reply_maxlen = deadletter_maxlen, reply_maxlen
+        self._reply_expiry: dict[str, float] = {}  # reply stream -> when to refresh its TTL
         self.tokenizer = tokenizer
         self._queue: queue.Queue[Batch | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="mii-publisher", daemon=True)
@@ -135,13 +139,18 @@ class Publisher:
 
     def _add_batch(self, commands: list[tuple], batch: Batch) -> int:
         """Append the batch's commands; return how many tokens they publish."""
+        replies: dict[str, dict[str, dict]] = {}  # reply stream -> rid -> chunk fields
         tokens = 0
         for out in batch.outputs:
-            payload = _chunk(out, self.consumer, self.tokenizer)
-            self._xadd(commands, out.request_id, payload, out.finished)
+            fields = _chunk(out, self.consumer, self.tokenizer)
+            self._route(commands, replies, batch.entries.get(out.request_id), out.request_id,
+                        fields, out.finished)  # fmt: skip
             tokens += len(out.token_ids)
         for ending in batch.endings:
-            self._xadd(commands, ending.rid, _ending_payload(ending, self.consumer), True)
+            fields = _ending_fields(ending, self.consumer)
+            self._route(commands, replies, ending.entry, ending.rid, fields, True)
+        for name, chunks in replies.items():
+            self._xadd_reply(commands, name, chunks)
         for fields in batch.deadletters:
             maxlen = self.deadletter_maxlen  # exact: dead letters are rare
             commands.append(("xadd", self.keys.deadletter, fields, "*", maxlen, False))
@@ -152,6 +161,16 @@ class Publisher:
             commands.append(("xdel", entry.stream, entry.entry_id))
         return tokens
 
+    def _route(self, commands, replies, entry: Entry | None, rid: str, fields, final) -> None:
+        """A bulk line's chunk goes nowhere (its result goes into its job); a chunk of a
+        request with a reply stream joins that stream's entry; any other, its own stream."""
+        if entry is not None and entry.job is not None:
+            return
+        if entry is not None and entry.reply is not None:
+            replies.setdefault(entry.reply, {})[rid] = fields
+            return
+        self._xadd(commands, rid, wire.pack(fields), final)
+
     def _xadd(self, commands: list[tuple], rid: str, payload: bytes, final: bool) -> None:
         key = self.keys.response(rid)
         commands.append(("xadd", key, {wire.PAYLOAD: payload}))
@@ -160,13 +179,25 @@ class Publisher:
             self._fresh.discard(rid)
             commands.append(("expire", key, self.ttl_s))
 
+    def _xadd_reply(self, commands: list[tuple], name: str, chunks: dict[str, dict]) -> None:
+        """One entry for a step's chunks of every request of a reply stream; its TTL is
+        set when this worker first writes it and refreshed now and then after."""
+        key = self.keys.replies(name)
+        commands.append(("xadd", key, {wire.PAYLOAD: wire.reply_payload(chunks)}, "*",
+                         self.reply_maxlen, True))  # fmt: skip
+        self.chunks_published += len(chunks)
+        now = time.monotonic()
+        if self._reply_expiry.get(name, 0.0) <= now:
+            self._reply_expiry[name] = now + self.ttl_s / 4
+            commands.append(("expire", key, self.ttl_s))
+
 
 @dataclass
 class _Marker:
     done: threading.Event
 
 
-def _chunk(out: RequestOutput, consumer: str, tokenizer=None) -> bytes:
+def _chunk(out: RequestOutput, consumer: str, tokenizer=None) -> dict:
     fields = dict(i=out.first_token_index, ids=list(out.token_ids), text=out.text)
     fields.update(plen=out.prompt_length, glen=out.generated_length)
     if out.logprobs is not None:
@@ -175,7 +206,7 @@ def _chunk(out: RequestOutput, consumer: str, tokenizer=None) -> bytes:
         fields.update(reason=out.finish_reason, worker=consumer)
     if out.error is not None:
         fields.update(error=out.error, etype=wire.ErrorKind.GENERATION)
-    return wire.chunk_payload(**fields)
+    return wire.chunk_fields(**fields)
 
 
 def _logprob_fields(logprobs, tokenizer) -> dict:
@@ -194,10 +225,10 @@ def _token_text(tokenizer, token_id: int) -> str:
     return tokenizer.decode([token_id], skip_special_tokens=False)
 
 
-def _ending_payload(ending: Ending, consumer: str) -> bytes:
+def _ending_fields(ending: Ending, consumer: str) -> dict:
     """The final chunk of a request ended outside the engine (cancel, deadline, refusal)."""
     fields = dict(i=ending.glen, plen=ending.plen, glen=ending.glen, reason=ending.reason,
                   worker=consumer)  # fmt: skip
     if ending.error is not None:
         fields.update(error=ending.error, etype=ending.etype or wire.ErrorKind.GENERATION)
-    return wire.chunk_payload(**fields)
+    return wire.chunk_fields(**fields)

@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from mii.broker_config.connection import as_text
 from mii.broker_config.keys import WORKER_GROUP, DeploymentKeys
 from mii.broker_config.replay import Replayed, replay
-from mii.worker.intake import Entry
+from mii.worker.intake import Admission, Entry
 
 _PENDING_PAGE = 10_000
 MIN_TAKEOVER_IDLE_MS = 500
@@ -215,15 +215,21 @@ class Leases:
         rows = pipe.execute()
         return [row[0]["times_delivered"] if row else 1 for row in rows]
 
-    def published_tokens(self, request_id: str) -> Replayed:
-        """What a request's response stream already holds, each token index once."""
-        return replay(self.redis.xrange(self.keys.response(request_id)))
-
-    def published_many(self, request_ids: list[str]) -> list[Replayed]:
-        """`published_tokens` of several requests in one round trip."""
-        if not request_ids:
-            return []
+    def published(self, admissions: list[Admission]) -> list[Replayed]:
+        """What each request already published, each token index once, in one round trip:
+        its response stream, or its chunks in its reply stream since it was queued; a bulk
+        line publishes nothing (it starts over)."""
         pipe = self.redis.pipeline(transaction=False)
-        for rid in request_ids:
-            pipe.xrange(self.keys.response(rid))
-        return [replay(entries) for entries in pipe.execute()]
+        for adm in admissions:
+            if adm.entry.reply is not None:
+                pipe.xrange(self.keys.replies(adm.entry.reply), min=f"{adm.since_ms}-0")
+            else:
+                pipe.xrange(self.keys.response(adm.rid))
+        replies = pipe.execute() if admissions else []
+        return [_replay(adm, got) for adm, got in zip(admissions, replies, strict=True)]
+
+
+def _replay(adm: Admission, entries) -> Replayed:
+    if adm.entry.job is not None:
+        return Replayed()
+    return replay(entries, rid=adm.rid if adm.entry.reply is not None else None)

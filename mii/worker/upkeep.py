@@ -132,7 +132,7 @@ class Upkeep:
         if not held:
             return
         batch = Batch(acks=[adm.entry for adm in held])
-        batch.requeue = [(adm.entry.stream, requeue_fields(adm.message)) for adm in held]
+        batch.requeue = [(adm.entry.stream, requeue_fields(adm)) for adm in held]
         self.host.held.publisher.put(batch)
         self.host.stats.handed_back += len(held)
 

@@ -32,7 +32,8 @@ def test_worker_chunks_match_the_schema():
     [
         (b"\xc1", "not msgpack"),
         (msgpack.packb([1, 2]), "not a map"),
-        (msgpack.packb({"v": 3, "rid": "a", "prompt": "p"}), "v"),
+        (msgpack.packb({"v": 4, "rid": "a", "prompt": "p"}), "v"),
+        (msgpack.packb({"v": 3, "rid": "a", "prompt": "p", "reply": "x:y"}), "reply"),
         (msgpack.packb({"v": 1, "rid": "a b", "prompt": "p"}), "rid"),
         (msgpack.packb({"v": 1, "rid": "a", "prompt": 5}), "prompt"),
         (msgpack.packb({"v": 1, "rid": "a", "prompt": "p", "extra": 1}), "extra"),
@@ -56,7 +57,7 @@ def test_v2_requests_carry_chats_and_job_lines_and_v1_stays_readable():
         rid="j-3", messages=[{"role": "user", "content": "hi"}], job="j", line=3
     )
     fields = wire.request_fields(chat)
-    assert msgpack.unpackb(fields[wire.PAYLOAD])["v"] == wire.REQUEST_WIRE_VERSION == 2
+    assert msgpack.unpackb(fields[wire.PAYLOAD])["v"] == 2  # the lowest that carries it
     assert wire.decode_request(fields) == chat and chat.prompt == ""
     old = {wire.PAYLOAD: msgpack.packb({"v": 1, "rid": "a", "prompt": "p", "params": {}})}
     assert wire.decode_request(old).job is None
@@ -84,3 +85,25 @@ def test_line_results_match_their_schema():
     assert (result.text, result.reason, result.error, result.worker) == ("hi", "stop", None, "w:1")
     failed = jobs.decode_result(jobs.result_payload("error", error="bad", etype="invalid_request"))
     assert failed.etype == wire.ErrorKind.INVALID_REQUEST
+
+
+def test_v3_requests_name_a_reply_stream():
+    message = wire.RequestMessage(rid="r", prompt="p", reply="c1")
+    fields = wire.request_fields(message)
+    assert msgpack.unpackb(fields[wire.PAYLOAD])["v"] == wire.REQUEST_WIRE_VERSION == 3
+    assert wire.decode_request(fields).reply == "c1"
+
+
+def test_reply_entries_carry_the_chunks_of_several_requests():
+    chunks = {
+        "r1": wire.chunk_fields(i=0, ids=[5, 6], text="ab", plen=3, glen=2),
+        "r2": wire.chunk_fields(i=4, reason="stop", worker="w", plen=1, glen=4),
+    }
+    decoded = wire.decode_reply({wire.PAYLOAD: wire.reply_payload(chunks)})
+    assert [(rid, c.ids, c.final) for rid, c in decoded] == [
+        ("r1", [5, 6], False),
+        ("r2", [], True),
+    ]
+    bad = {wire.PAYLOAD: wire.reply_payload({"r1": {"v": 1, "ids": "nope"}})}
+    with pytest.raises(wire.WireError, match="reply entry"):
+        wire.decode_reply(bad)

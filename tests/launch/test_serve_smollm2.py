@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from harness import wait_for
+from harness import read_chunks, wait_for
 from redis_server import RedisServer
 
 import mii
@@ -80,7 +80,7 @@ def _inspecting_client(server):
 
 
 def _chunks(client, rid):
-    return [wire.decode_chunk(f) for _, f in client.redis.xrange(client.keys.response(rid))]
+    return read_chunks(client.redis, client.keys, rid)
 
 
 def _indices(chunks):
@@ -132,10 +132,11 @@ def test_both_replicas_take_work(client, server):
 def test_bad_params_refused_at_client_and_at_worker(client):
     with pytest.raises(InvalidRequestError, match="top_p"):
         client.generate("hi", top_p=5)
-    forged = wire.RequestMessage(rid="forged-bad-params", prompt="hi", params={"top_k": -3})
+    forged = wire.RequestMessage(rid="forged-bad-params", prompt="hi", params={"top_k": -3},
+                                 reply="forged")  # fmt: skip
     client.redis.xadd(client.keys.requests, wire.request_fields(forged))
     with pytest.raises(InvalidRequestError, match="top_k"):
-        for _ in client._follow(RequestSet(client.keys, [forged], GenerateParams())):
+        for _ in client._follow(RequestSet(client.keys, [forged], GenerateParams(), "forged")):
             pass
     with pytest.raises(InvalidRequestError, match="no room to generate"):
         client.generate("word " * 600, max_new_tokens=4)
@@ -144,7 +145,8 @@ def test_bad_params_refused_at_client_and_at_worker(client):
 
 def test_poison_request_reaches_the_dead_letter_stream(client):
     """A request whose three holders died: the next worker dead-letters it."""
-    message = wire.RequestMessage(rid="poison-1", prompt="poison", params={"max_new_tokens": 2})
+    message = wire.RequestMessage(rid="poison-1", prompt="poison", params={"max_new_tokens": 2},
+                                  reply="poisoned")  # fmt: skip
     stream = client.keys.requests
     pipe = client.redis.pipeline(transaction=True)  # live workers only see it after EXEC
     pipe.xadd(stream, wire.request_fields(message), id="*")
@@ -153,7 +155,7 @@ def test_poison_request_reaches_the_dead_letter_stream(client):
     for n in (2, 3):
         client.redis.xclaim(stream, WORKER_GROUP, f"deadhost:{n}", 0, [entry_id])
     with pytest.raises(GenerationError, match="dead-lettered"):
-        for _ in client._follow(RequestSet(client.keys, [message], GenerateParams())):
+        for _ in client._follow(RequestSet(client.keys, [message], GenerateParams(), "poisoned")):
             pass
     letters = client.redis.xrange(client.keys.deadletter)
     assert any(fields[b"rid"] == b"poison-1" for _, fields in letters)

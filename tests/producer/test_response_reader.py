@@ -16,7 +16,6 @@ from mii.broker_config import wire
 from mii.broker_config.keys import DeploymentKeys
 from mii.errors import BrokerUnavailableError, GenerationError
 from mii.params import GenerateParams
-from mii.producer import response_reader
 from mii.producer.outage import Abandoned
 from mii.producer.request_set import RequestSet
 from mii.producer.response_reader import ResponseReader
@@ -45,22 +44,36 @@ class StubRedis:
         return reply
 
 
+REPLY = "loop1"
+KEY = KEYS.replies(REPLY)
+
+
 def _requests(*prompts: str) -> RequestSet:
     params = GenerateParams.from_kwargs(max_new_tokens=3)
-    return RequestSet(KEYS, build_requests(list(prompts), params, None), params)
+    return RequestSet(KEYS, build_requests(list(prompts), params, None, reply=REPLY), params,
+                      REPLY)  # fmt: skip
 
 
-def _entry(i: int, text: str, final: bool = False, entry_id: str | None = None):
-    payload = wire.chunk_payload(i=i, ids=[ord(text)], text=text, glen=i + 1, plen=1,
-                                 reason="length" if final else None)  # fmt: skip
-    return (entry_id or f"1-{i + 1}").encode(), {wire.PAYLOAD: payload}
+def _chunk(i: int, text: str, final: bool = False) -> dict:
+    return wire.chunk_fields(i=i, ids=[ord(text)], text=text, glen=i + 1, plen=1,
+                             reason="length" if final else None)  # fmt: skip
+
+
+def _entry(n: int, chunks: dict[str, dict]):
+    """Reply stream entry number `n`: request id -> chunk."""
+    return f"1-{n}".encode(), {wire.PAYLOAD: wire.reply_payload(chunks)}
+
+
+def _reply(*entries):
+    return [(KEY.encode(), list(entries))]
 
 
 def _reader(stub: StubRedis, reconnect_timeout_s: float = 5.0) -> ResponseReader:
     async def cancel_nothing() -> None:
         pass
 
-    return ResponseReader(stub, reconnect_timeout_s, Abandoned(), cancel_nothing)
+    return ResponseReader(stub, KEY, reconnect_timeout_s, Abandoned(), cancel_nothing,
+                          block_ms=10)  # fmt: skip
 
 
 async def _until(predicate, what: str, timeout_s: float = 5.0) -> None:
@@ -70,69 +83,51 @@ async def _until(predicate, what: str, timeout_s: float = 5.0) -> None:
     assert predicate(), what
 
 
-def test_one_read_covers_every_followed_stream_and_wakes_each_call_with_its_own():
+def test_one_read_of_the_reply_stream_wakes_each_call_with_its_own():
     async def main():
         stub = StubRedis()
         reader = _reader(stub)
         sets = [_requests("a"), _requests("b"), _requests("c", "d")]
         followers = [reader.follow(s) for s in sets]
-        keys = [r.key for s in sets for r in s.requests]
-        stub.replies.append([(keys[0].encode(), [_entry(0, "x")]),
-                             (keys[3].encode(), [_entry(0, "y")])])  # fmt: skip
+        rids = [r.rid for s in sets for r in s.requests]
+        stub.replies.append(_reply(_entry(1, {rids[0]: _chunk(0, "x"), rids[3]: _chunk(0, "y")})))
         await asyncio.wait_for(followers[0].wait(5), 5)
-        assert list(stub.calls[0]) == keys and set(stub.calls[0].values()) == {"0-0"}
+        assert stub.calls[0] == {KEY: "0-0"}  # one stream for every call of the loop
         (first,) = followers[0].take()
         (last,) = followers[2].take()
         assert first[1].generated_text == "x" and last[0] is sets[2].requests[1]
         assert followers[1].take() == []
         await _until(lambda: len(stub.calls) > 1, "a second read")
-        assert stub.calls[1][keys[0]] == b"1-1" and stub.calls[1][keys[1]] == "0-0"
+        assert stub.calls[1] == {KEY: "1-1"}  # on from the last entry read
         for s in sets:
             reader.unfollow(s)
 
     asyncio.run(main())
 
 
-def test_past_the_batch_size_the_streams_are_read_in_several_calls(monkeypatch):
-    monkeypatch.setattr(response_reader, "MAX_STREAMS_PER_READ", 2)
-
+def test_chunks_of_requests_nobody_here_follows_are_skipped():
     async def main():
         stub = StubRedis()
         reader = _reader(stub)
-        requests = _requests("a", "b", "c", "d", "e")
-        reader.follow(requests)
-        await _until(lambda: len(stub.calls) >= 3, "three reads")
-        assert [len(c) for c in stub.calls[:3]] == [2, 2, 1]
-        assert set().union(*stub.calls[:3]) == {r.key for r in requests.requests}
-        reader.unfollow(requests)
+        mine = _requests("mine")
+        follower = reader.follow(mine)
+        gone = _requests("gone")  # a call that ended: its late chunks are nobody's
+        entry = {gone.requests[0].rid: _chunk(0, "g"), mine.requests[0].rid: _chunk(0, "m")}
+        stub.replies.append(_reply(_entry(1, entry)))
+        await asyncio.wait_for(follower.wait(5), 5)
+        assert [d.generated_text for _, d in follower.take()] == ["m"]
+        reader.unfollow(mine)
 
     asyncio.run(main())
 
 
-def test_a_stream_followed_during_a_read_joins_the_next_one():
-    async def main():
-        stub = StubRedis()
-        reader = _reader(stub, reconnect_timeout_s=5.0)
-        early, late = _requests("early"), _requests("late")
-        reader.follow(early)
-        await _until(lambda: stub.calls, "the first read")
-        reader.follow(late)  # the first read blocks on `early` alone
-        await _until(lambda: len(stub.calls) >= 2, "the next read")
-        assert late.requests[0].key not in stub.calls[0]
-        assert set(stub.calls[1]) == {early.requests[0].key, late.requests[0].key}
-        reader.unfollow(early)
-        reader.unfollow(late)
-
-    asyncio.run(main())
-
-
-def test_the_reader_stops_when_nothing_is_followed_and_starts_again():
+def test_the_reader_stops_when_nothing_is_followed_and_goes_on_from_where_it_was():
     async def main():
         stub = StubRedis()
         reader = _reader(stub)
         requests = _requests("once")
         follower = reader.follow(requests)
-        stub.replies.append([(requests.requests[0].key.encode(), [_entry(0, "z", final=True)])])
+        stub.replies.append(_reply(_entry(7, {requests.requests[0].rid: _chunk(0, "z", True)})))
         await asyncio.wait_for(follower.wait(5), 5)
         assert requests.done and follower.take()[0][1].finish_reason is not None
         await _until(lambda: reader._task is None, "the reader to stop")  # nothing open
@@ -140,29 +135,26 @@ def test_the_reader_stops_when_nothing_is_followed_and_starts_again():
         again = _requests("again")
         reader.follow(again)
         await _until(lambda: len(stub.calls) > calls, "a read for the new request")
-        assert list(stub.calls[-1]) == [again.requests[0].key]
+        assert stub.calls[-1] == {KEY: "1-7"}
         reader.unfollow(requests)
         reader.unfollow(again)
 
     asyncio.run(main())
 
 
-def test_a_stream_that_cannot_be_assembled_fails_only_its_own_call():
+def test_a_request_that_cannot_be_assembled_fails_only_its_own_call():
     async def main():
         stub = StubRedis()
         reader = _reader(stub)
         broken, fine = _requests("broken"), _requests("fine")
         followers = reader.follow(broken), reader.follow(fine)
-        stub.replies.append([
-            (broken.requests[0].key.encode(), [_entry(5, "q")]),  # token 5 before token 0
-            (fine.requests[0].key.encode(), [_entry(0, "f")]),
-        ])  # fmt: skip
+        entry = {broken.requests[0].rid: _chunk(5, "q"),  # token 5 before token 0
+                 fine.requests[0].rid: _chunk(0, "f")}  # fmt: skip
+        stub.replies.append(_reply(_entry(1, entry)))
         await asyncio.wait_for(followers[1].wait(5), 5)
         with pytest.raises(GenerationError, match="token 5 arrived before token 0"):
             followers[0].raise_error()
         assert followers[1].take()[0][1].generated_text == "f"
-        await _until(lambda: len(stub.calls) > 1, "a next read")
-        assert list(stub.calls[-1]) == [fine.requests[0].key]
         reader.unfollow(broken)
         reader.unfollow(fine)
 

@@ -25,18 +25,18 @@ def server():
     srv.stop()
 
 
-def _publish(connection, key: str, i: int, text: str, final: bool = False) -> None:
-    payload = wire.chunk_payload(i=i, ids=[ord(text)], text=text, glen=i + 1, plen=7,
-                                 reason="length" if final else None)  # fmt: skip
-    connection.xadd(key, {wire.PAYLOAD: payload})
+def _publish(connection, key: str, rid: str, i: int, text: str, final: bool = False) -> None:
+    chunk = wire.chunk_fields(i=i, ids=[ord(text)], text=text, glen=i + 1, plen=7,
+                              reason="length" if final else None)  # fmt: skip
+    connection.xadd(key, {wire.PAYLOAD: wire.reply_payload({rid: chunk})})
 
 
-async def _queued_rid(connection, stream: str) -> str:
-    """The id of the first request in `stream`, once there is one (this test is the worker)."""
+async def _queued(connection, stream: str) -> wire.RequestMessage:
+    """The first request in `stream`, once there is one (this test is the worker)."""
     async with asyncio.timeout(10):
         while not (entries := connection.xrange(stream)):
             await asyncio.sleep(0.01)
-    return wire.decode_request(entries[0][1]).rid
+    return wire.decode_request(entries[0][1])
 
 
 def test_a_stream_goes_on_after_a_redis_restart(server, monkeypatch):
@@ -55,13 +55,14 @@ def test_a_stream_goes_on_after_a_redis_restart(server, monkeypatch):
     async def main():
         deltas = client.astream("restart", max_new_tokens=2)
         first = asyncio.create_task(anext(deltas))  # submits, then waits on the reader
-        key = client.keys.response(await _queued_rid(worker, client.keys.requests))
-        _publish(worker, key, 0, "a")
+        message = await _queued(worker, client.keys.requests)
+        key, rid = client.keys.replies(message.reply), message.rid
+        _publish(worker, key, rid, 0, "a")
         assert (await asyncio.wait_for(first, 10)).generated_text == "a"
         second = asyncio.create_task(anext(deltas))  # the reader blocks on the stream again
         await asyncio.sleep(0.05)
         await asyncio.to_thread(server.restart, 0.5)
-        _publish(worker, key, 1, "b", final=True)
+        _publish(worker, key, rid, 1, "b", final=True)
         last = await asyncio.wait_for(second, 20)
         rest = [d async for d in deltas]
         return last, rest, client._aredis().reader

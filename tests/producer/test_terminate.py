@@ -69,7 +69,7 @@ def test_terminate_ends_queued_work_and_a_redeploy_starts_clean(
         left = {k.decode().split(":")[2] for k in redis.scan_iter(f"{keys.prefix}:*")}
         # responses expire; old clients may still refresh their liveness key and cancel
         # what they abandoned (markers that expire, entries for workers of no deployment)
-        assert left <= {"resp", "job", "cancelled", "control", "client"}, left
+        assert left <= {"resp", "replies", "job", "cancelled", "control", "client"}, left
 
         _assert_a_redeploy_starts_clean(private_redis.url, redis, keys)
         (old,) = served.local.workers  # its launcher restarted nothing into the new one
@@ -94,13 +94,18 @@ def _prompts(client: int) -> list[str]:
 
 
 def _assert_every_request_ended_with_an_error(redis, keys: DeploymentKeys) -> None:
-    """Each old response stream ends with one final chunk, nothing after it, and expires:
-    the termination's error, or a cancel from its client (whose call failed on the first
-    error and cancelled the rest)."""
-    streams = list(redis.scan_iter(keys.response("*")))
-    assert len(streams) == CLIENTS * PER_CLIENT
+    """Each old request's chunks (in its call's reply stream) end with one final chunk,
+    nothing after it, and expire: the termination's error, or a cancel from its client
+    (whose call failed on the first error and cancelled the rest)."""
+    per_request: dict[str, list] = {}
+    streams = list(redis.scan_iter(keys.replies("*")))
     for key in streams:
-        chunks = [wire.decode_chunk(f) for _, f in redis.xrange(key)]
+        assert redis.ttl(key) > 0
+        for _, fields in redis.xrange(key):
+            for rid, chunk in wire.decode_reply(fields):
+                per_request.setdefault(rid, []).append(chunk)
+    assert len(per_request) == CLIENTS * PER_CLIENT
+    for rid, chunks in per_request.items():
         (final,) = [c for c in chunks if c.final]
-        assert final is chunks[-1] and redis.ttl(key) > 0
-        assert final.reason == Reason.CANCELLED or "terminated" in final.error, (key, final)
+        assert final is chunks[-1]
+        assert final.reason == Reason.CANCELLED or "terminated" in final.error, (rid, final)

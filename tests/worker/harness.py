@@ -80,9 +80,21 @@ class Harness:
             thread.join(10)
 
     def response_chunks(self, rid: str):
-        from mii.broker_config import wire
+        return read_chunks(self.redis, self.keys, rid)
 
-        return [wire.decode_chunk(f) for _, f in self.redis.xrange(self.keys.response(rid))]
+
+def read_chunks(redis, keys: DeploymentKeys, rid: str):
+    """A request's chunks: its own response stream, or its part of a reply stream."""
+    from mii.broker_config import wire
+
+    own = [wire.decode_chunk(f) for _, f in redis.xrange(keys.response(rid))]
+    if own:
+        return own
+    chunks = []
+    for key in sorted(redis.scan_iter(match=keys.replies("*"))):
+        for _, fields in redis.xrange(key):
+            chunks += [chunk for r, chunk in wire.decode_reply(fields) if r == rid]
+    return chunks
 
 
 def wait_for(predicate, timeout_s: float = 10.0, what: str = "condition"):

@@ -117,9 +117,11 @@ def test_a_taken_over_line_records_the_text_its_first_worker_published(harness):
     tagged = [
         Entry(e.stream, e.entry_id, 2, JobLine("tk", n, f"tk-{n}")) for n, e in enumerate(entries)
     ]
-    publisher.put(Batch(outputs=[_output("tk-0", 3, "d")]))
-    publisher.put(Batch(outputs=[_output("tk-0", 4, "e", finished=True)], acks=[tagged[0]]))
-    cancelled = Ending("tk-1", Reason.CANCELLED, plen=2, glen=3)  # ended before a step here
+    routes = {"tk-0": tagged[0]}  # the loop names each output's entry
+    publisher.put(Batch(outputs=[_output("tk-0", 3, "d")], entries=routes))
+    last = _output("tk-0", 4, "e", finished=True)
+    publisher.put(Batch(outputs=[last], entries=routes, acks=[tagged[0]]))
+    cancelled = Ending("tk-1", Reason.CANCELLED, plen=2, glen=3, entry=tagged[1])  # no step
     publisher.put(Batch(endings=[cancelled], acks=[tagged[1]]))
     assert publisher.flush(5)
     publisher.stop()
@@ -130,7 +132,8 @@ def test_a_taken_over_line_records_the_text_its_first_worker_published(harness):
         "length",
     )
     assert (second["text"], second["finish_reason"]) == ("abc", "cancelled")
-    assert not harness.redis.exists(harness.keys.response("tk-0"), harness.keys.response("tk-1"))
+    # a bulk line publishes no chunk: only the three the first worker left are there
+    assert [harness.redis.xlen(harness.keys.response(r)) for r in ("tk-0", "tk-1")] == [3, 3]
     assert harness.redis.xlen(harness.keys.bulk) == 0
 
 

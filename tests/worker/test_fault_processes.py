@@ -102,17 +102,18 @@ def test_the_request_of_a_killed_client_is_cancelled(worker_env, private_redis, 
             stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         assert proc.stdout.readline()  # it is streaming
-        (key,) = client.redis.keys(client.keys.response("*"))
+        (key,) = client.redis.keys(client.keys.replies("*"))  # the killed client's
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         killed = time.monotonic()
 
         def final():
             last = client.redis.xrevrange(key, count=1)
-            return last and wire.decode_chunk(last[0][1]).final and last
+            chunks = wire.decode_reply(last[0][1]) if last else []
+            return chunks and chunks[0][1].final and chunks[0][1]
 
         last = wait_for(final, 20, "the worker to cancel the request")
-        assert wire.decode_chunk(last[0][1]).reason == Reason.CANCELLED
+        assert last.reason == Reason.CANCELLED
         assert time.monotonic() - killed < 10  # client_timeout_s is 1 s; not 1e6 tokens
     finally:
         client.terminate_server(timeout_s=20)

@@ -96,11 +96,11 @@ def test_logprob_chunks_carry_token_texts_and_alternatives_as_version_2():
             return "".join(chr(i) for i in ids)
 
     out = _output("r1", 0)
-    plain = wire.decode_chunk({wire.PAYLOAD: _chunk(out, "w", None)})
+    plain = wire.decode_chunk({wire.PAYLOAD: wire.pack(_chunk(out, "w", None))})
     assert plain.v == 1 and plain.toks is None and plain.lp == [-0.5]
     top = (TokenLogprob(65, -0.5, ((65, -0.5), (66, -1.5))),)
     rich = wire.decode_chunk(
-        {wire.PAYLOAD: _chunk(dataclasses.replace(out, logprobs=top), "w", Letters())}
+        {wire.PAYLOAD: wire.pack(_chunk(dataclasses.replace(out, logprobs=top), "w", Letters()))}
     )
     assert rich.v == 2 and rich.toks == ["A"]
     assert rich.top == [[(65, -0.5, "A"), (66, -1.5, "B")]]

@@ -26,12 +26,18 @@ def _dead_worker_takes(harness, consumer: str = "deadhost:1"):
     return reply[0][1][0][0]
 
 
-def _publish(harness, rid: str, prompt: str, start: int, stop: int) -> None:
+def _publish_chunk(harness, sub, rid: str, **fields) -> None:
+    """What a worker writes for one of `sub`'s requests: an entry of their reply stream."""
+    payload = wire.reply_payload({rid: wire.chunk_fields(**fields)})
+    harness.redis.xadd(sub.requests[0].key, {wire.PAYLOAD: payload})
+
+
+def _publish(harness, sub, rid: str, prompt: str, start: int, stop: int) -> None:
     ids = list(prompt.encode())
     for k in range(start, stop):
         tok = token_for(ids, k)
-        payload = wire.chunk_payload(i=k, ids=[tok], text=chr(tok), plen=len(ids), glen=k + 1)
-        harness.redis.xadd(harness.keys.response(rid), {wire.PAYLOAD: payload})
+        _publish_chunk(harness, sub, rid, i=k, ids=[tok], text=chr(tok), plen=len(ids),
+                       glen=k + 1)  # fmt: skip
 
 
 def test_reclaimed_request_continues_from_published_tokens(harness):
@@ -39,7 +45,7 @@ def test_reclaimed_request_continues_from_published_tokens(harness):
     sub = client.submit(["resume me"], max_new_tokens=12)
     rid = sub.requests[0].rid
     _dead_worker_takes(harness)
-    _publish(harness, rid, "resume me", 0, 5)
+    _publish(harness, sub, rid, "resume me", 0, 5)
     engine = FakeEngine()
     loop = harness.start(engine)
     sub.wait()
@@ -56,9 +62,8 @@ def test_request_finished_by_a_dead_worker_is_only_acked(harness):
     sub = client.submit(["done already"], max_new_tokens=2)
     rid = sub.requests[0].rid
     _dead_worker_takes(harness)
-    _publish(harness, rid, "done already", 0, 2)
-    final = wire.chunk_payload(i=2, plen=12, glen=2, reason="length")
-    harness.redis.xadd(harness.keys.response(rid), {wire.PAYLOAD: final})
+    _publish(harness, sub, rid, "done already", 0, 2)
+    _publish_chunk(harness, sub, rid, i=2, plen=12, glen=2, reason="length")
     engine = FakeEngine()
     harness.start(engine)
     wait_for(lambda: harness.redis.xlen(harness.keys.requests) == 0, what="ack")

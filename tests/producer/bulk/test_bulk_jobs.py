@@ -48,7 +48,7 @@ def test_submit_queues_each_line_once_and_a_resubmit_queues_nothing(harness, bul
     messages = [wire.decode_request(f) for _, f in entries]
     assert [m.rid for m in messages] == ["j1-0", "j1-1", "j1-3", "j1-4", "j1-5"]
     assert messages[0].job == "j1" and messages[0].line == 0 and messages[0].params == GREEDY
-    assert msgpack_version(entries[0][1]) == wire.REQUEST_WIRE_VERSION
+    assert msgpack_version(entries[0][1]) == 2  # job lines, no reply stream: version 2
     again = bulk.submit(job_input, job_id="j1", params=GREEDY)
     assert harness.redis.xlen(harness.keys.bulk) == 5 and again.submitted == 6
     assert again.state == JobState.RUNNING
