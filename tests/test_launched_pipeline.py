@@ -27,18 +27,17 @@ SCRIPT = textwrap.dedent(
     import json, multiprocessing, os, sys
     import mii
 
-    path, out = sys.argv[1], sys.argv[2]
+    path, out, call = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     result = {"world": os.environ["WORLD_SIZE"]}
     for all_rank_output in (False, True):
         pipe = mii.pipeline(path, max_num_batched_tokens=32, all_rank_output=all_rank_output)
         result["children"] = len(multiprocessing.active_children())
-        responses = pipe(%r, **%r)
+        responses = pipe(call["prompts"], **call["options"])
         result[str(all_rank_output)] = responses and [r.token_ids for r in responses]
         pipe.destroy()
-    with open(os.path.join(out, "rank%%s.json" %% os.environ["RANK"]), "w") as f:
+    with open(os.path.join(out, "rank" + os.environ["RANK"] + ".json"), "w") as f:
         json.dump(result, f)
     """
-    % (PROMPTS, GREEDY)
 )
 
 
@@ -50,7 +49,7 @@ def test_torchrun_processes_form_one_group(tiny_model, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")}
     run = subprocess.run(
         [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(script), path,
-         str(tmp_path)],
+         str(tmp_path), json.dumps({"prompts": PROMPTS, "options": GREEDY})],
         capture_output=True, text=True, timeout=110, env=env,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

@@ -101,10 +101,9 @@ def connect_store(port: int, world_size: int) -> dist.TCPStore:
 
 
 def join_group(
-    rank: int, world_size: int, store: dist.TCPStore | None, device: torch.device
+    rank: int, world_size: int, store: dist.TCPStore, device: torch.device
 ) -> tuple[ParallelContext, ControlChannel]:
-    """Join the model's process group and the control channel (a collective call); without
-    a store, by the launcher's environment (MASTER_ADDR, MASTER_PORT)."""
+    """Join the model's process group and the control channel (a collective call)."""
     if dist.is_initialized():
         raise RuntimeError(
             "this process already belongs to a torch.distributed group: one tensor-parallel "
@@ -113,8 +112,7 @@ def join_group(
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    where = {"store": store} if store is not None else {"init_method": "env://"}
-    dist.init_process_group(backend, rank=rank, world_size=world_size, **where)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
     control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
     return ParallelContext(rank, world_size, dist.group.WORLD), ControlChannel(control)
 

@@ -7,10 +7,16 @@ As with the ranks an engine spawns (leader.py, follower.py), rank 0 owns the sch
 the sampler and sends each step's plan; here the other ranks follow only while rank 0 is
 inside a call of the user's script, which every rank makes: rank 0 ends each call with an
 `Idle` message (and a payload: the call's outcome), so the other ranks return from theirs.
+
+The processes' default group (torch.distributed's WORLD) lives as long as they do: it is
+joined once (or taken as the script made it, e.g. `deepspeed.init_distributed()`) and every
+pipeline after the first reuses it, with a control group of its own. Joining the launcher's
+rendezvous a second time would meet the first group's leftovers in its store.
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,7 +27,7 @@ import torch.distributed as dist
 from mii.engine.model_runner import ModelRunner
 from mii.engine.tp.context import ParallelContext
 from mii.engine.tp.follower import share_cpu_cores
-from mii.engine.tp.group import Idle, RankSpec, join_group, leave_group
+from mii.engine.tp.group import CONTROL_TIMEOUT, ControlChannel, Idle, RankSpec, leave_group
 from mii.launcher_env import LaunchedRank
 
 
@@ -38,15 +44,10 @@ class LaunchedGroup:
     `guard`, `close`); a rank that dies ends the launcher's job, which ends the others."""
 
     def __init__(self, rank: LaunchedRank, device: torch.device) -> None:
-        if dist.is_initialized():
-            raise RuntimeError(
-                "this process already belongs to a torch.distributed group: one "
-                "tensor-parallel pipeline per process (destroy the other one first)"
-            )
         self.rank, self.device = rank, device
-        if device.type == "cpu":  # the launcher's processes share this host's cores
-            share_cpu_cores(torch.get_num_threads(), rank.world_size)
-        self.context, self.control = join_group(rank.rank, rank.world_size, None, device)
+        _join_world(rank, device)
+        self.context = ParallelContext(rank.rank, rank.world_size, dist.group.WORLD)
+        self.control = ControlChannel(dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT))
         self._closed = False
 
     def leader_context(self) -> ParallelContext:
@@ -67,13 +68,35 @@ class LaunchedGroup:
         yield
 
     def close(self) -> None:
-        """Rank 0: stop the other ranks; every rank leaves the group. Safe to repeat."""
+        """Rank 0: stop the other ranks; every rank drops this pipeline's control group (the
+        default group stays for the next pipeline). Safe to repeat."""
         if self._closed:
             return
         self._closed = True
         if self.rank.rank == 0:
             self.control.send_stop()
-        leave_group()
+        dist.destroy_process_group(self.control.group)
+
+
+def _join_world(rank: LaunchedRank, device: torch.device) -> None:
+    """Join the launcher's processes (env:// rendezvous), unless this process is already in
+    their group; it is left when the process exits."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if dist.is_initialized():
+        if (dist.get_rank(), dist.get_world_size()) != (rank.rank, rank.world_size):
+            raise RuntimeError(
+                f"this process is rank {dist.get_rank()} of {dist.get_world_size()} in a "
+                f"torch.distributed group, not rank {rank.rank} of {rank.world_size} as "
+                "its launcher says"
+            )
+        return
+    if device.type == "cpu":  # the launcher's processes share this host's cores
+        share_cpu_cores(torch.get_num_threads(), rank.world_size)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method="env://", rank=rank.rank,
+                            world_size=rank.world_size)  # fmt: skip
+    atexit.register(leave_group)
 
 
 class Follower:
