@@ -10,6 +10,7 @@ log-probabilities when it asked for them (its result carries them, for OpenAI's 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -45,6 +46,7 @@ class _Logprobs:
     lp: list[float] = field(default_factory=list)
     toks: list[str] = field(default_factory=list)
     top: list[list[tuple[int, float, str]]] = field(default_factory=list)
+    touched: float = 0.0
 
 
 class LogprobLog:
@@ -60,6 +62,7 @@ class LogprobLog:
         if not out.logprobs:
             return
         held = self._held.setdefault(out.request_id, _Logprobs())
+        held.touched = time.monotonic()
         for lp in out.logprobs:
             held.ids.append(lp.token_id)
             held.lp.append(lp.logprob)
@@ -76,6 +79,12 @@ class LogprobLog:
     def forget(self, rids: Iterable[str]) -> None:
         for rid in rids:
             self._held.pop(rid, None)
+
+    def sweep(self, older_than_s: float = 600.0) -> None:
+        """Forget lines this worker stopped serving without an ending (taken over)."""
+        limit = time.monotonic() - older_than_s
+        for rid in [r for r, held in self._held.items() if held.touched < limit]:
+            del self._held[rid]
 
     def _text(self, token_id: int) -> str:
         if self.tokenizer is None:

@@ -5,7 +5,9 @@ written into the job (`mii.broker_config.jobs.RECORD_SCRIPT`) in the same MULTI/
 publishes its final chunk and acks its entry; its response stream is deleted there too,
 since the job's results are what bulk readers read. The whole text is joined from what
 this worker published (`TextLog`); a line taken over from a dead worker starts with
-tokens that one published, read back from the response stream once, at the end.
+tokens that one published, read back from the response stream once, at the end. While
+lines run, each transaction adds the tokens they generated to their jobs' `streamed`
+counters, and a line that asked for logprobs gets them in its result (`bulk_progress`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from mii.broker_config.jobs import RECORD_SCRIPT, result_payload
 from mii.broker_config.keys import DeploymentKeys
 from mii.broker_config.replay import replay
 from mii.engine.outputs import RequestOutput
+from mii.worker.bulk_progress import LogprobLog, streamed_commands, streamed_tokens
 from mii.worker.intake import JobLine
 from mii.worker.outcomes import Batch, Ending
 
@@ -63,9 +66,11 @@ class TextLog:
 
 
 class JobRecorder:
-    def __init__(self, redis, keys: DeploymentKeys, consumer: str) -> None:
+    def __init__(self, redis, keys: DeploymentKeys, consumer: str, tokenizer=None) -> None:
+        """`tokenizer` (the engine's, if it has one) gives logprobs their token texts."""
         self.redis, self.keys, self.consumer = redis, keys, consumer
         self.texts = TextLog()
+        self.logprobs = LogprobLog(tokenizer)
         self.recorded = 0
         self._transactions = 0
 
@@ -73,7 +78,10 @@ class JobRecorder:
         """Commands that record the job lines these batches end (their acks are in the same
         batches; a bulk line publishes no chunks: its result is what its readers read)."""
         records: dict[str, list] = {}  # job id -> RECORD_SCRIPT arguments
+        streamed: dict[str, int] = {}  # job id -> tokens generated in these batches
         for batch in batches:
+            for job, tokens in streamed_tokens(batch.outputs, _job_of(batch)).items():
+                streamed[job] = streamed.get(job, 0) + tokens
             finals = self._finals(batch)
             for entry in batch.acks:
                 line = entry.job
@@ -82,14 +90,18 @@ class JobRecorder:
                     records.setdefault(line.job, []).extend(args)
             for rid in finals:
                 self.texts.pop(rid)
+            self.logprobs.forget(finals)
         self._sweep_now_and_then()
-        return self._script_calls(records)
+        return self._script_calls(records) + streamed_commands(self.keys, streamed)
 
     def _finals(self, batch: Batch) -> dict[str, Ending]:
         """How each request this batch ends ended (the batch's outputs enter the log)."""
         finals = {}
+        job_of = _job_of(batch)
         for out in batch.outputs:
             self.texts.add(out)
+            if job_of(out.request_id) is not None:
+                self.logprobs.add(out)
             if out.finished:
                 finals[out.request_id] = Ending.of(out)
         finals.update((ending.rid, ending) for ending in batch.endings)
@@ -103,6 +115,7 @@ class JobRecorder:
         payload = result_payload(
             final.reason, text=text, plen=final.plen, glen=final.glen,
             error=final.error, etype=final.etype, worker=self.consumer,
+            **self.logprobs.pop(line.rid),
         )  # fmt: skip
         self.recorded += 1
         return [line.line, payload, final.glen, 1 if final.error else 0]
@@ -130,6 +143,17 @@ class JobRecorder:
         self._transactions += 1
         if self._transactions % SWEEP_EVERY == 0:
             self.texts.sweep()
+            self.logprobs.sweep()
+
+
+def _job_of(batch: Batch):
+    """A request's bulk job in this batch, or None (an interactive request)."""
+
+    def job_of(rid: str) -> str | None:
+        entry = batch.entries.get(rid)
+        return None if entry is None or entry.job is None else entry.job.job
+
+    return job_of
 
 
 def _log_retry(key: str):

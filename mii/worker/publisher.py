@@ -48,7 +48,7 @@ class Publisher:
         self._queue: queue.Queue[Batch | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="mii-publisher", daemon=True)
         self._fresh: set[str] = set()  # response streams this worker has not written yet
-        self.jobs = JobRecorder(redis, keys, consumer)
+        self.jobs = JobRecorder(redis, keys, consumer, tokenizer)
         self.tokens_published = 0
         self.chunks_published = 0
         self.transactions = 0
