@@ -10,20 +10,11 @@ import pytest
 
 HERE = os.path.dirname(__file__)
 sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "worker"))
 
 from gateway_server import ThreadedGateway  # noqa: E402
-from harness import Harness  # noqa: E402
 
 from mii.gateway.app import create_app  # noqa: E402
 from mii.gateway.settings import GatewaySettings  # noqa: E402
-
-
-@pytest.fixture
-def harness():
-    h = Harness()
-    yield h
-    h.stop()
 
 
 @pytest.fixture
