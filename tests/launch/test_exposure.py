@@ -52,7 +52,10 @@ def test_mii_serve_never_shows_the_password(worker_env, password_url, monkeypatc
         return served[-1]
 
     monkeypatch.setattr(mii, "serve", serve)
-    stopper = threading.Thread(target=_terminate_when_ready, args=(password_url,), daemon=True)
+    logs: list[str] = []  # a clean terminate removes the log folder: read it before
+    stopper = threading.Thread(
+        target=_terminate_when_ready, args=(password_url, served, logs), daemon=True
+    )
     stopper.start()
     previous = signal.getsignal(signal.SIGTERM)
     try:
@@ -61,19 +64,25 @@ def test_mii_serve_never_shows_the_password(worker_env, password_url, monkeypatc
         signal.signal(signal.SIGTERM, previous)
     out = capsys.readouterr().out
     assert "serving secret-dep at redis://mii-ops:***@127.0.0.1:" in out
-    (worker,) = served[0].local.workers
-    with open(worker.log_path) as log:
-        worker_log = log.read()
+    (worker_log,) = logs
     assert "transport:   redis://mii-ops:**@127.0.0.1" in worker_log  # Celery's banner
     for text in (out, caplog.text, worker_log):
         assert PASSWORD not in text
 
 
-def _terminate_when_ready(url: str) -> None:
+def _terminate_when_ready(url: str, served: list, logs: list[str]) -> None:
     keys = DeploymentKeys("secret-dep")
     redis = redis_py.Redis.from_url(url)
     wait_for(lambda: redis.hget(keys.state, "state") == b"serving", 30, "the deployment")
+    (worker,) = served[0].local.workers
+    logs.append(wait_for(lambda: _banner_logged(worker.log_path), 30, "Celery's banner"))
     mii.client("secret-dep", redis_url=url).terminate_server(timeout_s=20)
+
+
+def _banner_logged(path: str) -> str | None:
+    with open(path) as log:
+        text = log.read()
+    return text if "transport:" in text else None
 
 
 def _listening_address(port: int) -> str:
