@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 import uuid
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from mii.config import ModelConfig
@@ -62,17 +64,17 @@ class MIIPipeline:
             config = dataclasses.replace(config, device=str(lead.group.device))
             self.engine = LLMEngine(config, tp=lead.group.leader_context())
         self.tokenizer = self.engine.tokenizer
+        self._lock = threading.Lock()  # one thread steps the engine at a time
+        self._routes: dict[str, Callable[[RequestOutput], None]] = {}  # request -> its call
 
     def __call__(self, prompts: Prompt | list[Prompt], **kwargs) -> list[Response]:
+        """One `Response` per prompt. Calls from several threads share the engine's steps:
+        every step serves the requests of every call under way."""
         responses, error = None, None
         try:
             pending = self._submit(prompts, kwargs)
-            try:
-                while self.engine.has_unfinished_requests():
-                    for out in self.engine.step():
-                        _add(pending[out.request_id], out)
-            finally:
-                self._abort(pending)
+            sink = {rid: (lambda out, p=parts: _add(p, out)) for rid, parts in pending.items()}
+            self._run(sink, lambda: all(p.finish_reason for p in pending.values()))
             responses = [parts.response() for parts in pending.values()]
             return responses
         except BaseException as exc:
@@ -87,18 +89,50 @@ class MIIPipeline:
         try:
             pending = self._submit([prompt], kwargs)
             (request_id,) = pending
+            arrived: deque[RequestOutput] = deque()
+            self._routes[request_id] = arrived.append
             try:
-                while self.engine.has_unfinished_requests():
-                    for out in self.engine.step():
-                        if out.request_id == request_id:
-                            yield _delta(out)
+                while True:
+                    while arrived:
+                        out = arrived.popleft()
+                        yield _delta(out)
+                        if out.finished:
+                            return
+                    self._step_for({request_id})
             finally:
-                self._abort(pending)
+                self._release(pending)
         except Exception as exc:  # not GeneratorExit: a stream closed early is no error
             error = exc
             raise
         finally:
             self._end_call(None, error)
+
+    def _run(self, sink: dict[str, Callable[[RequestOutput], None]], done) -> None:
+        """Step the engine (taking turns with other threads) until `done()`; each output
+        goes to the sink of its request, whichever thread's call it is."""
+        self._routes.update(sink)
+        try:
+            while not done():
+                self._step_for(set(sink), done)
+        finally:
+            self._release(sink)
+
+    def _step_for(self, rids: set[str], done=None) -> None:
+        """One engine step, unless another thread's step already served `rids` to `done`."""
+        with self._lock:
+            if (done is not None and done()) or not self.engine.has_unfinished_requests():
+                return
+            for out in self.engine.step():
+                route = self._routes.get(out.request_id)
+                if route is not None:
+                    route(out)
+
+    def _release(self, rids) -> None:
+        """Free what a call leaves in the engine (an error, a closed stream)."""
+        with self._lock:
+            for request_id in rids:
+                self._routes.pop(request_id, None)
+                self.engine.abort_request(request_id)
 
     def _end_call(self, responses: list[Response] | None, error: BaseException | None) -> None:
         """The other ranks of a launcher's group return from their call too."""
@@ -106,7 +140,8 @@ class MIIPipeline:
             self.lead.end_call(responses, error)
 
     def _submit(self, prompts, kwargs) -> dict[str, ResponseParts]:
-        """Validate every prompt before queueing any, so a bad one leaves nothing behind."""
+        """Validate every prompt before queueing any, so a bad one leaves nothing behind;
+        queue them between two steps of another thread's call, never during one."""
         prompts = as_prompt_list(prompts)
         params = GenerateParams.from_kwargs(**kwargs)
         prepared = []
@@ -115,16 +150,12 @@ class MIIPipeline:
             sampling = params.to_sampling_params(len(ids), self.engine.max_model_len)
             prepared.append((prompt, ids, sampling))
         pending: dict[str, ResponseParts] = {}
-        for prompt, ids, sampling in prepared:
-            request_id = uuid.uuid4().hex
-            self.engine.add_request(request_id, ids, sampling)
-            pending[request_id] = _parts(prompt, len(ids), params)
+        with self._lock:
+            for prompt, ids, sampling in prepared:
+                request_id = uuid.uuid4().hex
+                self.engine.add_request(request_id, ids, sampling)
+                pending[request_id] = _parts(prompt, len(ids), params)
         return pending
-
-    def _abort(self, pending: dict[str, ResponseParts]) -> None:
-        """Free what an interrupted call left in the engine (an exception, a closed stream)."""
-        for request_id in pending:
-            self.engine.abort_request(request_id)
 
     def destroy(self) -> None:
         """Release the model and its KV cache, and stop the tensor-parallel ranks."""

@@ -125,7 +125,9 @@ class ModelRunner:
         )
         with torch.inference_mode():
             ids = torch.zeros(tokens, dtype=torch.int64, device=dev)
-            hidden = self.model(ids, torch.arange(tokens, device=dev), meta)
+            # positions wrap inside the rotary table: a budget may exceed max_length
+            positions = torch.arange(tokens, device=dev) % self.max_positions
+            hidden = self.model(ids, positions, meta)
             self.model.compute_logits(hidden[-self.config.scheduler.max_num_seqs :])
         torch.cuda.synchronize(dev)
         peak = torch.cuda.max_memory_allocated(dev) - before

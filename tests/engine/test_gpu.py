@@ -124,3 +124,17 @@ def test_new_families_bf16_agree_with_transformers(tiny_model, arch, record_prop
     # would agree on about 1 token in 320.
     assert fraction >= 0.2
     assert sum(i > 0 for i in first) >= len(first) // 2
+
+
+@pytest.mark.timeout(120)
+def test_a_token_budget_above_max_length_starts_and_serves(tiny_model):
+    """The activation profile runs one sequence of the whole budget: its positions must
+    stay inside the rotary table, which max_length sizes (an illegal memory access once)."""
+    import mii
+
+    pipe = mii.pipeline(tiny_model("llama"), max_length=64, max_num_batched_tokens=512)
+    try:
+        out = pipe(["a prompt"] * 4, max_new_tokens=8, do_sample=False)
+        assert all(r.generated_length >= 1 for r in out)
+    finally:
+        pipe.destroy()
