@@ -5,7 +5,6 @@ in test_fault_processes.py)."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import pytest
@@ -141,17 +140,17 @@ def test_a_redis_that_comes_back_empty_is_set_up_again(harness):
 
 
 def test_a_request_running_through_a_flush_still_finishes(harness):
-    harness.start(FakeEngine(step_delay_s=0.01))
-    client = harness.client()
-    results = []
-    thread = threading.Thread(
-        target=lambda: results.append(client.generate("long", max_new_tokens=150)[0])
-    )
-    thread.start()
-    time.sleep(0.3)
-    harness.redis.flushall()
-    thread.join(30)
-    assert results and results[0].generated_text == expected_text("long", 150)
+    engine = FakeEngine(step_delay_s=0.3)  # slow steps: nothing is published near the flush
+    harness.start(engine)
+    client = harness.client(delete_responses=False)
+    running = client.submit(["long"], max_new_tokens=150)
+    deltas = iter(running)
+    text = "".join(next(deltas)[1].generated_text for _ in range(3))  # a client reading
+    harness.redis.flushall()  # the entry, the claim and the stream so far: all gone
+    engine.step_delay_s = 0.005
+    text += "".join(delta.generated_text for _, delta in deltas)
+    assert text == expected_text("long", 150)
+    assert running.responses()[0].generated_length == 150
     assert not harness.errors
 
 
