@@ -35,9 +35,10 @@ AUTH = "ops:flower-pw"
 @pytest.fixture(scope="module")
 def password_url(private_redis) -> str:
     admin = redis_py.Redis.from_url(private_redis.url)
-    admin.acl_setuser(
-        "mii-ops", enabled=True, passwords=[f"+{PASSWORD}"], keys=["*"], commands=["+@all"]
-    )
+    admin.acl_setuser(  # Celery's events and remote control need the pub/sub channels
+        "mii-ops", enabled=True, passwords=[f"+{PASSWORD}"], keys=["*"], channels=["*"],
+        commands=["+@all"],
+    )  # fmt: skip
     return f"redis://mii-ops:{PASSWORD}@127.0.0.1:{private_redis.port}/0"
 
 
