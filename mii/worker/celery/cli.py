@@ -81,10 +81,23 @@ def run_worker(args) -> int:
         argv.append(f"--metrics-address={args.metrics_address}")
     argv.append(f"--task-prompt-chars={args.task_prompt_chars}")
     app = make_app(url)
-    app.worker_main(argv)
-    # Celery drops its worker's exit code; the engine loop's bootstep leaves it on the app:
-    # non-zero when the engine broke, so that supervisors restart the worker
-    return getattr(app, EXIT_CODE_ATTR, 0)
+    code = _celery_main(app, argv)
+    # The engine loop's bootstep leaves its own code on the app (Celery's worker exits 0
+    # after a warm shutdown): non-zero when the engine broke, so supervisors restart it
+    return code or getattr(app, EXIT_CODE_ATTR, 0)
+
+
+def _celery_main(app, argv: list[str]) -> int:
+    """`celery worker` with `app`, returning its exit code (`app.worker_main` drops it:
+    a worker whose consumer hit an unrecoverable error exits 1 here, not 0)."""
+    from celery.bin.celery import celery
+
+    celery.params[0].default = app
+    try:
+        code = celery.main(args=argv, standalone_mode=False)
+    finally:
+        celery.params[0].default = None
+    return code if isinstance(code, int) else 0
 
 
 def _mii_config(args):
