@@ -37,9 +37,18 @@ def run_engine(path, prompts, new_tokens, dtype="float32", eager=False, budget=6
 
 
 def hf_on_gpu(path, prompts, new_tokens, dtype=torch.float32):
-    from transformers import AutoModelForCausalLM
+    """transformers' eager attention: the reference semantics (some versions run Gemma-2 on
+    SDPA on CUDA, which drops its attention soft-capping). LongRoPE models generate without
+    a cache: the whole sequence turns with the long factors once it passes the pretraining
+    length, which Phi-3's cache reset means (and which some versions skip)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).cuda()
+    longrope = (getattr(AutoConfig.from_pretrained(path), "rope_scaling", None) or {}).get(
+        "rope_type"
+    ) == "longrope"
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, attn_implementation="eager"
+    ).cuda()
     outs = []
     for p in prompts:
         ids = torch.tensor([p], device="cuda")
@@ -49,6 +58,7 @@ def hf_on_gpu(path, prompts, new_tokens, dtype=torch.float32):
             do_sample=False,
             max_new_tokens=new_tokens,
             min_new_tokens=new_tokens,
+            use_cache=not longrope,
         )
         outs.append(gen[0, len(p) :].tolist())
     return outs
