@@ -17,8 +17,8 @@ from tiny_models import build_tiny_model, mixed_prompts  # noqa: E402
 
 
 def first_diff(ours, ref):
-    return [next((i for i, (a, b) in enumerate(zip(o, r)) if a != b), len(r))
-            for o, r in zip(ours, ref)]  # fmt: skip
+    return [next((i for i, (a, b) in enumerate(zip(o, r, strict=True)) if a != b), len(r))
+            for o, r in zip(ours, ref, strict=True)]  # fmt: skip
 
 
 def main() -> None:
