@@ -99,7 +99,8 @@ def test_a_failed_start_with_embedded_redis_forgets_it(worker_env, monkeypatch):
         mii.client("timeout-dep")
 
 
-def test_ctrl_c_during_start_leaves_nothing_behind(worker_env, server):
+def test_ctrl_c_during_start_leaves_nothing_behind(worker_env, server, monkeypatch):
+    monkeypatch.setenv("MII_FAKE_LOAD_DELAY", "30")  # the start is still under way at Ctrl-C
     code = (
         "import sys; from serving import FAKE, fake_config; "
         "from mii.launch.serve import serve_deployment; "

@@ -142,7 +142,8 @@ class FakeEngine:
 
 def make_fake_engine(mii_config, replica: int) -> FakeEngine:
     """Engine factory for worker processes (`--engine-factory`); MII_FAKE_STEP_DELAY sets
-    the simulated forward-pass time in seconds."""
+    the simulated forward-pass time in seconds, MII_FAKE_LOAD_DELAY a model load's."""
+    time.sleep(float(os.environ.get("MII_FAKE_LOAD_DELAY", "0")))
     delay = float(os.environ.get("MII_FAKE_STEP_DELAY", "0"))
     max_len = mii_config.model_conf.max_length or 4096
     return FakeEngine(max_model_len=max_len, step_delay_s=delay)
