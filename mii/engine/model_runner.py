@@ -46,7 +46,7 @@ class ModelRunner:
         self.dtype = dtype
         self.block_size = config.cache.block_size
         self.max_positions = max_positions
-        self.tp = tp
+        self.tp = tp = tp.with_peer_all_reduce(self.device, dtype)
         self.model = build_model(hf_config, dtype, self.device, tp, max_positions)
         if random_weights:
             init_random_weights(self.model)

@@ -247,3 +247,20 @@ def test_gpu_device_map_places_rank0(tiny_model):
         assert pipe.engine.runner.kv_cache.device == torch.device("cuda", 1)
         (resp,) = pipe([5, 6, 7], max_new_tokens=4)
         assert resp.generated_length == 4
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.gpu
+@needs_two_gpus
+def test_gpu_peer_all_reduce_takes_decode_steps_and_changes_no_token(tiny_model, monkeypatch):
+    """Small all-reduces go through NVLink peer memory (one shot), and sum as NCCL does."""
+    path = tiny_model("llama3")
+    prompts = mixed_prompts(6, (1, 17, 70, 5, 130, 2), seed=3)
+    opts = dict(device="cuda", dtype="bfloat16", max_num_batched_tokens=64, tensor_parallel=2)
+    with pipeline(path, **opts) as pipe:
+        assert pipe.engine.runner.tp.peer is not None
+        with_peer = [r.token_ids for r in pipe(prompts, max_new_tokens=16, **GREEDY)]
+    monkeypatch.setenv("MII_PEER_ALL_REDUCE_MAX_BYTES", "0")
+    with pipeline(path, **opts) as pipe:
+        assert pipe.engine.runner.tp.peer is None
+        assert [r.token_ids for r in pipe(prompts, max_new_tokens=16, **GREEDY)] == with_peer

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,9 +19,23 @@ class ParallelContext:
     leader: Any = None
     """On rank 0 of processes that a launcher started (`tp/launched.py`), their group: the
     engine sends the other ranks each step's plan through it. None otherwise."""
+    peer: Any = None
+    """A `PeerAllReduce` that takes the small all-reduces on GPUs; None: NCCL takes all."""
+
+    def with_peer_all_reduce(self, device: torch.device, dtype: torch.dtype) -> ParallelContext:
+        """This group with the one-shot peer all-reduce for `dtype` where it is open (a
+        collective call, made where the model is built)."""
+        if self.world_size == 1 or self.peer is not None or device.type != "cuda":
+            return self
+        from mii.engine.tp.peer_all_reduce import PeerAllReduce
+
+        return dataclasses.replace(self, peer=PeerAllReduce.create(self.group, device, dtype))
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum over the ranks; use the returned tensor (`x` may or may not hold it)."""
         if self.world_size > 1:
+            if self.peer is not None and self.peer.fits(x):
+                return self.peer(x)
             dist.all_reduce(x, group=self.group)
         return x
 

@@ -1,0 +1,92 @@
+"""All-reduce on two GPUs: NCCL against the one-shot peer all-reduce (mii/engine/tp/
+peer_all_reduce.py) over the message sizes of decode and prefill steps, each replayed in a
+CUDA graph as the engine's decode steps run them. Checks that both give the same sums.
+Prints microseconds per all-reduce; writes bench_all_reduce.json under $OUT when set.
+
+    python scripts/bench_all_reduce.py          # needs 2 GPUs
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from bench_common import write_json
+
+SIZES_KB = (8, 32, 128, 256, 512, 1024, 2048, 4096)
+REPLAYS, PER_GRAPH = 20, 50
+
+
+def _timed(fn, x: torch.Tensor) -> float:
+    """Microseconds per call of fn(x), PER_GRAPH calls captured in one CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn(x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(PER_GRAPH):
+            fn(x)
+    graph.replay()
+    torch.cuda.synchronize()
+    dist.barrier()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(REPLAYS):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000 / (REPLAYS * PER_GRAPH)
+
+
+def _rank(rank: int, port: int, queue) -> None:
+    os.environ["MII_PEER_ALL_REDUCE_MAX_BYTES"] = str(max(SIZES_KB) * 1024)
+    from mii.engine.tp.peer_all_reduce import PeerAllReduce
+
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    device = torch.device("cuda", rank)
+    peer = PeerAllReduce.create(dist.group.WORLD, device, torch.bfloat16)
+    rows = []
+    for kb in SIZES_KB:
+        x = torch.randn(kb * 512, device=device, dtype=torch.bfloat16)
+        expected = x.clone()
+        dist.all_reduce(expected)
+        row = {"kb": kb, "nccl_us": _timed(lambda t: dist.all_reduce(t.clone()), x)}
+        if peer is not None:
+            row["same_sum"] = bool(torch.equal(peer(x), expected))
+            row["peer_us"] = _timed(peer, x)
+        rows.append(row)
+    if rank == 0:
+        queue.put({"device": torch.cuda.get_device_name(0), "peer": peer is not None,
+                   "rows": rows})  # fmt: skip
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    if torch.cuda.device_count() < 2:
+        raise SystemExit("bench_all_reduce needs two GPUs")
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_rank, args=(r, 29517, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    result = queue.get(timeout=300)
+    for p in procs:
+        p.join(60)
+    write_json("bench_all_reduce.json", result)
+    print(f"{result['device']} x2, bf16, us per all-reduce in CUDA graphs "
+          f"(peer path open: {result['peer']})")  # fmt: skip
+    print(f"{'KB':>6}{'NCCL':>10}{'one-shot':>10}{'ratio':>8}  same sum")
+    for r in result["rows"]:
+        peer = r.get("peer_us", float("nan"))
+        print(f"{r['kb']:>6}{r['nccl_us']:>10.1f}{peer:>10.1f}{peer / r['nccl_us']:>8.2f}"
+              f"  {r.get('same_sum')}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
