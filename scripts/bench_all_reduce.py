@@ -45,6 +45,7 @@ def _timed(fn, x: torch.Tensor) -> float:
 
 def _rank(rank: int, port: int, queue) -> None:
     os.environ["MII_PEER_ALL_REDUCE_MAX_BYTES"] = str(max(SIZES_KB) * 1024)
+    from mii.engine.tp import peer_all_reduce
     from mii.engine.tp.peer_all_reduce import PeerAllReduce
 
     torch.cuda.set_device(rank)
@@ -63,7 +64,7 @@ def _rank(rank: int, port: int, queue) -> None:
         rows.append(row)
     if rank == 0:
         queue.put({"device": torch.cuda.get_device_name(0), "peer": peer is not None,
-                   "rows": rows})  # fmt: skip
+                   "why_not": peer_all_reduce.last_failure, "rows": rows})  # fmt: skip
     dist.destroy_process_group()
 
 
@@ -80,7 +81,7 @@ def main() -> None:
         p.join(60)
     write_json("bench_all_reduce.json", result)
     print(f"{result['device']} x2, bf16, us per all-reduce in CUDA graphs "
-          f"(peer path open: {result['peer']})")  # fmt: skip
+          f"(peer path open: {result['peer']}; {result['why_not'] or ''})")  # fmt: skip
     print(f"{'KB':>6}{'NCCL':>10}{'one-shot':>10}{'ratio':>8}  same sum")
     for r in result["rows"]:
         peer = r.get("peer_us", float("nan"))

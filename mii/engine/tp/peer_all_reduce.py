@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
+last_failure: str | None = None
+"""Why the last `PeerAllReduce.create` on this process left the path closed, if it did."""
 
 DEFAULT_MAX_BYTES = 512 * 1024
 """Up to here one shot beat NCCL on two H100s (scripts/bench_all_reduce.py)."""
@@ -68,7 +70,9 @@ class PeerAllReduce:
             peer = cls(symm_mem, buffer, name, max_bytes)
             peer._check(group, device)
         except Exception as exc:  # noqa: BLE001 - any failure means: use NCCL
-            log.info("one-shot peer all-reduce unavailable, NCCL for all sizes: %s", exc)
+            global last_failure
+            last_failure = f"{type(exc).__name__}: {exc}"
+            log.warning("one-shot peer all-reduce unavailable, NCCL for all sizes: %s", exc)
             ok.zero_()
             peer = None
         # Every rank takes the same path, or their collectives would pair up wrongly.
