@@ -257,6 +257,7 @@ def test_gpu_peer_all_reduce_takes_decode_steps_and_changes_no_token(tiny_model,
     path = tiny_model("llama3")
     prompts = mixed_prompts(6, (1, 17, 70, 5, 130, 2), seed=3)
     opts = dict(device="cuda", dtype="bfloat16", max_num_batched_tokens=64, tensor_parallel=2)
+    monkeypatch.setenv("MII_PEER_ALL_REDUCE_MAX_BYTES", str(512 * 1024))
     with pipeline(path, **opts) as pipe:
         assert pipe.engine.runner.tp.peer is not None
         with_peer = [r.token_ids for r in pipe(prompts, max_new_tokens=16, **GREEDY)]

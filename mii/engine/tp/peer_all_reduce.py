@@ -10,7 +10,8 @@ whose bandwidth wins there.
 Only peer loads are used: no NVLink multicast (`multimem`), which stays off on these
 machines. Anything this path cannot take (no symmetric memory in this torch, no peer access,
 an odd dtype or size) goes to NCCL, and a group whose first all-reduce disagrees with NCCL's
-never uses it. `MII_PEER_ALL_REDUCE_MAX_BYTES` sets the largest message it takes (0: off).
+never uses it. `MII_PEER_ALL_REDUCE_MAX_BYTES` sets the largest message it takes (0, the
+default: off).
 """
 
 from __future__ import annotations
@@ -26,12 +27,26 @@ log = logging.getLogger(__name__)
 last_failure: str | None = None
 """Why the last `PeerAllReduce.create` on this process left the path closed, if it did."""
 
-DEFAULT_MAX_BYTES = 512 * 1024
-"""Up to here one shot beat NCCL on two H100s (scripts/bench_all_reduce.py)."""
+DEFAULT_MAX_BYTES = 0
+"""Off until measured: on two H200s the path did not open (torch 2.11), and NCCL's LL
+protocol took an 8 KB all-reduce in 7.9 us inside CUDA graphs (scripts/bench_all_reduce.py
+prints both, and why the path stayed closed). 512 KB is the size to try."""
 
 
 def max_bytes_setting() -> int:
     return int(os.environ.get("MII_PEER_ALL_REDUCE_MAX_BYTES", DEFAULT_MAX_BYTES))
+
+
+def _closed(exc: BaseException) -> None:
+    global last_failure
+    last_failure = f"{type(exc).__name__}: {exc}"
+    log.warning("one-shot peer all-reduce unavailable, NCCL for all sizes: %s", last_failure)
+
+
+def _everywhere(flag: bool, group: Any, device: torch.device) -> bool:
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+    return bool(t.item())
 
 
 class PeerAllReduce:
@@ -58,7 +73,7 @@ class PeerAllReduce:
             or dist.get_backend(group) != "nccl"
         ):
             return None
-        ok = torch.ones(1, device=device)
+        peer = None
         try:
             import torch.distributed._symmetric_memory as symm_mem
 
@@ -68,16 +83,19 @@ class PeerAllReduce:
             buffer = symm_mem.empty(max_bytes // dtype.itemsize, dtype=dtype, device=device)
             symm_mem.rendezvous(buffer, name)
             peer = cls(symm_mem, buffer, name, max_bytes)
-            peer._check(group, device)
         except Exception as exc:  # noqa: BLE001 - any failure means: use NCCL
-            global last_failure
-            last_failure = f"{type(exc).__name__}: {exc}"
-            log.warning("one-shot peer all-reduce unavailable, NCCL for all sizes: %s", exc)
-            ok.zero_()
+            _closed(exc)
+        # Every rank takes the same path, or their collectives would pair up wrongly: the
+        # check runs only where every rank mapped the buffer, and counts only if it passed
+        # everywhere.
+        if not _everywhere(peer is not None, group, device):
+            return None
+        try:
+            peer._check(group, device)
+        except Exception as exc:  # noqa: BLE001
+            _closed(exc)
             peer = None
-        # Every rank takes the same path, or their collectives would pair up wrongly.
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
-        return peer if ok.item() == 1 else None
+        return peer if _everywhere(peer is not None, group, device) else None
 
     def _check(self, group: Any, device: torch.device) -> None:
         """The first all-reduce agrees with NCCL's, or this path stays closed."""
