@@ -11,6 +11,10 @@ from mii.broker_config.settings import BrokerSettings
 from mii.constants import DeploymentType, TaskType
 from mii.engine.config import CacheConfig, EngineConfig, SchedulePolicy, SchedulerConfig
 
+QUANTIZATION_MODES = {"fp8": "fp8"}
+"""`quantization_mode` values and the `quantization` each means. MII's one mode, 'wf6af16'
+(6-bit float weights), has no equivalent here; 'fp8' is ours."""
+
 
 class _Model(BaseModel):
     # Field docstrings become descriptions: the help of `mii serve` and `mii worker` options.
@@ -34,7 +38,7 @@ class ModelConfig(_Model):
     tensor_parallel: int = Field(default_factory=lambda: int(os.getenv("WORLD_SIZE", "1")), gt=0)
     """GPUs one replica's model is split over (default: $WORLD_SIZE, else 1)."""
     quantization_mode: str | None = None
-    """Not supported (MII's 'wf6af16'): give dtype instead."""
+    """MII's; 'fp8' means quantization='fp8'; MII's 'wf6af16' is not supported."""
     inference_engine_config: dict[str, Any] = Field(default_factory=dict)
     """MII's ragged engine options; `state_manager.max_ragged_batch_size`,
     `state_manager.max_ragged_sequence_count` and `state_manager.max_context` are honoured."""
@@ -84,6 +88,10 @@ class ModelConfig(_Model):
     """'dummy': random weights of the folder's config (a model's shape without its weights)."""
     skip_tokenizer_init: bool = False
     """No tokenizer: prompts must be token ids; responses carry token ids and no text."""
+    quantization: str | None = None
+    """fp8: linear weights in float8 e4m3 with per-channel scales, quantized at load (GPUs
+    of compute capability 8.9+; on the CPU dequantized once at load). FP8 checkpoints load
+    as FP8 without it."""
 
     @field_validator("device_map", mode="before")
     @classmethod
@@ -97,14 +105,27 @@ class ModelConfig(_Model):
         return value
 
     @model_validator(mode="after")
-    def _quantization_unsupported(self) -> ModelConfig:
-        if self.quantization_mode is not None:
+    def _quantization_mode(self) -> ModelConfig:
+        """MII's `quantization_mode` where it means one of ours; the rest refused."""
+        if self.quantization not in (None, *QUANTIZATION_MODES.values()):
+            raise ValueError(f"quantization is 'fp8' or none, not {self.quantization!r}")
+        mode = self.quantization_mode
+        if mode is None:
+            return self
+        if mode.lower() not in QUANTIZATION_MODES:
             raise ValueError(
-                f"quantization_mode {self.quantization_mode!r} is not supported: mii runs "
-                "fp32, fp16 and bf16 weights (dtype='fp16' or 'bf16' halves fp32's memory); "
-                "a quantized GGUF checkpoint can be dequantized into a Hugging Face folder "
-                "as the demo model is (mii/engine/demo_model.py)"
+                f"quantization_mode {mode!r} is not supported: mii runs FP8 weights "
+                "(quantization='fp8', or quantization_mode='fp8') and fp32, fp16 and bf16 "
+                "ones (dtype); a quantized GGUF checkpoint can be dequantized into a Hugging "
+                "Face folder as the demo model is (mii/engine/demo_model.py)"
             )
+        wanted = QUANTIZATION_MODES[mode.lower()]
+        if self.quantization not in (None, wanted):
+            raise ValueError(
+                f"quantization_mode={mode!r} contradicts quantization={self.quantization!r}"
+            )
+        if self.quantization is None:
+            self.quantization = wanted  # validate_assignment runs this validator again
         return self
 
     def _state_manager(self, key: str):
@@ -159,6 +180,7 @@ class ModelConfig(_Model):
             async_scheduling=self.async_scheduling,
             load_format=self.load_format,
             skip_tokenizer_init=self.skip_tokenizer_init,
+            quantization=self.quantization,
             cache=cache,
             scheduler=scheduler,
         )

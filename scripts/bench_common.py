@@ -250,7 +250,7 @@ class ModelShape:
         heads = hf_config.num_attention_heads
         return ModelShape(
             matmul_params=total - embed + (head if tied else 0),
-            weight_bytes=total * 2,
+            weight_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
             layers=hf_config.num_hidden_layers,
             q_heads=heads,
             kv_heads=getattr(hf_config, "num_key_value_heads", None) or heads,

@@ -73,6 +73,7 @@ def main() -> None:
         "--sync", action="store_true", help="no asynchronous scheduling (the baseline for it)"
     )
     ap.add_argument("--sliding-window", type=int, default=None, help="0: no window")
+    ap.add_argument("--quantization", choices=["fp8"], default=None, help="FP8 weights")
     args = ap.parse_args()
 
     overrides = {}
@@ -86,6 +87,7 @@ def main() -> None:
     config = EngineConfig(
         model=preset_folder(args.preset, **overrides),
         dtype="bfloat16",
+        quantization=args.quantization,
         enforce_eager=args.eager,
         async_scheduling=False if args.sync else None,
         scheduler=SchedulerConfig(max_num_batched_tokens=2048, max_num_seqs=64),
@@ -107,7 +109,7 @@ def main() -> None:
         **ours,
         "ratio_to_floor": ours["ms_per_token"] / floor_ms,
     }
-    suffix = "_sync" if args.sync else ""
+    suffix = ("_sync" if args.sync else "") + (f"_{args.quantization}" if args.quantization else "")
     if args.sliding_window is not None:
         suffix += f"_ctx{args.prompt_len}_window{args.sliding_window}"
     write_json(f"latency_{args.preset}{suffix}.json", result)

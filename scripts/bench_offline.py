@@ -62,11 +62,17 @@ def bench_hf(preset: str, prompts, new_tokens: int, batch: int) -> dict:
 
 
 def build_engine(
-    preset: str, budget: int, max_seqs: int, eager: bool, sync: bool = False
+    preset: str,
+    budget: int,
+    max_seqs: int,
+    eager: bool,
+    sync: bool = False,
+    quantization: str | None = None,
 ) -> LLMEngine:
     config = EngineConfig(
         model=preset_folder(preset),
         dtype="bfloat16",
+        quantization=quantization,
         enforce_eager=eager,
         async_scheduling=False if sync else None,
         scheduler=SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs),
@@ -136,6 +142,7 @@ def main() -> None:
         "--sync", action="store_true", help="no asynchronous scheduling (the baseline for it)"
     )
     ap.add_argument("--profile-at", type=int, default=None, help="profile 10 steps from here")
+    ap.add_argument("--quantization", choices=["fp8"], default=None, help="FP8 weights")
     args = ap.parse_args()
 
     peaks = measure_peaks()
@@ -144,7 +151,9 @@ def main() -> None:
     hf = None
     if not args.skip_hf:
         hf = bench_hf(args.preset, prompts[: args.hf_requests], args.new_tokens, args.hf_batch)
-    engine = build_engine(args.preset, args.budget, args.max_seqs, args.eager, args.sync)
+    engine = build_engine(
+        args.preset, args.budget, args.max_seqs, args.eager, args.sync, args.quantization
+    )
     roofline = Roofline(ModelShape.of(engine.runner.model, engine.hf_config), peaks)
     ours = bench_mii(engine, prompts, args.new_tokens, roofline, args.profile_at)
     ours["roofline_floor_s"] = roofline.floor_s
@@ -160,7 +169,8 @@ def main() -> None:
     }
     if hf:
         result["ratio_vs_hf"] = ours["tok_per_s"] / hf["tok_per_s"]
-    write_json(f"offline_{args.preset}{'_sync' if args.sync else ''}.json", result)
+    suffix = ("_sync" if args.sync else "") + (f"_{args.quantization}" if args.quantization else "")
+    write_json(f"offline_{args.preset}{suffix}.json", result)
     print(
         f"device {result['device']}  matmul {peaks['matmul_flops'] / 1e12:.0f} TFLOP/s  "
         f"copy {peaks['copy_bytes_per_s'] / 1e9:.0f} GB/s  kv blocks {result['kv_blocks']}"

@@ -114,7 +114,7 @@ def test_aml_deployments_and_quantization_are_refused_clearly(served):
     with pytest.raises(ValueError, match="deployment_type 'aml' is not supported"):
         mii.serve(M, deployment_type="aml")
     with pytest.raises(ValueError, match="quantization_mode 'wf6af16' is not supported: mii "
-                       "runs fp32, fp16 and bf16 weights"):  # fmt: skip
+                       "runs FP8 weights"):  # fmt: skip
         mii.serve(M, quantization_mode="wf6af16")
     assert not served
 

@@ -87,12 +87,18 @@ class EngineConfig:
     the device (benchmarks of a model's shape without its checkpoint, as vLLM's option)."""
     skip_tokenizer_init: bool = False
     """Run without a tokenizer: prompts are token ids and outputs carry ids, no text."""
+    quantization: str | None = None
+    """'fp8': linear weights in float8 e4m3 with per-output-channel scales, quantized at
+    load (engine/quantization.py). None: as the checkpoint stores them (an FP8 checkpoint,
+    a `quantization_config` of method fp8 or compressed-tensors' float8, loads as FP8)."""
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format is 'auto' or 'dummy', not {self.load_format!r}")
+        if self.quantization not in (None, "fp8"):
+            raise ValueError(f"quantization is 'fp8' or None, not {self.quantization!r}")
 
     @cached_property
     def torch_device(self) -> torch.device:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -131,16 +131,18 @@ def _copy(param: nn.Parameter, loaded: Any, shard_id=None) -> None:
     param.data.copy_(loaded[...])
 
 
-def load_weights(model: nn.Module, path: str) -> None:
-    """Copy a checkpoint into the model, fusing q/k/v and gate/up; fail on missing weights."""
+def load_weights(
+    model: nn.Module, path: str, weights: Iterable[tuple[str, Any]] | None = None
+) -> None:
+    """Copy a checkpoint into the model, fusing q/k/v and gate/up; fail on missing weights.
+    `weights`: the checkpoint's (name, weight) pairs as a quantization hands them over
+    (engine/quantization.py); by default `iterate_checkpoint(path)`'s."""
     params = dict(model.named_parameters())
     missing = set(params)
-    rename = getattr(model, "checkpoint_name", lambda n: n)
-    for raw_name, tensor in iterate_checkpoint(path):
-        name = rename(raw_name)
+    for raw_name, tensor in iterate_checkpoint(path) if weights is None else weights:
+        name, shard = parameter_of(model, raw_name)
         if any(skip in name for skip in model.skipped_weights):
             continue
-        name, shard = _packed_target(model, name)
         if name not in params:
             if name == "lm_head.weight" and model.tie_word_embeddings:
                 continue
@@ -150,6 +152,12 @@ def load_weights(model: nn.Module, path: str) -> None:
         missing.discard(name)
     if missing:
         raise KeyError(f"checkpoint {path} lacks weights: {', '.join(sorted(missing)[:8])}")
+
+
+def parameter_of(model: nn.Module, checkpoint_name: str) -> tuple[str, Any]:
+    """The model parameter that a checkpoint weight loads into, and its shard id there."""
+    rename = getattr(model, "checkpoint_name", lambda n: n)
+    return _packed_target(model, rename(checkpoint_name))
 
 
 def _packed_target(model: nn.Module, name: str) -> tuple[str, Any]:

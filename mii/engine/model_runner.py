@@ -12,6 +12,7 @@ from mii.engine.config import EngineConfig
 from mii.engine.cuda_graphs import DecodeGraphs
 from mii.engine.layers.attention import AttentionMetadata, PagedAttention
 from mii.engine.loader import build_model, init_random_weights, load_weights
+from mii.engine.quantization import plan_quantization
 from mii.engine.sampler import Sampler, SamplerOutput
 from mii.engine.scheduler import ScheduledChunk
 from mii.engine.step_plan import HEADER, StepPlan
@@ -48,10 +49,17 @@ class ModelRunner:
         self.max_positions = max_positions
         self.tp = tp = tp.with_peer_all_reduce(self.device, dtype)
         self.model = build_model(hf_config, dtype, self.device, tp, max_positions)
+        quant = plan_quantization(
+            config.quantization, hf_config, self.model, None if random_weights else model_path
+        )
+        if quant is not None:
+            quant.prepare(self.model)
         if random_weights:
             init_random_weights(self.model)
         else:
-            load_weights(self.model, model_path)
+            load_weights(self.model, model_path, quant and quant.weights(model_path))
+        if quant is not None:
+            quant.finish(self.model)
         self._pack_cpu_weights()
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
         # Every rank of a tensor-parallel group must hold the same number of blocks.

@@ -131,3 +131,18 @@ def fused_moe(
     from mii.kernels.fused_moe_ref import fused_moe_ref, route_ref
 
     return fused_moe_ref(x, gate_up, down, route_ref(router_logits, top_k, renormalize))
+
+
+def fp8_linear(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """x @ (weight * scale[:, None]).T + bias with float8 weights (kernels/fp8_ref.py): on
+    CUDA Triton or `torch._scaled_mm` by shape (kernels/fp8_gemm.py), otherwise the weight
+    dequantized into x's dtype for this call."""
+    if _triton_on(x):
+        from mii.kernels.fp8_gemm import fp8_linear as kernel
+
+        return kernel(x, weight, scale, bias)
+    from mii.kernels.fp8_ref import fp8_linear_ref
+
+    return fp8_linear_ref(x, weight, scale, bias)

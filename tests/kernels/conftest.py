@@ -26,6 +26,8 @@ KERNEL_MODULES = (
     "rope_kv_write",
     "rms_norm",
     "activation",
+    "fp8_quant",
+    "fp8_gemm",
 )
 
 if not torch.cuda.is_available() and "triton" not in sys.modules:

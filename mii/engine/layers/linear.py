@@ -8,10 +8,9 @@ tensor or a lazy safetensors slice: loaders only index it (`[a:b]`, `[:, a:b]`, 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from mii.engine.layers.cpu_linear import pack_weight, packed_linear
+from mii.engine.layers.linear_method import UNQUANTIZED, LinearMethod
 from mii.engine.tp.context import ParallelContext
 
 
@@ -22,18 +21,24 @@ def _param(shape: tuple[int, ...], loader) -> nn.Parameter:
 
 
 class LinearBase(nn.Module):
-    """x @ weight.T (+ bias), through oneDNN-packed weights once `pack_for_cpu` ran."""
+    """x @ weight.T (+ bias), as the layer's `method` stores and multiplies the weight
+    (layers/linear_method.py: unquantized unless a quantization gave it another)."""
 
     weight: nn.Parameter
     packed: torch.Tensor | None = None
+    method: LinearMethod = UNQUANTIZED
+
+    @property
+    def output_loader(self):
+        """The loader of a vector over the output features (the bias, per-channel scales),
+        sharded as the weight's rows are."""
+        return self._load
 
     def pack_for_cpu(self, batch_hint: int) -> None:
-        self.packed = pack_weight(self.weight, batch_hint)
+        self.method.pack_for_cpu(self, batch_hint)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.packed is not None:
-            return packed_linear(x, self.packed, bias)
-        return F.linear(x, self.weight, bias)
+        return self.method.apply(self, x, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x, self.bias)
@@ -159,6 +164,10 @@ class RowParallelLinear(LinearBase):
     def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         start = self.tp.rank * self.in_per_rank
         param.data.copy_(loaded[:, start : start + self.in_per_rank])
+
+    @property
+    def output_loader(self):
+        return self._load_bias  # every rank holds all output features
 
     @staticmethod
     def _load_bias(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:

@@ -1,0 +1,49 @@
+"""How a linear layer holds its weight and multiplies by it (vLLM's `LinearMethod`).
+
+Every linear layer is built unquantized; a quantization (engine/quantization.py) hands the
+layers it covers another method before the checkpoint loads. The layers keep sharding,
+the method decides the parameters' dtypes and the GEMM: one implementation of each layer,
+whatever its weights are stored in.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mii.engine.layers.cpu_linear import pack_weight, packed_linear
+
+
+class LinearMethod:
+    """The interface; the defaults suit a method that keeps the layer's parameters."""
+
+    def prepare(self, layer: nn.Module) -> None:
+        """Replace or add the layer's parameters before the checkpoint loads into them (a
+        new parameter carries a `weight_loader` that shards it as the layer does)."""
+
+    def process_after_loading(self, layer: nn.Module) -> None:
+        """Turn the loaded parameters into what `apply` reads (e.g. quantize them)."""
+
+    def pack_for_cpu(self, layer: nn.Module, batch_hint: int) -> None:
+        """Reorder the weight for the CPU's GEMM, where that pays."""
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x @ W.T (+ bias), W being what the layer's weight stands for."""
+        raise NotImplementedError
+
+
+class UnquantizedLinearMethod(LinearMethod):
+    """The weight in the model's dtype; on the CPU through oneDNN-packed weights once
+    `pack_for_cpu` ran (layers/cpu_linear.py)."""
+
+    def pack_for_cpu(self, layer: nn.Module, batch_hint: int) -> None:
+        layer.packed = pack_weight(layer.weight, batch_hint)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None):
+        if layer.packed is not None:
+            return packed_linear(x, layer.packed, bias)
+        return F.linear(x, layer.weight, bias)
+
+
+UNQUANTIZED = UnquantizedLinearMethod()

@@ -1,0 +1,174 @@
+"""Which linear layers of a model hold FP8 weights, and how the checkpoint's tensors reach
+them (the layers' method is layers/fp8_linear.py).
+
+- `quantization="fp8"` over an unquantized checkpoint: every tensor-parallel linear layer
+  (attention and MLP projections) is quantized once its weights are loaded. Embeddings, the
+  LM head and replicated layers (MoE routers: small, and routing is sensitive) stay as they
+  are, as do the fused experts of MoE models.
+- An FP8 checkpoint (config.json's `quantization_config`: `quant_method: "fp8"` as
+  AutoFP8 / llm-compressor publish for Llama-3 and Mistral, or `"compressed-tensors"` with
+  float8 weights) loads as FP8 whatever `quantization` says: each layer that the checkpoint
+  gives a `weight_scale` takes its float8 weight as stored. Per-tensor scales become one
+  scale per row (fused q/k/v keep each part's own), per-channel ones ([N] or [N, 1]) load
+  as they are. Static `input_scale`s are not used: activations are scaled per token at
+  run time, which is at least as accurate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from mii.engine.layers.fp8_linear import Fp8LinearMethod
+from mii.engine.layers.linear import LinearBase, ReplicatedLinear
+from mii.engine.loader import iterate_checkpoint, parameter_of
+
+SCALE = ".weight_scale"
+UNUSED = (".input_scale", ".k_scale", ".v_scale", ".kv_scale", ".output_scale")
+"""FP8 checkpoints' static activation and KV-cache scales (AutoFP8's and compressed-
+tensors' names for them), which nothing here reads: activations are scaled per token, an
+FP8 KV cache calibrates its own scales."""
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """FP8 for some linear layers of a model (`plan_quantization` says which)."""
+
+    checkpoint_layers: frozenset[str] | None
+    """The layers whose float8 weights the checkpoint holds; None: quantize at load."""
+    scale_rows: dict[str, int] | None = None
+    """Rows of each checkpoint weight that a `weight_scale` scales (per-tensor scales)."""
+
+    def prepare(self, model: nn.Module) -> None:
+        """Give the layers their FP8 method before the checkpoint loads."""
+        _check_device(next(model.parameters()).device)
+        for _, layer in self._layers(model):
+            layer.method = Fp8LinearMethod(from_checkpoint=self.checkpoint_layers is not None)
+            layer.method.prepare(layer)
+
+    def weights(self, path: str) -> Iterator[tuple[str, Any]]:
+        """The checkpoint's tensors as the layers take them: scales as float32 vectors over
+        the weight's rows, unused scales left out."""
+        for name, tensor in iterate_checkpoint(path):
+            if name.endswith(UNUSED):
+                continue
+            if name.endswith(SCALE) and self.scale_rows is not None:
+                tensor = _scale_rows(tensor[...], self.scale_rows[name])
+            yield name, tensor
+
+    def finish(self, model: nn.Module) -> None:
+        """Quantize what loaded unquantized."""
+        for _, layer in self._layers(model):
+            layer.method.process_after_loading(layer)
+
+    def _layers(self, model: nn.Module) -> Iterator[tuple[str, LinearBase]]:
+        for name, module in model.named_modules():
+            if not isinstance(module, LinearBase):
+                continue
+            if self.checkpoint_layers is None:
+                if not isinstance(module, ReplicatedLinear):
+                    yield name, module
+            elif name in self.checkpoint_layers:
+                yield name, module
+
+
+def plan_quantization(
+    requested: str | None, hf_config: Any, model: nn.Module, path: str | None
+) -> Quantization | None:
+    """The model's FP8 layers: the checkpoint's (`path`; None for random weights, which
+    are quantized like any unquantized checkpoint), else every parallel linear layer when
+    `requested == "fp8"`, else none (None)."""
+    stored = checkpoint_quantization(hf_config)
+    if stored is not None and path is not None:
+        return _from_checkpoint(model, path)
+    if requested == "fp8" or stored is not None:
+        return Quantization(checkpoint_layers=None)
+    return None
+
+
+def checkpoint_quantization(hf_config: Any) -> str | None:
+    """'fp8' for a checkpoint stored in FP8, None for an unquantized one; an error that
+    says what loads for any other `quantization_config`."""
+    qc = getattr(hf_config, "quantization_config", None)
+    if not qc:
+        return None
+    qc = qc if isinstance(qc, dict) else qc.to_dict()
+    method = qc.get("quant_method")
+    if method == "fp8" and not qc.get("weight_block_size"):
+        return "fp8"
+    if method == "compressed-tensors" and _compressed_tensors_fp8(qc):
+        return "fp8"
+    raise ValueError(
+        f"checkpoint quantization {_describe(qc)} is not supported: mii loads FP8 checkpoints "
+        "with per-tensor or per-channel scales (quant_method 'fp8', or 'compressed-tensors' "
+        "with float8 weights) and quantizes unquantized ones itself (quantization='fp8')"
+    )
+
+
+def _compressed_tensors_fp8(qc: dict) -> bool:
+    groups = qc.get("config_groups") or {}
+    if not groups or qc.get("format") not in ("float-quantized", "naive-quantized"):
+        return False
+    for group in groups.values():
+        w = group.get("weights") or {}
+        if (w.get("num_bits"), w.get("type"), w.get("strategy")) not in (
+            (8, "float", "tensor"),
+            (8, "float", "channel"),
+        ):
+            return False
+    return True
+
+
+def _describe(qc: dict) -> str:
+    method = qc.get("quant_method")
+    if qc.get("weight_block_size"):
+        return f"{method!r} with block scales {qc['weight_block_size']}"
+    if method == "compressed-tensors":
+        return f"'compressed-tensors' in format {qc.get('format')!r} (not float8 weights)"
+    return repr(method)
+
+
+def _from_checkpoint(model: nn.Module, path: str) -> Quantization:
+    """The layers that the checkpoint gives a weight scale, with the rows of each weight."""
+    scales, rows = set(), {}
+    for name, tensor in iterate_checkpoint(path):
+        shape = tensor.get_shape() if hasattr(tensor, "get_shape") else tensor.shape
+        if name.endswith(SCALE):
+            scales.add(name)
+        elif name.endswith(".weight") and shape:
+            rows[name] = shape[0]
+    layers, modules = set(), dict(model.named_modules())
+    for scale in scales:
+        target, _ = parameter_of(model, scale)
+        layer = target.removesuffix(SCALE)
+        if not isinstance(modules.get(layer), LinearBase):
+            raise NotImplementedError(
+                f"the checkpoint's float8 weight {scale.removesuffix(SCALE)} is not of a "
+                "linear layer that mii runs in FP8 (fused MoE experts are not supported)"
+            )
+        layers.add(layer)
+    scale_rows = {s: rows[s.removesuffix(SCALE) + ".weight"] for s in scales}
+    return Quantization(checkpoint_layers=frozenset(layers), scale_rows=scale_rows)
+
+
+def _scale_rows(scale: torch.Tensor, rows: int) -> torch.Tensor:
+    """A weight scale as one float32 per row of its weight."""
+    scale = scale.float().reshape(-1)
+    if scale.numel() == 1:
+        return scale.expand(rows).contiguous()
+    if scale.numel() != rows:
+        raise ValueError(f"a weight scale of {scale.numel()} values for {rows} rows")
+    return scale
+
+
+def _check_device(device: torch.device) -> None:
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        raise RuntimeError(
+            "FP8 weights need a GPU of compute capability 8.9 or newer (Ada, Hopper); "
+            f"{torch.cuda.get_device_name(device)} has "
+            f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}"
+        )

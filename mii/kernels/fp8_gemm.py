@@ -1,0 +1,202 @@
+"""FP8-weight GEMMs: a Triton kernel (weight-only or W8A8), `torch._scaled_mm`, and the
+choice between them per shape (`fp8_linear`). The contracts are in kernels/fp8_ref.py.
+
+- Weight-only (W8A16): x stays bf16; each float8 weight tile is converted in registers and
+  multiplied on the bf16 tensor cores, the per-channel scale applied once to the float32
+  sum. Decoding (M of 1 to a few dozen) is bound by reading the weights, so halving their
+  bytes is the whole gain; no activation quantization launch is needed either.
+- W8A8: x is quantized per token (kernels/fp8_quant.py), both operands multiply on the fp8
+  tensor cores and the sum is scaled by scale_x[m] * scale_w[n]. `torch._scaled_mm`
+  (cuBLASLt, row-wise scales) computes the same; prefill-sized M is compute bound, where
+  fp8's doubled tensor-core rate pays.
+
+The choice is a fixed rule by M (`choose_backend`); scripts/bench_fp8.py times every
+backend at the Mistral-7B shapes, to check or move the threshold.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from mii.kernels.fp8_quant import quantize_rows
+
+TRITON_MAX_M = 16
+"""Up to this many rows the weight-only Triton kernel runs; past it _scaled_mm."""
+BACKENDS = ("triton", "triton_w8a8", "scaled_mm")
+SHARED_MEMORY = 200 * 1024  # bytes of pipelined tiles a program may hold (H100: 227 KB)
+
+
+class Fp8Tile(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    group_m: int = 8
+
+
+def tile_for(m: int) -> Fp8Tile:
+    """Tiles by M. Small M: narrow column tiles, so that a 4096-wide output still spreads its
+    weight reads over the 132 SMs, and long K tiles with deep pipelines to keep enough bytes
+    in flight; large M: the square tiles of compute-bound GEMMs."""
+    if m <= 16:
+        return Fp8Tile(16, 32, 256, 4, 5)
+    if m <= 32:
+        return Fp8Tile(32, 64, 128, 4, 4)
+    if m <= 64:
+        return Fp8Tile(64, 64, 128, 4, 4)
+    if m <= 128:
+        return Fp8Tile(64, 128, 128, 4, 3)
+    return Fp8Tile(128, 128, 128, 8, 3)
+
+
+def _fit(tile: Fp8Tile, a_itemsize: int) -> Fp8Tile:
+    """Fewer stages, then shorter K tiles, until the pipelined tiles fit in shared memory
+    (float32 activations, as the tests run, take four times the bytes of float8 ones)."""
+    while True:
+        stage = (tile.block_m * a_itemsize + tile.block_n) * tile.block_k
+        if stage * tile.num_stages <= SHARED_MEMORY or tile.block_k <= 32:
+            return tile
+        if tile.num_stages > 2:
+            tile = tile._replace(num_stages=tile.num_stages - 1)
+        else:
+            tile = tile._replace(block_k=tile.block_k // 2)
+
+
+@triton.jit
+def _fp8_gemm_kernel(
+    a_ptr, w_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr,
+    M, N, K, stride_am, stride_wn, stride_om,
+    A_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    # Groups of GROUP_M row tiles walk the column tiles together: their weights stay in L2.
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    # Rows and columns past the edge read row 0 / column 0 again (never stored): no masks.
+    rm_in = tl.where(rm < M, rm, 0).to(tl.int64)
+    rn_in = tl.where(rn < N, rn, 0).to(tl.int64)
+    a_ptrs = a_ptr + rm_in[:, None] * stride_am + rk[None, :]  # (BLOCK_M, BLOCK_K)
+    w_ptrs = w_ptr + rn_in[None, :] * stride_wn + rk[:, None]  # (BLOCK_K, BLOCK_N) of w.T
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            left = K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=rk[None, :] < left, other=0.0)
+            w = tl.load(w_ptrs, mask=rk[:, None] < left, other=0.0)
+        if A_FP8:  # noqa: SIM108 (a static if)
+            acc = tl.dot(a, w, acc)
+        else:
+            acc = tl.dot(a, w.to(a.dtype), acc)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    acc = acc * tl.load(w_scale_ptr + rn_in)[None, :]
+    if A_FP8:
+        acc = acc * tl.load(a_scale_ptr + rm_in)[:, None]
+    if HAS_BIAS:
+        acc = acc + tl.load(bias_ptr + rn_in).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def fp8_gemm(
+    a: torch.Tensor,
+    weight: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    a_scale: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    tile: Fp8Tile | None = None,
+) -> torch.Tensor:
+    """a (M, K) @ dequantized weight (N, K).T -> (M, N). `a` in bf16/fp16/fp32 (weight-only,
+    `fp8_ref.fp8_linear_ref`), or float8 with `a_scale` (M,) (W8A8,
+    `fp8_ref.fp8_w8a8_linear_ref`); `out_dtype` defaults to a's dtype (W8A8: required)."""
+    assert a.dim() == 2 and a.stride(1) == 1, "a must be (M, K) with dense rows"
+    assert weight.dtype == torch.float8_e4m3fn and weight.is_contiguous()
+    (m, k), n = a.shape, weight.shape[0]
+    assert weight.shape == (n, k), f"weight {tuple(weight.shape)} does not take K={k}"
+    assert w_scale.shape == (n,) and w_scale.dtype == torch.float32 and w_scale.is_contiguous()
+    a_fp8 = a.dtype == torch.float8_e4m3fn
+    assert a_fp8 == (a_scale is not None), "a float8 `a` comes with its a_scale, only then"
+    if a_fp8:
+        assert a_scale.shape == (m,) and a_scale.dtype == torch.float32
+        assert out_dtype is not None, "W8A8 needs an out_dtype"
+    if bias is not None:
+        assert bias.shape == (n,) and bias.is_contiguous()
+    out = torch.empty((m, n), dtype=out_dtype or a.dtype, device=a.device)
+    if m == 0:
+        return out
+    tile = _fit(tile or tile_for(m), a.element_size())
+    grid = (triton.cdiv(m, tile.block_m) * triton.cdiv(n, tile.block_n),)
+    _fp8_gemm_kernel[grid](
+        a, weight, a_scale if a_fp8 else w_scale, w_scale, w_scale if bias is None else bias,
+        out, m, n, k, a.stride(0), weight.stride(0), out.stride(0),
+        A_FP8=a_fp8, HAS_BIAS=bias is not None, EVEN_K=k % tile.block_k == 0,
+        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
+        GROUP_M=tile.group_m, num_warps=tile.num_warps, num_stages=tile.num_stages,
+    )  # fmt: skip
+    return out
+
+
+def scaled_mm_linear(
+    x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """W8A8 through cuBLASLt: x quantized per token, then `torch._scaled_mm` with row-wise
+    scales (sm_89+; bf16 output; K and N multiples of 16)."""
+    q, x_scale = quantize_rows(x)
+    # _scaled_mm wants the second operand column-major: w (N, K) row-major, transposed.
+    y = torch._scaled_mm(
+        q, weight.t(), scale_a=x_scale[:, None], scale_b=w_scale[None, :],
+        out_dtype=torch.bfloat16,
+    )  # fmt: skip
+    return y if bias is None else y + bias
+
+
+def choose_backend(m: int, n: int, k: int, dtype: torch.dtype) -> str:
+    """Weight-only Triton for decode-sized M, _scaled_mm past it where it applies."""
+    if m <= TRITON_MAX_M or dtype != torch.bfloat16 or n % 16 or k % 16:
+        return "triton"
+    return "scaled_mm"
+
+
+def fp8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """y = x @ (weight * w_scale[:, None]).T + bias for x (..., K) on the GPU; `backend`
+    (one of BACKENDS) overrides `choose_backend` (benchmarks, tests)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    backend = backend or choose_backend(x2.shape[0], weight.shape[0], x2.shape[1], x.dtype)
+    if backend == "triton":
+        y = fp8_gemm(x2, weight, w_scale, bias)
+    elif backend == "triton_w8a8":
+        q, x_scale = quantize_rows(x2)
+        y = fp8_gemm(q, weight, w_scale, bias, a_scale=x_scale, out_dtype=x.dtype)
+    elif backend == "scaled_mm":
+        y = scaled_mm_linear(x2, weight, w_scale, bias).to(x.dtype)
+    else:
+        raise ValueError(f"unknown fp8 backend {backend!r}; one of {BACKENDS}")
+    return y.view(*x.shape[:-1], weight.shape[0])

@@ -1,0 +1,153 @@
+"""GPU benchmark of the FP8-weight GEMMs at the Mistral-7B shapes, measured in one run.
+
+For each projection (qkv 4096->6144, o 4096->4096, gate_up 4096->28672, down 14336->4096)
+and M = 1, 16, 64, 256, 4096 rows: bf16 `F.linear` (the baseline), `torch._scaled_mm`
+with per-token activation quantization, the Triton weight-only kernel (bf16 activations),
+the Triton W8A8 kernel (with the same quantization), and what `fp8_linear` picks
+(`fp8_gemm.choose_backend`). Each is checked against the torch reference before it is
+timed (CUDA graphs, so launch overhead counts as in the engine's decode steps). With
+--sweep, the Triton weight-only kernel's tiles are swept at each M as well, to move
+`fp8_gemm.tile_for` or `TRITON_MAX_M`.
+
+Also: the device's copy bandwidth, and per M the sum over the 32 layers of the picked
+backend against FP8's weight-read floor (the weights of those GEMMs read once).
+Prints a table last and writes $OUT/bench_fp8.json.
+Usage: python scripts/bench_fp8.py [--sweep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.testing
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mii.kernels import fp8_gemm  # noqa: E402
+from mii.kernels.fp8_ref import fp8_linear_ref, quantize_rows  # noqa: E402
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+ROWS = (1, 16, 64, 256, 4096)
+LAYERS = 32
+MAX_REL_ERR = 5e-2  # W8A8 rounds the activations to fp8 too
+SWEEP = [
+    fp8_gemm.Fp8Tile(16, 16, 256, 4, 5),
+    fp8_gemm.Fp8Tile(16, 32, 256, 4, 5),
+    fp8_gemm.Fp8Tile(16, 32, 512, 4, 4),
+    fp8_gemm.Fp8Tile(16, 64, 256, 4, 4),
+    fp8_gemm.Fp8Tile(16, 64, 128, 4, 6),
+    fp8_gemm.Fp8Tile(16, 128, 128, 4, 4),
+    fp8_gemm.Fp8Tile(32, 64, 128, 4, 4),
+    fp8_gemm.Fp8Tile(64, 64, 128, 4, 4),
+    fp8_gemm.Fp8Tile(64, 128, 128, 4, 3),
+    fp8_gemm.Fp8Tile(128, 128, 128, 8, 3),
+    fp8_gemm.Fp8Tile(128, 256, 64, 8, 3),
+]
+
+
+def bench_ms(fn) -> float:
+    try:
+        return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+    except Exception:  # noqa: BLE001 (some torch ops refuse capture: time them eagerly)
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def copy_gbps() -> float:
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src))
+    return 2 * src.numel() / ms / 1e6  # read + write
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref).norm() / ref.norm()).item()
+
+
+def bench_shape(name: str, n: int, k: int, m: int, sweep: bool) -> dict:
+    gen = torch.Generator(device="cuda").manual_seed(m + n)
+    w = torch.randn(n, k, device="cuda", generator=gen, dtype=torch.bfloat16) * 0.02
+    x = torch.randn(m, k, device="cuda", generator=gen, dtype=torch.bfloat16)
+    q, scale = quantize_rows(w)
+    ref = fp8_linear_ref(x.float(), q, scale)
+    row = {"shape": name, "m": m, "n": n, "k": k, "bf16": bench_ms(lambda: F.linear(x, w))}
+    for backend in fp8_gemm.BACKENDS:
+        out = fp8_gemm.fp8_linear(x, q, scale, backend=backend)
+        err = rel_err(out, ref)
+        assert err < MAX_REL_ERR, f"{backend} {name} M={m}: rel err {err:.3g}"
+        row[backend] = bench_ms(lambda b=backend: fp8_gemm.fp8_linear(x, q, scale, backend=b))
+    row["picked"] = fp8_gemm.choose_backend(m, n, k, x.dtype)
+    row["fastest"] = min(fp8_gemm.BACKENDS, key=lambda b: row[b])
+    row["tile"] = str(tuple(fp8_gemm.tile_for(m)))
+    if sweep:
+        row["sweep"] = sweep_tiles(x, q, scale, ref)
+    return row
+
+
+def sweep_tiles(x, q, scale, ref) -> dict[str, float]:
+    times = {}
+    for tile in SWEEP:
+        if tile.block_m > max(16, 2 * x.shape[0]):
+            continue
+        try:
+            out = fp8_gemm.fp8_gemm(x, q, scale, tile=tile)
+            assert rel_err(out, ref) < MAX_REL_ERR
+            times[str(tuple(tile))] = bench_ms(
+                lambda t=tile: fp8_gemm.fp8_gemm(x, q, scale, tile=t)
+            )
+        except Exception as exc:  # noqa: BLE001 (a tile that does not compile is reported)
+            times[str(tuple(tile))] = f"failed: {type(exc).__name__}"
+    return times
+
+
+def table(rows: list[dict], gbps: float) -> str:
+    cols = ("bf16", *fp8_gemm.BACKENDS)
+    lines = [f"copy bandwidth {gbps:.0f} GB/s (read + write)", ""]
+    lines.append(f"{'shape':8} {'M':>5} " + " ".join(f"{c:>12}" for c in cols)
+                 + f" {'picked':>12} {'fastest':>12}  best swept tile")  # fmt: skip
+    for r in rows:
+        best = ""
+        if "sweep" in r:
+            timed = {t: v for t, v in r["sweep"].items() if isinstance(v, float)}
+            if timed:
+                tile = min(timed, key=timed.get)
+                best = f"{tile} {timed[tile]:.4f} ms (default {r['tile']})"
+        lines.append(f"{r['shape']:8} {r['m']:>5} " + " ".join(f"{r[c]:>12.4f}" for c in cols)
+                     + f" {r['picked']:>12} {r['fastest']:>12}  {best}")  # fmt: skip
+    lines += ["", "per token of all 32 layers' GEMMs (ms), the picked backend vs FP8's floor:"]
+    for m in ROWS:
+        picked = sum(r[r["picked"]] for r in rows if r["m"] == m) * LAYERS
+        bf16 = sum(r["bf16"] for r in rows if r["m"] == m) * LAYERS
+        weight_bytes = sum(n * k for n, k in SHAPES.values()) * LAYERS
+        floor = weight_bytes / gbps / 1e6  # as BENCHMARKS.md's floors: bytes / copy rate
+        lines.append(f"  M={m:<5} fp8 {picked:8.3f}  bf16 {bf16:8.3f}  fp8 weight floor "
+                     f"{floor:.3f}  ratio {picked / floor:.2f}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sweep", action="store_true", help="sweep the Triton kernel's tiles")
+    args = ap.parse_args()
+    print(torch.cuda.get_device_name(), torch.__version__, triton.__version__)
+    gbps = copy_gbps()
+    rows = []
+    for m in ROWS:
+        for name, (n, k) in SHAPES.items():
+            rows.append(bench_shape(name, n, k, m, args.sweep))
+            print(json.dumps(rows[-1]), flush=True)
+    text = table(rows, gbps)
+    out = os.environ.get("OUT")
+    with open(os.path.join(out, "bench_fp8.json") if out else "bench_fp8.json", "w") as f:
+        json.dump({"copy_gbps": gbps, "rows": rows}, f, indent=2)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""FP8 weights on CUDA: logits of a random-weight Llama of real width against bf16, both
+GEMM paths (decode-sized steps take the Triton kernel, prefill-sized ones _scaled_mm),
+CUDA graphs, and an FP8 checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fp8_testing import engine, greedy, prompt_logits, row_cosine, write_fp8_checkpoint
+from tiny_models import mixed_prompts
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+def _llama_8b_width(folder) -> str:
+    """Llama-3-8B's layer shapes, two layers, its config only (weights drawn on the GPU)."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(
+        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096,
+        rope_theta=500000.0, dtype="bfloat16",
+    ).save_pretrained(folder)  # fmt: skip
+    return str(folder)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("tokens", [12, 300])  # Triton's weight-only GEMM; _scaled_mm
+def test_logits_agree_with_bf16_on_a_real_width(tmp_path, tokens):
+    path = _llama_8b_width(tmp_path)
+    options = dict(device="cuda", dtype="bfloat16", load_format="dummy", skip_tokenizer_init=True)
+    ids = mixed_prompts(1, (tokens,), vocab=32000, seed=tokens)[0]
+    bf16 = prompt_logits(engine(path, **options), ids)
+    torch.cuda.empty_cache()
+    fp8 = prompt_logits(engine(path, quantization="fp8", **options), ids)
+    cos = row_cosine(fp8, bf16)
+    assert cos.min() >= 0.99, cos.min()
+
+
+@pytest.mark.timeout(120)
+def test_cuda_graphs_change_nothing_in_fp8(tiny_model):
+    from mii.engine.config import EngineConfig, SchedulerConfig
+    from mii.engine.engine import LLMEngine
+
+    path = tiny_model("llama3")
+    prompts = mixed_prompts(5, (3, 40, 11), seed=9)
+
+    def run(eager: bool) -> list[list[int]]:
+        config = EngineConfig(
+            model=path, device="cuda", dtype="bfloat16", quantization="fp8",
+            enforce_eager=eager, scheduler=SchedulerConfig(max_num_seqs=16),
+        )  # fmt: skip
+        return greedy(LLMEngine(config), prompts, 20)
+
+    assert run(eager=False) == run(eager=True)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("fmt", ["fp8", "compressed-tensors"])
+def test_fp8_checkpoint_on_the_gpu(tiny_model, tmp_path, fmt):
+    path = write_fp8_checkpoint(tiny_model("llama3"), str(tmp_path / "fp8"), fmt)
+    ids = mixed_prompts(1, (70,), seed=4)[0]
+    got = prompt_logits(engine(path, device="cuda", dtype="bfloat16"), ids)
+    want = prompt_logits(engine(path + "-ref", device="cuda", dtype="float32"), ids)
+    assert row_cosine(got, want).min() >= 0.995
