@@ -119,13 +119,8 @@ class ModelConfig(_Model):
                 "ones (dtype); a quantized GGUF checkpoint can be dequantized into a Hugging "
                 "Face folder as the demo model is (mii/engine/demo_model.py)"
             )
-        wanted = QUANTIZATION_MODES[mode.lower()]
-        if self.quantization not in (None, wanted):
-            raise ValueError(
-                f"quantization_mode={mode!r} contradicts quantization={self.quantization!r}"
-            )
-        if self.quantization is None:
-            self.quantization = wanted  # validate_assignment runs this validator again
+        if self.quantization is None:  # (validate_assignment runs this validator again)
+            self.quantization = QUANTIZATION_MODES[mode.lower()]
         return self
 
     def _state_manager(self, key: str):

@@ -115,8 +115,22 @@ def test_options_that_ask_for_fp8():
     assert ModelConfig(model_name_or_path="m").to_engine_config().quantization is None
     with pytest.raises(ValueError, match="quantization_mode 'wf6af16' is not supported"):
         ModelConfig(model_name_or_path="m", quantization_mode="wf6af16")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="quantization is 'fp8' or none"):
         ModelConfig(model_name_or_path="m", quantization="int4")
+
+
+def test_the_command_line_and_serve_take_fp8(monkeypatch):
+    from mii.cli import build_parser
+    from mii.config_forms import mii_config_of
+    from mii.config_options import serve_kwargs
+
+    monkeypatch.delenv("MII_QUANTIZATION", raising=False)
+    kwargs = serve_kwargs(build_parser("serve").parse_args(["serve", "m", "--quantization", "fp8"]))
+    assert kwargs["quantization"] == "fp8"
+    config = mii_config_of("m", None, None, {"quantization": "fp8"})  # mii.serve's keywords
+    assert config.model_conf.to_engine_config().quantization == "fp8"
+    monkeypatch.setenv("MII_QUANTIZATION", "fp8")
+    assert serve_kwargs(build_parser("serve").parse_args(["serve", "m"]))["quantization"] == "fp8"
 
 
 SENTENCES = (
