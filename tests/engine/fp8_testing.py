@@ -20,8 +20,8 @@ LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 def engine(path: str, device: str = "cpu", **options) -> LLMEngine:
     config = EngineConfig(
         model=path, device=device, enforce_eager=True,
-        scheduler=SchedulerConfig(max_num_batched_tokens=512, max_num_seqs=8),
-        cache=CacheConfig(num_blocks=64), **options,
+        scheduler=SchedulerConfig(max_num_batched_tokens=512, max_num_seqs=32),
+        cache=CacheConfig(num_blocks=256), **options,
     )  # fmt: skip
     return LLMEngine(config)
 
@@ -30,20 +30,33 @@ def engine(path: str, device: str = "cpu", **options) -> LLMEngine:
 def prompt_logits(eng: LLMEngine, ids: list[int]) -> torch.Tensor:
     """(T, vocab) float32 logits of every position of `ids`, as one prefill from position 0
     into the engine's cache (blocks 0..; the engine must hold no request)."""
-    runner, t = eng.runner, len(ids)
-    dev = runner.device
-    blocks = -(-t // runner.block_size)
+    return batch_logits(eng, [ids])[0]
+
+
+@torch.inference_mode()
+def batch_logits(eng: LLMEngine, seqs: list[list[int]]) -> list[torch.Tensor]:
+    """`prompt_logits` of several sequences in one ragged prefill (consecutive blocks)."""
+    runner = eng.runner
+    dev, bs = runner.device, runner.block_size
+    lens = [len(s) for s in seqs]
+    blocks = [-(-n // bs) for n in lens]
+    first = torch.tensor([0, *blocks]).cumsum(0)  # each sequence's first block
+    tables = torch.zeros(len(seqs), max(blocks), dtype=torch.int32)
+    for i, n in enumerate(blocks):
+        tables[i, :n] = torch.arange(first[i], first[i] + n)
+    slots = torch.cat([first[i] * bs + torch.arange(n) for i, n in enumerate(lens)])
     meta = AttentionMetadata(
-        slot_mapping=torch.arange(t, dtype=torch.int64, device=dev),
-        block_tables=torch.arange(blocks, dtype=torch.int32, device=dev)[None],
-        query_start_loc=torch.tensor([0, t], dtype=torch.int32, device=dev),
-        seq_lens=torch.tensor([t], dtype=torch.int32, device=dev),
-        max_query_len=t,
-        max_seq_len=t,
+        slot_mapping=slots.to(dev),
+        block_tables=tables.to(dev),
+        query_start_loc=torch.tensor([0, *lens], dtype=torch.int32).cumsum(0).int().to(dev),
+        seq_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
+        max_query_len=max(lens),
+        max_seq_len=max(lens),
     )
-    ids_t = torch.tensor(ids, dtype=torch.int64, device=dev)
-    hidden = runner.model(ids_t, torch.arange(t, device=dev), meta)
-    return runner.model.compute_logits(hidden).float()
+    ids = torch.tensor([t for s in seqs for t in s], dtype=torch.int64, device=dev)
+    positions = torch.cat([torch.arange(n) for n in lens]).to(dev)
+    hidden = runner.model(ids, positions, meta)
+    return list(runner.model.compute_logits(hidden).float().split(lens))
 
 
 def row_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
