@@ -4,7 +4,9 @@ them (the layers' method is layers/fp8_linear.py).
 - `quantization="fp8"` over an unquantized checkpoint: every tensor-parallel linear layer
   (attention and MLP projections) is quantized once its weights are loaded. Embeddings, the
   LM head and replicated layers (MoE routers: small, and routing is sensitive) stay as they
-  are, as do the fused experts of MoE models.
+  are, as do the fused experts of MoE models. Under tensor parallelism each rank quantizes
+  its own shard: a row-parallel layer's scales then cover each rank's slice of the input
+  features (finer than one process's, so results differ slightly from tensor_parallel=1).
 - An FP8 checkpoint (config.json's `quantization_config`: `quant_method: "fp8"` as
   AutoFP8 / llm-compressor publish for Llama-3 and Mistral, or `"compressed-tensors"` with
   float8 weights) loads as FP8 whatever `quantization` says: each layer that the checkpoint
