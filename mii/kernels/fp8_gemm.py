@@ -37,6 +37,9 @@ class Fp8Tile(NamedTuple):
     num_warps: int
     num_stages: int
     group_m: int = 8
+    split_k: int = 1
+    """Programs that share one output tile's K range (summed with float32 atomics, so not
+    bit-reproducible): more programs for narrow outputs over long K at small M."""
 
 
 def tile_for(m: int) -> Fp8Tile:
@@ -73,9 +76,10 @@ def _fp8_gemm_kernel(
     M, N, K, stride_am, stride_wn, stride_om,
     A_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
     # Groups of GROUP_M row tiles walk the column tiles together: their weights stay in L2.
@@ -90,10 +94,14 @@ def _fp8_gemm_kernel(
     # Rows and columns past the edge read row 0 / column 0 again (never stored): no masks.
     rm_in = tl.where(rm < M, rm, 0).to(tl.int64)
     rn_in = tl.where(rn < N, rn, 0).to(tl.int64)
-    a_ptrs = a_ptr + rm_in[:, None] * stride_am + rk[None, :]  # (BLOCK_M, BLOCK_K)
-    w_ptrs = w_ptr + rn_in[None, :] * stride_wn + rk[:, None]  # (BLOCK_K, BLOCK_N) of w.T
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(k_tiles, SPLIT_K)
+    k_first = pid_k * per_split  # this program's first K tile
+    ks = k_first * BLOCK_K + rk
+    a_ptrs = a_ptr + rm_in[:, None] * stride_am + ks[None, :]  # (BLOCK_M, BLOCK_K)
+    w_ptrs = w_ptr + rn_in[None, :] * stride_wn + ks[:, None]  # (BLOCK_K, BLOCK_N) of w.T
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
+    for k in range(k_first, tl.minimum(k_first + per_split, k_tiles)):
         if EVEN_K:
             a = tl.load(a_ptrs)
             w = tl.load(w_ptrs)
@@ -110,11 +118,15 @@ def _fp8_gemm_kernel(
     acc = acc * tl.load(w_scale_ptr + rn_in)[None, :]
     if A_FP8:
         acc = acc * tl.load(a_scale_ptr + rm_in)[:, None]
-    if HAS_BIAS:
-        acc = acc + tl.load(bias_ptr + rn_in).to(tl.float32)[None, :]
+    if HAS_BIAS:  # noqa: SIM102 (a static if around a dynamic one)
+        if pid_k == 0:
+            acc = acc + tl.load(bias_ptr + rn_in).to(tl.float32)[None, :]
     out_ptrs = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
     mask = (rm[:, None] < M) & (rn[None, :] < N)
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:  # a float32 output, zeroed by the launcher
+        tl.atomic_add(out_ptrs, acc, mask=mask)
 
 
 def fp8_gemm(
@@ -141,19 +153,24 @@ def fp8_gemm(
         assert out_dtype is not None, "W8A8 needs an out_dtype"
     if bias is not None:
         assert bias.shape == (n,) and bias.is_contiguous()
-    out = torch.empty((m, n), dtype=out_dtype or a.dtype, device=a.device)
-    if m == 0:
-        return out
+    out_dtype = out_dtype or a.dtype
     tile = _fit(tile or tile_for(m), a.element_size())
-    grid = (triton.cdiv(m, tile.block_m) * triton.cdiv(n, tile.block_n),)
+    if tile.split_k > 1:
+        out = torch.zeros((m, n), dtype=torch.float32, device=a.device)
+    else:
+        out = torch.empty((m, n), dtype=out_dtype, device=a.device)
+    if m == 0:
+        return out.to(out_dtype)
+    grid = (triton.cdiv(m, tile.block_m) * triton.cdiv(n, tile.block_n), tile.split_k)
     _fp8_gemm_kernel[grid](
         a, weight, a_scale if a_fp8 else w_scale, w_scale, w_scale if bias is None else bias,
         out, m, n, k, a.stride(0), weight.stride(0), out.stride(0),
         A_FP8=a_fp8, HAS_BIAS=bias is not None, EVEN_K=k % tile.block_k == 0,
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
-        GROUP_M=tile.group_m, num_warps=tile.num_warps, num_stages=tile.num_stages,
+        GROUP_M=tile.group_m, SPLIT_K=tile.split_k, num_warps=tile.num_warps,
+        num_stages=tile.num_stages,
     )  # fmt: skip
-    return out
+    return out.to(out_dtype)
 
 
 def scaled_mm_linear(

@@ -59,6 +59,24 @@ def test_w8a8_matches_reference_interpreted(interpreted, shape):
     _check_w8a8(interpreted.fp8_gemm, *shape, "cpu", torch.float32)
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("split_k", [2, 3])
+@pytest.mark.parametrize("a_fp8", [False, True])
+def test_split_k_matches_reference_interpreted(interpreted, split_k, a_fp8):
+    tile = interpreted.fp8_gemm.Fp8Tile(16, 16, 64, 4, 2, split_k=split_k)
+    x, q, scale, b = _operands(5, 80, 1000, "cpu", torch.float32)  # 16 K tiles, 3 splits
+    if a_fp8:
+        qx, x_scale = quantize_rows(x)
+        expected = fp8_w8a8_linear_ref(qx, x_scale, q, scale, torch.float32, b)
+        out = interpreted.fp8_gemm.fp8_gemm(
+            qx, q, scale, b, a_scale=x_scale, out_dtype=torch.float16, tile=tile
+        )
+        assert out.dtype == torch.float16 and rel_err(out, expected) < TOLERANCE[out.dtype]
+    else:
+        out = interpreted.fp8_gemm.fp8_gemm(x, q, scale, b, tile=tile)
+        assert rel_err(out, fp8_linear_ref(x, q, scale, b)) < TOLERANCE[torch.float32]
+
+
 def test_quantize_scales_interpreted(interpreted):
     x = torch.randn(9, 700) * torch.logspace(-2, 2, 9)[:, None]
     x[3] = 0
@@ -78,6 +96,16 @@ def test_weight_only_matches_reference_gpu(compiled, shape, dtype):
 @pytest.mark.parametrize("shape", GPU_SHAPES)
 def test_w8a8_matches_reference_gpu(compiled, shape):
     _check_w8a8(compiled.fp8_gemm, *shape, "cuda", torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("split_k", [2, 4])
+def test_split_k_matches_reference_gpu(compiled, split_k):
+    tile = compiled.fp8_gemm.Fp8Tile(16, 32, 256, 4, 4, split_k=split_k)
+    x, q, scale, b = _operands(3, 4096, 14336, "cuda", torch.bfloat16)
+    expected = fp8_linear_ref(x.float(), q, scale, b.float())
+    out = compiled.fp8_gemm.fp8_gemm(x, q, scale, b, tile=tile)
+    assert out.dtype == torch.bfloat16 and rel_err(out, expected) < TOLERANCE[torch.bfloat16]
 
 
 @pytest.mark.gpu
