@@ -26,7 +26,9 @@ from mii.kernels.fp8_quant import quantize_rows
 
 TRITON_MAX_M = 16
 """Up to this many rows the weight-only Triton kernel runs; past it _scaled_mm."""
-BACKENDS = ("triton", "triton_w8a8", "scaled_mm")
+BACKENDS = ("triton", "triton_w8a8", "scaled_mm", "scaled_mm_fast_accum")
+"""`scaled_mm_fast_accum`: cuBLASLt's faster fp8 accumulation (partial sums kept at lower
+precision between promotions), for benchmarks to weigh against `scaled_mm`."""
 SHARED_MEMORY = 200 * 1024  # bytes of pipelined tiles a program may hold (H100: 227 KB)
 
 
@@ -174,7 +176,11 @@ def fp8_gemm(
 
 
 def scaled_mm_linear(
-    x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    fast_accum: bool = False,
 ) -> torch.Tensor:
     """W8A8 through cuBLASLt: x quantized per token, then `torch._scaled_mm` with row-wise
     scales (sm_89+; bf16 output; K and N multiples of 16)."""
@@ -182,7 +188,7 @@ def scaled_mm_linear(
     # _scaled_mm wants the second operand column-major: w (N, K) row-major, transposed.
     y = torch._scaled_mm(
         q, weight.t(), scale_a=x_scale[:, None], scale_b=w_scale[None, :],
-        out_dtype=torch.bfloat16,
+        out_dtype=torch.bfloat16, use_fast_accum=fast_accum,
     )  # fmt: skip
     return y if bias is None else y + bias
 
@@ -212,8 +218,9 @@ def fp8_linear(
     elif backend == "triton_w8a8":
         q, x_scale = quantize_rows(x2)
         y = fp8_gemm(q, weight, w_scale, bias, a_scale=x_scale, out_dtype=x.dtype)
-    elif backend == "scaled_mm":
-        y = scaled_mm_linear(x2, weight, w_scale, bias).to(x.dtype)
+    elif backend in ("scaled_mm", "scaled_mm_fast_accum"):
+        fast = backend == "scaled_mm_fast_accum"
+        y = scaled_mm_linear(x2, weight, w_scale, bias, fast).to(x.dtype)
     else:
         raise ValueError(f"unknown fp8 backend {backend!r}; one of {BACKENDS}")
     return y.view(*x.shape[:-1], weight.shape[0])

@@ -124,7 +124,7 @@ def test_quantize_matches_reference_gpu(compiled, cols, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "triton_w8a8", "scaled_mm"])
+@pytest.mark.parametrize("backend", ["triton", "triton_w8a8", "scaled_mm", "scaled_mm_fast_accum"])
 @pytest.mark.parametrize("m", [1, 16, 17, 256])
 def test_every_backend_matches_reference_gpu(compiled, backend, m):
     x, q, scale, b = _operands(m, 4096, 4096, "cuda", torch.bfloat16)
