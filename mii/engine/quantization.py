@@ -48,7 +48,7 @@ class Quantization:
     def prepare(self, model: nn.Module) -> None:
         """Give the layers their FP8 method before the checkpoint loads."""
         _check_device(next(model.parameters()).device)
-        for _, layer in self._layers(model):
+        for layer in self._layers(model):
             layer.method = Fp8LinearMethod(from_checkpoint=self.checkpoint_layers is not None)
             layer.method.prepare(layer)
 
@@ -64,18 +64,18 @@ class Quantization:
 
     def finish(self, model: nn.Module) -> None:
         """Quantize what loaded unquantized."""
-        for _, layer in self._layers(model):
+        for layer in self._layers(model):
             layer.method.process_after_loading(layer)
 
-    def _layers(self, model: nn.Module) -> Iterator[tuple[str, LinearBase]]:
+    def _layers(self, model: nn.Module) -> Iterator[LinearBase]:
         for name, module in model.named_modules():
             if not isinstance(module, LinearBase):
                 continue
             if self.checkpoint_layers is None:
                 if not isinstance(module, ReplicatedLinear):
-                    yield name, module
+                    yield module
             elif name in self.checkpoint_layers:
-                yield name, module
+                yield module
 
 
 def plan_quantization(
