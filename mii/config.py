@@ -78,6 +78,9 @@ class ModelConfig(_Model):
     """KV-cache blocks (default: as many as the memory options allow)."""
     enable_prefix_caching: bool = True
     """Share the KV blocks of common prompt prefixes."""
+    kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3"] = "auto"
+    """auto (the model's dtype) or fp8 (= fp8_e4m3: float8 e4m3 with per-head scales
+    calibrated at start-up; twice the sequences in the same memory)."""
     enforce_eager: bool = False
     """No CUDA graphs."""
     schedule_policy: SchedulePolicy = SchedulePolicy.SPLITFUSE
@@ -160,6 +163,7 @@ class ModelConfig(_Model):
             gpu_memory_utilization=self.gpu_memory_utilization,
             cpu_kv_cache_gib=self.cpu_kv_cache_gib,
             enable_prefix_caching=self.enable_prefix_caching,
+            kv_cache_dtype=self.kv_cache_dtype,
         )
         path = model_path or self.model_name_or_path
         return EngineConfig(

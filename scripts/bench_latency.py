@@ -5,6 +5,8 @@ of a real shape; transformers' `generate` on the same shape in the same process;
 is the weights' bytes over the copy bandwidth measured in the same run. `--sliding-window`
 replaces the preset's window (0: none), so that one shape runs with and without it
 (Mistral-7B at 16k context: `--preset mistral-7b-v0.1 --prompt-len 16384`).
+`--kv-cache-dtype fp8` decodes over an fp8 KV cache (the split-K kernel reads half the
+bytes; long prompts show it).
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ import time
 
 import torch
 from bench_common import ModelShape, Timer, hf_model, measure_peaks, preset_folder, write_json
-from bench_offline import _profiled_steps, random_prompts
+from bench_offline import _profiled_steps, kv_suffix, random_prompts
 
-from mii.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from mii.engine.config import KV_CACHE_DTYPES, CacheConfig, EngineConfig, SchedulerConfig
 from mii.engine.engine import LLMEngine
 from mii.engine.sampling_params import SamplingParams
 
@@ -68,6 +70,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--hf-new-tokens", type=int, default=64)
     ap.add_argument("--eager", action="store_true")
+    ap.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument(
         "--sync", action="store_true", help="no asynchronous scheduling (the baseline for it)"
@@ -91,7 +94,7 @@ def main() -> None:
         enforce_eager=args.eager,
         async_scheduling=False if args.sync else None,
         scheduler=SchedulerConfig(max_num_batched_tokens=2048, max_num_seqs=64),
-        cache=CacheConfig(gpu_memory_utilization=0.5),
+        cache=CacheConfig(gpu_memory_utilization=0.5, kv_cache_dtype=args.kv_cache_dtype),
     )
     engine = LLMEngine(config, random_weights=True, load_tokenizer_files=False)
     shape = ModelShape.of(engine.runner.model, engine.hf_config)
@@ -102,6 +105,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(),
         "args": vars(args),
         "sliding_window": window,
+        "kv_cache_dtype": str(engine.runner.kv_dtype),
         "prompt_len": args.prompt_len,
         "peaks": peaks,
         "floor_ms": floor_ms,
@@ -112,10 +116,12 @@ def main() -> None:
     suffix = ("_sync" if args.sync else "") + (f"_{args.quantization}" if args.quantization else "")
     if args.sliding_window is not None:
         suffix += f"_ctx{args.prompt_len}_window{args.sliding_window}"
+    suffix += kv_suffix(args.kv_cache_dtype)
     write_json(f"latency_{args.preset}{suffix}.json", result)
     print(
         f"device {result['device']}  copy {peaks['copy_bytes_per_s'] / 1e9:.0f} GB/s  "
-        f"{args.preset}  prompt {args.prompt_len}  window {window}"
+        f"{args.preset}  prompt {args.prompt_len}  window {window}  "
+        f"kv cache {engine.runner.kv_dtype}"
     )
     print(f"{'what':<22}{'ms/token':>10}{'TTFT ms':>10}")
     if hf_ms:

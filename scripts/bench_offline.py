@@ -3,6 +3,8 @@
 Runs, in one process: the device's peak matmul rate and copy bandwidth; transformers'
 static batching (`generate` on batches of --hf-batch); then mii's engine on all requests.
 Reports output tok/s for both, their ratio, and the engine's roofline efficiency.
+`--kv-cache-dtype fp8` runs the engine over an fp8 KV cache (twice the blocks: the JSON and
+the kv-blocks line say how many).
 """
 
 from __future__ import annotations
@@ -24,9 +26,14 @@ from bench_common import (
     write_text,
 )
 
-from mii.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from mii.engine.config import KV_CACHE_DTYPES, CacheConfig, EngineConfig, SchedulerConfig
 from mii.engine.engine import LLMEngine
 from mii.engine.sampling_params import SamplingParams
+
+
+def kv_suffix(kv_cache_dtype: str) -> str:
+    """The result file's mark of a KV cache other than the model's dtype."""
+    return "" if kv_cache_dtype == "auto" else "_kv_fp8"
 
 
 def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -68,6 +75,7 @@ def build_engine(
     eager: bool,
     sync: bool = False,
     quantization: str | None = None,
+    kv_cache_dtype: str = "auto",
 ) -> LLMEngine:
     config = EngineConfig(
         model=preset_folder(preset),
@@ -76,7 +84,9 @@ def build_engine(
         enforce_eager=eager,
         async_scheduling=False if sync else None,
         scheduler=SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs),
-        cache=CacheConfig(gpu_memory_utilization=0.9, enable_prefix_caching=False),
+        cache=CacheConfig(
+            gpu_memory_utilization=0.9, enable_prefix_caching=False, kv_cache_dtype=kv_cache_dtype
+        ),
     )
     return LLMEngine(config, random_weights=True, load_tokenizer_files=False)
 
@@ -136,6 +146,7 @@ def main() -> None:
     ap.add_argument("--hf-batch", type=int, default=64)
     ap.add_argument("--budget", type=int, default=4096)
     ap.add_argument("--max-seqs", type=int, default=256)
+    ap.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto")
     ap.add_argument("--eager", action="store_true")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument(
@@ -152,8 +163,9 @@ def main() -> None:
     if not args.skip_hf:
         hf = bench_hf(args.preset, prompts[: args.hf_requests], args.new_tokens, args.hf_batch)
     engine = build_engine(
-        args.preset, args.budget, args.max_seqs, args.eager, args.sync, args.quantization
-    )
+        args.preset, args.budget, args.max_seqs, args.eager, args.sync, args.quantization,
+        args.kv_cache_dtype,
+    )  # fmt: skip
     roofline = Roofline(ModelShape.of(engine.runner.model, engine.hf_config), peaks)
     ours = bench_mii(engine, prompts, args.new_tokens, roofline, args.profile_at)
     ours["roofline_floor_s"] = roofline.floor_s
@@ -166,10 +178,12 @@ def main() -> None:
         "hf_static": hf,
         "mii": ours,
         "kv_blocks": engine.runner.num_blocks,
+        "kv_cache_dtype": str(engine.runner.kv_dtype),
     }
     if hf:
         result["ratio_vs_hf"] = ours["tok_per_s"] / hf["tok_per_s"]
     suffix = ("_sync" if args.sync else "") + (f"_{args.quantization}" if args.quantization else "")
+    suffix += kv_suffix(args.kv_cache_dtype)
     write_json(f"offline_{args.preset}{suffix}.json", result)
     print(
         f"device {result['device']}  matmul {peaks['matmul_flops'] / 1e12:.0f} TFLOP/s  "

@@ -24,6 +24,10 @@ _DTYPES = {
 }
 
 
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+"""'auto': the model's dtype; 'fp8' (= 'fp8_e4m3'): float8 e4m3 with per-head scales."""
+
+
 class SchedulePolicy(str, Enum):
     SPLITFUSE = "splitfuse"  # decodes first, then prompt chunks, up to the token budget
     PREFILL_FIRST = "prefill_first"  # waiting prompts before any decode (for comparison)
@@ -50,6 +54,16 @@ class CacheConfig:
     cpu_kv_cache_gib: float = 1.0
     """KV cache size on the CPU."""
     enable_prefix_caching: bool = True
+    kv_cache_dtype: str = "auto"
+    """'auto': the model's dtype; 'fp8' or 'fp8_e4m3': one byte an element, scaled per
+    layer and KV head (engine/kv_cache.py), twice the blocks of a 16-bit cache."""
+
+    def __post_init__(self) -> None:
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"unknown kv_cache_dtype {self.kv_cache_dtype!r}; use one of "
+                + ", ".join(repr(d) for d in KV_CACHE_DTYPES)
+            )
 
 
 @dataclass(frozen=True)

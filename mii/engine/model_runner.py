@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from mii.engine import kv_cache
 from mii.engine.config import EngineConfig
 from mii.engine.cuda_graphs import DecodeGraphs
 from mii.engine.layers.attention import AttentionMetadata, PagedAttention
@@ -63,7 +64,15 @@ class ModelRunner:
         self._pack_cpu_weights()
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
         # Every rank of a tensor-parallel group must hold the same number of blocks.
+        self.kv_dtype = kv_cache.cache_dtype(config.cache.kv_cache_dtype, dtype)
         self.num_blocks = tp.min_over_ranks(config.cache.num_blocks or self._blocks_that_fit())
+        self.kv_scales: torch.Tensor | None = None  # (2, layers, Hkv) of an fp8 cache
+        if self.kv_dtype == kv_cache.FP8_DTYPE:
+            tokens = min(config.scheduler.max_num_batched_tokens, max_positions)
+            self.kv_scales = kv_cache.calibrate_scales(
+                self.model, self.attention_layers, hf_config.vocab_size, tokens,
+                self.block_size, dtype,
+            )  # fmt: skip
         self._allocate_cache()
         self.sampler: Sampler | None = None
         self.graphs: DecodeGraphs | None = None
@@ -87,7 +96,7 @@ class ModelRunner:
     @property
     def bytes_per_block(self) -> int:
         layer = self.attention_layers[0]
-        per_token = 2 * layer.num_kv_heads * layer.head_dim * self.dtype.itemsize
+        per_token = 2 * layer.num_kv_heads * layer.head_dim * self.kv_dtype.itemsize
         return per_token * self.block_size * len(self.attention_layers)
 
     def _blocks_that_fit(self) -> int:
@@ -123,14 +132,7 @@ class ModelRunner:
             attn.bind_cache(scratch, scratch)
         torch.cuda.reset_peak_memory_stats(dev)
         before = torch.cuda.memory_allocated(dev)
-        meta = AttentionMetadata(
-            slot_mapping=torch.arange(tokens, dtype=torch.int64, device=dev),
-            block_tables=torch.arange(blocks, dtype=torch.int32, device=dev)[None],
-            query_start_loc=torch.tensor([0, tokens], dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor([tokens], dtype=torch.int32, device=dev),
-            max_query_len=tokens,
-            max_seq_len=tokens,
-        )
+        meta = AttentionMetadata.one_sequence(tokens, self.block_size, dev)
         with torch.inference_mode():
             ids = torch.zeros(tokens, dtype=torch.int64, device=dev)
             # positions wrap inside the rotary table: a budget may exceed max_length
@@ -155,9 +157,10 @@ class ModelRunner:
         )
         # Zeros, not garbage: attention multiplies masked-out slots by a zero weight, and
         # a NaN bit pattern left in never-written memory would survive that product.
-        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
         for i, attn in enumerate(self.attention_layers):
-            attn.bind_cache(self.kv_cache[0, i], self.kv_cache[1, i])
+            scales = () if self.kv_scales is None else self.kv_scales[:, i]  # (2, Hkv)
+            attn.bind_cache(self.kv_cache[0, i], self.kv_cache[1, i], *scales)
 
     # ---- one step ----------------------------------------------------------------------
     def prepare(self, plan: StepPlan) -> StepInputs:

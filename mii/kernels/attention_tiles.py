@@ -7,6 +7,10 @@ Scores live in the log2 domain (`scale * log2(e)` folded into one multiply) so t
 softmax runs on `exp2`. Two options are compile-time flags, so that a model without them
 runs the very loop it ran before: SLIDING (a row sees keys `> q_pos - window` only) and
 SOFTCAP (scores `softcap * tanh(score / softcap)`, Gemma-2).
+
+An fp8 cache: tiles are widened to q's dtype after they load (exact) and the products run
+in that dtype; the launchers fold the per-head K scale into `qk_scale` and the V scale into
+the output, so the loop itself never multiplies by a scale.
 """
 
 from __future__ import annotations
@@ -119,6 +123,7 @@ def attend_range(
             k_ptr, table_ptr, offs_n, offs_d, seq_len, stride_k_block, stride_k_slot,
             BLOCK_SIZE, HEAD_DIM, BLOCK_D, MASKED,
         )  # fmt: skip
+        k = k.to(q.dtype)  # an fp8 cache's tile; a no-op otherwise
         qk = score_tile(q, k, qk_scale, softcap_inv, softcap_log2e, DOT_PRECISION, SOFTCAP)
         if MASKED:
             qk = tl.where(visible(offs_n, q_pos, window, SLIDING), qk, float("-inf"))
@@ -135,7 +140,8 @@ def attend_range(
             v_ptr, table_ptr, offs_n, offs_d, seq_len, stride_v_block, stride_v_slot,
             BLOCK_SIZE, HEAD_DIM, BLOCK_D, MASKED,
         )  # fmt: skip
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        v = v.to(q.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -170,17 +176,38 @@ def dot_width(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def check_paged_inputs(q, k_cache, v_cache, block_tables, seq_lens) -> None:
+def kv_scale_args(q, k_scale, v_scale) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The scale pointers of an fp8 cache and the KV_SCALED flag; without scales, q twice
+    as placeholder pointers that are never read."""
+    if k_scale is None:
+        return q, q, False
+    return k_scale, v_scale, True
+
+
+def check_paged_inputs(q, k_cache, v_cache, block_tables, seq_lens, k_scale=None, v_scale=None):
     """Shapes, dtypes, devices and strides the attention kernels rely on."""
     assert q.dim() == 3 and q.stride(-1) == 1, "q: (tokens, heads, head_dim), last dim dense"
     assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape, "caches: (blocks, bs, Hkv, D)"
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "cache rows must be dense"
     assert k_cache.shape[3] == q.shape[2], "q and cache head_dim differ"
     assert q.shape[1] % k_cache.shape[2] == 0, "q heads must be a multiple of kv heads"
-    assert q.dtype == k_cache.dtype == v_cache.dtype, "q and caches must share a dtype"
     assert q.dtype in (torch.float32, torch.float16, torch.bfloat16), q.dtype
+    assert k_cache.dtype == v_cache.dtype, "the K and V caches must share a dtype"
+    if k_cache.dtype == torch.float8_e4m3fn:
+        check_kv_scales(k_cache, k_scale, v_scale)
+    else:
+        assert q.dtype == k_cache.dtype, "q and caches must share a dtype (or an fp8 cache)"
+        assert k_scale is None and v_scale is None, "scales belong to an fp8 cache"
     assert block_tables.dtype == torch.int32 and block_tables.dim() == 2
     assert block_tables.stride(1) == 1, "block table rows must be dense"
     assert seq_lens.dtype == torch.int32 and seq_lens.shape == (block_tables.shape[0],)
     for t in (k_cache, v_cache, block_tables, seq_lens):
         assert t.device == q.device, "all inputs must sit on one device"
+
+
+def check_kv_scales(cache, k_scale, v_scale) -> None:
+    """An fp8 cache's scales: (Hkv,) fp32, dense, on the cache's device."""
+    assert k_scale is not None and v_scale is not None, "an fp8 cache needs k and v scales"
+    for scale in (k_scale, v_scale):
+        assert scale.dtype == torch.float32 and scale.shape == (cache.shape[2],), "scales"
+        assert scale.stride(0) == 1 and scale.device == cache.device

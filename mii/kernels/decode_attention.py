@@ -25,6 +25,7 @@ from mii.kernels.attention_tiles import (
     check_paged_inputs,
     dot_precision,
     dot_width,
+    kv_scale_args,
 )
 
 # Small batches are latency bound: many short splits (a few tiles each) keep enough loads
@@ -48,7 +49,7 @@ class SplitConfig(NamedTuple):
 @triton.jit(do_not_specialize=["num_splits"])
 def _split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
-    block_tables_ptr, seq_lens_ptr,
+    block_tables_ptr, seq_lens_ptr, k_scale_ptr, v_scale_ptr,
     qk_scale, num_splits,
     stride_q_seq, stride_q_head, stride_o_seq, stride_o_head,
     stride_k_block, stride_k_slot, stride_k_head,
@@ -57,9 +58,11 @@ def _split_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SLIDING: tl.constexpr, SOFTCAP: tl.constexpr,
+    SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, KV_SCALED: tl.constexpr,
 ):  # fmt: skip
-    """Grid (sequences, kv heads, splits). The group's query heads are the tile's rows."""
+    """Grid (sequences, kv heads, splits). The group's query heads are the tile's rows.
+    An fp8 cache (KV_SCALED): the K scale joins qk_scale, the V scale each split's output
+    (the merge is a weighted mean of the splits, so it commutes with the scale)."""
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -85,6 +88,8 @@ def _split_kernel(
     q = tl.load(q_ptr + q_offs, mask=d_ok[None, :], other=0.0)
     q_pos = tl.zeros((BLOCK_M,), dtype=tl.int32) + seq_len - 1
 
+    if KV_SCALED:
+        qk_scale = qk_scale * tl.load(k_scale_ptr + kv_head)
     table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_table
     k_ptr = k_cache_ptr + kv_head * stride_k_head
     v_ptr = v_cache_ptr + kv_head * stride_v_head
@@ -111,6 +116,8 @@ def _split_kernel(
         BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, True, DOT_PRECISION, SLIDING, SOFTCAP,
     )  # fmt: skip
 
+    if KV_SCALED:
+        acc = acc * tl.load(v_scale_ptr + kv_head)
     if SINGLE_SPLIT:
         out = acc / l_i[:, None]
         o_offs = seq * stride_o_seq + head[:, None] * stride_o_head + offs_d[None, :]
@@ -184,19 +191,28 @@ def decode_attention(
     num_splits: int | None = None,
     window: int | None = None,
     softcap: float | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q: (B, Hq, D), one token per sequence at position seq_lens - 1. Returns (B, Hq, D),
-    the same as `torch_ref.paged_attention_ref` with every query length 1."""
+    the same as `torch_ref.paged_attention_ref` with every query length 1. `k_scale`,
+    `v_scale`: an fp8 cache's (Hkv,)."""
     splits = num_splits or _num_splits(q, k_cache, block_tables, window)
     options = ScoreOptions.of(scale, window, softcap)
     config = SplitConfig.for_head_dim(q.shape[2])
-    return launch(q, k_cache, v_cache, block_tables, seq_lens, scale, splits, config, options)
+    return launch(
+        q, k_cache, v_cache, block_tables, seq_lens, scale, splits, config, options,
+        k_scale, v_scale,
+    )  # fmt: skip
 
 
-def launch(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, config, options=None):
+def launch(
+    q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, config, options=None,
+    k_scale=None, v_scale=None,
+):  # fmt: skip
     """`decode_attention` with the split count and tile shape given (benchmarks)."""
     options = options or ScoreOptions.of(scale, None, None)
-    check_paged_inputs(q, k_cache, v_cache, block_tables, seq_lens)
+    check_paged_inputs(q, k_cache, v_cache, block_tables, seq_lens, k_scale, v_scale)
     assert q.shape[0] == seq_lens.shape[0], "one query token per sequence"
     assert num_splits >= 1
     batch, q_heads, head_dim = q.shape
@@ -209,8 +225,9 @@ def launch(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, confi
         part_out = torch.empty((batch, q_heads, num_splits, head_dim), device=q.device)
         part_lse = torch.empty((batch, q_heads, num_splits), device=q.device)
     group = q_heads // kv_heads
+    k_scale, v_scale, kv_scaled = kv_scale_args(q, k_scale, v_scale)
     _split_kernel[(batch, kv_heads, num_splits)](
-        q, k_cache, v_cache, out, part_out, part_lse, block_tables, seq_lens,
+        q, k_cache, v_cache, out, part_out, part_lse, block_tables, seq_lens, k_scale, v_scale,
         options.qk_scale, num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -220,7 +237,7 @@ def launch(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, confi
         BLOCK_SIZE=k_cache.shape[1], BLOCK_M=max(16, triton.next_power_of_2(group)),
         BLOCK_N=config.block_n, SINGLE_SPLIT=num_splits == 1,
         DOT_PRECISION=dot_precision(q.dtype), SLIDING=options.sliding, SOFTCAP=options.softcap,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        KV_SCALED=kv_scaled, num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     if num_splits > 1:
         _merge_kernel[(batch, q_heads)](

@@ -48,30 +48,35 @@ def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 def rope_kv_write(
-    q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, step: dict | None = None
-) -> None:
+    q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, step: dict | None = None,
+    *, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+) -> None:  # fmt: skip
     """`step`: a dict that lives for one step; the torch path keeps there what every layer
-    of the step shares (the Triton kernels need none of it)."""
+    of the step shares (the Triton kernels need none of it). `k_scale`, `v_scale`: the
+    (Hkv,) scales of an fp8 cache (torch_ref says how it is stored)."""
+    scales = {"k_scale": k_scale, "v_scale": v_scale}
     if _triton_on(q):
         from mii.kernels.rope_kv_write import rope_kv_write as kernel
 
-        kernel(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping)
+        kernel(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, **scales)
         return
     torch_ref.rope_kv_write_ref(
-        q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, step
+        q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, step, **scales
     )
 
 
 def paged_attention(
     q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, *,
     max_query_len: int, step: dict | None = None, window: int | None = None,
-    softcap: float | None = None,
+    softcap: float | None = None, k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Decode-only steps (max_query_len == 1, known on the host) take the split-K kernel,
     which keeps the GPU busy at small batches; mixed steps take the ragged kernel. `step`:
     as in `rope_kv_write` (the torch path's attention layout, one per window). `window`:
     sliding-window attention over the last `window` keys; `softcap`: tanh soft-capping of
-    the scores (see torch_ref)."""
+    the scores; `k_scale`, `v_scale`: an fp8 cache's (see torch_ref)."""
+    scales = {"k_scale": k_scale, "v_scale": v_scale}
     if not _triton_on(q):
         key = ("attention", q.shape[1] // k_cache.shape[2], window)
         step = {} if step is None else step
@@ -81,37 +86,40 @@ def paged_attention(
             )
         return torch_ref.paged_attention_ref(
             q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, step[key],
-            softcap=softcap,
+            softcap=softcap, **scales,
         )  # fmt: skip
     if max_query_len == 1 and q.shape[0] == seq_lens.shape[0]:
         from mii.kernels.decode_attention import decode_attention as decode
 
         return decode(
-            q, k_cache, v_cache, block_tables, seq_lens, scale, window=window, softcap=softcap
-        )
+            q, k_cache, v_cache, block_tables, seq_lens, scale, window=window, softcap=softcap,
+            **scales,
+        )  # fmt: skip
     from mii.kernels.paged_attention import paged_attention as kernel
 
     return kernel(
         q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
-        max_query_len=max_query_len, window=window, softcap=softcap,
+        max_query_len=max_query_len, window=window, softcap=softcap, **scales,
     )  # fmt: skip
 
 
 def decode_attention(
     q, k_cache, v_cache, block_tables, seq_lens, scale, *, num_splits: int | None = None,
     window: int | None = None, softcap: float | None = None,
+    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
+    scales = {"k_scale": k_scale, "v_scale": v_scale}
     if _triton_on(q):
         from mii.kernels.decode_attention import decode_attention as kernel
 
         return kernel(
             q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits=num_splits,
-            window=window, softcap=softcap,
+            window=window, softcap=softcap, **scales,
         )  # fmt: skip
     starts = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device)
     return torch_ref.paged_attention_ref(
         q, k_cache, v_cache, block_tables, starts, seq_lens, scale, window=window,
-        softcap=softcap,
+        softcap=softcap, **scales,
     )  # fmt: skip
 
 

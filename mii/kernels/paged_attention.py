@@ -26,6 +26,7 @@ from mii.kernels.attention_tiles import (
     check_paged_inputs,
     dot_precision,
     dot_width,
+    kv_scale_args,
 )
 
 
@@ -55,7 +56,7 @@ def _find_sequence(query_start_loc_ptr, num_seqs, tile, GROUP: tl.constexpr, BLO
 @triton.jit(do_not_specialize=["num_seqs"])
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
-    block_tables_ptr, query_start_loc_ptr, seq_lens_ptr,
+    block_tables_ptr, query_start_loc_ptr, seq_lens_ptr, k_scale_ptr, v_scale_ptr,
     qk_scale, num_seqs,
     stride_q_tok, stride_q_head, stride_o_tok, stride_o_head,
     stride_k_block, stride_k_slot, stride_k_head,
@@ -64,6 +65,7 @@ def _paged_attention_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr,
+    KV_SCALED: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -101,6 +103,8 @@ def _paged_attention_kernel(
         lo = tl.maximum(first_pos - window + 1, 0) // BLOCK_N * BLOCK_N
         shared_lo = tl.cdiv(tl.maximum(last_pos - window + 1, 0), BLOCK_N) * BLOCK_N
         unmasked_lo = tl.minimum(shared_lo, unmasked_end)
+    if KV_SCALED:  # an fp8 cache: score = q . k_fp8 * (scale * k_scale)
+        qk_scale = qk_scale * tl.load(k_scale_ptr + kv_head)
     table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_table
     k_ptr = k_cache_ptr + kv_head * stride_k_head
     v_ptr = v_cache_ptr + kv_head * stride_v_head
@@ -128,6 +132,8 @@ def _paged_attention_kernel(
     )  # fmt: skip
 
     out = acc / l_i[:, None]
+    if KV_SCALED:  # softmax(...) @ (v_fp8 * v_scale)
+        out = out * tl.load(v_scale_ptr + kv_head)
     o_offs = token[:, None] * stride_o_tok + head[:, None] * stride_o_head + offs_d[None, :]
     tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok)
 
@@ -157,9 +163,11 @@ def paged_attention(
     max_query_len: int,
     window: int | None = None,
     softcap: float | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton version of `torch_ref.paged_attention_ref`. `max_query_len` is a host int
-    (no sync): it picks the tile shape."""
+    (no sync): it picks the tile shape. `k_scale`, `v_scale`: an fp8 cache's (Hkv,)."""
     # A table too narrow for the longest chunk would send the kernel past its end (the
     # reference fails on it too); seq_lens cannot be checked without a sync.
     assert block_tables.shape[1] * k_cache.shape[1] >= max_query_len, "block table too narrow"
@@ -167,16 +175,18 @@ def paged_attention(
     config = tile_config(max_query_len * group, q.shape[2])
     options = ScoreOptions.of(scale, window, softcap)
     return launch(
-        q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, config, options
-    )
+        q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, config, options,
+        k_scale, v_scale,
+    )  # fmt: skip
 
 
 def launch(
-    q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, config, options=None
-):
+    q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, config, options=None,
+    k_scale=None, v_scale=None,
+):  # fmt: skip
     """`paged_attention` with the tile shape given (benchmarks sweep it)."""
     options = options or ScoreOptions.of(scale, None, None)
-    check_paged_inputs(q, k_cache, v_cache, block_tables, seq_lens)
+    check_paged_inputs(q, k_cache, v_cache, block_tables, seq_lens, k_scale, v_scale)
     assert query_start_loc.dtype == torch.int32
     assert query_start_loc.shape == (seq_lens.shape[0] + 1,)
     assert query_start_loc.device == q.device
@@ -188,8 +198,9 @@ def launch(
     if tokens == 0 or num_seqs == 0:
         return out
     grid = (tokens * group // config.block_m + num_seqs, kv_heads)
+    k_scale, v_scale, kv_scaled = kv_scale_args(q, k_scale, v_scale)
     _paged_attention_kernel[grid](
-        q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens,
+        q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, k_scale, v_scale,
         options.qk_scale, num_seqs,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -198,6 +209,6 @@ def launch(
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=dot_width(head_dim),
         BLOCK_SIZE=k_cache.shape[1], BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         DOT_PRECISION=dot_precision(q.dtype), SLIDING=options.sliding, SOFTCAP=options.softcap,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        KV_SCALED=kv_scaled, num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return out

@@ -13,6 +13,11 @@ row `j` (0-based in its chunk) sits at absolute position
 with a sliding `window` to the last `window` of them (keys `> position - window`, as
 transformers masks them). `softcap` caps the scaled scores at +-softcap through
 `softcap * tanh(score / softcap)` before the mask (Gemma-2).
+
+An fp8 cache (`torch.float8_e4m3fn`, one byte an element) holds `x / scale[head]` rounded to
+nearest and clamped to +-FP8_MAX (no inf, no NaN, whatever the input), with one fp32 scale
+per KV head and layer (`k_scale`, `v_scale`: (Hkv,)); attention reads `fp8 * scale`. The
+Triton kernels fold the K scale into the score scale and the V scale into the output.
 """
 
 from __future__ import annotations
@@ -21,6 +26,19 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
+
+
+def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x: (..., H, D) in any float dtype; scale: (H,) fp32. Returns x / scale in e4m3."""
+    return (x.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def dequantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x: (..., H, D) in e4m3; scale: (H,). Returns x * scale in fp32."""
+    return x.float() * scale[:, None]
 
 
 def rotate_neox(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -48,6 +66,9 @@ def rope_kv_write_ref(
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
     step: dict | None = None,
+    *,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """Apply rotary to q and k in place, then write k and v into the paged cache.
 
@@ -57,6 +78,7 @@ def rope_kv_write_ref(
     slot_mapping: (T,) int64, a negative slot means "do not write" (padding rows).
     `step`: a dict that lives for one step, where every layer after the first finds the
     rotary factors and the written rows of the step (None: computed here).
+    `k_scale`, `v_scale`: (Hkv,) fp32, the scales of an fp8 cache (None for others).
     """
     step = {} if step is None else step
     if cos_sin_cache is not None:
@@ -73,9 +95,15 @@ def rope_kv_write_ref(
     keep = step["keep"]
     if keep is not None:
         slot_mapping, k, v = slot_mapping[keep], k[keep], v[keep]
-    heads, dim = k_cache.shape[2:]
-    k_cache.view(-1, heads, dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(-1, heads, dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    _write_slots(k_cache, slot_mapping, k, k_scale)
+    _write_slots(v_cache, slot_mapping, v, v_scale)
+
+
+def _write_slots(cache, slot_mapping, x, scale) -> None:
+    heads, dim = cache.shape[2:]
+    if scale is not None:  # index_copy_ has no fp8 kernel on CPU: copy the bytes
+        cache, x = cache.view(torch.uint8), quantize_fp8(x, scale).view(torch.uint8)
+    cache.view(-1, heads, dim).index_copy_(0, slot_mapping, x.to(cache.dtype))
 
 
 def _gather_context(cache: torch.Tensor, block_tables: torch.Tensor, max_len: int) -> torch.Tensor:
@@ -83,9 +111,16 @@ def _gather_context(cache: torch.Tensor, block_tables: torch.Tensor, max_len: in
     num_blocks, block_size, heads, dim = cache.shape
     used = -(-max_len // block_size)
     ids = block_tables[:, :used].reshape(-1).long()
+    raw = cache.view(torch.uint8) if cache.dtype == FP8_DTYPE else cache  # bytes move alike
     # index_select over whole blocks moves memory several times faster than fancy indexing.
-    gathered = cache.view(num_blocks, -1).index_select(0, ids)  # (B * used, bs * Hkv * D)
+    gathered = raw.view(num_blocks, -1).index_select(0, ids)  # (B * used, bs * Hkv * D)
+    gathered = gathered.view(cache.dtype)
     return gathered.view(block_tables.shape[0], used * block_size, heads, dim)[:, :max_len]
+
+
+def _context(cache, tables, max_len) -> torch.Tensor:
+    """(B, Hkv, L, D) fp32 keys or values of a group (an fp8 cache's still unscaled)."""
+    return _gather_context(cache, tables, max_len).float().transpose(1, 2)
 
 
 def paged_attention_ref(
@@ -100,13 +135,16 @@ def paged_attention_ref(
     *,
     window: int | None = None,
     softcap: float | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Ragged paged attention over prompt chunks and decodes of one step.
 
     q: (T, Hq, D); block_tables: (B, max_blocks) int32; query_start_loc: (B + 1,) int32;
     seq_lens: (B,) int32. Returns (T, Hq, D) in q's dtype. Computes in float32.
     `layout`: what `attention_layout` returns for these arguments and `window` (every layer
-    of a step with that window shares it); computed here when None.
+    of a step with that window shares it); computed here when None. `k_scale`, `v_scale`:
+    (Hkv,) the scales of an fp8 cache.
     """
     out = q.new_empty(q.shape)  # dense, even when q is a strided view of a fused qkv
     if layout is None:
@@ -114,8 +152,9 @@ def paged_attention_ref(
         layout = attention_layout(
             q.shape[0], group_size, block_tables, query_start_loc, seq_lens, window
         )
+    scales = (k_scale, v_scale)
     for group in layout:
-        _attend_group(q, out, k_cache, v_cache, group, scale, softcap)
+        _attend_group(q, out, k_cache, v_cache, group, scale, softcap, scales)
     return out
 
 
@@ -190,11 +229,16 @@ def _group_layout(num_tokens, group_size, block_tables, starts, q_lens, lens, gr
     )
 
 
-def _attend_group(q, out, k_cache, v_cache, group: GroupLayout, scale, softcap=None):
-    """Attention of one group's sequences, queries padded to the longest among them."""
+def _attend_group(
+    q, out, k_cache, v_cache, group: GroupLayout, scale, softcap=None, kv_scales=(None, None)
+):
+    """Attention of one group's sequences, queries padded to the longest among them. An
+    fp8 cache's scales multiply q and the output, as in the kernels: per (head, query), not
+    per cached element."""
     batch, max_q = group.batch, group.max_q
-    k = _gather_context(k_cache, group.tables, group.max_len).float().transpose(1, 2)
-    v = _gather_context(v_cache, group.tables, group.max_len).float().transpose(1, 2)
+    k_scale, v_scale = kv_scales
+    k = _context(k_cache, group.tables, group.max_len)
+    v = _context(v_cache, group.tables, group.max_len)
     hq, dim = q.shape[1:]
     hkv = k.shape[1]
     g = hq // hkv
@@ -202,12 +246,16 @@ def _attend_group(q, out, k_cache, v_cache, group: GroupLayout, scale, softcap=N
     qg = (q.unsqueeze(1) if group.in_order else q[group.rows]).float()
     qg = qg.view(batch, max_q, hkv, g, dim).permute(0, 2, 3, 1, 4)
     qg = qg.reshape(batch, hkv, g * max_q, dim)  # (B, Hkv, G*Lq, D)
+    if k_scale is not None:  # q . (k * s) == (q * s) . k
+        qg = qg * k_scale.view(1, hkv, 1, 1)
     if softcap is None:
         o = F.scaled_dot_product_attention(qg, k, v, attn_mask=group.mask, scale=scale)
     else:
         scores = qg @ k.transpose(-1, -2) * scale  # (B, Hkv, G*Lq, L)
         scores = softcap * torch.tanh(scores / softcap)
         o = scores.masked_fill(~group.mask, float("-inf")).softmax(-1) @ v
+    if v_scale is not None:
+        o = o * v_scale.view(1, hkv, 1, 1)
     o = o.view(batch, hkv, g, max_q, dim).permute(0, 3, 1, 2, 4).reshape(batch, max_q, hq, dim)
     if group.in_order:
         out.copy_(o.squeeze(1))
