@@ -3,6 +3,8 @@
 - prefill: ragged paged attention vs torch SDPA (flash, causal), B8 H32 S2048 D128 bf16;
 - decode: paged_attention and split-K decode_attention at batch 64, context 4096,
   32 q / 8 kv heads, D128, block size 16, as a fraction of the measured copy bandwidth;
+- decode over an fp8 (e4m3) cache against the same over bf16, split-K at batch 1, 8, 64
+  and the ragged kernel at 64 (half the bytes: the ratio says what that buys);
 - rms_norm, silu_and_mul, rope_kv_write vs their torch references.
 
 Every kernel is checked against its baseline before it is timed. Tile shapes are swept
@@ -204,6 +206,45 @@ def _decode_splits(copy_bw, batch, context=4096, q_heads=32, kv_heads=8, dim=128
     return rows
 
 
+def bench_decode_fp8(batches=(1, 8, 64)) -> list[dict]:
+    """Default launches over an fp8 cache (per-head absmax scales) vs over the bf16 one:
+    split-K at every batch, the ragged kernel at the largest."""
+    return [row for b in batches for row in _decode_fp8(b, ragged=b == max(batches))]
+
+
+def _decode_fp8(batch, ragged, context=4096, q_heads=32, kv_heads=8, dim=128) -> list[dict]:
+    k, v = (torch.randn(batch, context, kv_heads, dim, device=DEVICE, dtype=DTYPE) for _ in "kv")
+    k_cache, v_cache, tables = paged_from_dense(k, v)
+    del k, v
+    scales = [c.float().abs().amax(dim=(0, 1, 3)) / torch_ref.FP8_MAX for c in (k_cache, v_cache)]
+    kv8 = {"k_scale": scales[0], "v_scale": scales[1]}
+    fp8 = [torch_ref.quantize_fp8(c, s) for c, s in zip((k_cache, v_cache), scales, strict=True)]
+    q = torch.randn(batch, q_heads, dim, device=DEVICE, dtype=DTYPE)
+    starts = torch.arange(batch + 1, dtype=torch.int32, device=DEVICE)
+    lens = torch.full((batch,), context, dtype=torch.int32, device=DEVICE)
+    scale = dim**-0.5
+    expected = torch_ref.paged_attention_ref(q, *fp8, tables, starts, lens, scale, **kv8)
+    runs = {
+        "split": lambda caches, **s: decode_mod.decode_attention(
+            q, *caches, tables, lens, scale, **s
+        )
+    }
+    if ragged:
+        runs["paged"] = lambda caches, **s: paged_mod.paged_attention(
+            q, *caches, tables, starts, lens, scale, max_query_len=1, **s
+        )
+    rows = []
+    for name, run in runs.items():
+        bf16_ms = bench_ms(lambda run=run: run((k_cache, v_cache)))
+        ms = bench_ms(lambda run=run: run(fp8, **kv8))
+        ok = rel_err(run(fp8, **kv8), expected) < MAX_REL_ERR
+        rows.append({"batch": batch, "kernel": name, "us": ms * 1e3, "bf16_us": bf16_ms * 1e3,
+                     "ok": ok})  # fmt: skip
+        print(f"decode {name} fp8 batch {batch}: {ms * 1e3:.1f} us (bf16 {bf16_ms * 1e3:.1f})")
+    torch.cuda.empty_cache()
+    return rows
+
+
 def bench_elementwise(tokens=4096, hidden=4096, inner=14336) -> list[dict]:
     """Each kernel vs its torch reference on Mistral-7B-shaped inputs of 4096 tokens."""
     x = torch.randn(tokens, hidden, device=DEVICE, dtype=DTYPE)
@@ -293,6 +334,10 @@ def table(result) -> str:
         mark = " (default)" if row["default"] else ""
         lines.append(f"decode batch {row['batch']}, {row['splits']} splits: {row['us']:.1f} us"
                      f" = {row['fraction_of_copy']:.2f} of copy{mark}")  # fmt: skip
+    for row in result["decode_fp8"]:
+        mark = "" if row["ok"] else " WRONG"
+        lines.append(f"decode {row['kernel']} over fp8, batch {row['batch']}: {row['us']:.1f} us"
+                     f" ({row['bf16_us'] / row['us']:.2f}x bf16){mark}")  # fmt: skip
     for row in result["elementwise"]:
         lines.append(f"{row['kernel']}: {row['ms']:.3f} ms vs torch {row['ref_ms']:.3f} ms "
                      f"({row['speedup']:.1f}x, {row['gbps']:.0f} GB/s)")  # fmt: skip
@@ -310,6 +355,7 @@ def main() -> None:
     result["decode"] = bench_decode(copy_bw)
     torch.cuda.empty_cache()
     result["decode_small"] = bench_decode_small_batches(copy_bw)
+    result["decode_fp8"] = bench_decode_fp8()
     result["elementwise"] = bench_elementwise()
     result["rope_rel_err"] = check_rope_once()
     print(table(result))

@@ -205,7 +205,7 @@ def test_fp8_cache_agrees_with_the_bf16_cache_on_the_gpu(tiny_model, arch, eager
     """Through the Triton kernels, with and without CUDA graphs; sliding windows and
     soft-capping (mistral_swa, gemma2); prompts longer than the budget (chunked prefill)."""
     prompts = mixed_prompts(8, (12, 48, 5, 90, 300, 1), seed=13)
-    options = dict(device="cuda", dtype="bfloat16", num_blocks=512, budget=64,
+    options = dict(device="cuda", dtype="bfloat16", num_blocks=2048, budget=64,
                    enforce_eager=eager)  # fmt: skip
     _, forced = compare_generation(tiny_model(arch), prompts, 32, record_property, **options)
     assert forced >= 0.75
