@@ -53,6 +53,12 @@ def fp8_batch(batch: SimpleNamespace) -> SimpleNamespace:
     return SimpleNamespace(**{**vars(batch), **fp8, **extra})
 
 
+def worst_head_err(out: torch.Tensor, expected: torch.Tensor, kv_heads: int) -> float:
+    """rel_err of each KV head's query group apart (their sizes differ by 10^5), the worst."""
+    groups = zip(out.chunk(kv_heads, dim=1), expected.chunk(kv_heads, dim=1), strict=True)
+    return max(rel_err(a, e) for a, e in groups)
+
+
 def _reference(b: SimpleNamespace, window=None, softcap=None, fp8=True) -> torch.Tensor:
     caches = (b.k_cache, b.v_cache) if fp8 else (b.k_full, b.v_full)
     scales = {"k_scale": b.k_scale, "v_scale": b.v_scale} if fp8 else {}
@@ -118,7 +124,8 @@ def test_reference_attention_over_fp8_is_close_to_full_precision(window, softcap
     )
     expected = _reference(batch, window, softcap, fp8=False)
     got = _reference(batch, window, softcap)
-    assert _cosine(got, expected) >= 0.99 and rel_err(got, expected) < 0.06
+    assert _cosine(got, expected) >= 0.99
+    assert worst_head_err(got, expected, batch.k_cache.shape[2]) < 0.06
 
 
 # ---- the Triton kernels in the interpreter ----------------------------------------------
@@ -218,7 +225,7 @@ def _check_paged(module, batch, dtype, window=None, softcap=None) -> None:
             k_scale=batch.k_scale, v_scale=batch.v_scale,
         )  # fmt: skip
     assert out.shape == batch.q.shape and out.dtype == dtype
-    assert rel_err(out, expected) < TOLERANCE[dtype]
+    assert worst_head_err(out, expected, batch.k_cache.shape[2]) < TOLERANCE[dtype]
 
 
 def _check_decode(module, batch, dtype, num_splits, window=None, softcap=None) -> None:
@@ -230,7 +237,7 @@ def _check_decode(module, batch, dtype, num_splits, window=None, softcap=None) -
             k_scale=batch.k_scale, v_scale=batch.v_scale,
         )  # fmt: skip
     assert out.shape == batch.q.shape and out.dtype == dtype
-    assert rel_err(out, expected) < TOLERANCE[dtype]
+    assert worst_head_err(out, expected, batch.k_cache.shape[2]) < TOLERANCE[dtype]
 
 
 @pytest.mark.timeout(60)
@@ -352,4 +359,4 @@ def test_fp8_attention_is_close_to_bf16_attention_gpu(compiled):
         batch.q, fp8.k_cache, fp8.v_cache, *args, max_query_len=batch.max_query_len,
         k_scale=fp8.k_scale, v_scale=fp8.v_scale,
     )  # fmt: skip
-    assert _cosine(got, full) >= 0.99 and rel_err(got, full) < 0.06
+    assert _cosine(got, full) >= 0.99 and worst_head_err(got, full, 8) < 0.06
