@@ -131,9 +131,12 @@ def test_reference_attention_over_fp8_is_close_to_full_precision(window, softcap
 # ---- the Triton kernels in the interpreter ----------------------------------------------
 
 
-def _write_inputs(tokens, q_heads, kv_heads, head_dim, dtype, device, rotary, seed=0):
+def _write_inputs(
+    tokens, q_heads, kv_heads, head_dim, dtype, device, rotary, seed=0, rotary_dim=None
+):  # fmt: skip
     """q, k, v as views of one fused qkv; every third slot negative (padding); fp8 caches
-    holding old values; k of one token far past its head's scale (clamped on write)."""
+    holding old values; k of one token far past its head's scale (clamped on write).
+    `rotary_dim`: partial rotary (the dims past it are copied)."""
     gen = torch.Generator().manual_seed(seed)
     block_size, num_blocks = 16, -(-tokens // 16) + 2
     qkv = torch.randn(tokens, q_heads + 2 * kv_heads, head_dim, generator=gen)
@@ -142,7 +145,7 @@ def _write_inputs(tokens, q_heads, kv_heads, head_dim, dtype, device, rotary, se
     qkv[1, q_heads] *= 1000.0  # beyond FP8_MAX * scale
     slots = torch.randperm(num_blocks * block_size, generator=gen)[:tokens]
     slots[::3] = -1
-    angles = torch.rand(4 * tokens, head_dim // 2, generator=gen) * 6.3
+    angles = torch.rand(4 * tokens, (rotary_dim or head_dim) // 2, generator=gen) * 6.3
     cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen)
     return dict(
         qkv=qkv.to(device=device, dtype=dtype),
@@ -206,6 +209,12 @@ def _check_interpreter_slips(expected: torch.Tensor, got: torch.Tensor) -> None:
 def test_write_matches_reference_interpreted(interpreted, rotary, dtype):
     inputs = _write_inputs(37, 8, 4, 64, dtype, "cpu", rotary)
     _check_write(interpreted.rope_kv_write, inputs, dtype, interpreter=True)
+
+
+@pytest.mark.timeout(60)
+def test_write_with_partial_rotary_interpreted(interpreted):
+    inputs = _write_inputs(23, 8, 2, 80, torch.float32, "cpu", True, rotary_dim=32)
+    _check_write(interpreted.rope_kv_write, inputs, torch.float32, interpreter=True)
 
 
 PAGED_CASES = {
@@ -309,6 +318,12 @@ GPU_CASES = {
 @pytest.mark.parametrize("shape", GPU_SHAPES[:3], ids=str)
 def test_write_matches_reference_gpu(compiled, rotary, shape):
     inputs = _write_inputs(1000, *shape, torch.bfloat16, "cuda", rotary)
+    _check_write(compiled.rope_kv_write, inputs, torch.bfloat16, interpreter=False)
+
+
+@pytest.mark.gpu
+def test_write_with_partial_rotary_gpu(compiled):
+    inputs = _write_inputs(1000, 32, 32, 80, torch.bfloat16, "cuda", True, rotary_dim=32)
     _check_write(compiled.rope_kv_write, inputs, torch.bfloat16, interpreter=False)
 
 
