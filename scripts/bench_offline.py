@@ -166,7 +166,9 @@ def main() -> None:
         args.preset, args.budget, args.max_seqs, args.eager, args.sync, args.quantization,
         args.kv_cache_dtype,
     )  # fmt: skip
-    roofline = Roofline(ModelShape.of(engine.runner.model, engine.hf_config), peaks)
+    shape = ModelShape.of(engine.runner.model, engine.hf_config)
+    shape.dtype_bytes = engine.runner.kv_dtype.itemsize  # the KV cache's bytes per element
+    roofline = Roofline(shape, peaks)
     ours = bench_mii(engine, prompts, args.new_tokens, roofline, args.profile_at)
     ours["roofline_floor_s"] = roofline.floor_s
     ours["efficiency"] = roofline.floor_s / ours["seconds"]
