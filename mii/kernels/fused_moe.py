@@ -9,6 +9,8 @@ Three launches per layer, none of which waits for the host (CUDA graphs capture 
    real entries (0 for blocks past the last expert). The host only knows a bound on the
    blocks: sum_e ceil(n_e / BLOCK_M) <= (T*k + min(E, T*k) * (BLOCK_M - 1)) / BLOCK_M, so
    the GEMM grids cover that many and the programs of unused blocks return at once.
+   Its tiles hold ROUTE_TILE (token, expert) pairs, so that many experts mean fewer
+   tokens a tile (`route_tiles`).
 2. `_gate_up_kernel`: per row block and column tile, the block's tokens gathered from x
    times its expert's gate rows and up rows (two accumulators over one K loop); silu(gate)
    * up is stored in sorted order into `h` (padded rows, I).
@@ -91,6 +93,25 @@ def max_blocks(num_tokens: int, top_k: int, num_experts: int, block_m: int) -> i
 
 
 # ---- routing ---------------------------------------------------------------------------
+
+# (token, expert) pairs in one tile of the routing program: 16 a thread at 4 warps. Its
+# tensors were (256, 64) for 60 experts once, 128 a thread each: ptxas spilled some 2,000
+# registers and took about 70 s to compile each specialisation (the GPU tests timed out),
+# and 1000 tokens took 4.1 ms to route. At (32, 64): no spills, a few seconds, 0.8 ms
+# (H200, triton 3.6). 4096 pairs spilled again and were no faster.
+ROUTE_TILE = 2048
+
+
+class RouteTiles(NamedTuple):
+    block_t: int  # tokens a tile of the top-k passes
+    block_e: int  # experts, padded to a power of two
+    block_b: int  # row blocks a tile of the block-owner pass
+
+
+def route_tiles(num_tokens: int, num_experts: int) -> RouteTiles:
+    block_e = max(2, triton.next_power_of_2(num_experts))
+    rows = max(1, ROUTE_TILE // block_e)
+    return RouteTiles(min(rows, 256, triton.next_power_of_2(num_tokens)), block_e, rows)
 
 
 @triton.jit
@@ -194,12 +215,12 @@ def route(logits: torch.Tensor, top_k: int, renormalize: bool, block_m: int) -> 
     )
     if tokens == 0:
         return out
+    tiles = route_tiles(tokens, experts)
     _route_kernel[(1,)](
         logits, out.weights, out.experts, out.sorted_ids, out.block_expert, out.block_rows,
         tokens, experts, blocks, logits.stride(0),
-        TOP_K=top_k, RENORMALIZE=renormalize, BLOCK_M=block_m,
-        BLOCK_T=min(256, triton.next_power_of_2(tokens)),
-        BLOCK_E=max(2, triton.next_power_of_2(experts)), BLOCK_B=64, num_warps=4,
+        TOP_K=top_k, RENORMALIZE=renormalize, BLOCK_M=block_m, BLOCK_T=tiles.block_t,
+        BLOCK_E=tiles.block_e, BLOCK_B=tiles.block_b, num_warps=4,
     )  # fmt: skip
     return out
 

@@ -151,6 +151,73 @@ def test_every_token_picks_the_same_experts_interpreted(moe_interpreted, dtype):
     check_layer(moe_interpreted, (x, logits, gate_up, down), 2, True, config)
 
 
+class LaunchRecorder:
+    """Stands in for a kernel: keeps each launch's keyword arguments, then launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("tokens", [256, 1000])
+@pytest.mark.parametrize(("experts", "top_k"), [(60, 4), (128, 8)])
+def test_routing_tiles_of_many_experts_stay_small_interpreted(
+    moe_interpreted, monkeypatch, tokens, experts, top_k
+):
+    """The routing program's (token, expert) tiles hold at most 16 values a thread. With
+    60 experts they were (256, 64) from 256 tokens on: 128 a thread, some 2,000 registers
+    spilled, and ptxas took about 70 s per specialisation, so the GPU tests of 256 and 1000
+    tokens, which compile two each, ran past their 120 s (measured on an H200, triton 3.6)."""
+    recorder = LaunchRecorder(moe_interpreted._route_kernel)
+    monkeypatch.setattr(moe_interpreted, "_route_kernel", recorder)
+    logits = torch.randn(tokens, experts, generator=torch.Generator().manual_seed(tokens))
+    block_m = moe_interpreted.moe_config(tokens, top_k, experts).block_m
+    check_routing(moe_interpreted, logits, top_k, False, block_m)
+    launch = recorder.launches[0]
+    threads = 32 * launch["num_warps"]
+    assert launch["BLOCK_T"] * launch["BLOCK_E"] <= 16 * threads
+    assert launch["BLOCK_B"] * launch["BLOCK_E"] <= 16 * threads
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("tokens", [256, 1000])
+def test_many_experts_with_the_default_tiles_interpreted(moe_interpreted, dtype, tokens):
+    """The Qwen2-MoE-like GPU case (60 experts, top-4) at its step sizes' default tiles
+    (block_m 32 and 64), a smaller hidden size so that the interpreter keeps up."""
+    layer = make_layer(tokens, 256, 192, 60, dtype=dtype, device="cpu")
+    check_layer(moe_interpreted, layer, 4, False)
+
+
+@pytest.mark.timeout(120)
+def test_every_expert_ends_in_a_partial_block_interpreted(moe_interpreted):
+    """The host's bound on the blocks, reached: each of 60 experts gets 17 = 16 + 1
+    entries, so every block that `sorted_ids`, `h` and the GEMM grids were sized for is used
+    (a wrong bound would write past them)."""
+    tokens, experts, top_k = 255, 60, 4
+    x, logits, gate_up, down = make_layer(
+        tokens, 64, 48, experts, dtype=torch.float32, device="cpu"
+    )
+    entries = torch.arange(tokens * top_k).view(tokens, top_k)  # expert of entry i: i % 60
+    logits.scatter_(1, entries % experts, torch.tensor([40.0, 30.0, 20.0, 10.0]).expand(tokens, -1))
+    with poisoned_allocations():
+        counts = check_routing(moe_interpreted, logits, top_k, False)
+    assert counts == [17] * experts
+    routing = moe_interpreted.route(logits, top_k, False, 16)
+    assert (routing.block_rows.cpu() > 0).all()
+    assert routing.block_rows.numel() == moe_interpreted.max_blocks(tokens, top_k, experts, 16)
+    check_layer(
+        moe_interpreted, (x, logits, gate_up, down), top_k, False, small_config(moe_interpreted)
+    )
+
+
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("tokens", [0, 1, 16, 256, 4096])
 def test_default_configs_cover_the_step_sizes(moe_interpreted, tokens):
