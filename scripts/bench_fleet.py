@@ -15,6 +15,13 @@ rate where adding workers stops adding tokens does (state the host). A table las
 numbers as JSON with --json.
 
     python scripts/bench_fleet.py --workers 1,2,4 --streams-per-worker 64 --steps-per-s 25
+
+`--cluster N`: the deployment on a local Redis Cluster of N primaries (no replicas) with N
+request-stream partitions, Celery's broker on a separate plain Redis (its commands are not
+counted then); the counters add up every primary's, and the CPU of the busiest primary is
+reported too (`--redis-url` with `--partitions` uses a Redis or cluster that runs already).
+
+    python scripts/bench_fleet.py --workers 2 --cluster 1 && ... --cluster 3
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import json
 import os
 import random
 import statistics
+import sys
 import time
 
 import redis as redis_py
@@ -48,22 +56,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=10.0, help="measured time per count")
     p.add_argument("--warmup-s", type=float, default=2.0)
     p.add_argument("--broker", default="{}", help="JSON of broker settings for the deployment")
+    p.add_argument("--cluster", type=int, default=0, help="primaries of a local Redis Cluster")
+    p.add_argument("--redis-url", default=None, help="a Redis (or redis+cluster://) running")
+    p.add_argument("--partitions", type=int, default=None, help="default: --cluster, else 1")
     p.add_argument("--json", default=None)
     return p.parse_args(argv)
 
 
 # ---- Redis's own counters ------------------------------------------------------------------
-def redis_counters(client) -> tuple[dict[str, int], float]:
-    """(calls by command, CPU seconds) of the Redis server so far."""
-    stats = client.info("commandstats")
-    calls = {name.removeprefix("cmdstat_"): v["calls"] for name, v in stats.items()}
-    cpu = client.info("cpu")
-    return calls, float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"])
+def servers(client) -> list:
+    """A plain client per Redis server: the one, or each primary of a cluster."""
+    if hasattr(client, "get_primaries"):
+        return [client.get_redis_connection(node) for node in client.get_primaries()]
+    return [client]
 
 
-def delta(before: tuple[dict, float], after: tuple[dict, float]) -> tuple[dict[str, int], float]:
+def redis_counters(client) -> tuple[dict[str, int], list[float]]:
+    """(calls by command, CPU seconds of each server) of the Redis servers so far."""
+    calls: dict[str, int] = {}
+    cpus = []
+    for server in servers(client):
+        for name, v in server.info("commandstats").items():
+            key = name.removeprefix("cmdstat_")
+            calls[key] = calls.get(key, 0) + v["calls"]
+        cpu = server.info("cpu")
+        cpus.append(float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"]))
+    return calls, cpus
+
+
+def delta(before: tuple[dict, list], after: tuple[dict, list]) -> tuple[dict[str, int], list]:
     calls = {k: v - before[0].get(k, 0) for k, v in after[0].items()}
-    return {k: v for k, v in calls.items() if v > 0}, after[1] - before[1]
+    cpus = [a - b for a, b in zip(after[1], before[1], strict=True)]
+    return {k: v for k, v in calls.items() if v > 0}, cpus
 
 
 # ---- clients ---------------------------------------------------------------------------------
@@ -110,8 +134,9 @@ async def measure(client, n: int, args) -> dict:
     return summarize(streams, delta(before, after), wall)
 
 
-def summarize(streams: Streams, used: tuple[dict[str, int], float], wall: float) -> dict:
-    calls, cpu_s = used
+def summarize(streams: Streams, used: tuple[dict[str, int], list], wall: float) -> dict:
+    calls, cpus = used
+    cpu_s = sum(cpus)
     tokens = max(streams.received, 1)
     gaps = sorted(streams.gaps) or [0.0]
     top = sorted(calls.items(), key=lambda kv: -kv[1])[:8]
@@ -121,6 +146,7 @@ def summarize(streams: Streams, used: tuple[dict[str, int], float], wall: float)
         "commands": sum(calls.values()),
         "commands_per_token": sum(calls.values()) / tokens,
         "redis_cpu_s_per_mtoken": cpu_s / tokens * 1e6,
+        "busiest_redis_cpu_share": max(cpus) / wall,  # of one core, the busiest server
         "itl_p50_ms": 1000 * statistics.median(gaps),
         "itl_p99_ms": 1000 * gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))],
         "top_commands_per_token": {k: v / tokens for k, v in top},
@@ -132,7 +158,7 @@ def run_count(workers: int, redis_url: str, args) -> dict:
     config = MIIConfig(
         model_config={"model_name_or_path": "fake", "replica_num": workers},
         deployment_name=f"fleet-{workers}", redis_url=redis_url,
-        broker={"admit_batch": 64, **json.loads(args.broker)},
+        broker={"admit_batch": 64, "partitions": args.partitions, **json.loads(args.broker)},
     )  # fmt: skip
     served = serve_deployment(config, engine_factory=FAKE)
     try:
@@ -148,27 +174,48 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     os.environ["PYTHONPATH"] = os.pathsep.join([FAKE_DIR, os.environ.get("PYTHONPATH", "")])
     os.environ["MII_FAKE_STEP_DELAY"] = str(1.0 / args.steps_per_s)
-    server = EmbeddedRedis().start()
+    args.partitions = args.partitions or max(1, args.cluster)
+    started = []
     try:
-        rows = [run_count(int(w), server.url, args) for w in args.workers.split(",")]
-        redis_py.Redis.from_url(server.url).flushall()
+        url = args.redis_url or _start_redis(args, started)
+        rows = [run_count(int(w), url, args) for w in args.workers.split(",")]
+        if not args.redis_url and not args.cluster:
+            redis_py.Redis.from_url(url).flushall()
     finally:
-        server.stop()
+        for server in started:
+            server.stop()
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": vars(args), "runs": rows}, f, indent=2)
     print_table(rows, args)
 
 
+def _start_redis(args, started: list) -> str:
+    """A private Redis, or a local cluster and a plain Redis for Celery's broker."""
+    server = EmbeddedRedis().start()
+    started.append(server)
+    if not args.cluster:
+        return server.url
+    sys.path.insert(0, FAKE_DIR)
+    from redis_cluster import RedisCluster
+
+    os.environ["MII_CELERY_BROKER_URL"] = server.url
+    cluster = RedisCluster(primaries=args.cluster, replicas=0)
+    started.append(cluster)
+    return cluster.start().url
+
+
 def print_table(rows: list[dict], args) -> None:
     print(f"\nfake workers at {args.steps_per_s:g} steps/s, {args.streams_per_worker} streams "
-          f"each, {args.tokens} tokens a request, {os.cpu_count()} cores here")  # fmt: skip
+          f"each, {args.tokens} tokens a request, {os.cpu_count()} cores here; "
+          f"{args.cluster or 'no'} cluster primaries, {args.partitions} partitions")  # fmt: skip
     print(f"{'workers':>7} {'streams':>7} {'tok/s':>9} {'cmd/tok':>8} {'cpu s/Mtok':>10} "
-          f"{'ITL p50':>8} {'ITL p99':>8}")  # fmt: skip
+          f"{'ITL p50':>8} {'ITL p99':>8} {'max cpu':>7}")  # fmt: skip
     for r in rows:
         print(f"{r['workers']:>7} {r['streams']:>7} {r['tokens_per_s']:>9.0f} "
               f"{r['commands_per_token']:>8.3f} {r['redis_cpu_s_per_mtoken']:>10.1f} "
-              f"{r['itl_p50_ms']:>8.1f} {r['itl_p99_ms']:>8.1f}")  # fmt: skip
+              f"{r['itl_p50_ms']:>8.1f} {r['itl_p99_ms']:>8.1f} "
+              f"{r['busiest_redis_cpu_share']:>7.2f}")  # fmt: skip
     for r in rows:
         top = ", ".join(f"{k} {v:.3f}" for k, v in r["top_commands_per_token"].items())
         print(f"  {r['workers']} workers, commands per token: {top}")

@@ -1,7 +1,8 @@
 """Shared fixtures: tiny random models of every architecture, the demo model; for the
 serving tests, a worker loop on fakeredis (`harness`), worker processes with the fake
-engine (`worker_env`), a private redis-server (`private_redis`). The worker's fakes live
-in tests/worker/ (fake_engine.py, harness.py, redis_server.py, serving.py)."""
+engine (`worker_env`), a private redis-server (`private_redis`), a local Redis Cluster
+(`redis_cluster`). The worker's fakes live in tests/worker/ (fake_engine.py, harness.py,
+redis_server.py, redis_cluster.py, serving.py)."""
 
 from __future__ import annotations
 
@@ -74,3 +75,16 @@ def private_redis():
     server = RedisServer().start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster():
+    """A Redis Cluster of three primaries with a replica each, on free ports, for the whole
+    session (a test that kills a primary leaves its promoted replica serving)."""
+    from redis_cluster import RedisCluster
+
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        pytest.skip("needs redis-server and redis-cli")
+    cluster = RedisCluster().start()
+    yield cluster
+    cluster.stop()

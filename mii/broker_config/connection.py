@@ -1,7 +1,12 @@
-"""Connecting to Redis: one place for timeouts, TLS and retry with backoff.
+"""Connecting to Redis: one place for timeouts, TLS and retry with backoff, and the one
+place that picks the client for a URL: `redis://` (`rediss://`, `unix://`) one Redis,
+`redis+cluster://[user:password@]host:port[,host:port...]` (`rediss+cluster://`) a Redis
+Cluster through redis-py's cluster client, which follows MOVED and ASK redirections.
 
 redis-py retries a failed command a few times on its own (short outages); the loops of the
-worker and the client add `Backoff` on top, so a Redis restart of any length is waited out.
+worker and the client add `Backoff` on top, so a Redis restart of any length is waited out,
+and so is a cluster's failover (a primary's replica promoted: `CLUSTERDOWN`, `TRYAGAIN`,
+connections refused, replies from a demoted primary).
 """
 
 from __future__ import annotations
@@ -12,16 +17,30 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
+from urllib.parse import unquote, urlsplit
 
 import redis
 import redis.asyncio
+import redis.asyncio.cluster
+import redis.cluster
+from redis import exceptions
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from mii.broker_config.settings import check_redis_url
+from mii.broker_config.settings import check_redis_url, is_cluster_url, redact_url
 
 T = TypeVar("T")
-CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, ConnectionError)
+CLUSTER_ERRORS = (
+    exceptions.ClusterDownError,  # CLUSTERDOWN, MASTERDOWN: a failover under way
+    exceptions.TryAgainError,
+    exceptions.ClusterError,  # redirections or retries exhausted while slots move
+    exceptions.SlotNotCoveredError,
+    exceptions.ReadOnlyError,  # a write reached a primary that was just demoted
+    # no node answered while the client refreshed its map of the cluster (it says so with
+    # this base class; our code sends no command across slots, the other reason for it)
+    exceptions.RedisClusterException,
+)
+CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, ConnectionError, *CLUSTER_ERRORS)
 SOCKET_TIMEOUT_S = 15.0  # above every blocking read we issue (they block at most 2 s)
 
 
@@ -36,16 +55,73 @@ def _options() -> dict:
     )
 
 
-def connect(url: str, **overrides) -> redis.Redis:
-    """A client for `url` (redis://user:password@host:port/db, rediss:// for TLS)."""
+def connect(url: str, **overrides) -> redis.Redis | redis.cluster.RedisCluster:
+    """A client for `url` (redis://user:password@host:port/db, rediss:// for TLS; a
+    cluster's `redis+cluster://`)."""
     check_redis_url(url)
-    return redis.Redis.from_url(url, **{**_options(), **overrides})
+    options = {**_options(), **overrides}
+    if is_cluster_url(url):
+        nodes = [redis.cluster.ClusterNode(h, p) for h, p in _cluster_nodes(url)]
+        return redis.cluster.RedisCluster(
+            startup_nodes=nodes, **_cluster_options(url), **_for_cluster(options)
+        )
+    return redis.Redis.from_url(url, **options)
 
 
-def connect_async(url: str, **overrides) -> redis.asyncio.Redis:
+def connect_async(url: str, **overrides):
     """The asyncio client for `url`; bound to the event loop that first uses it."""
     check_redis_url(url)
-    return redis.asyncio.Redis.from_url(url, **{**_options(), **overrides})
+    options = {**_options(), **overrides}
+    if is_cluster_url(url):
+        nodes = [redis.asyncio.cluster.ClusterNode(h, p) for h, p in _cluster_nodes(url)]
+        options = _for_cluster(options)
+        options.pop("health_check_interval", None)
+        return redis.asyncio.cluster.RedisCluster(
+            startup_nodes=nodes, **_cluster_options(url), **options
+        )
+    return redis.asyncio.Redis.from_url(url, **options)
+
+
+def _cluster_nodes(url: str) -> list[tuple[str, int]]:
+    """host:port pairs of a cluster URL (the nodes asked for the cluster's layout)."""
+    netloc = urlsplit(url).netloc.rpartition("@")[2]
+    nodes = []
+    for part in filter(None, netloc.split(",")):
+        host, _, port = part.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"a Redis Cluster URL lists host:port pairs: {redact_url(url)!r}")
+        nodes.append((host.strip("[]"), int(port)))
+    if not nodes:
+        raise ValueError(f"a Redis Cluster URL names at least one node: {redact_url(url)!r}")
+    return nodes
+
+
+def _cluster_options(url: str) -> dict:
+    parts = urlsplit(url)
+    if parts.path.strip("/") not in ("", "0"):
+        raise ValueError(f"a Redis Cluster has database 0 only: {redact_url(url)!r}")
+    userinfo = parts.netloc.rpartition("@")[0]
+    user, has_password, password = userinfo.partition(":")
+    return dict(
+        username=unquote(user) or None,
+        password=unquote(password) if has_password else None,
+        ssl=parts.scheme.startswith("rediss"),
+    )
+
+
+def _for_cluster(options: dict) -> dict:
+    """The cluster client retries on its own (following a failover) rather than per
+    connection: its `retry` is the cluster-wide one."""
+    options = dict(options)
+    options.pop("retry_on_error", None)
+    if options.get("retry") is None:
+        options["retry"] = Retry(ExponentialBackoff(cap=1.0, base=0.02), retries=0)
+    return options
+
+
+def is_cluster_client(client) -> bool:
+    """Whether `client` talks to a Redis Cluster (blocking or asyncio)."""
+    return isinstance(client, redis.cluster.RedisCluster | redis.asyncio.cluster.RedisCluster)
 
 
 def answers(url: str, timeout_s: float = 1.0) -> bool:

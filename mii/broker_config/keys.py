@@ -1,15 +1,31 @@
 """Every Redis key and stream name of a deployment, in one place.
 
-All keys of a deployment share the hash tag `{<deployment>}`, so a Redis Cluster keeps
-them in one slot: the multi-key transactions and scripts of the queue stay legal there.
+With one partition (`broker.partitions`, the default) every key of a deployment shares the
+hash tag `{<deployment>}`: one slot, so one Redis (or one primary of a Redis Cluster).
+
+With K partitions the interactive request stream is split into K streams, each under a
+hash tag of its own (`mii:{<deployment>.p<i>}:requests`), chosen so that partition i's slot
+lies in the i-th K-th of the cluster's 16384 slots: with the even split that
+`redis-cli --cluster create` makes, K a multiple of the primaries puts as many partitions
+on each. A request's own keys (claim, cancel marker, response stream) and a reply stream
+live in the partition their id falls in (`partition(id)`: CRC32 mod K), and a client
+queues a call's requests in the partition of the call's reply stream, drawing their ids
+there (`new_id`): each multi-key transaction of a request (its final chunk with the ack of
+its entry, its claim) stays in one slot. The deployment-wide keys (config, state, workers,
+control, dead letters, bulk stream and jobs, gateway files) stay under `{<deployment>}`.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import socket
+import uuid
+import zlib
 from dataclasses import dataclass
+
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 WORKER_GROUP = "workers"
 """The consumer group every worker of a deployment reads the request streams through."""
@@ -85,23 +101,88 @@ class JobKeys:
         return f"{self.job_id}-{line}"
 
 
+def slot(key: str) -> int:
+    """The Redis Cluster hash slot of a key (its hash tag's, when it has one)."""
+    return key_slot(key.encode())
+
+
+@functools.cache
+def partition_tags(deployment: str, partitions: int) -> tuple[str, ...]:
+    """The hash tag of each partition: the deployment's own for one partition; else
+    `<deployment>.p<i>`, with a `.<n>` suffix where needed to land in the i-th K-th of
+    the slots (a few tries each: CRC16 spreads names evenly)."""
+    if partitions == 1:
+        return (deployment,)
+    tags = []
+    for i in range(partitions):
+        low = i * REDIS_CLUSTER_HASH_SLOTS // partitions
+        high = (i + 1) * REDIS_CLUSTER_HASH_SLOTS // partitions
+        tag, n = f"{deployment}.p{i}", 0
+        while not low <= slot("{" + tag + "}") < high:
+            n += 1
+            tag = f"{deployment}.p{i}.{n}"
+        tags.append(tag)
+    return tuple(tags)
+
+
 @dataclass(frozen=True)
 class DeploymentKeys:
-    """Key names of one deployment."""
+    """Key names of one deployment, over `partitions` request-stream partitions (the
+    deployment's `broker.partitions`; every process of a deployment must use the same)."""
 
     deployment: str
+    partitions: int = 1
 
     def __post_init__(self) -> None:
         check_deployment_name(self.deployment)
+        if not isinstance(self.partitions, int) or self.partitions < 1:
+            raise ValueError(f"partitions must be a positive integer, got {self.partitions!r}")
 
     @property
     def prefix(self) -> str:
         return f"mii:{{{self.deployment}}}"
 
+    # ---- partitions ---------------------------------------------------------------------
+    def partition(self, id_: str) -> int:
+        """The partition a request id or reply stream name falls in."""
+        if self.partitions == 1:
+            return 0
+        return zlib.crc32(id_.encode()) % self.partitions
+
+    def new_id(self, partition: int | None = None) -> str:
+        """A fresh random id (request id, reply stream name), in `partition` if given: ids
+        are drawn until one falls there (K tries on average)."""
+        while True:
+            id_ = uuid.uuid4().hex
+            if partition is None or self.partition(id_) == partition:
+                return id_
+
+    def _of(self, id_: str) -> str:
+        """The key prefix of the partition `id_` falls in."""
+        return f"mii:{{{partition_tags(self.deployment, self.partitions)[self.partition(id_)]}}}"
+
+    @property
+    def prefixes(self) -> tuple[str, ...]:
+        """The key prefix of the deployment-wide keys, then each partition's (with one
+        partition, the one prefix): every key of the deployment starts with one of them."""
+        tags = partition_tags(self.deployment, self.partitions)
+        return tuple(dict.fromkeys([self.prefix, *(f"mii:{{{tag}}}" for tag in tags)]))
+
+    @property
+    def request_partitions(self) -> tuple[str, ...]:
+        """The interactive request stream of each partition (read by group `workers`)."""
+        tags = partition_tags(self.deployment, self.partitions)
+        return tuple(f"mii:{{{tag}}}:requests" for tag in tags)
+
+    def requests_of(self, id_: str) -> str:
+        """The request stream of the partition `id_` (a reply stream's name) falls in."""
+        return self.request_partitions[self.partition(id_)]
+
     @property
     def requests(self) -> str:
-        """Interactive requests (stream, read by group `workers`)."""
-        return f"{self.prefix}:requests"
+        """Interactive requests (stream, read by group `workers`): partition 0's stream,
+        with one partition the only one."""
+        return self.request_partitions[0]
 
     @property
     def bulk(self) -> str:
@@ -130,19 +211,20 @@ class DeploymentKeys:
 
     def response(self, request_id: str) -> str:
         """One request's response stream: token chunks, then a final chunk."""
-        return f"{self.prefix}:resp:{request_id}"
+        return f"{self._of(request_id)}:resp:{request_id}"
 
     def replies(self, name: str) -> str:
         """A reply stream: the chunks of every request that names it (`reply`), several
-        requests an entry (one XADD a worker step for all of a client's requests)."""
-        return f"{self.prefix}:replies:{name}"
+        requests an entry (one XADD a worker step for all of a client's requests). Its
+        requests are queued in its partition."""
+        return f"{self._of(name)}:replies:{name}"
 
     def claim(self, request_id: str) -> str:
         """String: `<stream> <entry id>` of the entry a worker serves this request from, set
         (NX) when a worker takes it and kept `response_ttl_s` after: a second entry of the
         same request id is dropped, and a client whose request vanished from Redis (queue,
         claim and response stream all gone) learns that it was lost."""
-        return f"{self.prefix}:claim:{request_id}"
+        return f"{self._of(request_id)}:claim:{request_id}"
 
     def client_alive(self, client: str) -> str:
         """String with a TTL: refreshed by a client process while it waits for responses.
@@ -157,7 +239,7 @@ class DeploymentKeys:
 
     def cancelled(self, request_id: str) -> str:
         """Marker (with a TTL) that a request was cancelled, for workers that read it later."""
-        return f"{self.prefix}:cancelled:{request_id}"
+        return f"{self._of(request_id)}:cancelled:{request_id}"
 
     def job(self, job_id: str) -> JobKeys:
         """Keys of one bulk job of this deployment (same hash tag)."""
@@ -178,6 +260,6 @@ class DeploymentKeys:
         """Sorted set: ids of the gateway's batches by creation time (`GET /v1/batches`)."""
         return f"{self.prefix}:batches"
 
-    def request_streams(self) -> tuple[str, str]:
-        """Request streams in the order workers serve them."""
-        return (self.requests, self.bulk)
+    def request_streams(self) -> tuple[str, ...]:
+        """Request streams in the order workers serve them: the partitions, then bulk."""
+        return (*self.request_partitions, self.bulk)

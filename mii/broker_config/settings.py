@@ -14,6 +14,8 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 REDIS_URL_ENV = "MII_REDIS_URL"
+CELERY_BROKER_ENV = "MII_CELERY_BROKER_URL"
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 REQUEST_BYTES_PER_TOKEN = 32  # far above any tokenizer's bytes per token
 MIN_REQUEST_BYTES = 1 << 20
@@ -26,7 +28,12 @@ class BrokerSettings(BaseModel):
 
     max_queue_depth: int | None = Field(10_000, gt=0)
     """Most entries the interactive request stream may hold (queued + in flight); a submit
-    beyond it fails with `QueueFullError`. None: no limit."""
+    beyond it fails with `QueueFullError`. None: no limit. With several partitions, each
+    holds at most its share (rounded up)."""
+    partitions: int = Field(1, ge=1, le=256)
+    """Partitions of the interactive request stream, each under its own hash tag: on a
+    Redis Cluster (`redis+cluster://`), a deployment spreads over as many primaries (a
+    multiple of the primaries spreads evenly). 1: one slot, one Redis (the default)."""
     max_bulk_depth: int | None = Field(None, gt=0)
     """The same limit for the bulk stream."""
     reclaim_idle_s: float = Field(30.0, gt=0)
@@ -101,22 +108,42 @@ def explicit_redis_url(redis_url: str | None = None) -> str | None:
     return url
 
 
+def celery_broker_url(redis_url: str) -> str:
+    """Celery's own broker for workers of the deployment at `redis_url`: `MII_CELERY_BROKER_URL`
+    if set, else the deployment's Redis itself. Celery (kombu) cannot use a Redis Cluster
+    as its broker (it would fail on the first MOVED reply), so a cluster deployment's
+    workers need a plain Redis for it; without one they fall back to kombu's in-process
+    `memory://` broker: they serve, but Flower, task events and remote control do not
+    reach them."""
+    url = os.environ.get(CELERY_BROKER_ENV) or None
+    if url is not None:
+        if is_cluster_url(url):
+            raise ValueError(f"{CELERY_BROKER_ENV} must name a plain Redis, not a cluster")
+        return url
+    return "memory://" if is_cluster_url(redis_url) else redis_url
+
+
 def check_redis_url(url: str) -> None:
     """Refuse URLs redis-py would misread (a clear error instead of a connection hang)."""
     scheme = urlsplit(url).scheme
-    if scheme not in ("redis", "rediss", "unix"):
+    if scheme not in ("redis", "rediss", "unix", *CLUSTER_SCHEMES):
         raise ValueError(
-            f"Redis URL must start with redis://, rediss:// or unix://, got {redact_url(url)!r}"
+            "Redis URL must start with redis://, rediss://, unix:// or (a Redis Cluster) "
+            f"redis+cluster:// or rediss+cluster://, got {redact_url(url)!r}"
         )
+
+
+def is_cluster_url(url: str) -> bool:
+    """Whether `url` names a Redis Cluster: `redis+cluster://[user:password@]host:port[,
+    host:port...]` (`rediss+cluster://` for TLS)."""
+    return urlsplit(url).scheme in CLUSTER_SCHEMES
 
 
 def redact_url(url: str) -> str:
     """The URL with its password replaced, for logs and error messages."""
     parts = urlsplit(url)
-    if parts.password is None:
+    if "@" not in parts.netloc or ":" not in parts.netloc.rpartition("@")[0]:
         return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    netloc = f"{user}:***@{host}{port}"
+    user = parts.netloc.rpartition("@")[0].partition(":")[0]
+    netloc = f"{user}:***@{parts.netloc.rpartition('@')[2]}"
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))

@@ -73,10 +73,10 @@ class Deployment:
         """Entries in the interactive and bulk request streams (blocking: call in a thread)."""
         keys, redis = self.client.keys, self.client.redis
         pipe = redis.pipeline(transaction=False)
-        pipe.xlen(keys.requests)
-        pipe.xlen(keys.bulk)
-        interactive, bulk = pipe.execute()
-        return {"requests": interactive, "bulk": bulk}
+        for stream in keys.request_streams():
+            pipe.xlen(stream)
+        *interactive, bulk = pipe.execute()
+        return {"requests": sum(interactive), "bulk": bulk}
 
     def model_card(self) -> dict:
         return {"id": self.name, "object": "model", "created": self.created,

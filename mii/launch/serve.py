@@ -143,11 +143,11 @@ def serve_deployment(
     stages = stages or Stages(mii_config.deployment_name)
     url, embedded, how = find_redis(mii_config)
     local = LocalDeployment(redis=embedded)
-    keys = DeploymentKeys(mii_config.deployment_name)
+    keys = DeploymentKeys(mii_config.deployment_name, mii_config.broker.partitions)
     redis, recorded = None, False
     try:
         redis = connect(url)
-        stages.redis(url, redis.connection_pool.connection_kwargs.get("db", 0), how)
+        stages.redis(url, _db_of(redis), how)
         _refuse_running(redis, keys, mii_config)
         if engine_factory is None:  # the fake engines of tests and benchmarks load nothing
             prepare_model(mii_config, stages)
@@ -176,6 +176,12 @@ def serve_deployment(
         local.stop_redis()
         raise
     return ServedClient(mii_config, url, redis, local)
+
+
+def _db_of(redis) -> int:
+    """The database number a client uses (a Redis Cluster's client has only 0)."""
+    pool = getattr(redis, "connection_pool", None)
+    return 0 if pool is None else pool.connection_kwargs.get("db", 0)
 
 
 def _record(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -39,13 +38,24 @@ async def _uncancellable(coro) -> None:
 
 @dataclass
 class _LoopRedis:
-    """What one event loop uses: its connection, the submit script on it, its reply
-    stream and the reader of that stream."""
+    """What one event loop uses: its connection, the submit script on it, and for each
+    partition of the deployment a reply stream and its reader (the stream's name falls in
+    the partition: the requests that name it are queued there)."""
 
-    redis: object  # redis.asyncio.Redis (or fakeredis's)
+    redis: object  # redis.asyncio.Redis or RedisCluster (or fakeredis's)
     submit: object  # AsyncScript
-    reply: str  # the name every request of this loop gives as its `reply`
-    reader: ResponseReader
+    replies: list[str]  # per partition: the name its requests give as their `reply`
+    readers: list[ResponseReader]
+    turn: int = 0
+
+    def next_partition(self) -> int:
+        """The partition of the next call: each in turn, so the calls of one loop (a
+        gateway's) spread over all of them."""
+        self.turn = (self.turn + 1) % len(self.replies)
+        return self.turn
+
+    def reader_of(self, requests: RequestSet) -> ResponseReader:
+        return self.readers[self.replies.index(requests.reply)]
 
 
 class AsyncClientMixin:
@@ -56,12 +66,20 @@ class AsyncClientMixin:
     def _aredis(self) -> _LoopRedis:
         loop = asyncio.get_running_loop()
         if loop not in self._per_loop:
-            client, reply = self._async_factory(), uuid.uuid4().hex
-            reader = ResponseReader(client, self.keys.replies(reply),
-                                    self.settings.reconnect_timeout_s, self._abandoned,
-                                    lambda: self._acancel_now(()))  # fmt: skip
+            client = self._async_factory()
+            replies = [self.keys.new_id(p) for p in range(self.keys.partitions)]
+            readers = [
+                ResponseReader(
+                    client,
+                    self.keys.replies(reply),
+                    self.settings.reconnect_timeout_s,
+                    self._abandoned,
+                    lambda: self._acancel_now(()),
+                )  # fmt: skip
+                for reply in replies
+            ]
             script = client.register_script(SUBMIT_SCRIPT)
-            self._per_loop[loop] = _LoopRedis(client, script, reply, reader)
+            self._per_loop[loop] = _LoopRedis(client, script, replies, readers)
         return self._per_loop[loop]
 
     async def agenerate(self, prompts, **kwargs) -> list[Response]:
@@ -121,16 +139,21 @@ class AsyncClientMixin:
         """Queue the requests, followed by the loop's reader from before they are queued
         (a worker may answer before this call reads)."""
         loop_redis = self._aredis()
-        sub = self._prepare(prompts, kwargs, stream, loop_redis.reply)
+        reply = loop_redis.replies[loop_redis.next_partition()]
+        sub = self._prepare(prompts, kwargs, stream, reply)
         keys, args = sub.script_keys(), sub.script_args()
-        loop_redis.reader.follow(sub.requests)
+        if sub.checked_apart:
+            pipe = sub.precheck(loop_redis.redis.pipeline(transaction=False))
+            sub.prechecked(await self._acall(pipe.execute))
+        reader = loop_redis.reader_of(sub.requests)
+        reader.follow(sub.requests)
         try:
             ids = await self._acall(lambda: loop_redis.submit(keys=keys, args=args), sub.rids())
         except redis.ResponseError as exc:
-            loop_redis.reader.unfollow(sub.requests)
+            reader.unfollow(sub.requests)
             raise sub.refusal(exc) from None
         except BaseException:
-            loop_redis.reader.unfollow(sub.requests)
+            reader.unfollow(sub.requests)
             raise
         self._liveness.refreshed()
         return sub.accepted(ids)
@@ -138,7 +161,7 @@ class AsyncClientMixin:
     async def _afollow(self, requests: RequestSet):
         """`_follow` for asyncio, a list of `(request, delta)` at a time (what arrived since
         the last): the loop's reader reads the streams, this call waits for its deltas."""
-        reader = self._aredis().reader
+        reader = self._aredis().reader_of(requests)
         follower = reader.follower(requests)
         try:
             while True:
@@ -185,14 +208,14 @@ class AsyncClientMixin:
         suspects = self._presence.suspects(requests)
         if suspects:
             replies = await self._acall(
-                lambda: self._presence.queue(client.pipeline(), suspects).execute()
+                lambda: self._presence.queue(client.pipeline(False), suspects).execute()
             )
             self._presence.judge(suspects, replies)
 
     async def _acleanup(self, requests: RequestSet) -> None:
         """Stop following; cancel what still runs (the loop's reply stream stays: other
         calls read it, and its entries expire)."""
-        self._aredis().reader.unfollow(requests)
+        self._aredis().reader_of(requests).unfollow(requests)
         await self._acancel_now([r.rid for r in requests.open()])
 
     async def _acancel_now(self, rids: Iterable[str], delete: Sequence[str] = ()) -> None:
@@ -200,7 +223,7 @@ class AsyncClientMixin:
         client = self._aredis().redis
         rids = [*rids, *self._abandoned.take()]
         try:
-            await self._cancel_pipe(client.pipeline(), rids, delete).execute()
+            await self._cancel_pipe(client.pipeline(False), rids, delete).execute()
         except CONNECTION_ERRORS:
             self._abandoned.add(rids)
             log.warning("Redis unreachable: %d request(s) will be cancelled later", len(rids))

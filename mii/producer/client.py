@@ -22,7 +22,6 @@ unless asked to.
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import redis
@@ -70,7 +69,7 @@ class Client(AsyncClientMixin):
         super().__init__(redis_url, async_redis_factory)
         self.mii_config = mii_config
         self.deployment_name = mii_config.deployment_name
-        self.keys = DeploymentKeys(self.deployment_name)
+        self.keys = DeploymentKeys(self.deployment_name, mii_config.broker.partitions)
         self.settings = mii_config.broker
         self.redis_url = redis_url
         self.redis = redis_client if redis_client is not None else redis_connect(redis_url)
@@ -147,15 +146,20 @@ class Client(AsyncClientMixin):
         params = GenerateParams.from_kwargs(**kwargs)
         for i, prompt in enumerate(prompts):
             check_prompt_size(prompt, self.max_request_bytes, i if len(prompts) > 1 else None)
-        messages = build_requests(prompts, params, timeout_s, n, reply)
-        stream = stream or self.keys.requests
+        partition = self.keys.partition(reply)
+        messages = build_requests(prompts, params, timeout_s, n, reply,
+                                  lambda: self.keys.new_id(partition))  # fmt: skip
+        stream = stream or self.keys.requests_of(reply)
         requests = RequestSet(self.keys, messages, params, reply)
         limit = self._depth_limit(stream)
         return Submission(requests, stream, limit, self.keys, self._liveness.ttl_s)
 
     def _submit(self, prompts, kwargs: dict, stream: str | None = None) -> RequestSet:
-        sub = self._prepare(prompts, kwargs, stream, reply=uuid.uuid4().hex)  # this call's
+        sub = self._prepare(prompts, kwargs, stream, reply=self.keys.new_id())  # this call's
         keys, args = sub.script_keys(), sub.script_args()
+        if sub.checked_apart:
+            pipe = sub.precheck(self.redis.pipeline(transaction=False))
+            sub.prechecked(self._call(pipe.execute))
         try:
             ids = self._call(lambda: self._submit_script(keys=keys, args=args), sub.rids())
         except redis.ResponseError as exc:
@@ -164,9 +168,11 @@ class Client(AsyncClientMixin):
         return sub.accepted(ids)
 
     def _depth_limit(self, stream: str) -> int | None:
+        """The stream's limit: the bulk stream's, or a partition's share of the queue's."""
         if stream == self.keys.bulk:
             return self.settings.max_bulk_depth
-        return self.settings.max_queue_depth
+        limit = self.settings.max_queue_depth
+        return None if limit is None else -(-limit // self.keys.partitions)
 
     def _follow(self, requests: RequestSet) -> Iterator:
         """Read the response streams until every request ended; yield (request, delta)."""
@@ -191,7 +197,7 @@ class Client(AsyncClientMixin):
         suspects = self._presence.suspects(requests)
         if suspects:
             replies = self._call(
-                lambda: self._presence.queue(self.redis.pipeline(), suspects).execute()
+                lambda: self._presence.queue(self.redis.pipeline(False), suspects).execute()
             )
             self._presence.judge(suspects, replies)
 
@@ -212,7 +218,7 @@ class Client(AsyncClientMixin):
         """Cancel `rids` and the abandoned requests in one try; what fails is owed."""
         rids = [*rids, *self._abandoned.take()]
         try:
-            self._cancel_pipe(self.redis.pipeline(), rids, delete).execute()
+            self._cancel_pipe(self.redis.pipeline(False), rids, delete).execute()
         except CONNECTION_ERRORS:
             self._abandoned.add(rids)
             log.warning("Redis unreachable: %d request(s) will be cancelled later", len(rids))
@@ -241,7 +247,7 @@ class Client(AsyncClientMixin):
     def cancel_many(self, request_ids: list[str]) -> None:
         """`cancel` for several requests in one round trip."""
         rids = list(request_ids)
-        self._call(lambda: self._cancel_pipe(self.redis.pipeline(), rids, []).execute(), rids)
+        self._call(lambda: self._cancel_pipe(self.redis.pipeline(False), rids, []).execute(), rids)
 
     def terminate_server(self, timeout_s: float = 60.0) -> None:
         """Stop the deployment's workers (every host), forget the deployment, and stop its

@@ -3,10 +3,13 @@
 A Redis that comes back empty (a restart without persistence, FLUSHALL, a failover to a
 replica that lacks the data) takes the queued and running requests with it, and no worker
 will ever answer them. So a client that heard nothing of a request for
-`lost_request_grace_s` asks Redis, in one transaction, whether it still holds the request
-in any form: its entry in the request stream, a worker's claim on it, or its response
-stream. If none is there, the request is lost. The same transaction reads the deployment's
-state: a deployment whose launcher gave up on its workers fails its requests at once.
+`lost_request_grace_s` asks Redis, in one round trip, whether it still holds the request
+in any form: its entry in the request stream or a worker's claim on it. If neither is
+there, the request is lost. No transaction is needed (the keys may lie in several slots of
+a Redis Cluster): the entry is read before the claim, and a worker claims a request before
+its entry leaves the stream and keeps the claim after, so a request on its way from one to
+the other is seen in one of them. The same round trip reads the deployment's state: a
+deployment whose launcher gave up on its workers fails its requests at once.
 
 No I/O here: `queue` adds the commands to a pipeline of either client (blocking or
 asyncio), which executes it and hands the replies to `judge`.
@@ -33,11 +36,11 @@ class PresenceCheck:
         return requests.silent(self.grace_s)
 
     def queue(self, pipe, suspects: list[PendingRequest]):
-        """Add the check's commands to `pipe` (a transaction) and return it."""
+        """Add the check's commands to `pipe` (a pipeline) and return it."""
         for request in suspects:
-            pipe.exists(self.keys.claim(request.rid))
             if request.entry_id is not None:
                 pipe.xrange(request.stream, request.entry_id, request.entry_id)
+            pipe.exists(self.keys.claim(request.rid))
         pipe.hmget(self.keys.state, "state", "error")
         return pipe
 
@@ -49,9 +52,8 @@ class PresenceCheck:
             raise deployment_failed(self.keys.deployment, error)
         replies, now = iter(replies[:-1]), time.monotonic()
         for request in suspects:
-            held = next(replies) > 0
-            if request.entry_id is not None:
-                held = bool(next(replies)) or held
+            held = request.entry_id is not None and bool(next(replies))
+            held = next(replies) > 0 or held
             if not held:
                 raise _lost(request)
             request.heard_at = now

@@ -50,7 +50,7 @@ class RequestSet:
         reply: str,
     ) -> None:
         now = time.monotonic()
-        self.key = keys.replies(reply)
+        self.reply, self.key = reply, keys.replies(reply)
         self.last_id = "0-0"  # of the reply stream, where this call's own reads resume
         self.requests = [
             PendingRequest(

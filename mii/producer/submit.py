@@ -3,8 +3,10 @@
 A batch of prompts goes in with one Lua script call: the deployment-state check, the depth
 check, the client's liveness key and the XADDs are atomic, so concurrent clients never push
 the stream past its limit, a failed deployment queues nothing, and a refused batch leaves
-nothing behind. Every key the script touches has the deployment's hash tag, so it is Redis
-Cluster safe.
+nothing behind. Every key the script touches is in one slot, so it is Redis Cluster safe:
+with several partitions (`broker.partitions`), the call's requests go to the partition of
+its reply stream, their ids drawn there, and the state check and the liveness key (under
+the deployment's own tag) go in a pipeline before the script instead of inside it.
 """
 
 from __future__ import annotations
@@ -15,14 +17,16 @@ import math
 import numbers
 import random
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 
 from mii.broker_config import wire
+from mii.broker_config.connection import as_text
 from mii.broker_config.deployment import FAILED
-from mii.broker_config.keys import DeploymentKeys, process_name
+from mii.broker_config.keys import DeploymentKeys, process_name, slot
 from mii.broker_config.settings import REQUEST_BYTES_PER_TOKEN
 from mii.broker_config.wire import RequestMessage
 from mii.errors import DeploymentFailedError, InvalidRequestError, QueueFullError
@@ -46,12 +50,14 @@ class Chat:
 Prompt = str | list[int] | Chat
 
 SUBMIT_SCRIPT = """
--- KEYS: request stream, deployment state, [client liveness key]
+-- KEYS: request stream, [deployment state, [client liveness key]]
 -- ARGV: depth limit (0: none), the failed state's name, liveness TTL, then rid, payload...
-local state = redis.call('HMGET', KEYS[2], 'state', 'error')
-if state[1] == ARGV[2] then
-  local why = string.gsub(tostring(state[2] or ''), '[\\r\\n]', ' ')
-  return redis.error_reply('DEPLOYMENTFAILED ' .. why)
+if #KEYS > 1 then
+  local state = redis.call('HMGET', KEYS[2], 'state', 'error')
+  if state[1] == ARGV[2] then
+    local why = string.gsub(tostring(state[2] or ''), '[\\r\\n]', ' ')
+    return redis.error_reply('DEPLOYMENTFAILED ' .. why)
+  end
 end
 local n = (#ARGV - 3) / 2
 local limit = tonumber(ARGV[1])
@@ -140,16 +146,18 @@ def build_requests(
     timeout_s: float | None,
     n: int = 1,
     reply: str | None = None,
+    new_rid: Callable[[], str] | None = None,
 ) -> list[RequestMessage]:
-    """`n` messages per prompt (prompt-major), each with a fresh id and, when sampling, its
-    own seed: a worker that takes over a request continues the same random stream. With a
-    `seed`, choice c of a prompt samples with seed + c, so the n choices differ. `reply`:
-    the reply stream their chunks go to."""
+    """`n` messages per prompt (prompt-major), each with a fresh id (`new_rid()`, by
+    default a random one) and, when sampling, its own seed: a worker that takes over a
+    request continues the same random stream. With a `seed`, choice c of a prompt samples
+    with seed + c, so the n choices differ. `reply`: the reply stream their chunks go to."""
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
         raise InvalidRequestError(f"n must be an integer from 1 to {MAX_CHOICES}, got {n!r}")
     options = params.model_dump(exclude_defaults=True)
+    new_rid = new_rid or (lambda: uuid.uuid4().hex)
     return [
-        _message(prompt, _choice_options(options, params, choice), timeout_s, reply)
+        _message(new_rid(), prompt, _choice_options(options, params, choice), timeout_s, reply)
         for prompt in prompts
         for choice in range(n)
     ]
@@ -165,11 +173,11 @@ def _choice_options(options: dict, params: GenerateParams, choice: int) -> dict:
 
 
 def _message(
-    prompt: Prompt, params: dict, timeout_s: float | None, reply: str | None
+    rid: str, prompt: Prompt, params: dict, timeout_s: float | None, reply: str | None
 ) -> RequestMessage:
     chat = isinstance(prompt, Chat)
     return RequestMessage(
-        rid=uuid.uuid4().hex,
+        rid=rid,
         prompt="" if chat else prompt,
         messages=prompt.messages if chat else None,
         params=params,
@@ -190,11 +198,33 @@ class Submission:
     alive_ttl_s: int | None = None
     """TTL of the client's liveness key, set with the submit; None: no liveness key."""
 
+    @property
+    def checked_apart(self) -> bool:
+        """Whether the stream is in another slot than the deployment's state: the state is
+        then checked, and the liveness key set, before the script (`precheck`)."""
+        return slot(self.stream) != slot(self.keys.state)
+
     def script_keys(self) -> list[str]:
+        if self.checked_apart:
+            return [self.stream]
         keys = [self.stream, self.keys.state]
         if self.alive_ttl_s is not None:
             keys.append(self.keys.client_alive(process_name()))
         return keys
+
+    def precheck(self, pipe):
+        """For a stream in another slot: `pipe` (not a transaction) with the state's read
+        and the liveness key's refresh; `prechecked` reads its replies."""
+        pipe.hmget(self.keys.state, "state", "error")
+        if self.alive_ttl_s is not None:
+            pipe.set(self.keys.client_alive(process_name()), 1, ex=self.alive_ttl_s)
+        return pipe
+
+    def prechecked(self, replies: list) -> None:
+        """Raise `DeploymentFailedError` if the precheck found the deployment failed."""
+        state, error = replies[0]
+        if as_text(state, "replace") == FAILED:
+            raise deployment_failed(self.keys.deployment, error)
 
     def script_args(self) -> list:
         args: list = [self.max_depth or 0, FAILED, self.alive_ttl_s or 0]

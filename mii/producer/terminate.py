@@ -148,22 +148,27 @@ def delete_deployment_keys(redis, keys: DeploymentKeys, response_ttl_s: int) -> 
     streams, dead letters, claims, cancel markers, client keys) except response and reply
     streams, which only get an expiry if they lack one, and bulk jobs, which keep their
     TTL."""
-    for batch in _scan_batches(redis, f"{keys.prefix}:*"):
-        kinds = {key: key[len(keys.prefix) + 1 :].split(":", 1)[0] for key in batch}
-        answers = ("resp", "replies")  # clients still read them: they expire instead
-        doomed = [key for key, kind in kinds.items() if kind not in (*answers, "job")]
-        if doomed:
-            redis.unlink(*doomed)
-        _expire_forever_streams(redis, [k for k, kind in kinds.items() if kind in answers],
-                                response_ttl_s)  # fmt: skip
+    for prefix in keys.prefixes:
+        for batch in _scan_batches(redis, f"{prefix}:*"):
+            kinds = {key: key[len(prefix) + 1 :].split(":", 1)[0] for key in batch}
+            answers = ("resp", "replies")  # clients still read them: they expire instead
+            doomed = [key for key, kind in kinds.items() if kind not in (*answers, "job")]
+            if doomed:
+                redis.unlink(*doomed)
+            _expire_forever_streams(redis, [k for k, kind in kinds.items() if kind in answers],
+                                    response_ttl_s)  # fmt: skip
 
 
-def _scan_batches(redis, pattern: str):
-    cursor = None
-    while cursor != 0:
-        cursor, batch = redis.scan(cursor or 0, match=pattern, count=1000)
-        if batch:
-            yield [as_text(key, "replace") for key in batch]
+def _scan_batches(redis, pattern: str, size: int = 1000):
+    """Keys matching `pattern` a batch at a time (on every primary of a cluster)."""
+    batch: list[str] = []
+    for key in redis.scan_iter(match=pattern, count=size):
+        batch.append(as_text(key, "replace"))
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def _expire_forever_streams(redis, streams: list[str], ttl_s: int) -> None:

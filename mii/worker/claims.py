@@ -13,7 +13,7 @@ is dropped too, and a client can tell a request that Redis still holds from a lo
 from __future__ import annotations
 
 from mii.broker_config.connection import as_text
-from mii.broker_config.keys import DeploymentKeys
+from mii.broker_config.keys import DeploymentKeys, slot
 from mii.worker.intake import Admission
 
 
@@ -26,18 +26,21 @@ class Claims:
         self.redis, self.keys, self.ttl_s = redis, keys, ttl_s
 
     def take(self, admissions: list[Admission]) -> list[bool]:
-        """Claim each request for its entry, in one transaction; False for the entries
+        """Claim each request for its entry, in one transaction per slot; False for the entries
         whose request id another entry holds (duplicates to drop)."""
-        if not admissions:
-            return []
-        pipe = self.redis.pipeline(transaction=True)
-        for adm in admissions:
-            key, value = self.keys.claim(adm.rid), claim_value(adm)
-            pipe.set(key, value, ex=self.ttl_s, nx=not adm.message.resume)
-            pipe.get(key)
-        replies = pipe.execute()[1::2]
-        pairs = zip(admissions, replies, strict=True)
-        return [as_text(got) == claim_value(adm) for adm, got in pairs]
+        by_slot: dict[int, list[int]] = {}  # a transaction per slot (a Redis Cluster's)
+        for i, adm in enumerate(admissions):
+            by_slot.setdefault(slot(self.keys.claim(adm.rid)), []).append(i)
+        taken = [False] * len(admissions)
+        for indices in by_slot.values():
+            pipe = self.redis.pipeline(transaction=True)
+            for adm in (admissions[i] for i in indices):
+                key, value = self.keys.claim(adm.rid), claim_value(adm)
+                pipe.set(key, value, ex=self.ttl_s, nx=not adm.message.resume)
+                pipe.get(key)
+            for i, got in zip(indices, pipe.execute()[1::2], strict=True):
+                taken[i] = as_text(got) == claim_value(admissions[i])
+        return taken
 
     def refresh(self, rids: list[str]) -> None:
         """Keep the claims of long-running requests from expiring under them."""

@@ -67,7 +67,7 @@ class WorkerLoop:
         """`record`: the deployment's record, written back if a Redis comes back empty;
         `poll_script=False` reads with plain commands (for fakeredis, see `streams`)."""
         self.engine, self.redis, self.settings = engine, redis, settings
-        self.keys = DeploymentKeys(deployment)
+        self.keys = DeploymentKeys(deployment, settings.partitions)
         self.consumer = consumer or process_name()
         self.record = record
         self.publisher = Publisher(

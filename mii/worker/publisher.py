@@ -6,6 +6,14 @@ overlaps the next forward pass. A final chunk, its XACK and the XDEL of the requ
 travel in the same transaction: an entry is never acknowledged before its client can see
 the end. For a line of a bulk job, the line's result is recorded in the job there too
 (`bulk_results`). Lost connections are retried with backoff, in order, until they succeed.
+
+On a Redis Cluster with several partitions a step's commands span several slots: they go
+as one transaction per slot, the slots without acks first (dead letters, job records),
+then each partition's chunks with the acks of its entries. A request's entry, final chunk
+and reply stream share its partition's slot, so it is still never acknowledged before its
+client can see the end; what goes in separate transactions is acknowledged after it is
+published, and a worker that dies in between leaves the entry to be taken over and ended
+again (the client takes each token index once).
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ import redis
 
 from mii.broker_config import wire
 from mii.broker_config.connection import retry_until
-from mii.broker_config.keys import WORKER_GROUP, DeploymentKeys
+from mii.broker_config.keys import WORKER_GROUP, DeploymentKeys, slot
 from mii.engine.outputs import RequestOutput
 from mii.worker.bulk_results import JobRecorder
 from mii.worker.intake import Entry
@@ -117,14 +125,16 @@ class Publisher:
         commands: list[tuple] = []
         tokens = sum(self._add_batch(commands, b) for b in batches)
         commands += self.jobs.commands(batches)
-        try:
-            retry_until(lambda: self._execute(commands), None, on_retry=self._failed_attempt)
-        except redis.ResponseError as exc:
-            # EXEC ran every other command (e.g. an XACK into a consumer group that a Redis
-            # which came back empty no longer has): nothing to send again.
-            self.command_errors += 1
-            log.warning("a published command failed: %s", exc)
-        self.transactions += 1
+        for group in _by_slot(commands):
+            try:
+                retry_until(lambda g=group: self._execute(g), None,
+                            on_retry=self._failed_attempt)  # fmt: skip
+            except redis.ResponseError as exc:
+                # EXEC ran every other command (e.g. an XACK into a consumer group that a
+                # Redis which came back empty no longer has): nothing to send again.
+                self.command_errors += 1
+                log.warning("a published command failed: %s", exc)
+            self.transactions += 1
         self.tokens_published += tokens
 
     def _execute(self, commands: list[tuple]) -> None:
@@ -190,6 +200,15 @@ class Publisher:
         if self._reply_expiry.get(name, 0.0) <= now:
             self._reply_expiry[name] = now + self.ttl_s / 4
             commands.append(("expire", key, self.ttl_s))
+
+
+def _by_slot(commands: list[tuple]) -> list[list[tuple]]:
+    """The commands grouped by their key's slot, in order; groups with acks last."""
+    groups: dict[int, list[tuple]] = {}
+    for command in commands:
+        key = command[3] if command[0] == "eval" else command[1]
+        groups.setdefault(slot(key), []).append(command)
+    return sorted(groups.values(), key=lambda g: any(c[0] == "xack" for c in g))
 
 
 @dataclass

@@ -5,6 +5,13 @@ one Lua script call per step reads both, interactive entries before bulk ones, i
 round trip (the step waits for it). While the engine is idle, the worker blocks on the
 interactive stream instead, then glances at bulk.
 
+With several partitions (each in its own slot of a Redis Cluster, where one command or
+script cannot read them together), one pipeline reads the control stream and every
+partition without blocking, each for its share of the entries wanted (the cluster client
+sends each node its part at once); an idle worker that found nothing then blocks on one
+partition, each in turn, for `block_ms` / K: an entry in another partition waits at most
+that long for an idle worker.
+
 Holding and taking over (`Leases`): an entry stays in its stream's pending list, owned by
 the worker that read it, until that worker acknowledges it after the final chunk. The
 owner refreshes the entries' idle time every heartbeat (XCLAIM ... JUSTID, which does not
@@ -48,6 +55,7 @@ class Reader:
         self.redis, self.keys, self.consumer = redis, keys, consumer
         self.control_id = "0-0"
         self._script = redis.register_script(POLL_SCRIPT) if script else None
+        self._turn = 0  # the partition that gets the remainder of a read, and idle blocks
 
     def start_after_latest_control(self) -> None:
         """Control messages sent before this worker started are not for it."""
@@ -61,6 +69,8 @@ class Reader:
         return self._poll_idle(count, block_ms)
 
     def _poll_busy(self, count: int):
+        if self.keys.partitions > 1:
+            return self._poll_partitions(count, None)
         if self._script is None:
             return self._poll_commands(count, None)
         keys = [self.keys.control, self.keys.requests, self.keys.bulk]
@@ -69,7 +79,35 @@ class Reader:
         return self._control(control), _entries(entries or [], pairs=True)
 
     def _poll_idle(self, count: int, block_ms: int):
+        if self.keys.partitions > 1:
+            return self._poll_partitions(count, block_ms)
         return self._poll_commands(count, block_ms)
+
+    def _poll_partitions(self, count: int, block_ms: int | None):
+        """Control and every partition in one pipeline; idle and empty-handed, a short
+        block on one partition (each in turn); bulk when no interactive entry came."""
+        streams = self.keys.request_partitions
+        self._turn = (self._turn + 1) % len(streams)
+        shares = _shares(count, len(streams), self._turn)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xread({self.keys.control: self.control_id}, count=256)
+        for stream, share in zip(streams, shares, strict=True):
+            if share:
+                pipe.xreadgroup(WORKER_GROUP, self.consumer, {stream: ">"}, count=share)
+        control, *replies = pipe.execute()
+        entries = [e for reply in replies for e in _entries(reply)]
+        if count and not entries and block_ms is not None:
+            block, stream = max(1, block_ms // len(streams)), streams[self._turn]
+            reply = self.redis.xreadgroup(
+                WORKER_GROUP, self.consumer, {stream: ">"}, count=count, block=block
+            )
+            entries = _entries(reply)
+        if count and not entries:
+            reply = self.redis.xreadgroup(
+                WORKER_GROUP, self.consumer, {self.keys.bulk: ">"}, count=count
+            )
+            entries = _entries(reply)
+        return self._control(control), entries
 
     def _poll_commands(self, count: int, block_ms: int | None):
         pipe = self.redis.pipeline(transaction=False)
@@ -102,6 +140,12 @@ class Reader:
                 self.control_id = as_text(entry_id)
                 messages.append(_as_dict(fields))
         return messages
+
+
+def _shares(count: int, partitions: int, first: int) -> list[int]:
+    """`count` entries split over the partitions, the remainder from `first` on."""
+    base, rest = divmod(count, partitions)
+    return [base + ((i - first) % partitions < rest) for i in range(partitions)]
 
 
 def _as_dict(fields) -> dict:

@@ -94,7 +94,7 @@ class Upkeep:
             self.host.held.end(adm, Reason.CANCELLED)
 
     def _interactive(self, adm: Admission) -> bool:
-        return adm.entry.stream == self.host.keys.requests and adm.message.job is None
+        return adm.entry.stream in self.host.keys.request_partitions and adm.message.job is None
 
     def _dead_workers(self) -> set[str]:
         """Workers known to be dead: their status says they exited or failed, their

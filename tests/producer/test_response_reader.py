@@ -235,7 +235,7 @@ def test_agenerate_and_astream_many_read_through_the_reader(harness):
         pieces: dict[int, str] = {}
         async for index, delta in client.astream_many(["one", "two"], max_new_tokens=4):
             pieces[index] = pieces.get(index, "") + delta.generated_text
-        reader = client._aredis().reader
+        reader = client._aredis().readers[0]
         return whole, pieces, dict(reader._followers)
 
     whole, pieces, followed = asyncio.run(main())
@@ -261,7 +261,7 @@ def test_a_cancelled_stream_is_unfollowed_and_its_request_cancelled(harness):
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        reader = client._aredis().reader
+        reader = client._aredis().readers[0]
         await _until(lambda: not reader._followers and reader._task is None, "unfollowed")
 
     asyncio.run(main())

@@ -65,7 +65,7 @@ def test_a_stream_goes_on_after_a_redis_restart(server, monkeypatch):
         _publish(worker, key, rid, 1, "b", final=True)
         last = await asyncio.wait_for(second, 20)
         rest = [d async for d in deltas]
-        return last, rest, client._aredis().reader
+        return last, rest, client._aredis().readers[0]
 
     try:
         last, rest, reader = asyncio.run(main())

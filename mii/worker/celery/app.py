@@ -19,13 +19,18 @@ from celery import Celery
 from celery.worker.control import control_command, inspect_command
 from click import Option
 
-from mii.broker_config.settings import DEFAULT_REDIS_URL, REDIS_URL_ENV
+from mii.broker_config.settings import DEFAULT_REDIS_URL, REDIS_URL_ENV, celery_broker_url
 from mii.worker.celery.bootstep import EngineLoopStep
 
 
 def make_app(redis_url: str | None = None) -> Celery:
+    """The app for workers of deployments at `redis_url` (or `MII_REDIS_URL`); Celery's
+    broker is that Redis too, unless `MII_CELERY_BROKER_URL` names another (a deployment
+    on a Redis Cluster needs one: `celery_broker_url`)."""
     url = redis_url or os.environ.get(REDIS_URL_ENV) or DEFAULT_REDIS_URL
-    app = Celery("mii", broker=url, set_as_current=False)
+    broker = celery_broker_url(url)
+    app = Celery("mii", broker=broker, set_as_current=False)
+    app.conf.mii_redis_url = None if broker == url else url  # None: the broker's (-b)
     app.conf.update(
         task_serializer="json",
         result_serializer="json",

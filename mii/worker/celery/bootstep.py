@@ -57,8 +57,9 @@ class EngineLoopStep(bootsteps.StartStopStep):
         from mii.worker.hosting import build_worker
 
         self.events = TaskEvents(worker.app, worker.hostname, self.prompt_chars)
+        url = worker.app.conf.get("mii_redis_url") or worker.app.conf.broker_url
         self.hosted = build_worker(
-            self.deployment, worker.app.conf.broker_url, self.replica, self.engine_factory,
+            self.deployment, url, self.replica, self.engine_factory,
             observer=self.events,
         )  # fmt: skip
         if self.metrics_port:
@@ -133,6 +134,10 @@ class EngineLoopStep(bootsteps.StartStopStep):
 
 def _queue_depth(loop) -> dict:
     try:
-        return {s.rsplit(":", 1)[-1]: loop.redis.xlen(s) for s in loop.keys.request_streams()}
+        depths: dict[str, int] = {}
+        for stream in loop.keys.request_streams():  # partitions add up as "requests"
+            name = stream.rsplit(":", 1)[-1]
+            depths[name] = depths.get(name, 0) + loop.redis.xlen(stream)
+        return depths
     except Exception:  # noqa: BLE001 (statistics must not fail on a Redis hiccup)
         return {}

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 
 from mii.broker_config.settings import DEFAULT_REDIS_URL, explicit_redis_url
 
+log = logging.getLogger("mii.worker")
 WORKER_OWN = frozenset({"deployment_name", "redis_url"})
 """Config fields the worker takes as its own options (--deployment, --redis-url)."""
 
@@ -81,6 +83,10 @@ def run_worker(args) -> int:
         argv.append(f"--metrics-address={args.metrics_address}")
     argv.append(f"--task-prompt-chars={args.task_prompt_chars}")
     app = make_app(url)
+    if app.conf.broker_url.startswith("memory"):
+        log.warning("a Redis Cluster serves this deployment and no plain Redis is named for "
+                    "Celery (MII_CELERY_BROKER_URL): Celery runs on memory://, so Flower, task "
+                    "events and remote control do not reach this worker")  # fmt: skip
     code = _celery_main(app, argv)
     # The engine loop's bootstep leaves its own code on the app (Celery's worker exits 0
     # after a warm shutdown): non-zero when the engine broke, so supervisors restart it

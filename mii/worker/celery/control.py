@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import re
 
-from mii.broker_config.settings import DEFAULT_REDIS_URL, explicit_redis_url
+from mii.broker_config.settings import DEFAULT_REDIS_URL, celery_broker_url, explicit_redis_url
 from mii.errors import MIIError
 
 ACTIONS = {"pause": "mii_pause", "resume": "mii_resume"}
@@ -55,7 +55,7 @@ def broadcast(url: str, command: str, deployment: str, timeout_s: float) -> dict
     """Send `command` to the deployment's workers; node name -> reply."""
     from celery import Celery
 
-    app = Celery("mii", broker=url, set_as_current=False)
+    app = Celery("mii", broker=celery_broker_url(url), set_as_current=False)
     app.conf.update(accept_content=["json"], task_serializer="json", result_serializer="json")
     try:
         answers = app.control.broadcast(
