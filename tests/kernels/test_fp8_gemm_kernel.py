@@ -117,7 +117,7 @@ def test_quantize_matches_reference_gpu(compiled, cols, dtype):
     with poisoned_allocations():
         q, scale = compiled.fp8_quant.quantize_rows(x)
     want_q, want_scale = quantize_rows(x)
-    assert torch.equal(scale, want_scale)
+    assert torch.allclose(scale, want_scale, rtol=1e-6, atol=0)  # a division may differ by 1 ulp
     # the cast may round differently from torch's by one unit at a tie: compare values
     assert (q.float() - want_q.float()).abs().le(want_q.float().abs() / 8 + 1e-6).all()
     assert (q.float() != want_q.float()).float().mean() < 1e-3
