@@ -12,6 +12,7 @@ connections refused, replies from a demoted primary).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import random
 import time
@@ -55,16 +56,14 @@ def _options() -> dict:
     )
 
 
-def connect(url: str, **overrides) -> redis.Redis | redis.cluster.RedisCluster:
+def connect(url: str, **overrides) -> redis.Redis | Cluster:
     """A client for `url` (redis://user:password@host:port/db, rediss:// for TLS; a
     cluster's `redis+cluster://`)."""
     check_redis_url(url)
     options = {**_options(), **overrides}
     if is_cluster_url(url):
         nodes = [redis.cluster.ClusterNode(h, p) for h, p in _cluster_nodes(url)]
-        return redis.cluster.RedisCluster(
-            startup_nodes=nodes, **_cluster_options(url), **_for_cluster(options)
-        )
+        return Cluster(startup_nodes=nodes, **_cluster_options(url), **_for_cluster(options))
     return redis.Redis.from_url(url, **options)
 
 
@@ -76,10 +75,75 @@ def connect_async(url: str, **overrides):
         nodes = [redis.asyncio.cluster.ClusterNode(h, p) for h, p in _cluster_nodes(url)]
         options = _for_cluster(options)
         options.pop("health_check_interval", None)
-        return redis.asyncio.cluster.RedisCluster(
-            startup_nodes=nodes, **_cluster_options(url), **options
-        )
+        return AsyncCluster(startup_nodes=nodes, **_cluster_options(url), **options)
     return redis.asyncio.Redis.from_url(url, **options)
+
+
+def _stream_keys(args) -> list | None:
+    """The keys of an XREAD or XREADGROUP (the names after STREAMS), else None. redis-py
+    asks a node for them (COMMAND GETKEYS: one more round trip per read, and a read that
+    fails while that node is down, even when the streams live elsewhere)."""
+    if str(args[0]).upper() not in ("XREAD", "XREADGROUP"):
+        return None
+    words = [a.decode() if isinstance(a, bytes) else str(a) for a in args]
+    at = [w.upper() for w in words].index("STREAMS")
+    rest = args[at + 1 :]
+    return list(rest[: len(rest) // 2])
+
+
+class Cluster(redis.cluster.RedisCluster):
+    """redis-py's cluster client, refreshing its map of the cluster when a pipeline cannot
+    reach a node. redis-py refreshes it after a single command's connection error, but a
+    transaction's pipeline only on every fifth error of the same pipeline object: a fresh
+    pipeline per try (how we retry) would keep writing to a primary that failed over.
+    The keys of stream reads are found here (`_stream_keys`)."""
+
+    def _get_command_keys(self, *args):
+        keys = _stream_keys(args)
+        return keys if keys is not None else super()._get_command_keys(*args)
+
+    def pipeline(self, transaction=None, shard_hint=None):
+        pipe = super().pipeline(transaction, shard_hint)
+        execute = pipe.execute
+
+        def execute_or_refresh(raise_on_error: bool = True):
+            try:
+                return execute(raise_on_error)
+            except CONNECTION_ERRORS:
+                with contextlib.suppress(*CONNECTION_ERRORS):
+                    self.nodes_manager.initialize()
+                raise
+
+        pipe.execute = execute_or_refresh
+        return pipe
+
+
+class AsyncCluster(redis.asyncio.cluster.RedisCluster):
+    """`Cluster` for asyncio."""
+
+    async def _determine_slot(self, command: str, *args) -> int:
+        keys = _stream_keys((command, *args))
+        if keys is None:
+            return await super()._determine_slot(command, *args)
+        slots = {self.keyslot(key) for key in keys}
+        if len(slots) != 1:
+            raise redis.RedisClusterException(f"{command} reads streams in several slots")
+        return slots.pop()
+
+    def pipeline(self, transaction=None, shard_hint=None):
+        if shard_hint:
+            raise redis.RedisClusterException("shard_hint is not supported in cluster mode")
+        return _AsyncClusterPipeline(self, transaction)
+
+
+class _AsyncClusterPipeline(redis.asyncio.cluster.ClusterPipeline):
+    async def execute(self, raise_on_error: bool = True, **kwargs):
+        try:
+            return await super().execute(raise_on_error, **kwargs)
+        except CONNECTION_ERRORS:
+            with contextlib.suppress(*CONNECTION_ERRORS):
+                await self.cluster_client.nodes_manager.initialize()
+            raise
 
 
 def _cluster_nodes(url: str) -> list[tuple[str, int]]:

@@ -11,6 +11,7 @@ import os
 import signal
 import threading
 import time
+import traceback
 
 import pytest
 from fake_engine import expected_text
@@ -93,6 +94,7 @@ def _stream_many(client, prompts) -> dict:
                 count += len(delta.token_ids)
         except Exception as exc:  # noqa: BLE001 (the test says which)
             seen[prompt] = exc
+            traceback.print_exc()
             raise
         seen[prompt] = (text, count)
 
