@@ -104,7 +104,10 @@ class Cluster(redis.cluster.RedisCluster):
 
     def pipeline(self, transaction=None, shard_hint=None):
         pipe = super().pipeline(transaction, shard_hint)
-        execute = pipe.execute
+        execute, command_keys = pipe.execute, pipe._get_command_keys
+        pipe._get_command_keys = lambda *args: (  # a pipeline finds its keys on its own
+            _stream_keys(args) if _stream_keys(args) is not None else command_keys(*args)
+        )
 
         def execute_or_refresh(raise_on_error: bool = True):
             try:
