@@ -217,3 +217,17 @@ def mixed_prompts(n: int, lengths: tuple[int, ...], vocab: int = 256, seed: int 
     """n random token-id prompts cycling through the given lengths."""
     rng = random.Random(seed)
     return [[rng.randrange(3, vocab) for _ in range(lengths[i % len(lengths)])] for i in range(n)]
+
+
+def greedy_tokens(engine, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """Each prompt's `new_tokens` greedy tokens from an `LLMEngine`, all in one batch."""
+    from mii.engine.sampling_params import SamplingParams
+
+    params = SamplingParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, params)
+    out: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            out[o.request_id].extend(o.token_ids)
+    return [out[str(i)] for i in range(len(prompts))]

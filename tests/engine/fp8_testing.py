@@ -63,19 +63,6 @@ def row_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1)
 
 
-def greedy(eng: LLMEngine, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
-    from mii.engine.sampling_params import SamplingParams
-
-    params = SamplingParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-    for i, p in enumerate(prompts):
-        eng.add_request(str(i), p, params)
-    out: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
-    while eng.has_unfinished_requests():
-        for o in eng.step():
-            out[o.request_id].extend(o.token_ids)
-    return [out[str(i)] for i in range(len(prompts))]
-
-
 def write_fp8_checkpoint(src: str, dst: str, fmt: str) -> str:
     """`src`'s model with its attention and MLP weights stored in float8 and `dst` + '-ref'
     holding the same weights dequantized (what the FP8 model must compute). `fmt`: 'fp8'

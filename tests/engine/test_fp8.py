@@ -10,12 +10,11 @@ import torch
 from fp8_testing import (
     batch_logits,
     engine,
-    greedy,
     prompt_logits,
     row_cosine,
     write_fp8_checkpoint,
 )
-from tiny_models import mixed_prompts
+from tiny_models import greedy_tokens, mixed_prompts
 
 import mii
 from mii.config import ModelConfig
@@ -59,7 +58,7 @@ def test_quantized_at_load_agrees_with_the_float_model(tiny_model, arch):
     cos = row_cosine(prompt_logits(fp8, ids), prompt_logits(full, ids))
     print(cos.mean(), cos.min())
     assert cos.mean() >= 0.98 and cos.min() >= 0.9, (cos.mean(), cos.min())
-    tokens = greedy(fp8, mixed_prompts(3, (5, 40), seed=1), 6)
+    tokens = greedy_tokens(fp8, mixed_prompts(3, (5, 40), seed=1), 6)
     assert all(len(t) == 6 for t in tokens)
 
 
@@ -165,7 +164,7 @@ def test_smollm2_greedy_tokens_agree_in_fp8(smollm2_path):
     tok = AutoTokenizer.from_pretrained(smollm2_path)
     prompts = [tok.encode(s) for s in SENTENCES]
     full, fp8 = engine(smollm2_path), engine(smollm2_path, quantization="fp8")
-    texts = [p + o for p, o in zip(prompts, greedy(full, prompts, 64), strict=True)]
+    texts = [p + o for p, o in zip(prompts, greedy_tokens(full, prompts, 64), strict=True)]
     same = total = 0
     for lo in range(0, len(texts), 8):  # 8 sequences a prefill: (8 * 70, 49152) logits
         group, starts = texts[lo : lo + 8], [len(p) - 1 for p in prompts[lo : lo + 8]]

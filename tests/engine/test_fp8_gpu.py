@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fp8_testing import engine, greedy, prompt_logits, row_cosine, write_fp8_checkpoint
-from tiny_models import mixed_prompts
+from fp8_testing import engine, prompt_logits, row_cosine, write_fp8_checkpoint
+from tiny_models import greedy_tokens, mixed_prompts
 
 pytestmark = [
     pytest.mark.gpu,
@@ -53,7 +53,7 @@ def test_cuda_graphs_change_nothing_in_fp8(tiny_model):
             model=path, device="cuda", dtype="bfloat16", quantization="fp8",
             enforce_eager=eager, scheduler=SchedulerConfig(max_num_seqs=16),
         )  # fmt: skip
-        return greedy(LLMEngine(config), prompts, 20)
+        return greedy_tokens(LLMEngine(config), prompts, 20)
 
     assert run(eager=False) == run(eager=True)
 

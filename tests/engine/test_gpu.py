@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import NEW_ARCHS, mixed_prompts
+from tiny_models import NEW_ARCHS, greedy_tokens, mixed_prompts
 
 from mii.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from mii.engine.engine import LLMEngine
-from mii.engine.sampling_params import SamplingParams
 
 pytestmark = [
     pytest.mark.gpu,
@@ -25,15 +24,7 @@ def run_engine(path, prompts, new_tokens, dtype="float32", eager=False, budget=6
         scheduler=SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=32),
         cache=CacheConfig(num_blocks=blocks),
     )
-    engine = LLMEngine(config)
-    params = SamplingParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-    for i, p in enumerate(prompts):
-        engine.add_request(str(i), p, params)
-    out: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
-    while engine.has_unfinished_requests():
-        for o in engine.step():
-            out[o.request_id].extend(o.token_ids)
-    return [out[str(i)] for i in range(len(prompts))]
+    return greedy_tokens(LLMEngine(config), prompts, new_tokens)
 
 
 def hf_on_gpu(path, prompts, new_tokens, dtype=torch.float32):

@@ -7,13 +7,12 @@ import typing
 
 import pytest
 import torch
-from tiny_models import mixed_prompts
+from tiny_models import greedy_tokens, mixed_prompts
 
 from mii.config import ModelConfig
 from mii.engine import kv_cache
 from mii.engine.config import KV_CACHE_DTYPES, CacheConfig, EngineConfig, SchedulerConfig
 from mii.engine.engine import LLMEngine
-from mii.engine.sampling_params import SamplingParams
 from mii.kernels.torch_ref import FP8_DTYPE, FP8_MAX
 
 pytestmark = pytest.mark.timeout(120)
@@ -35,17 +34,6 @@ def make_engine(
     return LLMEngine(config)
 
 
-def generate(engine, prompts, new_tokens) -> list[list[int]]:
-    params = SamplingParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-    for i, p in enumerate(prompts):
-        engine.add_request(str(i), p, params)
-    out: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
-    while engine.has_unfinished_requests():
-        for o in engine.step():
-            out[o.request_id].extend(o.token_ids)
-    return [out[str(i)] for i in range(len(prompts))]
-
-
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
 
@@ -64,15 +52,15 @@ def next_token_agreement(engine, prompts, reference: list[list[int]]) -> float:
     after the prompt and the reference's tokens before it. Errors do not compound."""
     contexts = [p + r[:j] for p, r in zip(prompts, reference, strict=True) for j in range(len(r))]
     wanted = [t for r in reference for t in r]
-    got = generate(engine, contexts, 1)
+    got = greedy_tokens(engine, contexts, 1)
     return sum(g == [t] for g, t in zip(got, wanted, strict=True)) / len(wanted)
 
 
 def compare_generation(path, prompts, new_tokens, record_property=None, **options) -> tuple:
     """(free-running, next-token) agreement of an fp8 cache with the 'auto' one."""
-    reference = generate(make_engine(path, "auto", **options), prompts, new_tokens)
+    reference = greedy_tokens(make_engine(path, "auto", **options), prompts, new_tokens)
     engine = make_engine(path, "fp8", **options)
-    free = agreement(generate(engine, prompts, new_tokens), reference)
+    free = agreement(greedy_tokens(engine, prompts, new_tokens), reference)
     forced = next_token_agreement(engine, prompts, reference)
     if record_property is not None:
         record_property("identical_fraction", free)
@@ -130,7 +118,7 @@ def test_an_fp8_cache_has_calibrated_scales(tiny_model, name):
     assert runner.kv_scales.shape == (2, layers, heads)
     assert (runner.kv_scales > 0).all() and runner.kv_scales.isfinite().all()
     assert runner.attention_layers[1].v_scale.data_ptr() == runner.kv_scales[1, 1].data_ptr()
-    generate(engine, mixed_prompts(4, (40, 9), seed=2), 8)
+    greedy_tokens(engine, mixed_prompts(4, (40, 9), seed=2), 8)
     cached = runner.kv_cache.float().abs().amax(dim=(2, 3, 5))  # (2, layers, Hkv)
     # calibration's largest values land near FP8_MAX / HEADROOM; text keeps within range
     assert (cached > 0).all() and (cached <= FP8_MAX).all()
@@ -152,8 +140,8 @@ def test_an_fp8_cache_holds_the_full_precision_cache_to_fp8_rounding(tiny_model)
     path = tiny_model("llama")
     prompts = mixed_prompts(6, (1, 5, 17, 70, 33, 130), seed=3)
     full, fp8 = make_engine(path, "auto", num_blocks=64), make_engine(path, "fp8", num_blocks=64)
-    generate(full, prompts, 1)
-    generate(fp8, prompts, 1)
+    greedy_tokens(full, prompts, 1)
+    greedy_tokens(fp8, prompts, 1)
     scales = fp8.runner.kv_scales[:, :, None, None, :, None]  # (2, layers, 1, 1, Hkv, 1)
     back = fp8.runner.kv_cache.float() * scales
     expected = full.runner.kv_cache
