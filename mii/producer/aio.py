@@ -75,7 +75,7 @@ class AsyncClientMixin:
                     self.settings.reconnect_timeout_s,
                     self._abandoned,
                     lambda: self._acancel_now(()),
-                )  # fmt: skip
+                )
                 for reply in replies
             ]
             script = client.register_script(SUBMIT_SCRIPT)
