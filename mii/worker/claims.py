@@ -30,7 +30,8 @@ class Claims:
         whose request id another entry holds (duplicates to drop)."""
         by_slot: dict[int, list[int]] = {}  # a transaction per slot (a Redis Cluster's)
         for i, adm in enumerate(admissions):
-            by_slot.setdefault(slot(self.keys.claim(adm.rid)), []).append(i)
+            at = 0 if self.keys.partitions == 1 else slot(self.keys.claim(adm.rid))
+            by_slot.setdefault(at, []).append(i)
         taken = [False] * len(admissions)
         for indices in by_slot.values():
             pipe = self.redis.pipeline(transaction=True)

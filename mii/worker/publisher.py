@@ -125,7 +125,8 @@ class Publisher:
         commands: list[tuple] = []
         tokens = sum(self._add_batch(commands, b) for b in batches)
         commands += self.jobs.commands(batches)
-        for group in _by_slot(commands):
+        groups = [commands] if self.keys.partitions == 1 else _by_slot(commands)  # one slot
+        for group in groups:
             try:
                 retry_until(lambda g=group: self._execute(g), None,
                             on_retry=self._failed_attempt)  # fmt: skip
