@@ -4,6 +4,7 @@ node timeout so that a killed primary's replica takes over within seconds."""
 
 from __future__ import annotations
 
+import atexit
 import os
 import random
 import shutil
@@ -43,6 +44,7 @@ class RedisCluster:
         )  # fmt: skip
 
     def start(self) -> RedisCluster:
+        atexit.register(self.stop)  # even if a session's teardown does not run
         for port in self.ports:
             self._start_node(port)
         self._create()
