@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import stat
 import subprocess
@@ -112,9 +113,16 @@ def test_ctrl_c_during_start_leaves_nothing_behind(worker_env, server, monkeypat
     try:
         wait_for(lambda: redis.hlen(keys.workers), 30, "a worker to start starting")
         launch.send_signal(signal.SIGINT)
-        assert launch.wait(20) != 0
+        try:
+            code = launch.wait(60)  # the worker gets 5 s to stop, then SIGKILL
+        except subprocess.TimeoutExpired:
+            launch.kill()
+            pytest.fail(f"serve did not stop after Ctrl-C:\n{launch.communicate()[1][-3000:]}")
+        assert code != 0
     finally:
         launch.kill()
+        for pid in _worker_pids("ctrl-c-dep"):  # none, unless the test failed
+            os.kill(pid, signal.SIGKILL)
     assert "KeyboardInterrupt" in launch.stderr.read()
     assert _deployment_keys(server, "ctrl-c-dep") == []
     assert not _worker_processes("ctrl-c-dep")
@@ -122,6 +130,12 @@ def test_ctrl_c_during_start_leaves_nothing_behind(worker_env, server, monkeypat
 
 def _deployment_keys(server, name: str) -> list[bytes]:
     return redis_py.Redis.from_url(server.url).keys(f"{DeploymentKeys(name).prefix}:*")
+
+
+def _worker_pids(deployment: str) -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines()
+            if f"--deployment {deployment} " in line]  # fmt: skip
 
 
 def _worker_processes(deployment: str) -> list[str]:
