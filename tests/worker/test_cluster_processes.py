@@ -23,13 +23,14 @@ from mii.config import MIIConfig
 from mii.launch.serve import serve_deployment
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(150)]
-FAST = {"heartbeat_interval_s": 0.5, "reclaim_idle_s": 3.0, "client_timeout_s": 5.0,
+FAST = {"heartbeat_interval_s": 1.0, "reclaim_idle_s": 3.0, "client_timeout_s": 5.0,
         "partitions": 3, "worker_restarts_per_minute": 20}  # fmt: skip
 TOKENS = 30
 
 
 @pytest.fixture(scope="module")
 def client(redis_cluster, private_redis, tmp_path_factory):
+    redis_cluster.wait_ok(60)  # the session's cluster, after whatever ran since it started
     env = pytest.MonkeyPatch()
     env.setenv("PYTHONPATH", os.pathsep.join([os.path.dirname(__file__),
                                               os.environ.get("PYTHONPATH", "")]))  # fmt: skip

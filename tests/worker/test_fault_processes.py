@@ -24,7 +24,10 @@ from mii.errors import GenerationError
 from mii.launch.serve import serve_deployment
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(120)]
-FAST = {"heartbeat_interval_s": 0.5, "reclaim_idle_s": 5.0, "client_timeout_s": 1.0}
+# Heartbeats of 1 s: a worker is dead after 3 s of silence. At 0.5 s (dead after 1.5 s) a
+# worker starved by a loaded 2-core CI host looked dead, and two live workers took a request
+# from each other until it was dead-lettered.
+FAST = {"heartbeat_interval_s": 1.0, "reclaim_idle_s": 5.0, "client_timeout_s": 1.0}
 
 
 def _serve(name: str, redis_url: str, replicas: int = 1, **broker):
