@@ -69,6 +69,10 @@ class BrokerSettings(BaseModel):
     max_request_bytes: int | None = Field(None, gt=0)
     """Largest prompt a client submits, in UTF-8 bytes (or 4 bytes per token id); None:
     `REQUEST_BYTES_PER_TOKEN` per token of the deployment's max_length, at least 1 MiB."""
+    publish_interval_ms: int = Field(20, ge=0)
+    """While many requests run (`COALESCE_FROM` or more in a step), a worker writes each
+    reply stream at most once per this interval, a request's tokens of several steps in one
+    chunk; with fewer, every step is written as it ends. 0: every step always."""
     reply_maxlen: int = Field(10_000, gt=0)
     """Approximate length a reply stream is trimmed to (a client that falls further behind
     than this many engine steps loses tokens and is told so)."""

@@ -74,6 +74,7 @@ class WorkerLoop:
             redis, self.keys, self.consumer, settings.response_ttl_s,
             settings.deadletter_maxlen, tokenizer=engine.tokenizer,
             reply_maxlen=settings.reply_maxlen,
+            publish_interval_s=settings.publish_interval_ms / 1000,
         )  # fmt: skip
         self.leases = Leases(redis, self.keys, self.consumer, settings.reclaim_idle_s)
         self.reader = Reader(redis, self.keys, self.consumer, script=poll_script)

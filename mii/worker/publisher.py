@@ -36,6 +36,10 @@ from mii.worker.outcomes import Batch, Ending
 
 log = logging.getLogger(__name__)
 
+COALESCE_FROM = 32
+"""A step of this many requests' outputs or more opens a publishing interval: the steps
+that end within it go out together (`BrokerSettings.publish_interval_ms`)."""
+
 
 class Publisher:
     def __init__(
@@ -47,10 +51,14 @@ class Publisher:
         deadletter_maxlen=10_000,
         tokenizer=None,
         reply_maxlen=10_000,
+        publish_interval_s: float = 0.0,
     ) -> None:
-        """`tokenizer` (the engine's, if it has one) gives logprob chunks their token texts."""
+        """`tokenizer` (the engine's, if it has one) gives logprob chunks their token texts.
+        `publish_interval_s`: see `COALESCE_FROM`."""
         self.redis, self.keys, self.consumer, self.ttl_s = redis, keys, consumer, ttl_s
         self.deadletter_maxlen, self.reply_maxlen = deadletter_maxlen, reply_maxlen
+        self.publish_interval_s = publish_interval_s
+        self._last_send = 0.0
         self._reply_expiry: dict[str, float] = {}  # reply stream -> when to refresh its TTL
         self.tokenizer = tokenizer
         self._queue: queue.Queue[Batch | None] = queue.Queue()
@@ -92,8 +100,8 @@ class Publisher:
     # ---- the thread ---------------------------------------------------------------------
     def _run(self) -> None:
         while True:
-            first = self._queue.get()
-            batches, stop = self._take_more([first])
+            items = self._within_interval([self._queue.get()])
+            batches, stop = self._take_more(items)
             try:
                 self._write(batches)
             except Exception:  # noqa: BLE001 (a bad batch must not stop the publishing)
@@ -101,6 +109,22 @@ class Publisher:
                 log.exception("could not publish a batch; dropped")
             if stop:
                 return
+
+    def _within_interval(self, items: list) -> list:
+        """With a big step first, also the steps that end before the interval since the
+        last send is over (a flush or stop ends the wait)."""
+        first = items[0]
+        if not (isinstance(first, Batch) and len(first.outputs) >= COALESCE_FROM):
+            return items
+        deadline = self._last_send + self.publish_interval_s
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                items.append(self._queue.get(timeout=left))
+            except queue.Empty:
+                break
+            if not isinstance(items[-1], Batch):
+                break
+        return items
 
     def _take_more(self, items: list) -> tuple[list[Batch], bool]:
         """Everything queued right now, so one transaction catches up after a slow one."""
@@ -123,8 +147,12 @@ class Publisher:
 
     def _send(self, batches: list[Batch]) -> None:
         commands: list[tuple] = []
-        tokens = sum(self._add_batch(commands, b) for b in batches)
+        replies: dict[str, dict[str, dict]] = {}  # reply stream -> rid -> chunk fields
+        tokens = sum(self._add_batch(commands, replies, b) for b in batches)
+        for name, chunks in replies.items():  # after the acks: one transaction (or per slot)
+            self._xadd_reply(commands, name, chunks)
         commands += self.jobs.commands(batches)
+        self._last_send = time.monotonic()
         groups = [commands] if self.keys.partitions == 1 else _by_slot(commands)  # one slot
         for group in groups:
             try:
@@ -148,9 +176,9 @@ class Publisher:
         self.failed_attempts += 1
         log.warning("publishing failed (%s); retrying", exc)
 
-    def _add_batch(self, commands: list[tuple], batch: Batch) -> int:
-        """Append the batch's commands; return how many tokens they publish."""
-        replies: dict[str, dict[str, dict]] = {}  # reply stream -> rid -> chunk fields
+    def _add_batch(self, commands: list[tuple], replies: dict, batch: Batch) -> int:
+        """Append the batch's commands, and its reply-stream chunks to `replies` (merged
+        with a request's chunk of an earlier batch); return how many tokens they publish."""
         tokens = 0
         for out in batch.outputs:
             fields = _chunk(out, self.consumer, self.tokenizer)
@@ -160,8 +188,6 @@ class Publisher:
         for ending in batch.endings:
             fields = _ending_fields(ending, self.consumer)
             self._route(commands, replies, ending.entry, ending.rid, fields, True)
-        for name, chunks in replies.items():
-            self._xadd_reply(commands, name, chunks)
         for fields in batch.deadletters:
             maxlen = self.deadletter_maxlen  # exact: dead letters are rare
             commands.append(("xadd", self.keys.deadletter, fields, "*", maxlen, False))
@@ -178,7 +204,8 @@ class Publisher:
         if entry is not None and entry.job is not None:
             return
         if entry is not None and entry.reply is not None:
-            replies.setdefault(entry.reply, {})[rid] = fields
+            chunks = replies.setdefault(entry.reply, {})
+            chunks[rid] = _merged(chunks[rid], fields) if rid in chunks else fields
             return
         self._xadd(commands, rid, wire.pack(fields), final)
 
@@ -210,6 +237,22 @@ def _by_slot(commands: list[tuple]) -> list[list[tuple]]:
         key = command[3] if command[0] == "eval" else command[1]
         groups.setdefault(slot(key), []).append(command)
     return sorted(groups.values(), key=lambda g: any(c[0] == "xack" for c in g))
+
+
+_LISTS = ("ids", "lp", "toks", "top")
+
+
+def _merged(earlier: dict, later: dict) -> dict:
+    """One chunk for a request's two consecutive chunks: the tokens (and their logprobs and
+    texts) of both, from the earlier one's index on; the later one's lengths and ending."""
+    merged = dict(
+        later, i=earlier["i"], text=(earlier.get("text") or "") + (later.get("text") or "")
+    )
+    for name in _LISTS:
+        if earlier.get(name) is not None or later.get(name) is not None:
+            merged[name] = list(earlier.get(name) or []) + list(later.get(name) or [])
+    merged["v"] = max(earlier["v"], later["v"])
+    return merged
 
 
 @dataclass

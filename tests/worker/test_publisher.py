@@ -4,6 +4,7 @@ and a lost connection is retried with the same commands, in order."""
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import fakeredis
 import pytest
@@ -104,3 +105,41 @@ def test_logprob_chunks_carry_token_texts_and_alternatives_as_version_2():
     )
     assert rich.v == 2 and rich.toks == ["A"]
     assert rich.top == [[(65, -0.5, "A"), (66, -1.5, "B")]]
+
+
+def _step(index: int, n: int, entries: dict, finished: bool = False) -> Batch:
+    outputs = [_output(f"q{r}", index, finished) for r in range(n)]
+    return Batch(outputs=outputs, entries=entries)
+
+
+@pytest.mark.parametrize(("running", "entries_written"), [(40, 2), (8, 3)])
+def test_big_steps_within_the_publish_interval_go_out_as_one_chunk_a_request(
+    running, entries_written
+):
+    """40 requests (at least COALESCE_FROM): the first step goes out at once, the next two,
+    ended within the interval, as one reply entry with both steps' tokens of each request.
+    8 requests: every step as it ends."""
+    client = fakeredis.FakeRedis()
+    entries = {f"q{r}": Entry(KEYS.requests, f"1-{r}", reply="c1") for r in range(running)}
+    publisher = Publisher(client, KEYS, "host:1", ttl_s=60, publish_interval_s=1.0)
+    publisher.start()
+    publisher.put(_step(0, running, entries))
+    assert publisher.flush(5)
+    publisher.put(_step(1, running, entries))
+    time.sleep(0.2)  # the thread holds step 1 (a big one) for the interval, or sent it
+    publisher.put(_step(2, running, entries, finished=True))
+    assert publisher.flush(5)
+    publisher.stop()
+    replies = [wire.decode_reply(f) for _, f in client.xrange(KEYS.replies("c1"))]
+    assert len(replies) == entries_written
+    by_request: dict[str, list] = {}
+    for reply in replies:
+        for rid, chunk in reply:
+            by_request.setdefault(rid, []).append(chunk)
+    for chunks in by_request.values():
+        tokens = [(c.i + k, t) for c in chunks for k, t in enumerate(c.ids)]
+        assert tokens == [(0, 65), (1, 66), (2, 67)]  # each index once, in order
+        assert "".join(c.text for c in chunks) == "ABC"
+        assert [lp for c in chunks for lp in c.lp] == [-0.5] * 3
+        assert chunks[-1].final and chunks[-1].reason == Reason.LENGTH
+    assert publisher.tokens_published == 3 * running
