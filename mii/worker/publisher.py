@@ -100,22 +100,23 @@ class Publisher:
     # ---- the thread ---------------------------------------------------------------------
     def _run(self) -> None:
         while True:
-            items = self._within_interval([self._queue.get()])
+            items, merge = self._within_interval([self._queue.get()])
             batches, stop = self._take_more(items)
             try:
-                self._write(batches)
+                self._write(batches, merge)
             except Exception:  # noqa: BLE001 (a bad batch must not stop the publishing)
                 self.command_errors += 1
                 log.exception("could not publish a batch; dropped")
             if stop:
                 return
 
-    def _within_interval(self, items: list) -> list:
+    def _within_interval(self, items: list) -> tuple[list, bool]:
         """With a big step first, also the steps that end before the interval since the
-        last send is over (a flush or stop ends the wait)."""
+        last send is over (a flush or stop ends the wait); and whether to merge them."""
         first = items[0]
-        if not (isinstance(first, Batch) and len(first.outputs) >= COALESCE_FROM):
-            return items
+        big = isinstance(first, Batch) and len(first.outputs) >= COALESCE_FROM
+        if not (big and self.publish_interval_s > 0):
+            return items, False
         deadline = self._last_send + self.publish_interval_s
         while (left := deadline - time.monotonic()) > 0:
             try:
@@ -124,7 +125,7 @@ class Publisher:
                 break
             if not isinstance(items[-1], Batch):
                 break
-        return items
+        return items, True
 
     def _take_more(self, items: list) -> tuple[list[Batch], bool]:
         """Everything queued right now, so one transaction catches up after a slow one."""
@@ -136,21 +137,27 @@ class Publisher:
         stop = any(item is None for item in items)
         return [i for i in items if i is not None], stop
 
-    def _write(self, items: list) -> None:
+    def _write(self, items: list, merge: bool = False) -> None:
         batches = [i for i in items if isinstance(i, Batch)]
         try:
             if batches:
-                self._send(batches)
+                self._send(batches, merge)
         finally:
             for marker in [i for i in items if isinstance(i, _Marker)]:
                 marker.done.set()
 
-    def _send(self, batches: list[Batch]) -> None:
+    def _send(self, batches: list[Batch], merge: bool = False) -> None:
+        """One transaction (per slot) for the batches; with `merge`, a request's chunks of
+        consecutive steps become one chunk of its reply stream's entry, else each batch
+        writes its own entries, as its step ended."""
         commands: list[tuple] = []
-        replies: dict[str, dict[str, dict]] = {}  # reply stream -> rid -> chunk fields
-        tokens = sum(self._add_batch(commands, replies, b) for b in batches)
-        for name, chunks in replies.items():  # after the acks: one transaction (or per slot)
-            self._xadd_reply(commands, name, chunks)
+        replies: dict[str, list[dict[str, dict]]] = {}  # reply stream -> entries' chunks
+        tokens = 0
+        for batch in batches:
+            tokens += self._add_batch(commands, replies, batch)
+            if not merge:
+                self._xadd_replies(commands, replies)
+        self._xadd_replies(commands, replies)
         commands += self.jobs.commands(batches)
         self._last_send = time.monotonic()
         groups = [commands] if self.keys.partitions == 1 else _by_slot(commands)  # one slot
@@ -204,8 +211,14 @@ class Publisher:
         if entry is not None and entry.job is not None:
             return
         if entry is not None and entry.reply is not None:
-            chunks = replies.setdefault(entry.reply, {})
-            chunks[rid] = _merged(chunks[rid], fields) if rid in chunks else fields
+            entries = replies.setdefault(entry.reply, [{}])
+            earlier = entries[-1].get(rid)
+            if earlier is None:
+                entries[-1][rid] = fields
+            elif _follows(earlier, fields):
+                entries[-1][rid] = _merged(earlier, fields)
+            else:  # not the next tokens (a resumed request): an entry of its own
+                entries.append({rid: fields})
             return
         self._xadd(commands, rid, wire.pack(fields), final)
 
@@ -216,6 +229,13 @@ class Publisher:
         if final or rid in self._fresh:
             self._fresh.discard(rid)
             commands.append(("expire", key, self.ttl_s))
+
+    def _xadd_replies(self, commands: list[tuple], replies: dict) -> None:
+        """The reply entries gathered so far, in order; `replies` is emptied."""
+        for name, entries in replies.items():
+            for chunks in entries:
+                self._xadd_reply(commands, name, chunks)
+        replies.clear()
 
     def _xadd_reply(self, commands: list[tuple], name: str, chunks: dict[str, dict]) -> None:
         """One entry for a step's chunks of every request of a reply stream; its TTL is
@@ -240,6 +260,11 @@ def _by_slot(commands: list[tuple]) -> list[list[tuple]]:
 
 
 _LISTS = ("ids", "lp", "toks", "top")
+
+
+def _follows(earlier: dict, later: dict) -> bool:
+    """Whether `later` starts at the token after `earlier`'s last."""
+    return later["i"] == earlier["i"] + len(earlier.get("ids") or ())
 
 
 def _merged(earlier: dict, later: dict) -> dict:

@@ -143,3 +143,24 @@ def test_big_steps_within_the_publish_interval_go_out_as_one_chunk_a_request(
         assert [lp for c in chunks for lp in c.lp] == [-0.5] * 3
         assert chunks[-1].final and chunks[-1].reason == Reason.LENGTH
     assert publisher.tokens_published == 3 * running
+
+
+def test_a_chunk_that_does_not_follow_gets_an_entry_of_its_own():
+    """A request resumed within the interval starts again at an earlier index: its chunks
+    are not merged (the client takes each index once from the entries in order)."""
+    client = fakeredis.FakeRedis()
+    entries = {f"q{r}": Entry(KEYS.requests, f"1-{r}", reply="c1") for r in range(40)}
+    publisher = Publisher(client, KEYS, "host:1", ttl_s=60, publish_interval_s=1.0)
+    publisher.start()
+    publisher.put(_step(0, 40, entries))
+    assert publisher.flush(5)
+    publisher.put(_step(1, 40, entries))
+    time.sleep(0.2)
+    publisher.put(Batch(outputs=[_output("q0", 0)], entries=entries))  # q0 resumed at 0
+    assert publisher.flush(5)
+    publisher.stop()
+    replies = [dict(wire.decode_reply(f)) for _, f in client.xrange(KEYS.replies("c1"))]
+    assert [(r["q0"].i, r["q0"].ids) for r in replies if "q0" in r] == [
+        (0, [65]), (1, [66]), (0, [65])
+    ]  # fmt: skip
+    assert [r["q1"].i for r in replies if "q1" in r] == [0, 1]
