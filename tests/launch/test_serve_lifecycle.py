@@ -103,6 +103,9 @@ def test_a_failed_start_with_embedded_redis_forgets_it(worker_env, monkeypatch):
 def test_ctrl_c_during_start_leaves_nothing_behind(worker_env, server, monkeypatch):
     monkeypatch.setenv("MII_FAKE_LOAD_DELAY", "30")  # the start is still under way at Ctrl-C
     code = (
+        # A shell that runs the tests in the background starts its children with SIGINT
+        # ignored, and Python keeps that: Ctrl-C must raise KeyboardInterrupt here.
+        "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
         "import sys; from serving import FAKE, fake_config; "
         "from mii.launch.serve import serve_deployment; "
         f"serve_deployment(fake_config('ctrl-c-dep', redis_url={server.url!r}), FAKE)"
