@@ -52,11 +52,10 @@ def _everywhere(flag: bool, group: Any, device: torch.device) -> bool:
 class PeerAllReduce:
     """Sum-all-reduce of contiguous CUDA tensors of `dtype` up to `max_bytes`."""
 
-    def __init__(self, symm_mem: Any, buffer: torch.Tensor, group_name: str, max_bytes: int):
-        self._symm_mem = symm_mem
+    def __init__(self, buffer: torch.Tensor, group_name: str):
+        """`buffer`: a symmetric-memory tensor that every rank of the group has mapped."""
         self.buffer = buffer
         self.group_name = group_name
-        self.max_bytes = max_bytes
         self._copying = hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy")
 
     @classmethod
@@ -82,7 +81,7 @@ class PeerAllReduce:
                 symm_mem.enable_symm_mem_for_group(name)
             buffer = symm_mem.empty(max_bytes // dtype.itemsize, dtype=dtype, device=device)
             symm_mem.rendezvous(buffer, name)
-            peer = cls(symm_mem, buffer, name, max_bytes)
+            peer = cls(buffer, name)
         except Exception as exc:  # noqa: BLE001 - any failure means: use NCCL
             _closed(exc)
         # Every rank takes the same path, or their collectives would pair up wrongly: the
@@ -107,6 +106,10 @@ class PeerAllReduce:
         torch.cuda.synchronize(device)
         if not torch.equal(got, expected):
             raise RuntimeError("peer all-reduce disagreed with NCCL")
+
+    @property
+    def max_bytes(self) -> int:
+        return self.buffer.numel() * self.buffer.element_size()
 
     def fits(self, x: torch.Tensor) -> bool:
         size = x.numel() * x.element_size()
