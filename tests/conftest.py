@@ -17,20 +17,13 @@ WORKER_FAKES = os.path.join(os.path.dirname(__file__), "worker")
 sys.path.insert(0, WORKER_FAKES)
 
 from harness import Harness  # noqa: E402
-from tiny_models import build_tiny_model  # noqa: E402
+from tiny_models import tiny_model_maker  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """tiny_model(arch) -> folder of a tiny random HF model of that architecture."""
-    made: dict[str, str] = {}
-
-    def make(arch: str) -> str:
-        if arch not in made:
-            made[arch] = build_tiny_model(arch, str(tmp_path_factory.mktemp(arch)))
-        return made[arch]
-
-    return make
+    return tiny_model_maker(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

@@ -203,6 +203,19 @@ MOE_ARCHS = ("mixtral", "qwen2_moe")
 ALL_ARCHS = ARCHS + NEW_ARCHS + MOE_ARCHS
 
 
+def tiny_model_maker(tmp_path_factory):
+    """maker(arch) -> folder of a tiny random model of that architecture, each built once
+    (what the `tiny_model` fixtures return)."""
+    made: dict[str, str] = {}
+
+    def make(arch: str) -> str:
+        if arch not in made:
+            made[arch] = build_tiny_model(arch, str(tmp_path_factory.mktemp(arch)))
+        return made[arch]
+
+    return make
+
+
 def build_tiny_model(arch: str, folder: str, seed: int = 0) -> str:
     from transformers import AutoModelForCausalLM
 

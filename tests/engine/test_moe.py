@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 from test_parity import hf_greedy
-from tiny_models import build_tiny_model, mixed_prompts
+from tiny_models import mixed_prompts, tiny_model_maker
 
 import mii
 from mii.engine.layers.moe import SparseMoeBlock
@@ -25,14 +25,7 @@ def moe_model(tmp_path_factory):
     """moe_model(arch) -> folder of the tiny random model. Built here rather than through
     tests/conftest.py, so that the GPU tests of this file also run where the serving half's
     test dependencies are missing (`PYTHONPATH=.:tests pytest --confcutdir=tests/kernels`)."""
-    made: dict[str, str] = {}
-
-    def make(arch: str) -> str:
-        if arch not in made:
-            made[arch] = build_tiny_model(arch, str(tmp_path_factory.mktemp(arch)))
-        return made[arch]
-
-    return make
+    return tiny_model_maker(tmp_path_factory)
 
 
 def hf_model(path: str):
