@@ -3,12 +3,12 @@
 For each projection (qkv 4096->6144, o 4096->4096, gate_up 4096->28672, down 14336->4096)
 and M = 1, 16, 64, 256, 4096 rows: bf16 `F.linear` (the baseline), `torch._scaled_mm`
 with per-token activation quantization (also with use_fast_accum), the Triton weight-only
-kernel (bf16 activations), the Triton W8A8 kernel (with the same quantization), and what
-`fp8_linear` picks
+kernel (bf16 activations), the Triton W8A8 kernel (with the same quantization), the Triton
+W8A8 kernel quantizing x per tile itself, and what `fp8_linear` picks
 (`fp8_gemm.choose_backend`). Each is checked against the torch reference before it is
 timed (CUDA graphs, so launch overhead counts as in the engine's decode steps). With
---sweep, the Triton weight-only kernel's tiles are swept at each M as well, to move
-`fp8_gemm.tile_for` or `TRITON_MAX_M`.
+--sweep, the tiles of the Triton kernel with tile-wise activation scales are swept at each
+M up to 64 as well, to move `fp8_gemm.tile_for` or `TRITON_MAX_M`.
 
 Also: the device's copy bandwidth, and per M the sum over the 32 layers of the picked
 backend against FP8's weight-read floor (the weights of those GEMMs read once).
@@ -38,7 +38,17 @@ SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "dow
 ROWS = (1, 16, 64, 256, 4096)
 LAYERS = 32
 MAX_REL_ERR = 5e-2  # W8A8 rounds the activations to fp8 too
-SWEEP = [
+SWEEP = [  # for the Triton W8A8 kernel with tile-wise activation scales, at M <= 64
+    fp8_gemm.Fp8Tile(16, 16, 512, 4, 4),
+    fp8_gemm.Fp8Tile(16, 32, 512, 4, 3),
+    fp8_gemm.Fp8Tile(16, 64, 512, 4, 3),
+    fp8_gemm.Fp8Tile(16, 128, 256, 4, 3),
+    fp8_gemm.Fp8Tile(16, 64, 256, 4, 4, split_k=4),
+    fp8_gemm.Fp8Tile(16, 128, 256, 4, 3, split_k=2),
+    fp8_gemm.Fp8Tile(16, 128, 256, 8, 3, split_k=4),
+    fp8_gemm.Fp8Tile(32, 64, 256, 4, 4),
+    fp8_gemm.Fp8Tile(64, 64, 256, 4, 3),
+    fp8_gemm.Fp8Tile(64, 128, 128, 4, 4),
     fp8_gemm.Fp8Tile(16, 16, 256, 4, 5),
     fp8_gemm.Fp8Tile(16, 32, 256, 4, 5),
     fp8_gemm.Fp8Tile(16, 32, 512, 4, 4),
@@ -95,7 +105,7 @@ def bench_shape(name: str, n: int, k: int, m: int, sweep: bool) -> dict:
     timed = [b for b in fp8_gemm.BACKENDS if row[b] == row[b]]  # not NaN
     row["fastest"] = min(timed, key=lambda b: row[b])
     row["tile"] = str(tuple(fp8_gemm.tile_for(m)))
-    if sweep:
+    if sweep and m <= 64:
         row["sweep"] = sweep_tiles(x, q, scale, ref)
     return row
 
@@ -106,10 +116,10 @@ def sweep_tiles(x, q, scale, ref) -> dict[str, float]:
         if tile.block_m > max(16, 2 * x.shape[0]):
             continue
         try:
-            out = fp8_gemm.fp8_gemm(x, q, scale, tile=tile)
+            out = fp8_gemm.fp8_gemm(x, q, scale, tile=tile, a_block_quant=True)
             assert rel_err(out, ref) < MAX_REL_ERR
             times[str(tuple(tile))] = bench_ms(
-                lambda t=tile: fp8_gemm.fp8_gemm(x, q, scale, tile=t)
+                lambda t=tile: fp8_gemm.fp8_gemm(x, q, scale, tile=t, a_block_quant=True)
             )
         except Exception as exc:  # noqa: BLE001 (a tile that does not compile is reported)
             times[str(tuple(tile))] = f"failed: {type(exc).__name__}"
@@ -142,6 +152,11 @@ def table(rows: list[dict], gbps: float) -> str:
         lines.append(f"  M={m:<5} fp8 picked {picked:8.3f} (fastest {fastest:8.3f})  bf16 "
                      f"{bf16:8.3f}  fp8 weight floor {floor:.3f}  picked / floor "
                      f"{picked / floor:.2f}")  # fmt: skip
+        swept = [min((v for v in r.get("sweep", {}).values() if isinstance(v, float)),
+                     default=None) for r in rows if r["m"] == m]  # fmt: skip
+        if swept and None not in swept:
+            lines.append(f"          best swept tiles {sum(swept) * LAYERS:8.3f}  / floor "
+                         f"{sum(swept) * LAYERS / floor:.2f}")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -3,15 +3,20 @@ choice between them per shape (`fp8_linear`). The contracts are in kernels/fp8_r
 
 - Weight-only (W8A16): x stays bf16; each float8 weight tile is converted in registers and
   multiplied on the bf16 tensor cores, the per-channel scale applied once to the float32
-  sum. Decoding (M of 1 to a few dozen) is bound by reading the weights, so halving their
-  bytes is the whole gain; no activation quantization launch is needed either.
+  sum.
+- W8A8 with tile-wise activation scales (`a_block_quant`): x stays bf16 in memory; the
+  kernel quantizes each (row, K tile) of x it loads with its own scale (absolute maximum of
+  those BLOCK_K values / 448) and multiplies float8 by float8 on the tensor cores, each
+  tile's float32 product scaled by its row's scale as it is added. Decoding (M of 1 to a few
+  dozen) is bound by reading the weights: no weight conversion in the loop and no
+  quantization launch before it, and scales per tile are finer than per token.
 - W8A8: x is quantized per token (kernels/fp8_quant.py), both operands multiply on the fp8
   tensor cores and the sum is scaled by scale_x[m] * scale_w[n]. `torch._scaled_mm`
   (cuBLASLt, row-wise scales) computes the same; prefill-sized M is compute bound, where
   fp8's doubled tensor-core rate pays.
 
-The choice is a fixed rule by M (`choose_backend`); scripts/bench_fp8.py times every
-backend at the Mistral-7B shapes, to check or move the threshold.
+The choice is a fixed rule by M (`choose_backend`), from scripts/bench_fp8.py's table of
+every backend at the Mistral-7B shapes on an H100.
 """
 
 from __future__ import annotations
@@ -23,10 +28,12 @@ import triton
 import triton.language as tl
 
 from mii.kernels.fp8_quant import quantize_rows
+from mii.kernels.fp8_ref import FP8_MAX, MIN_SCALE
 
-TRITON_MAX_M = 16
-"""Up to this many rows the weight-only Triton kernel runs; past it _scaled_mm."""
-BACKENDS = ("triton", "triton_w8a8", "scaled_mm", "scaled_mm_fast_accum")
+TRITON_MAX_M = 64
+"""Up to this many rows the Triton kernel (tile-wise activation quantization) runs; past it
+_scaled_mm (scripts/bench_fp8.py on an H100: Triton ahead up to 64 rows, cuBLASLt from 256)."""
+BACKENDS = ("triton", "triton_w8a8", "triton_w8a8_block", "scaled_mm", "scaled_mm_fast_accum")
 """`scaled_mm_fast_accum`: cuBLASLt's faster fp8 accumulation (partial sums kept at lower
 precision between promotions), for benchmarks to weigh against `scaled_mm`."""
 SHARED_MEMORY = 200 * 1024  # bytes of pipelined tiles a program may hold (H100: 227 KB)
@@ -76,7 +83,8 @@ def _fit(tile: Fp8Tile, a_itemsize: int) -> Fp8Tile:
 def _fp8_gemm_kernel(
     a_ptr, w_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr,
     M, N, K, stride_am, stride_wn, stride_om,
-    A_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    A_FP8: tl.constexpr, A_BLOCK_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
 ):  # fmt: skip
@@ -111,8 +119,13 @@ def _fp8_gemm_kernel(
             left = K - k * BLOCK_K
             a = tl.load(a_ptrs, mask=rk[None, :] < left, other=0.0)
             w = tl.load(w_ptrs, mask=rk[:, None] < left, other=0.0)
-        if A_FP8:  # noqa: SIM108 (a static if)
+        if A_FP8:
             acc = tl.dot(a, w, acc)
+        elif A_BLOCK_QUANT:  # this tile of x quantized per row, its scale applied to its sum
+            af = a.to(tl.float32)
+            a_scale = tl.maximum(tl.max(tl.abs(af), 1) / FP8_MAX, MIN_SCALE)
+            aq = tl.clamp(af / a_scale[:, None], -FP8_MAX, FP8_MAX).to(w.dtype)
+            acc += tl.dot(aq, w) * a_scale[:, None]
         else:
             acc = tl.dot(a, w.to(a.dtype), acc)
         a_ptrs += BLOCK_K
@@ -139,9 +152,11 @@ def fp8_gemm(
     a_scale: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
     tile: Fp8Tile | None = None,
+    a_block_quant: bool = False,
 ) -> torch.Tensor:
     """a (M, K) @ dequantized weight (N, K).T -> (M, N). `a` in bf16/fp16/fp32 (weight-only,
-    `fp8_ref.fp8_linear_ref`), or float8 with `a_scale` (M,) (W8A8,
+    `fp8_ref.fp8_linear_ref`; with `a_block_quant`, quantized in the kernel per (row, K tile),
+    `fp8_ref.fp8_block_w8a8_linear_ref`), or float8 with `a_scale` (M,) (W8A8,
     `fp8_ref.fp8_w8a8_linear_ref`); `out_dtype` defaults to a's dtype (W8A8: required)."""
     assert a.dim() == 2 and a.stride(1) == 1, "a must be (M, K) with dense rows"
     assert weight.dtype == torch.float8_e4m3fn and weight.is_contiguous()
@@ -153,6 +168,7 @@ def fp8_gemm(
     if a_fp8:
         assert a_scale.shape == (m,) and a_scale.dtype == torch.float32
         assert out_dtype is not None, "W8A8 needs an out_dtype"
+    assert not (a_fp8 and a_block_quant), "a_block_quant quantizes a higher-precision `a`"
     if bias is not None:
         assert bias.shape == (n,) and bias.is_contiguous()
     out_dtype = out_dtype or a.dtype
@@ -167,7 +183,8 @@ def fp8_gemm(
     _fp8_gemm_kernel[grid](
         a, weight, a_scale if a_fp8 else w_scale, w_scale, w_scale if bias is None else bias,
         out, m, n, k, a.stride(0), weight.stride(0), out.stride(0),
-        A_FP8=a_fp8, HAS_BIAS=bias is not None, EVEN_K=k % tile.block_k == 0,
+        A_FP8=a_fp8, A_BLOCK_QUANT=a_block_quant, HAS_BIAS=bias is not None,
+        EVEN_K=k % tile.block_k == 0, FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE,
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
         GROUP_M=tile.group_m, SPLIT_K=tile.split_k, num_warps=tile.num_warps,
         num_stages=tile.num_stages,
@@ -194,8 +211,12 @@ def scaled_mm_linear(
 
 
 def choose_backend(m: int, n: int, k: int, dtype: torch.dtype) -> str:
-    """Weight-only Triton for decode-sized M, _scaled_mm past it where it applies."""
-    if m <= TRITON_MAX_M or dtype != torch.bfloat16 or n % 16 or k % 16:
+    """Decode-sized M of 16-bit activations: Triton W8A8 with tile-wise activation scales;
+    past it _scaled_mm where it applies (bf16, N and K multiples of 16); weight-only Triton
+    otherwise (float32 activations, odd shapes)."""
+    if m <= TRITON_MAX_M and dtype in (torch.bfloat16, torch.float16):
+        return "triton_w8a8_block"
+    if dtype != torch.bfloat16 or n % 16 or k % 16:
         return "triton"
     return "scaled_mm"
 
@@ -215,6 +236,8 @@ def fp8_linear(
     backend = backend or choose_backend(x2.shape[0], weight.shape[0], x2.shape[1], x.dtype)
     if backend == "triton":
         y = fp8_gemm(x2, weight, w_scale, bias)
+    elif backend == "triton_w8a8_block":
+        y = fp8_gemm(x2, weight, w_scale, bias, a_block_quant=True)
     elif backend == "triton_w8a8":
         q, x_scale = quantize_rows(x2)
         y = fp8_gemm(q, weight, w_scale, bias, a_scale=x_scale, out_dtype=x.dtype)

@@ -9,7 +9,9 @@ maximum at run time. A linear layer then computes
     y[m, n] = sum_k x[m, k] * w[n, k] = scale_x[m] * scale_w[n] * sum_k qx[m, k] * qw[n, k]
 
 with the sum in float32 (W8A8), or, keeping the activations as they are (weight-only, W8A16),
-y[m, n] = scale_w[n] * sum_k x[m, k] * qw[n, k].
+y[m, n] = scale_w[n] * sum_k x[m, k] * qw[n, k]. A third form scales activations per block
+of K instead of per token (`fp8_block_w8a8_linear_ref`): the decode GEMM quantizes each tile
+of x it loads.
 """
 
 from __future__ import annotations
@@ -58,3 +60,24 @@ def fp8_w8a8_linear_ref(
     if bias is not None:
         y = y + bias.float()
     return y.to(out_dtype)
+
+
+def fp8_block_w8a8_linear_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    w_scale: torch.Tensor,
+    block_k: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """W8A8 with activation scales per (row, block of `block_k` columns): each block of x
+    quantized as `quantize_rows` does a row, its float8 products with the weight's summed in
+    float32 and scaled by its own scale; the total scaled by w_scale (N,). Out in x's dtype."""
+    acc = torch.zeros(x.shape[0], weight.shape[0], dtype=torch.float32, device=x.device)
+    for start in range(0, x.shape[1], block_k):
+        qx, x_scale = quantize_rows(x[:, start : start + block_k])
+        part = qx.float() @ weight[:, start : start + block_k].float().t()
+        acc += part * x_scale[:, None]
+    y = acc * w_scale.float()[None, :]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
