@@ -7,13 +7,17 @@ kernel (bf16 activations), the Triton W8A8 kernel (with the same quantization), 
 W8A8 kernel quantizing x per tile itself, and what `fp8_linear` picks
 (`fp8_gemm.choose_backend`). Each is checked against the torch reference before it is
 timed (CUDA graphs, so launch overhead counts as in the engine's decode steps). With
---sweep, the tiles of the Triton kernel with tile-wise activation scales are swept at each
-M up to 64 as well, to move `fp8_gemm.tile_for` or `TRITON_MAX_M`.
+--sweep, the tiles of the Triton W8A8 kernel are swept at each M up to 64 as well, to
+move `fp8_gemm.tile_for` or `TRITON_MAX_M`.
 
 Also: the device's copy bandwidth, and per M the sum over the 32 layers of the picked
 backend against FP8's weight-read floor (the weights of those GEMMs read once).
 Prints a table last and writes $OUT/bench_fp8.json.
-Usage: python scripts/bench_fp8.py [--sweep]
+
+--bf16 instead weighs the same Triton kernel over bf16 weights against cuBLAS (`F.linear`)
+at decode sizes (M = 1, 16), on the Mistral-7B projections at TP=1 and as one TP=2 rank
+holds them (Mixtral-8x7B's attention has the TP=2 qkv and o shapes), sweeping BF16_SWEEP.
+Usage: python scripts/bench_fp8.py [--sweep | --bf16]
 """
 
 from __future__ import annotations
@@ -38,32 +42,70 @@ SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "dow
 ROWS = (1, 16, 64, 256, 4096)
 LAYERS = 32
 MAX_REL_ERR = 5e-2  # W8A8 rounds the activations to fp8 too
-SWEEP = [  # for the Triton W8A8 kernel with tile-wise activation scales, at M <= 64
-    fp8_gemm.Fp8Tile(16, 16, 512, 4, 4),
-    fp8_gemm.Fp8Tile(16, 32, 512, 4, 3),
-    fp8_gemm.Fp8Tile(16, 64, 512, 4, 3),
-    fp8_gemm.Fp8Tile(16, 128, 256, 4, 3),
-    fp8_gemm.Fp8Tile(16, 64, 256, 4, 4, split_k=4),
-    fp8_gemm.Fp8Tile(16, 128, 256, 4, 3, split_k=2),
-    fp8_gemm.Fp8Tile(16, 128, 256, 8, 3, split_k=4),
-    fp8_gemm.Fp8Tile(32, 64, 256, 4, 4),
-    fp8_gemm.Fp8Tile(64, 64, 256, 4, 3),
-    fp8_gemm.Fp8Tile(64, 128, 128, 4, 4),
-    fp8_gemm.Fp8Tile(16, 16, 256, 4, 5),
+SWEEP = [  # for the Triton W8A8 kernel (per-token quantization), at M <= 64
     fp8_gemm.Fp8Tile(16, 32, 256, 4, 5),
-    fp8_gemm.Fp8Tile(16, 32, 512, 4, 4),
-    fp8_gemm.Fp8Tile(16, 64, 256, 4, 4),
-    fp8_gemm.Fp8Tile(16, 64, 128, 4, 6),
-    fp8_gemm.Fp8Tile(16, 128, 128, 4, 4),
-    fp8_gemm.Fp8Tile(16, 32, 256, 4, 5, split_k=2),
+    fp8_gemm.Fp8Tile(16, 128, 256, 4, 3),
     fp8_gemm.Fp8Tile(16, 64, 256, 4, 4, split_k=2),
-    fp8_gemm.Fp8Tile(16, 64, 256, 4, 4, split_k=4),
-    fp8_gemm.Fp8Tile(32, 64, 128, 4, 4),
+    fp8_gemm.Fp8Tile(16, 128, 256, 8, 3, split_k=4),
     fp8_gemm.Fp8Tile(64, 64, 128, 4, 4),
-    fp8_gemm.Fp8Tile(64, 128, 128, 4, 3),
-    fp8_gemm.Fp8Tile(128, 128, 128, 8, 3),
-    fp8_gemm.Fp8Tile(128, 256, 64, 8, 3),
 ]
+
+
+BF16_SHAPES = {
+    "qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
+    "tp2 qkv": (3072, 4096), "tp2 o": (4096, 2048), "tp2 gate_up": (14336, 4096),
+    "tp2 down": (4096, 7168),
+}  # fmt: skip
+BF16_ROWS = (1, 16)
+BF16_SWEEP = [
+    fp8_gemm.Fp8Tile(16, 32, 256, 4, 4),
+    fp8_gemm.Fp8Tile(16, 64, 128, 4, 4),
+    fp8_gemm.Fp8Tile(16, 128, 128, 4, 3),
+    fp8_gemm.Fp8Tile(16, 64, 256, 4, 3, split_k=2),
+    fp8_gemm.Fp8Tile(16, 128, 128, 8, 3, split_k=4),
+]
+
+
+def bf16_shape(name: str, n: int, k: int, m: int) -> tuple[float, float, object]:
+    """(cuBLAS ms, best Triton ms, its tile) for one bf16 projection at M rows."""
+    gen = torch.Generator(device="cuda").manual_seed(n + k + m)
+    w = torch.randn(n, k, device="cuda", generator=gen, dtype=torch.bfloat16) * 0.02
+    x = torch.randn(m, k, device="cuda", generator=gen, dtype=torch.bfloat16)
+    ref = F.linear(x.float(), w.float())
+    base = bench_ms(lambda: F.linear(x, w))
+    best, best_tile = float("inf"), None
+    for tile in BF16_SWEEP:
+        try:
+            assert rel_err(fp8_gemm.small_m_linear(x, w, None, tile), ref) < 1e-2
+            t = bench_ms(lambda t=tile: fp8_gemm.small_m_linear(x, w, None, t))
+        except Exception as exc:  # noqa: BLE001 (a tile that fails is reported)
+            print(f"{name} M={m} {tuple(tile)}: {type(exc).__name__}: {exc}")
+            continue
+        if t < best:
+            best, best_tile = t, tile
+    return base, best, best_tile
+
+
+def bench_bf16(gbps: float) -> list[str]:
+    """cuBLAS against the best swept Triton tile per shape, bf16 weights, M <= 16."""
+    lines = [f"copy bandwidth {gbps:.0f} GB/s; bf16 weights, ms", ""]
+    lines.append(f"{'shape':12} {'M':>3} {'cuBLAS':>9} {'triton':>9} {'ratio':>6}  best tile")
+    totals: dict[tuple[str, int], list[float]] = {}
+    for m in BF16_ROWS:
+        for name, (n, k) in BF16_SHAPES.items():
+            base, best, tile = bf16_shape(name, n, k, m)
+            group = totals.setdefault(("tp2" if name.startswith("tp2") else "tp1", m), [0, 0, 0])
+            group[0] += base
+            group[1] += min(base, best)
+            group[2] += n * k * 2 / gbps / 1e6
+            lines.append(f"{name:12} {m:>3} {base:9.4f} {best:9.4f} {best / base:6.2f}  "
+                         f"{tuple(tile) if tile else '-'}")  # fmt: skip
+            print(lines[-1], flush=True)
+    lines += ["", "per token, 32 layers (ms): cuBLAS, the faster of the two per shape, floor"]
+    for (group, m), (base, mixed, floor) in totals.items():
+        lines.append(f"  {group} M={m:<3} {base * LAYERS:8.3f} {mixed * LAYERS:8.3f} "
+                     f"{floor * LAYERS:8.3f}")  # fmt: skip
+    return lines
 
 
 def bench_ms(fn) -> float:
@@ -110,17 +152,20 @@ def bench_shape(name: str, n: int, k: int, m: int, sweep: bool) -> dict:
     return row
 
 
+def w8a8(x, q, scale, tile):
+    """The `triton_w8a8` backend with the tile given."""
+    qx, x_scale = fp8_gemm.quantize_rows(x)
+    return fp8_gemm.fp8_gemm(qx, q, scale, a_scale=x_scale, out_dtype=x.dtype, tile=tile)
+
+
 def sweep_tiles(x, q, scale, ref) -> dict[str, float]:
     times = {}
     for tile in SWEEP:
         if tile.block_m > max(16, 2 * x.shape[0]):
             continue
         try:
-            out = fp8_gemm.fp8_gemm(x, q, scale, tile=tile, a_block_quant=True)
-            assert rel_err(out, ref) < MAX_REL_ERR
-            times[str(tuple(tile))] = bench_ms(
-                lambda t=tile: fp8_gemm.fp8_gemm(x, q, scale, tile=t, a_block_quant=True)
-            )
+            times[str(tuple(tile))] = bench_ms(lambda t=tile: w8a8(x, q, scale, t))
+            assert rel_err(w8a8(x, q, scale, tile), ref) < MAX_REL_ERR
         except Exception as exc:  # noqa: BLE001 (a tile that does not compile is reported)
             times[str(tuple(tile))] = f"failed: {type(exc).__name__}"
     return times
@@ -163,9 +208,13 @@ def table(rows: list[dict], gbps: float) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true", help="sweep the Triton kernel's tiles")
+    ap.add_argument("--bf16", action="store_true", help="bf16 weights: Triton vs cuBLAS")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__)
     gbps = copy_gbps()
+    if args.bf16:
+        print("\n".join(bench_bf16(gbps)))
+        return
     rows = []
     for m in ROWS:
         for name, (n, k) in SHAPES.items():

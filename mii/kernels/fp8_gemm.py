@@ -31,8 +31,8 @@ from mii.kernels.fp8_quant import quantize_rows
 from mii.kernels.fp8_ref import FP8_MAX, MIN_SCALE
 
 TRITON_MAX_M = 64
-"""Up to this many rows the Triton kernel (tile-wise activation quantization) runs; past it
-_scaled_mm (scripts/bench_fp8.py on an H100: Triton ahead up to 64 rows, cuBLASLt from 256)."""
+"""Up to this many rows the Triton W8A8 kernel runs; past it _scaled_mm (scripts/bench_fp8.py
+on an H100: Triton ahead up to 64 rows, cuBLASLt from 256)."""
 BACKENDS = ("triton", "triton_w8a8", "triton_w8a8_block", "scaled_mm", "scaled_mm_fast_accum")
 """`scaled_mm_fast_accum`: cuBLASLt's faster fp8 accumulation (partial sums kept at lower
 precision between promotions), for benchmarks to weigh against `scaled_mm`."""
@@ -52,11 +52,13 @@ class Fp8Tile(NamedTuple):
 
 
 def tile_for(m: int) -> Fp8Tile:
-    """Tiles by M. Small M: narrow column tiles, so that a 4096-wide output still spreads its
-    weight reads over the 132 SMs, and long K tiles with deep pipelines to keep enough bytes
-    in flight; large M: the square tiles of compute-bound GEMMs."""
+    """Tiles by M. Small M: wide column tiles over long K tiles, each output's K range split
+    over 4 programs (float32 atomics), so that even a 4096-wide output spreads its weight
+    reads over 128 programs with enough bytes in flight (bench_fp8 on an H100: at M=1 the
+    best of the swept tiles for every Mistral-7B projection); larger M: the square tiles of
+    compute-bound GEMMs."""
     if m <= 16:
-        return Fp8Tile(16, 32, 256, 4, 5)
+        return Fp8Tile(16, 128, 256, 8, 3, split_k=4)
     if m <= 32:
         return Fp8Tile(32, 64, 128, 4, 4)
     if m <= 64:
@@ -66,11 +68,11 @@ def tile_for(m: int) -> Fp8Tile:
     return Fp8Tile(128, 128, 128, 8, 3)
 
 
-def _fit(tile: Fp8Tile, a_itemsize: int) -> Fp8Tile:
+def _fit(tile: Fp8Tile, a_itemsize: int, w_itemsize: int = 1) -> Fp8Tile:
     """Fewer stages, then shorter K tiles, until the pipelined tiles fit in shared memory
     (float32 activations, as the tests run, take four times the bytes of float8 ones)."""
     while True:
-        stage = (tile.block_m * a_itemsize + tile.block_n) * tile.block_k
+        stage = (tile.block_m * a_itemsize + tile.block_n * w_itemsize) * tile.block_k
         if stage * tile.num_stages <= SHARED_MEMORY or tile.block_k <= 32:
             return tile
         if tile.num_stages > 2:
@@ -83,7 +85,8 @@ def _fit(tile: Fp8Tile, a_itemsize: int) -> Fp8Tile:
 def _fp8_gemm_kernel(
     a_ptr, w_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr,
     M, N, K, stride_am, stride_wn, stride_om,
-    A_FP8: tl.constexpr, A_BLOCK_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    A_FP8: tl.constexpr, A_BLOCK_QUANT: tl.constexpr, W_SCALED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -130,7 +133,8 @@ def _fp8_gemm_kernel(
             acc = tl.dot(a, w.to(a.dtype), acc)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    acc = acc * tl.load(w_scale_ptr + rn_in)[None, :]
+    if W_SCALED:
+        acc = acc * tl.load(w_scale_ptr + rn_in)[None, :]
     if A_FP8:
         acc = acc * tl.load(a_scale_ptr + rm_in)[:, None]
     if HAS_BIAS:  # noqa: SIM102 (a static if around a dynamic one)
@@ -173,6 +177,14 @@ def fp8_gemm(
         assert bias.shape == (n,) and bias.is_contiguous()
     out_dtype = out_dtype or a.dtype
     tile = _fit(tile or tile_for(m), a.element_size())
+    scales = (a_scale if a_fp8 else None, w_scale)
+    return _launch(a, weight, scales, bias, out_dtype, tile, a_block_quant)
+
+
+def _launch(a, weight, scales, bias, out_dtype, tile: Fp8Tile, a_block_quant: bool):
+    """Run the kernel: scales = (a_scale or None, w_scale or None)."""
+    (m, k), n = a.shape, weight.shape[0]
+    a_scale, w_scale = scales
     if tile.split_k > 1:
         out = torch.zeros((m, n), dtype=torch.float32, device=a.device)
     else:
@@ -180,16 +192,28 @@ def fp8_gemm(
     if m == 0:
         return out.to(out_dtype)
     grid = (triton.cdiv(m, tile.block_m) * triton.cdiv(n, tile.block_n), tile.split_k)
+    any_ptr = weight  # stands in for the pointers a flag leaves unread
     _fp8_gemm_kernel[grid](
-        a, weight, a_scale if a_fp8 else w_scale, w_scale, w_scale if bias is None else bias,
+        a, weight, any_ptr if a_scale is None else a_scale,
+        any_ptr if w_scale is None else w_scale, any_ptr if bias is None else bias,
         out, m, n, k, a.stride(0), weight.stride(0), out.stride(0),
-        A_FP8=a_fp8, A_BLOCK_QUANT=a_block_quant, HAS_BIAS=bias is not None,
-        EVEN_K=k % tile.block_k == 0, FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE,
-        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
-        GROUP_M=tile.group_m, SPLIT_K=tile.split_k, num_warps=tile.num_warps,
-        num_stages=tile.num_stages,
+        A_FP8=a_scale is not None, A_BLOCK_QUANT=a_block_quant, W_SCALED=w_scale is not None,
+        HAS_BIAS=bias is not None, EVEN_K=k % tile.block_k == 0, FP8_MAX=FP8_MAX,
+        MIN_SCALE=MIN_SCALE, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+        BLOCK_K=tile.block_k, GROUP_M=tile.group_m, SPLIT_K=tile.split_k,
+        num_warps=tile.num_warps, num_stages=tile.num_stages,
     )  # fmt: skip
     return out.to(out_dtype)
+
+
+def small_m_linear(
+    a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile: Fp8Tile
+) -> torch.Tensor:
+    """The same kernel over a 16-bit weight (N, K) in a's dtype: a (M, K) @ weight.T
+    (+ bias), for scripts/bench_fp8.py --bf16 to weigh against cuBLAS at decode sizes."""
+    assert a.dim() == 2 and a.stride(1) == 1 and weight.is_contiguous()
+    assert weight.dtype == a.dtype and weight.shape[1] == a.shape[1]
+    return _launch(a, weight, (None, None), bias, a.dtype, _fit(tile, a.element_size(), 2), False)
 
 
 def scaled_mm_linear(
@@ -211,11 +235,12 @@ def scaled_mm_linear(
 
 
 def choose_backend(m: int, n: int, k: int, dtype: torch.dtype) -> str:
-    """Decode-sized M of 16-bit activations: Triton W8A8 with tile-wise activation scales;
-    past it _scaled_mm where it applies (bf16, N and K multiples of 16); weight-only Triton
-    otherwise (float32 activations, odd shapes)."""
+    """Decode-sized M of 16-bit activations: per-token quantization and the Triton W8A8
+    kernel (on an H100 the fastest up to 64 rows; quantizing per tile inside the kernel
+    measured slower at every M); past it _scaled_mm where it applies (bf16, N and K multiples
+    of 16); weight-only Triton otherwise (float32 activations, odd shapes)."""
     if m <= TRITON_MAX_M and dtype in (torch.bfloat16, torch.float16):
-        return "triton_w8a8_block"
+        return "triton_w8a8"
     if dtype != torch.bfloat16 or n % 16 or k % 16:
         return "triton"
     return "scaled_mm"
