@@ -146,7 +146,7 @@ def bench_shape(name: str, n: int, k: int, m: int, sweep: bool) -> dict:
     row["picked"] = fp8_gemm.choose_backend(m, n, k, x.dtype)
     timed = [b for b in fp8_gemm.BACKENDS if row[b] == row[b]]  # not NaN
     row["fastest"] = min(timed, key=lambda b: row[b])
-    row["tile"] = str(tuple(fp8_gemm.tile_for(m)))
+    row["tile"] = str(tuple(fp8_gemm.tile_for(m, n)))
     if sweep and m <= 64:
         row["sweep"] = sweep_tiles(x, q, scale, ref)
     return row

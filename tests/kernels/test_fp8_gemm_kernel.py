@@ -132,7 +132,7 @@ def test_block_quantized_activations_match_reference_gpu(compiled, shape, split_
     of the cast."""
     m, n, k = shape
     gemm = compiled.fp8_gemm
-    tile = gemm.tile_for(m)._replace(split_k=split_k)
+    tile = gemm.tile_for(m, n)._replace(split_k=split_k)
     x, q, scale, b = _operands(m, n, k, "cuda", torch.bfloat16)
     expected = fp8_block_w8a8_linear_ref(x.float(), q, scale, tile.block_k, b.float())
     with poisoned_allocations():
