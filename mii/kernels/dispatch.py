@@ -145,7 +145,7 @@ def fp8_linear(
     x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """x @ (weight * scale[:, None]).T + bias with float8 weights (kernels/fp8_ref.py): on
-    CUDA Triton or `torch._scaled_mm` by shape (kernels/fp8_gemm.py), otherwise the weight
+    CUDA Triton or `torch._scaled_mm` by M (kernels/fp8_gemm.py), otherwise the weight
     dequantized into x's dtype for this call."""
     if _triton_on(x):
         from mii.kernels.fp8_gemm import fp8_linear as kernel
