@@ -80,7 +80,8 @@ class ModelConfig(_Model):
     """Share the KV blocks of common prompt prefixes."""
     kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3"] = "auto"
     """auto (the model's dtype) or fp8 (= fp8_e4m3: float8 e4m3 with per-head scales
-    calibrated at start-up; twice the sequences in the same memory)."""
+    calibrated at start-up, or the checkpoint's KV scales where it has them; twice the
+    sequences in the same memory)."""
     enforce_eager: bool = False
     """No CUDA graphs."""
     schedule_policy: SchedulePolicy = SchedulePolicy.SPLITFUSE

@@ -22,9 +22,18 @@ binades, at the bottom, where values 10^4 times below the head's largest land. L
 ones are clamped: never inf or NaN. A head that calibration saw only as zeros gets 1.0.
 The scales never change afterwards, so a block reused through prefix caching reads back
 the same in every sequence, and CUDA graphs read them where they were captured.
+
+A checkpoint published with KV-cache scales (llm-compressor / AutoFP8 "FP8-KV" releases:
+`self_attn.k_scale` and `v_scale`, the older single `kv_scale`, or `k_proj.output_scale`
+and `v_proj.output_scale`; one scalar per layer, calibrated on real text) gives its own,
+as vLLM uses them: every head of a layer takes the layer's scale, and nothing is calibrated.
+Only a set that covers every layer is used; another is reported and calibration runs.
 """
 
 from __future__ import annotations
+
+import logging
+import re
 
 import torch
 from torch import nn
@@ -32,7 +41,16 @@ from torch import nn
 from mii.engine.layers.attention import AttentionMetadata, PagedAttention
 from mii.kernels.torch_ref import FP8_DTYPE, FP8_MAX
 
+logger = logging.getLogger(__name__)
+
 FP8_NAMES = ("fp8", "fp8_e4m3")
+CHECKPOINT_SCALE = re.compile(
+    r"\.layers\.(\d+)\.[a-z_]+\."
+    r"(?:attn\.(?=[kv]_scale$))?(?:(k|v|kv)_scale|(k|v)_proj\.output_scale)$"
+)
+"""A KV-cache scale's name in a checkpoint: layer index, then k / v / kv as the scale's own
+name or its projection's says (`...self_attn.k_scale`, `...self_attn.attn.v_scale`,
+`...self_attn.kv_scale`, `...self_attn.k_proj.output_scale`)."""
 CALIBRATION_TOKENS = 256
 HEADROOM = 4.0
 CALIBRATION_SEED = 0
@@ -78,3 +96,32 @@ def calibrate_scales(
     model(ids, positions, AttentionMetadata.one_sequence(tokens, block_size, device))
     absmax = scratch.abs().amax(dim=(2, 3, 5))  # (2, layers, Hkv)
     return scales_from_absmax(absmax)
+
+
+def scales_from_checkpoint(weights, num_layers: int, kv_heads: int) -> torch.Tensor | None:
+    """(2, layers, Hkv) fp32 from a checkpoint's (name, tensor) pairs (`iterate_checkpoint`),
+    each layer's scalar K and V scale over all its heads; None where the checkpoint has
+    none, or not one K and one V scalar for every layer (reported: the caller calibrates)."""
+    found: dict[tuple[int, int], float] = {}
+    for name, tensor in weights:
+        match = CHECKPOINT_SCALE.search(name)
+        if match is None:
+            continue
+        value = tensor[...].float().reshape(-1)
+        if value.numel() != 1:
+            logger.warning("KV-cache scale %s holds %d values, not one per layer: the engine "
+                           "calibrates its own scales", name, value.numel())  # fmt: skip
+            return None
+        layer, kind = int(match.group(1)), match.group(2) or match.group(3)
+        for kv in (0, 1) if kind == "kv" else ("kv".index(kind),):
+            found[(kv, layer)] = value.item()
+    if not found:
+        return None
+    wanted = {(kv, layer) for kv in (0, 1) for layer in range(num_layers)}
+    if set(found) != wanted or not all(v > 0 and v < float("inf") for v in found.values()):
+        logger.warning("the checkpoint's KV-cache scales cover %d of %d (K or V, layer) pairs "
+                       "or are not positive: the engine calibrates its own scales",
+                       len(set(found) & wanted), len(wanted))  # fmt: skip
+        return None
+    scales = torch.tensor([[found[(kv, layer)] for layer in range(num_layers)] for kv in (0, 1)])
+    return scales[:, :, None].expand(2, num_layers, kv_heads).contiguous()

@@ -12,7 +12,7 @@ from mii.engine import kv_cache
 from mii.engine.config import EngineConfig
 from mii.engine.cuda_graphs import DecodeGraphs
 from mii.engine.layers.attention import AttentionMetadata, PagedAttention
-from mii.engine.loader import build_model, init_random_weights, load_weights
+from mii.engine.loader import build_model, init_random_weights, iterate_checkpoint, load_weights
 from mii.engine.quantization import plan_quantization
 from mii.engine.sampler import Sampler, SamplerOutput
 from mii.engine.scheduler import ScheduledChunk
@@ -68,11 +68,9 @@ class ModelRunner:
         self.num_blocks = tp.min_over_ranks(config.cache.num_blocks or self._blocks_that_fit())
         self.kv_scales: torch.Tensor | None = None  # (2, layers, Hkv) of an fp8 cache
         if self.kv_dtype == kv_cache.FP8_DTYPE:
-            tokens = min(config.scheduler.max_num_batched_tokens, max_positions)
-            self.kv_scales = kv_cache.calibrate_scales(
-                self.model, self.attention_layers, hf_config.vocab_size, tokens,
-                self.block_size, dtype,
-            )  # fmt: skip
+            self.kv_scales = self._fp8_kv_scales(
+                hf_config, None if random_weights else model_path, max_positions
+            )
         self._allocate_cache()
         self.sampler: Sampler | None = None
         self.graphs: DecodeGraphs | None = None
@@ -83,6 +81,20 @@ class ModelRunner:
             batch = min(config.scheduler.max_num_seqs, 256)
             self.graphs = DecodeGraphs(self.model, self.device, batch, max_blocks)
             self.graphs.capture()
+
+    def _fp8_kv_scales(self, hf_config, path: str | None, max_positions: int) -> torch.Tensor:
+        """An fp8 cache's scales: the checkpoint's where it has them, else calibrated."""
+        layers = self.attention_layers
+        if path is not None:
+            stored = kv_cache.scales_from_checkpoint(
+                iterate_checkpoint(path), len(layers), layers[0].num_kv_heads
+            )
+            if stored is not None:
+                return stored.to(self.device)
+        tokens = min(self.config.scheduler.max_num_batched_tokens, max_positions)
+        return kv_cache.calibrate_scales(
+            self.model, layers, hf_config.vocab_size, tokens, self.block_size, self.dtype
+        )
 
     def _pack_cpu_weights(self) -> None:
         if self.device.type != "cpu":

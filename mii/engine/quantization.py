@@ -32,8 +32,8 @@ from mii.engine.loader import iterate_checkpoint, parameter_of
 SCALE = ".weight_scale"
 UNUSED = (".input_scale", ".k_scale", ".v_scale", ".kv_scale", ".output_scale")
 """FP8 checkpoints' static activation and KV-cache scales (AutoFP8's and compressed-
-tensors' names for them), which nothing here reads: activations are scaled per token, an
-FP8 KV cache calibrates its own scales."""
+tensors' names for them), which no layer loads: activations are scaled per token, and an
+FP8 KV cache reads its scales from the checkpoint itself (engine/kv_cache.py)."""
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
-"""The fp8 KV cache in the engine: the option, the calibrated scales, twice the blocks in
-the same memory, greedy agreement with the full-precision cache (CPU and GPU)."""
+"""The fp8 KV cache in the engine: the option, the calibrated scales and a checkpoint's own,
+twice the blocks in the same memory, greedy agreement with the full-precision cache (CPU
+and GPU)."""
 
 from __future__ import annotations
 
@@ -123,6 +124,93 @@ def test_an_fp8_cache_has_calibrated_scales(tiny_model, name):
     # calibration's largest values land near FP8_MAX / HEADROOM; text keeps within range
     assert (cached > 0).all() and (cached <= FP8_MAX).all()
     assert (cached >= FP8_MAX / kv_cache.HEADROOM / 4).all()
+
+
+SCALE_FORMS = {
+    # llm-compressor / vLLM: one K and one V scalar under self_attn
+    "k_scale": lambda i: {f"model.layers.{i}.self_attn.k_scale": 0,
+                          f"model.layers.{i}.self_attn.v_scale": 1},
+    # older AutoFP8: one scalar for both
+    "kv_scale": lambda i: {f"model.layers.{i}.self_attn.kv_scale": 0},
+    # compressed-tensors: the K and V projections' output scales
+    "output_scale": lambda i: {f"model.layers.{i}.self_attn.k_proj.output_scale": 0,
+                               f"model.layers.{i}.self_attn.v_proj.output_scale": 1},
+}  # fmt: skip
+
+
+def test_checkpoint_scale_names():
+    names = {
+        "model.layers.3.self_attn.k_scale": ("3", "k"),
+        "model.layers.12.self_attn.attn.v_scale": ("12", "v"),
+        "model.layers.0.self_attn.kv_scale": ("0", "kv"),
+        "model.layers.7.self_attn.v_proj.output_scale": ("7", "v"),
+        "transformer.h.layers.1.self_attention.k_scale": ("1", "k"),
+    }
+    for name, (layer, kind) in names.items():
+        match = kv_cache.CHECKPOINT_SCALE.search(name)
+        assert match and (match.group(1), match.group(2) or match.group(3)) == (layer, kind)
+    for other in ("model.layers.0.self_attn.q_proj.weight_scale", "model.layers.0.mlp.k_scale_x",
+                  "model.layers.0.self_attn.o_proj.output_scale",
+                  "model.layers.0.self_attn.k_proj.input_scale"):  # fmt: skip
+        assert kv_cache.CHECKPOINT_SCALE.search(other) is None, other
+
+
+def _with_kv_scales(path: str, scales: dict[str, float]) -> None:
+    from safetensors.torch import load_file, save_file
+
+    file = f"{path}/model.safetensors"
+    tensors = load_file(file)
+    tensors.update({name: torch.tensor(value) for name, value in scales.items()})
+    save_file(tensors, file)
+
+
+@pytest.mark.parametrize("form", sorted(SCALE_FORMS))
+def test_an_fp8_checkpoint_gives_its_kv_scales(tiny_model, tmp_path, form):
+    """A checkpoint's per-layer scales are what the cache uses, every head of a layer alike,
+    with nothing calibrated; generation stays as close to the calibrated cache's as the
+    format allows."""
+    from fp8_testing import write_fp8_checkpoint
+
+    path = write_fp8_checkpoint(tiny_model("llama3"), str(tmp_path / "fp8"), "fp8")
+    calibrated = make_engine(path, "fp8", num_blocks=64)
+    per_layer = calibrated.runner.kv_scales.amax(dim=2)  # (2, layers): one scalar a layer
+    layers = per_layer.shape[1]
+    stored = {}
+    for i in range(layers):
+        for name, kv in SCALE_FORMS[form](i).items():
+            stored[name] = per_layer[kv, i].item() * (1 + 0.05 * (2 * i + kv))  # all distinct
+    _with_kv_scales(path, stored)
+    engine = make_engine(path, "fp8", num_blocks=64)
+    scales = engine.runner.kv_scales
+    heads = engine.runner.attention_layers[0].num_kv_heads
+    assert scales.shape == (2, layers, heads)
+    for i in range(layers):
+        for name, kv in SCALE_FORMS[form](i).items():
+            for which in (0, 1) if form == "kv_scale" else (kv,):
+                assert torch.equal(scales[which, i], torch.full((heads,), stored[name]))
+    # next-token agreement with the full-precision cache, as near as the calibrated scales'
+    prompts = mixed_prompts(8, (40, 9, 70, 3), seed=5)
+    reference = greedy_tokens(make_engine(path, "auto", num_blocks=64), prompts, 8)
+    ours = next_token_agreement(engine, prompts, reference)
+    theirs = next_token_agreement(calibrated, prompts, reference)
+    print(f"next-token agreement: checkpoint scales {ours:.3f}, calibrated {theirs:.3f}")
+    assert ours >= max(0.5, theirs - 0.15)  # a broken cache agrees on ~0.003
+    assert engine.runner.kv_cache.float().isfinite().all()
+
+
+def test_partial_checkpoint_kv_scales_are_reported_and_calibrated(tiny_model, tmp_path, caplog):
+    from fp8_testing import write_fp8_checkpoint
+
+    path = write_fp8_checkpoint(tiny_model("llama3"), str(tmp_path / "fp8"), "fp8")
+    expected = make_engine(path, "fp8", num_blocks=64).runner.kv_scales
+    _with_kv_scales(path, {"model.layers.0.self_attn.k_scale": 0.5,
+                           "model.layers.0.self_attn.v_scale": 0.5})  # fmt: skip
+    with caplog.at_level("WARNING", logger="mii.engine.kv_cache"):
+        engine = make_engine(path, "fp8", num_blocks=64)
+    assert torch.equal(engine.runner.kv_scales, expected)
+    assert "calibrates its own scales" in caplog.text
+    # the scales stay out of the weights, and an 'auto' cache ignores them
+    assert make_engine(path, "auto", num_blocks=64).runner.kv_scales is None
 
 
 def test_the_same_memory_holds_four_times_the_fp32_blocks(tiny_model):
