@@ -13,7 +13,9 @@ them (the layers' method is layers/fp8_linear.py).
   gives a `weight_scale` takes its float8 weight as stored. Per-tensor scales become one
   scale per row (fused q/k/v keep each part's own), per-channel ones ([N] or [N, 1]) load
   as they are. Static `input_scale`s are not used: activations are scaled per token at
-  run time, which is at least as accurate.
+  run time, which is at least as accurate. The experts of an MoE checkpoint in FP8
+  (Mixtral's `experts.{e}.w1` ... with their `weight_scale`s) are dequantized into the
+  model's dtype as they load: the fused MoE kernel runs them as it runs any experts.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from torch import nn
 
 from mii.engine.layers.fp8_linear import Fp8LinearMethod
 from mii.engine.layers.linear import LinearBase, ReplicatedLinear
+from mii.engine.layers.moe import ExpertStack
 from mii.engine.loader import iterate_checkpoint, parameter_of
 
 SCALE = ".weight_scale"
@@ -44,6 +47,9 @@ class Quantization:
     """The layers whose float8 weights the checkpoint holds; None: quantize at load."""
     scale_rows: dict[str, int] | None = None
     """Rows of each checkpoint weight that a `weight_scale` scales (per-tensor scales)."""
+    expert_scales: dict[str, torch.Tensor] | None = None
+    """The `weight_scale` of each float8 expert weight of the checkpoint, by the scale's
+    name (float32, flat): those weights load dequantized."""
 
     def prepare(self, model: nn.Module) -> None:
         """Give the layers their FP8 method before the checkpoint loads."""
@@ -55,10 +61,14 @@ class Quantization:
     def weights(self, path: str) -> Iterator[tuple[str, Any]]:
         """The checkpoint's tensors as the layers take them: scales as float32 vectors over
         the weight's rows, unused scales left out."""
+        experts = self.expert_scales or {}
         for name, tensor in iterate_checkpoint(path):
-            if name.endswith(UNUSED):
+            if name.endswith(UNUSED) or name in experts:
                 continue
-            if name.endswith(SCALE) and self.scale_rows is not None:
+            expert_scale = experts.get(name.removesuffix(".weight") + SCALE)
+            if expert_scale is not None:
+                tensor = Dequantized(tensor, expert_scale)
+            elif name.endswith(SCALE) and self.scale_rows is not None:
                 tensor = _scale_rows(tensor[...], self.scale_rows[name])
             yield name, tensor
 
@@ -135,26 +145,45 @@ def _describe(qc: dict) -> str:
 
 
 def _from_checkpoint(model: nn.Module, path: str) -> Quantization:
-    """The layers that the checkpoint gives a weight scale, with the rows of each weight."""
-    scales, rows = set(), {}
+    """The layers that the checkpoint gives a weight scale, with the rows of each weight;
+    the experts' scales apart (their weights load dequantized)."""
+    layers, dense, experts, rows = set(), set(), {}, {}
+    modules = dict(model.named_modules())
     for name, tensor in iterate_checkpoint(path):
         shape = tensor.get_shape() if hasattr(tensor, "get_shape") else tensor.shape
-        if name.endswith(SCALE):
-            scales.add(name)
-        elif name.endswith(".weight") and shape:
+        if name.endswith(".weight") and shape:
             rows[name] = shape[0]
-    layers, modules = set(), dict(model.named_modules())
-    for scale in scales:
-        target, _ = parameter_of(model, scale)
-        layer = target.removesuffix(SCALE)
-        if not isinstance(modules.get(layer), LinearBase):
+        if not name.endswith(SCALE):
+            continue
+        target = parameter_of(model, name)[0].removesuffix(SCALE)
+        if isinstance(modules.get(target), ExpertStack):
+            experts[name] = tensor[...].float().reshape(-1)  # read while the file is open
+        elif isinstance(modules.get(target), LinearBase):
+            layers.add(target)
+            dense.add(name)
+        else:
             raise NotImplementedError(
-                f"the checkpoint's float8 weight {scale.removesuffix(SCALE)} is not of a "
-                "linear layer that mii runs in FP8 (fused MoE experts are not supported)"
+                f"the checkpoint's float8 weight {name.removesuffix(SCALE)} is not of a "
+                "linear layer or experts that mii loads from FP8"
             )
-        layers.add(layer)
-    scale_rows = {s: rows[s.removesuffix(SCALE) + ".weight"] for s in scales}
-    return Quantization(checkpoint_layers=frozenset(layers), scale_rows=scale_rows)
+    scale_rows = {s: rows[s.removesuffix(SCALE) + ".weight"] for s in dense}
+    return Quantization(frozenset(layers), scale_rows, experts or None)
+
+
+class Dequantized:
+    """A float8 checkpoint weight read as float32 times its scale (one for the tensor, or
+    one per row), indexed as the loaders index checkpoint weights (`w[a:b]`, `w[:, a:b]`,
+    `w[...]`) without reading more of the file than the index asks."""
+
+    def __init__(self, tensor: Any, scale: torch.Tensor) -> None:
+        self.tensor, self.scale = tensor, scale
+
+    def __getitem__(self, index) -> torch.Tensor:
+        weight = self.tensor[index].float()
+        if self.scale.numel() == 1:
+            return weight * self.scale
+        rows = index[0] if isinstance(index, tuple) else index
+        return weight * (self.scale if rows is Ellipsis else self.scale[rows])[:, None]
 
 
 def _scale_rows(scale: torch.Tensor, rows: int) -> torch.Tensor:

@@ -14,7 +14,10 @@ from mii.engine.engine import LLMEngine
 from mii.engine.layers.attention import AttentionMetadata
 from mii.kernels.fp8_ref import FP8, dequantize_rows, quantize_rows
 
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                "w1", "w2", "w3")  # fmt: skip
+"""Stored in float8: attention and MLP projections, and the experts of MoE models (Mixtral's
+w1/w2/w3, Qwen2-MoE's gate/up/down_proj under experts.{e})."""
 
 
 def engine(path: str, device: str = "cpu", **options) -> LLMEngine:

@@ -1,7 +1,8 @@
 """FP8 weights on the CPU: the quantize / dequantize round trip, a tiny model quantized at
 load against its float self, FP8 checkpoints (AutoFP8's per-tensor scales, compressed-
 tensors' per-channel ones) loading as stored, their scales sharded under tensor
-parallelism, the options that ask for FP8, and SmolLM2's greedy tokens in FP8."""
+parallelism, MoE checkpoints' float8 experts loading dequantized, the options that ask for
+FP8, and SmolLM2's greedy tokens in FP8."""
 
 from __future__ import annotations
 
@@ -14,13 +15,13 @@ from fp8_testing import (
     row_cosine,
     write_fp8_checkpoint,
 )
-from tiny_models import greedy_tokens, mixed_prompts
+from tiny_models import MOE_ARCHS, greedy_tokens, mixed_prompts
 
 import mii
 from mii.config import ModelConfig
 from mii.engine.layers.fp8_linear import Fp8LinearMethod
 from mii.engine.layers.linear import LinearBase
-from mii.engine.quantization import checkpoint_quantization
+from mii.engine.quantization import Dequantized, checkpoint_quantization
 from mii.kernels.fp8_ref import FP8, FP8_MAX, dequantize_rows, quantize_rows
 
 
@@ -97,6 +98,51 @@ def test_fp8_checkpoint_scales_shard_with_tensor_parallelism(tiny_model, tmp_pat
             pipe.destroy()
 
     assert run(tensor_parallel=2) == run()
+
+
+def test_dequantized_weights_index_as_the_loaders_do():
+    gen = torch.Generator().manual_seed(1)
+    q, row_scale = quantize_rows(torch.randn(12, 20, generator=gen))
+    for scale in (row_scale, torch.tensor([0.03])):
+        full = q.float() * (scale[:, None] if scale.numel() > 1 else scale)
+        weight = Dequantized(q, scale)
+        for index in (..., slice(4, 9), (slice(None), slice(5, 15))):
+            assert torch.equal(weight[index], full[index]), index
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+@pytest.mark.parametrize("fmt", ["fp8", "compressed-tensors"])
+def test_fp8_moe_checkpoint_loads_its_experts_dequantized(tiny_model, tmp_path, arch, fmt):
+    """Every expert stored in float8 with its scale: the experts hold exactly the
+    dequantized weights (the model's dtype; the fused kernel runs them as any experts), the
+    attention and dense layers stay FP8, and the logits equal the dequantized model's."""
+    path = write_fp8_checkpoint(tiny_model(arch), str(tmp_path / "fp8"), fmt)
+    fp8, ref = engine(path), engine(path + "-ref")
+    assert _fp8_layers(fp8) and not _fp8_layers(ref)
+    ours, theirs = fp8.runner.model.model.layers[0].mlp, ref.runner.model.model.layers[0].mlp
+    for stack in ("gate_up", "down"):
+        mine, wanted = getattr(ours.experts, stack).weight, getattr(theirs.experts, stack).weight
+        assert mine.dtype == wanted.dtype == torch.float32 and torch.equal(mine, wanted)
+    ids = mixed_prompts(1, (40,), seed=6)[0]
+    assert torch.allclose(prompt_logits(fp8, ids), prompt_logits(ref, ids), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.timeout(120)
+def test_fp8_moe_checkpoint_shards_its_experts_with_tensor_parallelism(tiny_model, tmp_path):
+    """Per-row scales follow each rank's rows of gate and up and its columns of down."""
+    path = write_fp8_checkpoint(tiny_model("mixtral"), str(tmp_path / "fp8"), "compressed-tensors")
+    prompts = mixed_prompts(3, (1, 17, 40), seed=2)
+    opts = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False)
+
+    def run(folder, **kwargs):
+        pipe = mii.pipeline(folder, max_num_batched_tokens=32, **kwargs)
+        try:
+            return [r.token_ids for r in pipe(prompts, **opts)]
+        finally:
+            pipe.destroy()
+
+    assert run(path, tensor_parallel=2) == run(path + "-ref", tensor_parallel=2)
 
 
 def test_checkpoint_quantization_configs():
