@@ -130,15 +130,18 @@ def fused_moe(
     down: torch.Tensor,
     top_k: int,
     renormalize: bool,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """The routed experts of a mixture-of-experts layer (kernels/fused_moe_ref.py says how)."""
+    """The routed experts of a mixture-of-experts layer (kernels/fused_moe_ref.py says how);
+    float8 experts with their row `scales`."""
     if _triton_on(x):
         from mii.kernels.fused_moe import fused_moe as kernel
 
-        return kernel(x, router_logits, gate_up, down, top_k, renormalize)
+        return kernel(x, router_logits, gate_up, down, top_k, renormalize, scales=scales)
     from mii.kernels.fused_moe_ref import fused_moe_ref, route_ref
 
-    return fused_moe_ref(x, gate_up, down, route_ref(router_logits, top_k, renormalize))
+    routing = route_ref(router_logits, top_k, renormalize)
+    return fused_moe_ref(x, gate_up, down, routing, scales)
 
 
 def fp8_linear(

@@ -18,7 +18,11 @@ Three launches per layer, none of which waits for the host (CUDA graphs capture 
    routing weight and stored at its entry `t * k + j`; the k rows of each token are then
    summed (one torch reduction, which accumulates in float32).
 
-Weights are laid out as in fused_moe_ref: gate_up (E, 2I, H), down (E, H, I).
+Weights are laid out as in fused_moe_ref: gate_up (E, 2I, H), down (E, H, I), in x's
+dtype, or in float8 e4m3 with one float32 scale per expert and output row (`scales`:
+gate_up's (E, 2I), down's (E, H)): each weight tile is converted to x's dtype in registers
+and the row scales applied to the float32 sums (weight-only FP8, as kernels/fp8_gemm.py's
+weight-only mode): half the bytes a decode step reads.
 """
 
 from __future__ import annotations
@@ -241,11 +245,11 @@ def _tile(num_blocks, num_n_tiles, GROUP_M: tl.constexpr):
 
 @triton.jit
 def _gate_up_kernel(
-    x_ptr, w_ptr, h_ptr, sorted_ids_ptr, block_expert_ptr, block_rows_ptr,
-    num_blocks, inner, hidden, stride_xm, stride_we, stride_wn, stride_hm,
+    x_ptr, w_ptr, scale_ptr, h_ptr, sorted_ids_ptr, block_expert_ptr, block_rows_ptr,
+    num_blocks, inner, hidden, stride_xm, stride_we, stride_wn, stride_se, stride_hm,
     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, W_SCALED: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_n = _tile(num_blocks, tl.cdiv(inner, BLOCK_N), GROUP_M)
     real_rows = tl.load(block_rows_ptr + pid_m)
@@ -273,10 +277,14 @@ def _gate_up_kernel(
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             g = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             u = tl.load(g_ptrs + up, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc_g = tl.dot(a, g, acc_g, input_precision=PRECISION)
-        acc_u = tl.dot(a, u, acc_u, input_precision=PRECISION)
+        acc_g = tl.dot(a, g.to(a.dtype), acc_g, input_precision=PRECISION)
+        acc_u = tl.dot(a, u.to(a.dtype), acc_u, input_precision=PRECISION)
         a_ptrs += BLOCK_K
         g_ptrs += BLOCK_K
+    if W_SCALED:  # float8 weights: each output row's scale on its float32 sum
+        s_ptrs = scale_ptr + expert * stride_se + offs_n
+        acc_g = acc_g * tl.load(s_ptrs, mask=n_ok, other=0.0)[None, :]
+        acc_u = acc_u * tl.load(s_ptrs + inner, mask=n_ok, other=0.0)[None, :]
     # Rounded as the reference rounds: the projections, silu(gate), then the product.
     dtype = h_ptr.dtype.element_ty
     gate = acc_g.to(dtype).to(tl.float32)
@@ -288,10 +296,12 @@ def _gate_up_kernel(
 
 @triton.jit
 def _down_kernel(
-    h_ptr, w_ptr, out_ptr, sorted_ids_ptr, weights_ptr, block_expert_ptr, block_rows_ptr,
-    num_blocks, hidden, inner, stride_hm, stride_we, stride_wn, stride_om,
+    h_ptr, w_ptr, scale_ptr, out_ptr, sorted_ids_ptr, weights_ptr, block_expert_ptr,
+    block_rows_ptr, num_blocks, hidden, inner, stride_hm, stride_we, stride_wn, stride_se,
+    stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+    W_SCALED: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_n = _tile(num_blocks, tl.cdiv(hidden, BLOCK_N), GROUP_M)
     real_rows = tl.load(block_rows_ptr + pid_m)
@@ -314,9 +324,11 @@ def _down_kernel(
             k_ok = offs_k < inner - k0
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = tl.dot(a, b.to(a.dtype), acc, input_precision=PRECISION)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
+    if W_SCALED:
+        acc = acc * tl.load(scale_ptr + expert * stride_se + offs_n, mask=n_ok, other=0.0)[None, :]
     entry = tl.load(sorted_ids_ptr + offs_m, mask=row_ok, other=0)
     weight = tl.load(weights_ptr + entry, mask=row_ok, other=0.0)
     dtype = out_ptr.dtype.element_ty
@@ -325,12 +337,22 @@ def _down_kernel(
     tl.store(out_ptrs, y.to(dtype), mask=row_ok[:, None] & n_ok[None, :])
 
 
-def _check_weights(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+ExpertScales = tuple[torch.Tensor, torch.Tensor]
+"""Float8 experts' row scales: gate_up's (E, 2I) and down's (E, H), float32."""
+
+
+def _check_weights(x, gate_up, down, scales: ExpertScales | None) -> None:
     assert x.dim() == 2 and x.stride(1) == 1, "x: (T, H) with dense rows"
     experts, two_inner, hidden = gate_up.shape
     assert two_inner % 2 == 0 and hidden == x.shape[1], "gate_up: (E, 2I, H)"
     assert down.shape == (experts, hidden, two_inner // 2), "down: (E, H, I)"
-    assert gate_up.dtype == down.dtype == x.dtype, "x and the experts share one dtype"
+    assert gate_up.dtype == down.dtype, "gate_up and down share one dtype"
+    if scales is None:
+        assert gate_up.dtype == x.dtype, "x and the experts share one dtype"
+    else:
+        assert gate_up.dtype == torch.float8_e4m3fn, "scales come with float8 experts"
+        assert scales[0].shape == (experts, two_inner) and scales[1].shape == (experts, hidden)
+        assert all(s.dtype == torch.float32 and s.stride(1) == 1 for s in scales)
     assert gate_up.device == down.device == x.device
     assert gate_up.stride(2) == 1 and down.stride(2) == 1, "weights: dense last dim"
 
@@ -341,9 +363,11 @@ def expert_gemms(
     down: torch.Tensor,
     routing: SortedRouting,
     config: MoeConfig,
+    scales: ExpertScales | None = None,
 ) -> torch.Tensor:
     """The experts over a routed batch: (T, H) in x's dtype."""
-    _check_weights(x, gate_up, down)
+    _check_weights(x, gate_up, down, scales)
+    gate_up_scale, down_scale = scales or (gate_up, down)  # (unread without scales)
     assert routing.block_m == config.block_m, "routing sorted for another block size"
     tokens, top_k = routing.experts.shape
     assert tokens == x.shape[0] and routing.sorted_ids.device == x.device
@@ -356,20 +380,21 @@ def expert_gemms(
     h = torch.empty((blocks * config.block_m, inner), dtype=x.dtype, device=x.device)
     tile = fit_shared_memory(config.gate_up, config.block_m, 2, x.element_size())
     _gate_up_kernel[(blocks * triton.cdiv(inner, tile.block_n),)](
-        x, gate_up, h, routing.sorted_ids, routing.block_expert, routing.block_rows,
-        blocks, inner, hidden, x.stride(0), gate_up.stride(0), gate_up.stride(1), h.stride(0),
+        x, gate_up, gate_up_scale, h, routing.sorted_ids, routing.block_expert,
+        routing.block_rows, blocks, inner, hidden, x.stride(0), gate_up.stride(0),
+        gate_up.stride(1), gate_up_scale.stride(0), h.stride(0),
         TOP_K=top_k, BLOCK_M=config.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
         GROUP_M=config.group_m, EVEN_K=hidden % tile.block_k == 0, PRECISION=precision,
-        num_warps=tile.num_warps, num_stages=tile.num_stages,
+        W_SCALED=scales is not None, num_warps=tile.num_warps, num_stages=tile.num_stages,
     )  # fmt: skip
     tile = fit_shared_memory(config.down, config.block_m, 1, x.element_size())
     _down_kernel[(blocks * triton.cdiv(hidden, tile.block_n),)](
-        h, down, out, routing.sorted_ids, routing.weights, routing.block_expert,
+        h, down, down_scale, out, routing.sorted_ids, routing.weights, routing.block_expert,
         routing.block_rows, blocks, hidden, inner, h.stride(0), down.stride(0),
-        down.stride(1), out.stride(0),
+        down.stride(1), down_scale.stride(0), out.stride(0),
         BLOCK_M=config.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
         GROUP_M=config.group_m, EVEN_K=inner % tile.block_k == 0, PRECISION=precision,
-        num_warps=tile.num_warps, num_stages=tile.num_stages,
+        W_SCALED=scales is not None, num_warps=tile.num_warps, num_stages=tile.num_stages,
     )  # fmt: skip
     if top_k == 1:
         return out
@@ -384,10 +409,11 @@ def fused_moe(
     top_k: int,
     renormalize: bool,
     config: MoeConfig | None = None,
+    scales: ExpertScales | None = None,
 ) -> torch.Tensor:
     """Triton version of `fused_moe_ref.fused_moe_ref(x, gate_up, down,
-    route_ref(router_logits, top_k, renormalize))`: x (T, H), router_logits (T, E)."""
+    route_ref(router_logits, top_k, renormalize), scales)`: x (T, H), router_logits (T, E)."""
     assert router_logits.shape == (x.shape[0], gate_up.shape[0]), "router_logits: (T, E)"
     config = config or moe_config(x.shape[0], top_k, gate_up.shape[0])
     routing = route(router_logits, top_k, renormalize, config.block_m)
-    return expert_gemms(x, gate_up, down, routing, config)
+    return expert_gemms(x, gate_up, down, routing, config, scales)

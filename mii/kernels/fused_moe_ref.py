@@ -19,6 +19,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from mii.kernels.fp8_ref import dequantize_rows
 from mii.kernels.torch_ref import silu_and_mul_ref
 
 
@@ -37,13 +38,19 @@ def route_ref(logits: torch.Tensor, top_k: int, renormalize: bool) -> Routing:
 
 
 def fused_moe_ref(
-    x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, routing: Routing
+    x: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    routing: Routing,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """sum_j weights[t, j] * down_e(silu(gate_e x_t) * up_e x_t) with e = experts[t, j].
 
     x: (T, H); returns (T, H) in x's dtype, summed in float32. One sort of the (token, slot)
     pairs by expert, then per expert that got any: a gather of its tokens, two matmuls, and
-    an index_add of the weighted rows (the best plain-torch formulation on CPU)."""
+    an index_add of the weighted rows (the best plain-torch formulation on CPU). Float8
+    experts come with `scales` (gate_up's (E, 2I), down's (E, H)): each expert used is
+    dequantized into x's dtype for the call (w * scale of its row)."""
     tokens, top_k = routing.experts.shape
     flat = routing.experts.flatten()  # (T*k,) entry t*k + j
     order = flat.argsort(stable=True)
@@ -55,8 +62,12 @@ def fused_moe_ref(
     for expert, count in enumerate(counts):
         if count:
             picked = rows[start : start + count]
-            h = silu_and_mul_ref(F.linear(x.index_select(0, picked), gate_up[expert]))
-            y = F.linear(h, down[expert])  # (count, H)
+            w_gate_up, w_down = gate_up[expert], down[expert]
+            if scales is not None:
+                w_gate_up = dequantize_rows(w_gate_up, scales[0][expert], x.dtype)
+                w_down = dequantize_rows(w_down, scales[1][expert], x.dtype)
+            h = silu_and_mul_ref(F.linear(x.index_select(0, picked), w_gate_up))
+            y = F.linear(h, w_down)  # (count, H)
             out.index_add_(0, picked, y.float() * weights[start : start + count])
         start += count
     return out.to(x.dtype)

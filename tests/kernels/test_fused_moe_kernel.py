@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from kernel_testing import TOLERANCE, poisoned_allocations, rel_err
 
 from mii.kernels import dispatch
+from mii.kernels.fp8_ref import quantize_rows
 from mii.kernels.fused_moe_ref import Routing, fused_moe_ref, route_ref
 
 
@@ -77,15 +78,26 @@ def check_routing(module, logits, top_k, renormalize, block_m=16) -> list[int]:
     return check_sorted(routing, logits.shape[0], top_k, logits.shape[1])
 
 
-def check_layer(module, layer, top_k, renormalize, config=None) -> torch.Tensor:
+def fp8_experts(layer):
+    """The layer with its experts in float8, one scale per expert and output row."""
+    x, logits, gate_up, down = layer
+    quantized, scales = [], []
+    for w in (gate_up, down):
+        q, scale = quantize_rows(w.float().flatten(0, 1))
+        quantized.append(q.view(w.shape))
+        scales.append(scale.view(w.shape[:2]))
+    return (x, logits, *quantized), tuple(scales)
+
+
+def check_layer(module, layer, top_k, renormalize, config=None, scales=None) -> torch.Tensor:
     """The layer against the reference given the kernel's own choice of experts (ties
     between logits may be broken either way; `check_routing` checks the choice)."""
     x, logits, gate_up, down = layer
     with poisoned_allocations():
-        out = module.fused_moe(x, logits, gate_up, down, top_k, renormalize, config)
+        out = module.fused_moe(x, logits, gate_up, down, top_k, renormalize, config, scales)
     chosen = module.route(logits, top_k, renormalize, 16)
     routing = Routing(chosen.weights, chosen.experts.long())
-    expected = fused_moe_ref(x, gate_up, down, routing)
+    expected = fused_moe_ref(x, gate_up, down, routing, scales)
     assert out.shape == x.shape and out.dtype == x.dtype
     assert rel_err(out, expected) < TOLERANCE[x.dtype]
     return out
@@ -124,6 +136,28 @@ def test_layer_matches_reference_interpreted(
     layer = make_layer(tokens, hidden, 48, experts, dtype=dtype, device="cpu", seed=tokens)
     config = small_config(moe_interpreted, block_m)
     check_layer(moe_interpreted, layer, top_k, renormalize, config)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    ("tokens", "hidden", "experts", "top_k", "renormalize"),
+    [(1, 64, 8, 2, True), (7, 96, 8, 2, True), (40, 64, 6, 3, False)],
+)
+def test_fp8_experts_match_reference_interpreted(
+    moe_interpreted, dtype, tokens, hidden, experts, top_k, renormalize
+):
+    """Float8 experts with row scales: each weight tile converted in the kernel and the
+    scales applied to the sums; the reference dequantizes the experts it uses."""
+    layer = make_layer(tokens, hidden, 48, experts, dtype=dtype, device="cpu", seed=tokens)
+    quantized, scales = fp8_experts(layer)
+    assert quantized[2].dtype == torch.float8_e4m3fn
+    out = check_layer(
+        moe_interpreted, quantized, top_k, renormalize, small_config(moe_interpreted), scales
+    )
+    # and the float8 rounding of the weights is all that moved the result
+    full = check_layer(moe_interpreted, layer, top_k, renormalize, small_config(moe_interpreted))
+    assert 0 < rel_err(out, full.float()) < 0.1
 
 
 @pytest.mark.timeout(60)
@@ -297,6 +331,15 @@ def test_layer_matches_reference_gpu(moe_compiled, tokens, experts, top_k, renor
     layer = make_layer(tokens, 1024, inner, experts, dtype=torch.bfloat16, device="cuda")
     check_routing(moe_compiled, layer[1], top_k, renormalize)
     check_layer(moe_compiled, layer, top_k, renormalize)
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("tokens", [1, 16, 256])
+def test_fp8_experts_match_reference_gpu(moe_compiled, tokens):
+    layer = make_layer(tokens, 1024, 1792, 8, dtype=torch.bfloat16, device="cuda")
+    quantized, scales = fp8_experts(layer)
+    check_layer(moe_compiled, quantized, 2, True, scales=scales)
 
 
 @pytest.mark.gpu
