@@ -4,7 +4,7 @@ them (the layers' method is layers/fp8_linear.py).
 - `quantization="fp8"` over an unquantized checkpoint: every tensor-parallel linear layer
   (attention and MLP projections) is quantized once its weights are loaded. Embeddings, the
   LM head and replicated layers (MoE routers: small, and routing is sensitive) stay as they
-  are, as do the fused experts of MoE models. Under tensor parallelism each rank quantizes
+  are; MoE experts as the last point says. Under tensor parallelism each rank quantizes
   its own shard: a row-parallel layer's scales then cover each rank's slice of the input
   features (finer than one process's, so results differ slightly from tensor_parallel=1).
 - An FP8 checkpoint (config.json's `quantization_config`: `quant_method: "fp8"` as
@@ -13,9 +13,11 @@ them (the layers' method is layers/fp8_linear.py).
   gives a `weight_scale` takes its float8 weight as stored. Per-tensor scales become one
   scale per row (fused q/k/v keep each part's own), per-channel ones ([N] or [N, 1]) load
   as they are. Static `input_scale`s are not used: activations are scaled per token at
-  run time, which is at least as accurate. The experts of an MoE checkpoint in FP8
-  (Mixtral's `experts.{e}.w1` ... with their `weight_scale`s) are dequantized into the
-  model's dtype as they load: the fused MoE kernel runs them as it runs any experts.
+  run time, which is at least as accurate.
+- MoE experts (layers/moe.py) on CUDA: in float8 too, with one scale per expert and output
+  row, as an FP8 checkpoint stores them (Mixtral's `experts.{e}.w1` ... with their
+  `weight_scale`s) or quantized once loaded. On the CPU they stay in the model's dtype, an
+  FP8 checkpoint's dequantized as they load.
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from mii.engine.layers.fp8_linear import Fp8LinearMethod
+from mii.engine.layers.fp8_linear import Dequantized, Fp8LinearMethod
 from mii.engine.layers.linear import LinearBase, ReplicatedLinear
-from mii.engine.layers.moe import ExpertStack
+from mii.engine.layers.moe import ExpertStack, FusedExperts
 from mii.engine.loader import iterate_checkpoint, parameter_of
 
 SCALE = ".weight_scale"
@@ -57,6 +59,9 @@ class Quantization:
         for layer in self._layers(model):
             layer.method = Fp8LinearMethod(from_checkpoint=self.checkpoint_layers is not None)
             layer.method.prepare(layer)
+        if self.expert_scales:
+            for experts in _gpu_experts(model):
+                experts.store_fp8()
 
     def weights(self, path: str) -> Iterator[tuple[str, Any]]:
         """The checkpoint's tensors as the layers take them: scales as float32 vectors over
@@ -76,6 +81,9 @@ class Quantization:
         """Quantize what loaded unquantized."""
         for layer in self._layers(model):
             layer.method.process_after_loading(layer)
+        if self.checkpoint_layers is None:
+            for experts in _gpu_experts(model):
+                experts.quantize()
 
     def _layers(self, model: nn.Module) -> Iterator[LinearBase]:
         for name, module in model.named_modules():
@@ -170,20 +178,11 @@ def _from_checkpoint(model: nn.Module, path: str) -> Quantization:
     return Quantization(frozenset(layers), scale_rows, experts or None)
 
 
-class Dequantized:
-    """A float8 checkpoint weight read as float32 times its scale (one for the tensor, or
-    one per row), indexed as the loaders index checkpoint weights (`w[a:b]`, `w[:, a:b]`,
-    `w[...]`) without reading more of the file than the index asks."""
-
-    def __init__(self, tensor: Any, scale: torch.Tensor) -> None:
-        self.tensor, self.scale = tensor, scale
-
-    def __getitem__(self, index) -> torch.Tensor:
-        weight = self.tensor[index].float()
-        if self.scale.numel() == 1:
-            return weight * self.scale
-        rows = index[0] if isinstance(index, tuple) else index
-        return weight * (self.scale if rows is Ellipsis else self.scale[rows])[:, None]
+def _gpu_experts(model: nn.Module) -> Iterator[FusedExperts]:
+    """The model's MoE experts where they run in float8: on CUDA."""
+    for module in model.modules():
+        if isinstance(module, FusedExperts) and module.gate_up.weight.is_cuda:
+            yield module
 
 
 def _scale_rows(scale: torch.Tensor, rows: int) -> torch.Tensor:

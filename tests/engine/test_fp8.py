@@ -19,9 +19,9 @@ from tiny_models import MOE_ARCHS, greedy_tokens, mixed_prompts
 
 import mii
 from mii.config import ModelConfig
-from mii.engine.layers.fp8_linear import Fp8LinearMethod
+from mii.engine.layers.fp8_linear import Dequantized, Fp8LinearMethod
 from mii.engine.layers.linear import LinearBase
-from mii.engine.quantization import Dequantized, checkpoint_quantization
+from mii.engine.quantization import checkpoint_quantization
 from mii.kernels.fp8_ref import FP8, FP8_MAX, dequantize_rows, quantize_rows
 
 
@@ -143,6 +143,80 @@ def test_fp8_moe_checkpoint_shards_its_experts_with_tensor_parallelism(tiny_mode
             pipe.destroy()
 
     assert run(path, tensor_parallel=2) == run(path + "-ref", tensor_parallel=2)
+
+
+@pytest.fixture
+def fp8_experts_on_cpu(monkeypatch):
+    """Float8 experts on the CPU too (the engine keeps them so on CUDA only): the reference
+    then dequantizes the experts each step uses, as the kernel's contract says."""
+    from mii.engine import quantization
+    from mii.engine.layers.moe import FusedExperts
+
+    def every_experts(model):
+        return (m for m in model.modules() if isinstance(m, FusedExperts))
+
+    monkeypatch.setattr(quantization, "_gpu_experts", every_experts)
+
+
+def _experts(eng):
+    return eng.runner.model.model.layers[0].mlp.experts
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+@pytest.mark.parametrize("fmt", ["fp8", "compressed-tensors"])
+def test_fp8_moe_checkpoint_keeps_its_experts_in_float8(
+    tiny_model, tmp_path, arch, fmt, fp8_experts_on_cpu
+):
+    """As on CUDA: the experts hold the checkpoint's float8 values and one scale per row
+    (a per-tensor scale repeated), and compute what the dequantized model computes."""
+    from safetensors import safe_open
+
+    names = ("w1", "w3", "w2") if arch == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+    moe = "block_sparse_moe" if arch == "mixtral" else "mlp"
+    path = write_fp8_checkpoint(tiny_model(arch), str(tmp_path / "fp8"), fmt)
+    fp8, ref = engine(path), engine(path + "-ref")
+    experts = _experts(fp8)
+    assert experts.gate_up.weight.dtype == experts.down.weight.dtype == FP8
+    with safe_open(f"{path}/model.safetensors", "pt") as f:
+        stored = [f.get_tensor(f"model.layers.0.{moe}.experts.1.{n}.weight") for n in names]
+        scales = [f.get_tensor(f"model.layers.0.{moe}.experts.1.{n}.weight_scale") for n in names]
+    gate_up = torch.cat(stored[:2])
+    assert torch.equal(experts.gate_up.weight[1].view(torch.uint8), gate_up.view(torch.uint8))
+    assert torch.equal(experts.down.weight[1].view(torch.uint8), stored[2].view(torch.uint8))
+    rows = [s.reshape(-1).expand(len(w)) for s, w in zip(scales, stored, strict=True)]
+    assert torch.equal(experts.scales[0][1], torch.cat(rows[:2]))
+    assert torch.equal(experts.scales[1][1], rows[2])
+    ids = mixed_prompts(1, (40,), seed=6)[0]
+    assert torch.allclose(prompt_logits(fp8, ids), prompt_logits(ref, ids), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.timeout(120)
+def test_experts_quantized_at_load(tiny_model, fp8_experts_on_cpu):
+    """quantization='fp8' over an unquantized MoE checkpoint: each expert's rows quantized
+    with their own scales once loaded, and the model computes what it computes with those
+    experts dequantized back into float32."""
+    from mii.engine.layers.moe import FusedExperts
+
+    path = tiny_model("mixtral")
+    fp8, twin = engine(path, quantization="fp8"), engine(path, quantization="fp8")
+    full = engine(path)
+    experts, original = _experts(fp8), _experts(full)
+    assert experts.gate_up.weight.dtype == experts.down.weight.dtype == FP8
+    assert experts.scales[0].shape == experts.gate_up.weight.shape[:2]
+    assert experts.scales[1].shape == experts.down.weight.shape[:2]
+    back = dequantize_rows(experts.gate_up.weight[3], experts.scales[0][3], torch.float32)
+    assert (back - original.gate_up.weight[3]).norm() / original.gate_up.weight[3].norm() < 0.03
+    for module in twin.runner.model.modules():
+        if isinstance(module, FusedExperts):
+            for stack, scale in zip((module.gate_up, module.down), module.scales, strict=True):
+                w = stack.weight.data
+                stack.weight.data = torch.stack(
+                    [dequantize_rows(w[e], scale[e], torch.float32) for e in range(len(w))]
+                )
+            module.scales = None
+    ids = mixed_prompts(1, (40,), seed=6)[0]
+    assert torch.allclose(prompt_logits(fp8, ids), prompt_logits(twin, ids), atol=1e-4, rtol=1e-4)
 
 
 def test_checkpoint_quantization_configs():

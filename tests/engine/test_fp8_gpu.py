@@ -1,6 +1,6 @@
 """FP8 weights on CUDA: logits of a random-weight Llama of real width against bf16, both
 GEMM paths (decode-sized steps take the Triton kernel, prefill-sized ones _scaled_mm),
-CUDA graphs, and an FP8 checkpoint."""
+CUDA graphs, an FP8 checkpoint, and MoE experts in float8."""
 
 from __future__ import annotations
 
@@ -77,3 +77,20 @@ def test_fp8_checkpoint_on_the_gpu(tiny_model, tmp_path, fmt):
         prompt_logits(engine(path + "-ref", device="cuda", dtype="bfloat16"), ids),
     )
     assert cos.mean() >= 0.95 and cos.min() >= 0.8, (cos.mean(), cos.min())  # scales right
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_fp8_moe_experts_on_the_gpu(tiny_model, tmp_path, arch):
+    """Experts in float8 from an FP8 checkpoint (values as stored) and quantized at load;
+    both close to the dequantized model's logits (tiny random MoE models route chaotically:
+    a near tie between experts flips a position, hence the mean)."""
+    path = write_fp8_checkpoint(tiny_model(arch), str(tmp_path / "fp8"), "compressed-tensors")
+    ids = mixed_prompts(1, (70,), seed=4)[0]
+    ref = prompt_logits(engine(path + "-ref", device="cuda", dtype="bfloat16"), ids)
+    for source, options in ((path, {}), (path + "-ref", {"quantization": "fp8"})):
+        fp8 = engine(source, device="cuda", dtype="bfloat16", **options)
+        experts = fp8.runner.model.model.layers[0].mlp.experts
+        assert experts.gate_up.weight.dtype == experts.down.weight.dtype == torch.float8_e4m3fn
+        cos = row_cosine(prompt_logits(fp8, ids), ref)
+        assert cos.mean() >= 0.95, (source, cos.mean(), cos.min())

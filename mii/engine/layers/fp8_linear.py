@@ -13,6 +13,7 @@ cores: SmolLM2-135M would spend about a second a step on it).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -67,3 +68,23 @@ class Fp8LinearMethod(LinearMethod):
         if getattr(layer, "dequantized", None) is not None:
             return F.linear(x, layer.dequantized, bias)
         return dispatch.fp8_linear(x, layer.weight, layer.weight_scale, bias)
+
+
+class Dequantized:
+    """A float8 checkpoint weight read as float32 times its scale (one for the tensor, or
+    one per row), indexed as the loaders index checkpoint weights (`w[a:b]`, `w[:, a:b]`,
+    `w[...]`) without reading more of the file than the index asks."""
+
+    def __init__(self, tensor: Any, scale: torch.Tensor) -> None:
+        self.tensor, self.scale = tensor, scale
+
+    def __getitem__(self, index) -> torch.Tensor:
+        weight = self.tensor[index].float()
+        return weight * self.row_scales(index, weight.shape[0])[:, None]
+
+    def row_scales(self, index, rows: int) -> torch.Tensor:
+        """The scale of each of the `rows` rows that `index` selects."""
+        if self.scale.numel() == 1:
+            return self.scale.expand(rows)
+        first = index[0] if isinstance(index, tuple) else index
+        return self.scale if first is Ellipsis else self.scale[first]

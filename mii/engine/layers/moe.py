@@ -7,6 +7,11 @@ dense MLP: a rank holds its slice of every expert's gate and up rows and down co
 its output is a partial sum. The router and the shared expert's gate are replicated; the
 shared expert is split the same way, and its partial sum (scaled by its gate, which is
 linear in it) joins the experts' before the layer's one all-reduce.
+
+FP8 (engine/quantization.py): on CUDA the experts can be held in float8 e4m3 with one
+float32 scale per expert and output row (the fused kernel converts them in registers), half
+their bytes: `store_fp8` before an FP8 checkpoint loads (its float8 values and scales go in
+as stored), `quantize` after unquantized weights loaded (`quantization="fp8"`).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import torch
 from torch import nn
 
 from mii.engine.layers.activation import SiluAndMul
+from mii.engine.layers.fp8_linear import Dequantized
 from mii.engine.layers.linear import (
     MergedColumnParallelLinear,
     ReplicatedLinear,
@@ -22,6 +28,7 @@ from mii.engine.layers.linear import (
 )
 from mii.engine.tp.context import ParallelContext
 from mii.kernels import dispatch
+from mii.kernels.fp8_ref import FP8, quantize_rows
 
 
 class ExpertStack(nn.Module):
@@ -44,16 +51,61 @@ class FusedExperts(nn.Module):
         self.inner = tp.shard(inner, "expert intermediate size")
         self.gate_up = ExpertStack((num_experts, 2 * self.inner, hidden), self._load_gate_up)
         self.down = ExpertStack((num_experts, hidden, self.inner), self._load_down)
+        self.scales: tuple[torch.Tensor, torch.Tensor] | None = None
+        """Float8 experts' row scales, gate_up's (E, 2I/tp) and down's (E, H); None when
+        the experts are in the model's dtype."""
+
+    def store_fp8(self) -> None:
+        """Hold the experts in float8 from now on: the loaders copy an FP8 checkpoint's
+        values and row scales as stored (and quantize the rows of any expert it holds
+        unquantized)."""
+        for stack in (self.gate_up, self.down):
+            loader = stack.weight.weight_loader
+            stack.weight = nn.Parameter(torch.empty_like(stack.weight, dtype=FP8), False)
+            stack.weight.weight_loader = loader
+        self.scales = self._empty_scales()
+
+    def quantize(self) -> None:
+        """The loaded experts to float8, each expert's rows with their own scales."""
+        scales = self._empty_scales()
+        for stack, scale in zip((self.gate_up, self.down), scales, strict=True):
+            weights = stack.weight.data
+            fp8 = torch.empty_like(weights, dtype=FP8)
+            for expert in range(weights.shape[0]):
+                fp8[expert], scale[expert] = quantize_rows(weights[expert])
+            stack.weight.data = fp8
+        self.scales = scales
+
+    def _empty_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(
+            torch.empty(stack.weight.shape[:2], dtype=torch.float32, device=stack.weight.device)
+            for stack in (self.gate_up, self.down)
+        )
 
     def _load_gate_up(self, param: nn.Parameter, loaded, shard: tuple[int, int]) -> None:
         expert, part = shard
         start = self.tp.rank * self.inner
-        rows = param.data[expert].narrow(0, part * self.inner, self.inner)
-        rows.copy_(loaded[start : start + self.inner])
+        rows = slice(part * self.inner, (part + 1) * self.inner)
+        self._put(param, 0, expert, rows, loaded, slice(start, start + self.inner))
 
     def _load_down(self, param: nn.Parameter, loaded, expert: int) -> None:
         start = self.tp.rank * self.inner
-        param.data[expert].copy_(loaded[:, start : start + self.inner])
+        columns = (slice(None), slice(start, start + self.inner))
+        self._put(param, 1, expert, slice(None), loaded, columns)
+
+    def _put(self, param: nn.Parameter, stack: int, expert: int, rows: slice, loaded, index):
+        """loaded[index] into the expert's `rows` of the stack; float8 experts take an FP8
+        checkpoint's values with the scales of those rows, or quantize what they get."""
+        target = param.data[expert, rows]
+        if self.scales is None:
+            target.copy_(loaded[index])
+            return
+        scale = self.scales[stack][expert, rows]
+        if isinstance(loaded, Dequantized):
+            target.copy_(loaded.tensor[index])
+            scale.copy_(loaded.row_scales(index, target.shape[0]))
+        else:
+            target[...], scale[...] = quantize_rows(loaded[index])
 
 
 class SharedExpert(nn.Module):
@@ -95,8 +147,9 @@ class SparseMoeBlock(nn.Module):
         logits = self.gate(x)  # (T, E)
         experts = self.experts
         out = dispatch.fused_moe(
-            x, logits, experts.gate_up.weight, experts.down.weight, self.top_k, self.renormalize
-        )
+            x, logits, experts.gate_up.weight, experts.down.weight, self.top_k, self.renormalize,
+            experts.scales,
+        )  # fmt: skip
         if self.shared_expert is not None:
             gate = torch.sigmoid(self.shared_expert_gate(x))  # (T, 1)
             out = out + gate * self.shared_expert(x)
