@@ -85,12 +85,63 @@ def _default_dtype(dtype: torch.dtype):
 
 
 def build_model(
-    hf_config: Any, dtype: torch.dtype, device: torch.device, tp: ParallelContext, max_pos: int
+    hf_config: Any,
+    dtype: torch.dtype,
+    device: torch.device,
+    tp: ParallelContext,
+    max_pos: int,
+    weights_on_meta: bool = False,
 ) -> nn.Module:
-    """The model with uninitialised weights, created in place on the device."""
+    """The model with uninitialised weights, created in place on the device. With
+    `weights_on_meta` its parameters stay on the meta device (buffers, such as rotary
+    tables, are made on the device): a quantization replaces the weights it covers before
+    `materialize` gives the rest their storage, so that an FP8 model never holds its
+    weights in the model's dtype (an FP8 Mixtral-8x7B fits one 80 GB GPU; its bf16 form
+    would not)."""
     cls = model_class(hf_config)
-    with _default_dtype(dtype), device:
+    with _default_dtype(dtype), device, _parameters_on_meta(weights_on_meta):
         return cls(hf_config, tp, max_pos).eval()
+
+
+@contextmanager
+def _parameters_on_meta(enabled: bool):
+    """Move each parameter to the meta device as a module registers it (one layer's weight
+    exists on the device for that moment only), keeping its attributes (weight_loader)."""
+    if not enabled:
+        yield
+        return
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:
+            meta = nn.Parameter(param.data.to("meta"), requires_grad=param.requires_grad)
+            meta.__dict__.update(param.__dict__)
+            param = meta
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def materialize(model: nn.Module, device: torch.device) -> None:
+    """Uninitialised storage on `device` for every parameter and buffer still on the meta
+    device (a parameter shared by two modules, as tied embeddings are, stays shared)."""
+    made: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is None or not param.is_meta:
+                continue
+            if id(param) not in made:
+                real = torch.empty(param.shape, dtype=param.dtype, device=device)
+                made[id(param)] = nn.Parameter(real, requires_grad=param.requires_grad)
+                made[id(param)].__dict__.update(param.__dict__)
+            module._parameters[name] = made[id(param)]
+        for name, buffer in module._buffers.items():
+            if buffer is not None and buffer.is_meta:
+                module._buffers[name] = torch.empty_like(buffer, device=device)
 
 
 def _checkpoint_files(path: str) -> tuple[list[str], bool]:

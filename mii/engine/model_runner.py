@@ -12,8 +12,14 @@ from mii.engine import kv_cache
 from mii.engine.config import EngineConfig
 from mii.engine.cuda_graphs import DecodeGraphs
 from mii.engine.layers.attention import AttentionMetadata, PagedAttention
-from mii.engine.loader import build_model, init_random_weights, iterate_checkpoint, load_weights
-from mii.engine.quantization import plan_quantization
+from mii.engine.loader import (
+    build_model,
+    init_random_weights,
+    iterate_checkpoint,
+    load_weights,
+    materialize,
+)
+from mii.engine.quantization import checkpoint_quantization, plan_quantization
 from mii.engine.sampler import Sampler, SamplerOutput
 from mii.engine.scheduler import ScheduledChunk
 from mii.engine.step_plan import HEADER, StepPlan
@@ -49,12 +55,16 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         self.max_positions = max_positions
         self.tp = tp = tp.with_peer_all_reduce(self.device, dtype)
-        self.model = build_model(hf_config, dtype, self.device, tp, max_positions)
+        quantizing = config.quantization == "fp8" or checkpoint_quantization(hf_config)
+        self.model = build_model(
+            hf_config, dtype, self.device, tp, max_positions, weights_on_meta=bool(quantizing)
+        )
         quant = plan_quantization(
             config.quantization, hf_config, self.model, None if random_weights else model_path
         )
         if quant is not None:
-            quant.prepare(self.model)
+            quant.prepare(self.model, self.device)
+        materialize(self.model, self.device)
         if random_weights:
             init_random_weights(self.model)
         else:

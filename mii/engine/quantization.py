@@ -53,14 +53,15 @@ class Quantization:
     """The `weight_scale` of each float8 expert weight of the checkpoint, by the scale's
     name (float32, flat): those weights load dequantized."""
 
-    def prepare(self, model: nn.Module) -> None:
-        """Give the layers their FP8 method before the checkpoint loads."""
-        _check_device(next(model.parameters()).device)
+    def prepare(self, model: nn.Module, device: torch.device) -> None:
+        """Give the layers their FP8 method before the checkpoint loads (`device`: where
+        the model runs; its parameters may still be on the meta device)."""
+        _check_device(device)
         for layer in self._layers(model):
             layer.method = Fp8LinearMethod(from_checkpoint=self.checkpoint_layers is not None)
             layer.method.prepare(layer)
         if self.expert_scales:
-            for experts in _gpu_experts(model):
+            for experts in _gpu_experts(model, device):
                 experts.store_fp8()
 
     def weights(self, path: str) -> Iterator[tuple[str, Any]]:
@@ -82,7 +83,7 @@ class Quantization:
         for layer in self._layers(model):
             layer.method.process_after_loading(layer)
         if self.checkpoint_layers is None:
-            for experts in _gpu_experts(model):
+            for experts in _gpu_experts(model, next(model.parameters()).device):
                 experts.quantize()
 
     def _layers(self, model: nn.Module) -> Iterator[LinearBase]:
@@ -178,11 +179,10 @@ def _from_checkpoint(model: nn.Module, path: str) -> Quantization:
     return Quantization(frozenset(layers), scale_rows, experts or None)
 
 
-def _gpu_experts(model: nn.Module) -> Iterator[FusedExperts]:
+def _gpu_experts(model: nn.Module, device: torch.device) -> Iterator[FusedExperts]:
     """The model's MoE experts where they run in float8: on CUDA."""
-    for module in model.modules():
-        if isinstance(module, FusedExperts) and module.gate_up.weight.is_cuda:
-            yield module
+    if device.type == "cuda":
+        yield from (m for m in model.modules() if isinstance(m, FusedExperts))
 
 
 def _scale_rows(scale: torch.Tensor, rows: int) -> torch.Tensor:

@@ -152,7 +152,7 @@ def fp8_experts_on_cpu(monkeypatch):
     from mii.engine import quantization
     from mii.engine.layers.moe import FusedExperts
 
-    def every_experts(model):
+    def every_experts(model, device):
         return (m for m in model.modules() if isinstance(m, FusedExperts))
 
     monkeypatch.setattr(quantization, "_gpu_experts", every_experts)
@@ -214,9 +214,35 @@ def test_experts_quantized_at_load(tiny_model, fp8_experts_on_cpu):
                 stack.weight.data = torch.stack(
                     [dequantize_rows(w[e], scale[e], torch.float32) for e in range(len(w))]
                 )
-            module.scales = None
+            module.gate_up_scale = module.down_scale = None
     ids = mixed_prompts(1, (40,), seed=6)[0]
     assert torch.allclose(prompt_logits(fp8, ids), prompt_logits(twin, ids), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.timeout(60)
+def test_a_quantized_model_is_built_without_its_full_precision_weights(tiny_model, tmp_path):
+    """An FP8 model's parameters stay on the meta device until the quantization has put
+    its float8 ones in place: the model's-dtype weights of the layers it covers are never
+    allocated; tied embeddings stay tied, rotary tables are real from the start."""
+    from transformers import AutoConfig
+
+    from mii.engine.loader import build_model, materialize
+    from mii.engine.tp.context import SINGLE
+
+    path = tiny_model("opt")
+    model = build_model(AutoConfig.from_pretrained(path), torch.float32, torch.device("cpu"),
+                        SINGLE, 64, weights_on_meta=True)  # fmt: skip
+    assert all(p.is_meta for p in model.parameters())
+    assert model.lm_head.weight is model.model.decoder.embed_tokens.weight
+    materialize(model, torch.device("cpu"))
+    assert not any(p.is_meta for p in model.parameters())
+    assert model.lm_head.weight is model.model.decoder.embed_tokens.weight
+    rotary = build_model(AutoConfig.from_pretrained(tiny_model("llama")), torch.float32,
+                         torch.device("cpu"), SINGLE, 64, weights_on_meta=True)  # fmt: skip
+    assert all(not b.is_meta for b in rotary.buffers()) and any(True for _ in rotary.buffers())
+    fp8 = engine(write_fp8_checkpoint(tiny_model("llama3"), str(tmp_path / "fp8"), "fp8"))
+    assert not any(p.is_meta for p in fp8.runner.model.parameters())
+    assert not any(b.is_meta for b in fp8.runner.model.buffers())
 
 
 def test_checkpoint_quantization_configs():

@@ -51,9 +51,18 @@ class FusedExperts(nn.Module):
         self.inner = tp.shard(inner, "expert intermediate size")
         self.gate_up = ExpertStack((num_experts, 2 * self.inner, hidden), self._load_gate_up)
         self.down = ExpertStack((num_experts, hidden, self.inner), self._load_down)
-        self.scales: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.register_buffer("gate_up_scale", None, persistent=False)
+        self.register_buffer("down_scale", None, persistent=False)
+
+    @property
+    def scales(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Float8 experts' row scales, gate_up's (E, 2I/tp) and down's (E, H); None when
         the experts are in the model's dtype."""
+        return None if self.gate_up_scale is None else (self.gate_up_scale, self.down_scale)
+
+    def _set_scales(self, scales) -> None:
+        self.register_buffer("gate_up_scale", scales[0], persistent=False)
+        self.register_buffer("down_scale", scales[1], persistent=False)
 
     def store_fp8(self) -> None:
         """Hold the experts in float8 from now on: the loaders copy an FP8 checkpoint's
@@ -63,7 +72,7 @@ class FusedExperts(nn.Module):
             loader = stack.weight.weight_loader
             stack.weight = nn.Parameter(torch.empty_like(stack.weight, dtype=FP8), False)
             stack.weight.weight_loader = loader
-        self.scales = self._empty_scales()
+        self._set_scales(self._empty_scales())
 
     def quantize(self) -> None:
         """The loaded experts to float8, each expert's rows with their own scales."""
@@ -74,7 +83,7 @@ class FusedExperts(nn.Module):
             for expert in range(weights.shape[0]):
                 fp8[expert], scale[expert] = quantize_rows(weights[expert])
             stack.weight.data = fp8
-        self.scales = scales
+        self._set_scales(scales)
 
     def _empty_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
         return tuple(
