@@ -8,6 +8,8 @@ for TP=1), bf16, at 1, 16, 256 and 4096 tokens, in one run:
   index_select, two matmuls and an index_add);
 - grouped_mm: torch._grouped_mm over the tokens sorted by expert (what transformers 5 runs
   by default), where this torch has it;
+- fp8: the Triton layer over float8 experts (one scale per expert and row, quantized from
+  the same weights; checked against the reference over those float8 experts), default tiles;
 - floor: the bytes of the experts the step's tokens picked over the copy bandwidth
   measured in the same run (the bound at small batch); TFLOP/s against the bf16 matmul peak
   (the bound at large batch).
@@ -32,7 +34,7 @@ from bench_common import measure_peaks, write_json
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mii.kernels import fused_moe as moe  # noqa: E402
-from mii.kernels.fused_moe_ref import fused_moe_ref, route_ref  # noqa: E402
+from mii.kernels.fused_moe_ref import fused_moe_ref, quantize_experts, route_ref  # noqa: E402
 from mii.kernels.torch_ref import silu_and_mul_ref  # noqa: E402
 
 DTYPE, DEVICE = torch.bfloat16, "cuda"
@@ -125,6 +127,14 @@ def bench_tokens(args, tokens: int, peaks: dict) -> dict:
             expected,
         )
         rows.append({**row, "config": config, "default": config == default})
+    (fp8_gate_up, gate_up_scale), (fp8_down, down_scale) = map(quantize_experts, (gate_up, down))
+    fp8, scales = (fp8_gate_up, fp8_down), (gate_up_scale, down_scale)
+    fp8_expected = fused_moe_ref(x.float(), *fp8, route_ref(logits, k, renorm), scales)
+    fp8_row = timed(
+        "fused fp8",
+        lambda: moe.fused_moe(x, logits, *fp8, k, renorm, default, scales),
+        fp8_expected,
+    )
     route_ms = bench_ms(lambda: moe.route(logits, k, renorm, default.block_m))
     loop = timed("loop", lambda: fused_moe_ref(x, gate_up, down, route_ref(logits, k, renorm)),
                  expected)  # fmt: skip
@@ -140,6 +150,7 @@ def bench_tokens(args, tokens: int, peaks: dict) -> dict:
     return {
         "tokens": tokens, "active_experts": active, "floor_ms": floor_ms, "flops": flops,
         "route_ms": route_ms, "fused": rows, "loop": loop, "grouped_mm": grouped,
+        "fp8": fp8_row,
     }  # fmt: skip
 
 
@@ -176,7 +187,8 @@ def print_table(p: dict) -> None:
         f"I={a['inner']} bf16  copy {peaks['copy_bytes_per_s'] / 1e9:.0f} GB/s  "
         f"matmul {peaks['matmul_flops'] / 1e12:.0f} TFLOP/s"
     )
-    head = ("tokens", "fused", "best", "route", "loop", "grp_mm", "floor", "x floor", "TFLOP/s")
+    head = ("tokens", "fused", "best", "route", "loop", "grp_mm", "floor", "x floor", "TFLOP/s",
+            "fp8", "x fp8 fl")  # fmt: skip
     print("".join(f"{h:>10}" for h in head) + "   (ms; default tiles, best swept)")
     for r in p["results"]:
         fused = next(f for f in r["fused"] if f["default"])
@@ -185,6 +197,8 @@ def print_table(p: dict) -> None:
             r["tokens"], ms, _best(r)["ms"], r["route_ms"], r["loop"]["ms"],
             r["grouped_mm"]["ms"], r["floor_ms"], ms / r["floor_ms"], r["flops"] / ms / 1e9,
         ]  # fmt: skip
+        fp8 = r["fp8"]["ms"] if r["fp8"]["ms"] and r["fp8"]["ok"] else float("nan")
+        cells += [fp8, fp8 / (r["floor_ms"] / 2)]  # float8 experts: half the bytes
         print("".join(_cell(c) for c in cells))
     print("best tiles per step size:")
     for r in p["results"]:

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from mii.kernels.fp8_ref import dequantize_rows
+from mii.kernels.fp8_ref import dequantize_rows, quantize_rows
 from mii.kernels.torch_ref import silu_and_mul_ref
 
 
@@ -71,3 +71,10 @@ def fused_moe_ref(
             out.index_add_(0, picked, y.float() * weights[start : start + count])
         start += count
     return out.to(x.dtype)
+
+
+def quantize_experts(stack: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One weight of every expert, (E, N, K), as float8 (E, N, K) with its row scales (E, N)
+    (`fp8_ref.quantize_rows` over every expert's rows)."""
+    q, scale = quantize_rows(stack.flatten(0, 1))
+    return q.view(stack.shape), scale.view(stack.shape[:2])

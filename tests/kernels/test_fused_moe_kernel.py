@@ -12,8 +12,7 @@ import torch.nn.functional as F
 from kernel_testing import TOLERANCE, poisoned_allocations, rel_err
 
 from mii.kernels import dispatch
-from mii.kernels.fp8_ref import quantize_rows
-from mii.kernels.fused_moe_ref import Routing, fused_moe_ref, route_ref
+from mii.kernels.fused_moe_ref import Routing, fused_moe_ref, quantize_experts, route_ref
 
 
 @pytest.fixture(scope="module")
@@ -81,12 +80,8 @@ def check_routing(module, logits, top_k, renormalize, block_m=16) -> list[int]:
 def fp8_experts(layer):
     """The layer with its experts in float8, one scale per expert and output row."""
     x, logits, gate_up, down = layer
-    quantized, scales = [], []
-    for w in (gate_up, down):
-        q, scale = quantize_rows(w.float().flatten(0, 1))
-        quantized.append(q.view(w.shape))
-        scales.append(scale.view(w.shape[:2]))
-    return (x, logits, *quantized), tuple(scales)
+    (q_gate_up, gate_up_scale), (q_down, down_scale) = map(quantize_experts, (gate_up, down))
+    return (x, logits, q_gate_up, q_down), (gate_up_scale, down_scale)
 
 
 def check_layer(module, layer, top_k, renormalize, config=None, scales=None) -> torch.Tensor:

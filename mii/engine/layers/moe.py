@@ -80,7 +80,7 @@ class FusedExperts(nn.Module):
         for stack, scale in zip((self.gate_up, self.down), scales, strict=True):
             weights = stack.weight.data
             fp8 = torch.empty_like(weights, dtype=FP8)
-            for expert in range(weights.shape[0]):
+            for expert in range(weights.shape[0]):  # one expert's float32 copy at a time
                 fp8[expert], scale[expert] = quantize_rows(weights[expert])
             stack.weight.data = fp8
         self._set_scales(scales)
