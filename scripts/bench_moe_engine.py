@@ -35,7 +35,7 @@ from mii.engine.sampling_params import SamplingParams
 DEVICES = (0, 1)
 
 
-def active_weight_bytes(cfg, dtype_bytes: int = 2) -> int:
+def active_weight_bytes(cfg, dtype_bytes: int = 2, matmul_bytes: int | None = None) -> int:
     """What a batch-1 decode step reads over all GPUs: attention, norms, routers and LM head
     weights, one embedding row, the top-k experts (and any shared expert) of each sparse
     layer, the MLP of each dense one."""
@@ -50,8 +50,11 @@ def active_weight_bytes(cfg, dtype_bytes: int = 2) -> int:
     dense = 3 * hidden * cfg.intermediate_size
     layers = range(cfg.num_hidden_layers)
     mlps = sum(sparse if i in spec.sparse_layers else dense for i in layers)
-    total = len(layers) * attention + mlps + cfg.vocab_size * hidden + 2 * hidden
-    return total * dtype_bytes
+    matmuls = len(layers) * attention + mlps  # norms and routers counted in: a rounding error
+    return (
+        matmuls * (matmul_bytes or dtype_bytes)
+        + (cfg.vocab_size * hidden + 2 * hidden) * dtype_bytes
+    )
 
 
 # ---- transformers, layers split over the GPUs --------------------------------------------
@@ -144,7 +147,7 @@ def _hf_offline(model, prompts, new_tokens: int, batch: int) -> dict:
 
 
 def engine_job(args, folder: str) -> dict:
-    engine = build_engine(folder, DEVICES, args.max_seqs, args.budget, args.sync)
+    engine = build_engine(folder, DEVICES, args.max_seqs, args.budget, args.sync, args.quantization)
     try:
         latency_prompt = random_prompts(1, args.prompt_len, VOCAB, seed=1)[0]
         result = {"latency": bench_latency(engine, latency_prompt, args.new_tokens)}
@@ -187,6 +190,8 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=4096)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--sync", action="store_true", help="no asynchronous scheduling")
+    ap.add_argument("--quantization", choices=["fp8"], default=None,
+                    help="FP8 attention and experts (the floor counts them at a byte)")  # fmt: skip
     args = ap.parse_args()
     if torch.cuda.device_count() < 2:  # counts through NVML: this process stays off the GPUs
         raise SystemExit("bench_moe_engine needs two visible GPUs")
@@ -200,7 +205,9 @@ def main() -> None:
     result = {"args": vars(args), "torch": torch.__version__, "hf": hf, "mii_tp2": ours}
     if hf is not None:
         copy = hf["peaks"]["copy_bytes_per_s"]
-        result["floor_ms"] = active_weight_bytes(hf_config) / len(DEVICES) / copy * 1e3
+        matmul_bytes = 1 if args.quantization else None
+        floor_bytes = active_weight_bytes(hf_config, 2, matmul_bytes)
+        result["floor_ms"] = floor_bytes / len(DEVICES) / copy * 1e3
         result["ratio_to_floor"] = ours["latency"]["ms_per_token"] / result["floor_ms"]
         result["offline_ratio"] = ours["offline"]["tok_per_s"] / hf["offline"]["tok_per_s"]
     write_json(f"bench_moe_engine_{args.preset}.json", result)
@@ -210,7 +217,8 @@ def main() -> None:
 def print_table(r: dict) -> None:
     a, hf, ours = r["args"], r["hf"], r["mii_tp2"]
     device = hf["device"] if hf else "GPU"
-    print(f"\n{device} x2  {a['preset']}  bf16 random weights, TP=2")
+    weights = "FP8 (experts, attention)" if a.get("quantization") else "bf16"
+    print(f"\n{device} x2  {a['preset']}  {weights} random weights, TP=2")
     print(f"{'offline ' + str(a['prompt_len_offline']) + '/' + str(a['new_tokens_offline']):<34}"
           f"{'requests':>10}{'seconds':>10}{'tok/s':>10}")  # fmt: skip
     rows = [("mii TP=2", ours["offline"])]

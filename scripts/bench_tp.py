@@ -30,7 +30,12 @@ VOCAB = 32000  # ids drawn below every preset's vocabulary size
 
 
 def build_engine(
-    folder: str, device_ids: tuple[int, ...], max_seqs: int, budget: int, sync: bool = False
+    folder: str,
+    device_ids: tuple[int, ...],
+    max_seqs: int,
+    budget: int,
+    sync: bool = False,
+    quantization: str | None = None,
 ):
     """A random-weight engine on these GPUs (TP = their number), no tokenizer."""
     tp = len(device_ids)
@@ -41,6 +46,7 @@ def build_engine(
         tensor_parallel=tp,
         device_ids=device_ids if tp > 1 else None,
         async_scheduling=False if sync else None,
+        quantization=quantization,
         scheduler=SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs),
         cache=CacheConfig(gpu_memory_utilization=0.85, enable_prefix_caching=False),
     )
