@@ -17,7 +17,7 @@ Prints a table last and writes $OUT/bench_fp8.json.
 --bf16 instead weighs the same Triton kernel over bf16 weights against cuBLAS (`F.linear`)
 at decode sizes (M = 1, 16), on the Mistral-7B projections at TP=1 and as one TP=2 rank
 holds them (Mixtral-8x7B's attention has the TP=2 qkv and o shapes), sweeping BF16_SWEEP.
-Usage: python scripts/bench_fp8.py [--sweep | --bf16]
+Usage: python scripts/bench_fp8.py [--sweep | --bf16] [--rows 1 2 4 8 16]
 """
 
 from __future__ import annotations
@@ -188,7 +188,7 @@ def table(rows: list[dict], gbps: float) -> str:
         lines.append(f"{r['shape']:8} {r['m']:>5} {times}"
                      + f" {r['picked']:>12} {r['fastest']:>12}  {best}")  # fmt: skip
     lines += ["", "per token of all 32 layers' GEMMs (ms), the picked backend vs FP8's floor:"]
-    for m in ROWS:
+    for m in dict.fromkeys(r["m"] for r in rows):
         picked = sum(r[r["picked"]] for r in rows if r["m"] == m) * LAYERS
         fastest = sum(r[r["fastest"]] for r in rows if r["m"] == m) * LAYERS
         bf16 = sum(r["bf16"] for r in rows if r["m"] == m) * LAYERS
@@ -209,6 +209,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true", help="sweep the Triton kernel's tiles")
     ap.add_argument("--bf16", action="store_true", help="bf16 weights: Triton vs cuBLAS")
+    ap.add_argument("--rows", type=int, nargs="+", default=list(ROWS), help="the M to time")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__)
     gbps = copy_gbps()
@@ -216,7 +217,7 @@ def main() -> None:
         print("\n".join(bench_bf16(gbps)))
         return
     rows = []
-    for m in ROWS:
+    for m in args.rows:
         for name, (n, k) in SHAPES.items():
             rows.append(bench_shape(name, n, k, m, args.sweep))
             print(json.dumps(rows[-1]), flush=True)
