@@ -39,10 +39,14 @@ def bench_hf(preset: str, prompt, new_tokens: int, overrides: dict) -> float:
 
 
 def bench_mii(engine: LLMEngine, prompt, new_tokens: int, repeats: int = 3) -> dict:
+    """Median of `repeats` runs after a warm-up. Each run's prompt is `prompt` with its
+    tokens shifted by the run's number: no run's prefill hits the prefix cache that the
+    runs before it filled (TTFT is then a whole prefill, not one block's)."""
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    vocab = engine.hf_config.vocab_size
     runs = []
     for r in range(repeats + 1):  # the first run warms up (kernel compiles, graph capture)
-        engine.add_request(f"r{r}", prompt, params)
+        engine.add_request(f"r{r}", [(t + r) % vocab for t in prompt], params)
         torch.cuda.synchronize()
         start = time.perf_counter()
         stamps = []
