@@ -219,7 +219,12 @@ def _packed_target(model: nn.Module, name: str) -> tuple[str, Any]:
 
 
 def init_random_weights(model: nn.Module, std: float = 0.02, seed: int = 0) -> None:
-    """Normal(0, std) weights on the model's device, for benchmarks of real shapes."""
+    """Normal(0, std) weights on the model's device, for benchmarks of real shapes; float8
+    weights through their module's `init_random` (quantized draws, with their scales)."""
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     for param in model.parameters():
-        param.data.normal_(0.0, std, generator=gen)
+        if param.dtype != torch.float8_e4m3fn:
+            param.data.normal_(0.0, std, generator=gen)
+    for module in model.modules():
+        if hasattr(module, "init_random"):
+            module.init_random(std, gen)

@@ -16,8 +16,8 @@ them (the layers' method is layers/fp8_linear.py).
   run time, which is at least as accurate.
 - MoE experts (layers/moe.py) on CUDA: in float8 too, with one scale per expert and output
   row, as an FP8 checkpoint stores them (Mixtral's `experts.{e}.w1` ... with their
-  `weight_scale`s) or quantized once loaded. On the CPU they stay in the model's dtype, an
-  FP8 checkpoint's dequantized as they load.
+  `weight_scale`s) or quantized row by row as they load. On the CPU they stay in the
+  model's dtype, an FP8 checkpoint's dequantized as they load.
 """
 
 from __future__ import annotations
@@ -60,9 +60,8 @@ class Quantization:
         for layer in self._layers(model):
             layer.method = Fp8LinearMethod(from_checkpoint=self.checkpoint_layers is not None)
             layer.method.prepare(layer)
-        if self.expert_scales:
-            for experts in _gpu_experts(model, device):
-                experts.store_fp8()
+        for experts in _gpu_experts(model, device):
+            experts.store_fp8()
 
     def weights(self, path: str) -> Iterator[tuple[str, Any]]:
         """The checkpoint's tensors as the layers take them: scales as float32 vectors over
@@ -82,9 +81,6 @@ class Quantization:
         """Quantize what loaded unquantized."""
         for layer in self._layers(model):
             layer.method.process_after_loading(layer)
-        if self.checkpoint_layers is None:
-            for experts in _gpu_experts(model, next(model.parameters()).device):
-                experts.quantize()
 
     def _layers(self, model: nn.Module) -> Iterator[LinearBase]:
         for name, module in model.named_modules():

@@ -220,6 +220,20 @@ def test_experts_quantized_at_load(tiny_model, fp8_experts_on_cpu):
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.timeout(60)
+def test_random_float8_experts(tiny_model, fp8_experts_on_cpu):
+    """load_format='dummy' with quantization='fp8' (benchmarks): the experts are drawn in
+    float8 with their scales, never in the model's dtype, and the model generates."""
+    fp8 = engine(tiny_model("mixtral"), quantization="fp8", load_format="dummy")
+    experts = _experts(fp8)
+    assert experts.gate_up.weight.dtype == FP8
+    for scale in experts.scales:
+        assert (scale > 0).all() and scale.isfinite().all()
+    back = dequantize_rows(experts.down.weight[0], experts.scales[1][0], torch.float32)
+    assert 0.015 < back.std() < 0.025  # Normal(0, 0.02)
+    assert all(len(t) == 5 for t in greedy_tokens(fp8, mixed_prompts(2, (9, 30), seed=3), 5))
+
+
 def test_a_quantized_model_is_built_without_its_full_precision_weights(tiny_model, tmp_path):
     """An FP8 model's parameters stay on the meta device until the quantization has put
     its float8 ones in place: the model's-dtype weights of the layers it covers are never

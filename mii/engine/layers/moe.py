@@ -10,8 +10,10 @@ linear in it) joins the experts' before the layer's one all-reduce.
 
 FP8 (engine/quantization.py): on CUDA the experts can be held in float8 e4m3 with one
 float32 scale per expert and output row (the fused kernel converts them in registers), half
-their bytes: `store_fp8` before an FP8 checkpoint loads (its float8 values and scales go in
-as stored), `quantize` after unquantized weights loaded (`quantization="fp8"`).
+their bytes. `store_fp8` before the checkpoint loads: an FP8 checkpoint's values and scales
+go in as stored, an unquantized checkpoint's rows are quantized as they arrive (a row's
+scale is its own, so that equals quantizing after loading, and the experts never exist in
+the model's dtype: a bf16 Mixtral-8x7B loads into FP8 on one 80 GB GPU).
 """
 
 from __future__ import annotations
@@ -74,16 +76,18 @@ class FusedExperts(nn.Module):
             stack.weight.weight_loader = loader
         self._set_scales(self._empty_scales())
 
-    def quantize(self) -> None:
-        """The loaded experts to float8, each expert's rows with their own scales."""
-        scales = self._empty_scales()
-        for stack, scale in zip((self.gate_up, self.down), scales, strict=True):
+    def init_random(self, std: float, generator: torch.Generator) -> None:
+        """Random float8 experts (benchmarks): each expert's rows drawn from Normal(0, std)
+        and quantized, one expert's float32 draw at a time; nothing for experts in the
+        model's dtype (drawn with the other weights)."""
+        if self.scales is None:
+            return
+        for stack, scale in zip((self.gate_up, self.down), self.scales, strict=True):
             weights = stack.weight.data
-            fp8 = torch.empty_like(weights, dtype=FP8)
-            for expert in range(weights.shape[0]):  # one expert's float32 copy at a time
-                fp8[expert], scale[expert] = quantize_rows(weights[expert])
-            stack.weight.data = fp8
-        self._set_scales(scales)
+            for expert in range(weights.shape[0]):
+                rows = torch.empty(weights.shape[1:], device=weights.device)
+                rows.normal_(0.0, std, generator=generator)
+                weights[expert], scale[expert] = quantize_rows(rows)
 
     def _empty_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
         return tuple(
