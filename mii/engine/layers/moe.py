@@ -117,8 +117,8 @@ class FusedExperts(nn.Module):
         if isinstance(loaded, Dequantized):
             target.copy_(loaded.tensor[index])
             scale.copy_(loaded.row_scales(index, target.shape[0]))
-        else:
-            target[...], scale[...] = quantize_rows(loaded[index])
+        else:  # quantized where the experts live (the GPU's arithmetic, not the host's)
+            target[...], scale[...] = quantize_rows(loaded[index].to(target.device))
 
 
 class SharedExpert(nn.Module):
