@@ -106,7 +106,8 @@ def build_model(
 @contextmanager
 def _parameters_on_meta(enabled: bool):
     """Move each parameter to the meta device as a module registers it (one layer's weight
-    exists on the device for that moment only), keeping its attributes (weight_loader)."""
+    exists on the device for that moment only), keeping its attributes (weight_loader).
+    Process-wide while it lasts: a model is built by one thread."""
     if not enabled:
         yield
         return
