@@ -99,8 +99,9 @@ def calibrate_scales(
 
 
 def scales_from_checkpoint(weights, num_layers: int, kv_heads: int) -> torch.Tensor | None:
-    """(2, layers, Hkv) fp32 from a checkpoint's (name, tensor) pairs (`iterate_checkpoint`),
-    each layer's scalar K and V scale over all its heads; None where the checkpoint has
+    """(2, layers, Hkv) fp32 from a checkpoint's (name, tensor) pairs (those an FP8
+    checkpoint's pass in engine/quantization.py kept), each layer's scalar K and V scale
+    over all its heads; None where the checkpoint has
     none, or not one K and one V scalar for every layer (reported: the caller calibrates)."""
     found: dict[tuple[int, int], float] = {}
     for name, tensor in weights:

@@ -15,7 +15,6 @@ from mii.engine.layers.attention import AttentionMetadata, PagedAttention
 from mii.engine.loader import (
     build_model,
     init_random_weights,
-    iterate_checkpoint,
     load_weights,
     materialize,
 )
@@ -78,9 +77,7 @@ class ModelRunner:
         self.num_blocks = tp.min_over_ranks(config.cache.num_blocks or self._blocks_that_fit())
         self.kv_scales: torch.Tensor | None = None  # (2, layers, Hkv) of an fp8 cache
         if self.kv_dtype == kv_cache.FP8_DTYPE:
-            self.kv_scales = self._fp8_kv_scales(
-                hf_config, None if random_weights else model_path, max_positions
-            )
+            self.kv_scales = self._fp8_kv_scales(hf_config, quant, max_positions)
         self._allocate_cache()
         self.sampler: Sampler | None = None
         self.graphs: DecodeGraphs | None = None
@@ -92,12 +89,13 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self.model, self.device, batch, max_blocks)
             self.graphs.capture()
 
-    def _fp8_kv_scales(self, hf_config, path: str | None, max_positions: int) -> torch.Tensor:
-        """An fp8 cache's scales: the checkpoint's where it has them, else calibrated."""
+    def _fp8_kv_scales(self, hf_config, quant, max_positions: int) -> torch.Tensor:
+        """An fp8 cache's scales: an FP8 checkpoint's where it has them (`quant` read them
+        with its other scales), else calibrated."""
         layers = self.attention_layers
-        if path is not None:
+        if quant is not None and quant.kv_scales:
             stored = kv_cache.scales_from_checkpoint(
-                iterate_checkpoint(path), len(layers), layers[0].num_kv_heads
+                quant.kv_scales.items(), len(layers), layers[0].num_kv_heads
             )
             if stored is not None:
                 return stored.to(self.device)

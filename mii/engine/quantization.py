@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mii.engine import kv_cache
 from mii.engine.layers.fp8_linear import Dequantized, Fp8LinearMethod
 from mii.engine.layers.linear import LinearBase, ReplicatedLinear
 from mii.engine.layers.moe import ExpertStack, FusedExperts
@@ -52,6 +53,9 @@ class Quantization:
     expert_scales: dict[str, torch.Tensor] | None = None
     """The `weight_scale` of each float8 expert weight of the checkpoint, by the scale's
     name (float32, flat): those weights load dequantized."""
+    kv_scales: dict[str, torch.Tensor] | None = None
+    """The checkpoint's KV-cache scales by name (`kv_cache.CHECKPOINT_SCALE`), read in the
+    same pass: an fp8 cache takes them (`kv_cache.scales_from_checkpoint`)."""
 
     def prepare(self, model: nn.Module, device: torch.device) -> None:
         """Give the layers their FP8 method before the checkpoint loads (`device`: where
@@ -152,12 +156,14 @@ def _describe(qc: dict) -> str:
 def _from_checkpoint(model: nn.Module, path: str) -> Quantization:
     """The layers that the checkpoint gives a weight scale, with the rows of each weight;
     the experts' scales apart (their weights load dequantized)."""
-    layers, dense, experts, rows = set(), set(), {}, {}
+    layers, dense, experts, rows, kv = set(), set(), {}, {}, {}
     modules = dict(model.named_modules())
     for name, tensor in iterate_checkpoint(path):
         shape = tensor.get_shape() if hasattr(tensor, "get_shape") else tensor.shape
         if name.endswith(".weight") and shape:
             rows[name] = shape[0]
+        if kv_cache.CHECKPOINT_SCALE.search(name):
+            kv[name] = tensor[...]  # read while the file is open
         if not name.endswith(SCALE):
             continue
         target = parameter_of(model, name)[0].removesuffix(SCALE)
@@ -172,7 +178,7 @@ def _from_checkpoint(model: nn.Module, path: str) -> Quantization:
                 "linear layer or experts that mii loads from FP8"
             )
     scale_rows = {s: rows[s.removesuffix(SCALE) + ".weight"] for s in dense}
-    return Quantization(frozenset(layers), scale_rows, experts or None)
+    return Quantization(frozenset(layers), scale_rows, experts or None, kv or None)
 
 
 def _gpu_experts(model: nn.Module, device: torch.device) -> Iterator[FusedExperts]:

@@ -62,19 +62,16 @@ class FusedExperts(nn.Module):
         the experts are in the model's dtype."""
         return None if self.gate_up_scale is None else (self.gate_up_scale, self.down_scale)
 
-    def _set_scales(self, scales) -> None:
-        self.register_buffer("gate_up_scale", scales[0], persistent=False)
-        self.register_buffer("down_scale", scales[1], persistent=False)
-
     def store_fp8(self) -> None:
         """Hold the experts in float8 from now on: the loaders copy an FP8 checkpoint's
         values and row scales as stored (and quantize the rows of any expert it holds
         unquantized)."""
-        for stack in (self.gate_up, self.down):
-            loader = stack.weight.weight_loader
-            stack.weight = nn.Parameter(torch.empty_like(stack.weight, dtype=FP8), False)
-            stack.weight.weight_loader = loader
-        self._set_scales(self._empty_scales())
+        for stack, scale in ((self.gate_up, "gate_up_scale"), (self.down, "down_scale")):
+            weight = stack.weight
+            rows = torch.empty(weight.shape[:2], dtype=torch.float32, device=weight.device)
+            self.register_buffer(scale, rows, persistent=False)
+            stack.weight = nn.Parameter(torch.empty_like(weight, dtype=FP8), False)
+            stack.weight.weight_loader = weight.weight_loader
 
     def init_random(self, std: float, generator: torch.Generator) -> None:
         """Random float8 experts (benchmarks): each expert's rows drawn from Normal(0, std)
@@ -88,12 +85,6 @@ class FusedExperts(nn.Module):
                 rows = torch.empty(weights.shape[1:], device=weights.device)
                 rows.normal_(0.0, std, generator=generator)
                 weights[expert], scale[expert] = quantize_rows(rows)
-
-    def _empty_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return tuple(
-            torch.empty(stack.weight.shape[:2], dtype=torch.float32, device=stack.weight.device)
-            for stack in (self.gate_up, self.down)
-        )
 
     def _load_gate_up(self, param: nn.Parameter, loaded, shard: tuple[int, int]) -> None:
         expert, part = shard
