@@ -23,9 +23,13 @@ import re
 import socket
 import uuid
 import zlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
+
+T = TypeVar("T")
 
 WORKER_GROUP = "workers"
 """The consumer group every worker of a deployment reads the request streams through."""
@@ -104,6 +108,15 @@ class JobKeys:
 def slot(key: str) -> int:
     """The Redis Cluster hash slot of a key (its hash tag's, when it has one)."""
     return key_slot(key.encode())
+
+
+def by_slot(items: Iterable[T], key_of: Callable[[T], str]) -> list[list[T]]:
+    """`items` grouped by the slot of each one's key, in order within a group: what one
+    transaction on a Redis Cluster may hold."""
+    groups: dict[int, list[T]] = {}
+    for item in items:
+        groups.setdefault(slot(key_of(item)), []).append(item)
+    return list(groups.values())
 
 
 @functools.cache

@@ -13,7 +13,7 @@ is dropped too, and a client can tell a request that Redis still holds from a lo
 from __future__ import annotations
 
 from mii.broker_config.connection import as_text
-from mii.broker_config.keys import DeploymentKeys, slot
+from mii.broker_config.keys import DeploymentKeys, by_slot
 from mii.worker.intake import Admission
 
 
@@ -28,18 +28,18 @@ class Claims:
     def take(self, admissions: list[Admission]) -> list[bool]:
         """Claim each request for its entry, in one transaction per slot; False for the entries
         whose request id another entry holds (duplicates to drop)."""
-        by_slot: dict[int, list[int]] = {}  # a transaction per slot (a Redis Cluster's)
-        for i, adm in enumerate(admissions):
-            at = 0 if self.keys.partitions == 1 else slot(self.keys.claim(adm.rid))
-            by_slot.setdefault(at, []).append(i)
+        everyone = list(range(len(admissions)))
+        groups = [everyone] if self.keys.partitions == 1 else by_slot(
+            everyone, lambda i: self.keys.claim(admissions[i].rid)
+        )  # fmt: skip
         taken = [False] * len(admissions)
-        for indices in by_slot.values():
+        for group in groups:
             pipe = self.redis.pipeline(transaction=True)
-            for adm in (admissions[i] for i in indices):
+            for adm in (admissions[i] for i in group):
                 key, value = self.keys.claim(adm.rid), claim_value(adm)
                 pipe.set(key, value, ex=self.ttl_s, nx=not adm.message.resume)
                 pipe.get(key)
-            for i, got in zip(indices, pipe.execute()[1::2], strict=True):
+            for i, got in zip(group, pipe.execute()[1::2], strict=True):
                 taken[i] = as_text(got) == claim_value(admissions[i])
         return taken
 

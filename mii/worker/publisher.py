@@ -28,7 +28,7 @@ import redis
 
 from mii.broker_config import wire
 from mii.broker_config.connection import retry_until
-from mii.broker_config.keys import WORKER_GROUP, DeploymentKeys, slot
+from mii.broker_config.keys import WORKER_GROUP, DeploymentKeys, by_slot
 from mii.engine.outputs import RequestOutput
 from mii.worker.bulk_results import JobRecorder
 from mii.worker.intake import Entry
@@ -252,11 +252,8 @@ class Publisher:
 
 def _by_slot(commands: list[tuple]) -> list[list[tuple]]:
     """The commands grouped by their key's slot, in order; groups with acks last."""
-    groups: dict[int, list[tuple]] = {}
-    for command in commands:
-        key = command[3] if command[0] == "eval" else command[1]
-        groups.setdefault(slot(key), []).append(command)
-    return sorted(groups.values(), key=lambda g: any(c[0] == "xack" for c in g))
+    groups = by_slot(commands, lambda c: c[3] if c[0] == "eval" else c[1])
+    return sorted(groups, key=lambda g: any(c[0] == "xack" for c in g))
 
 
 _LISTS = ("ids", "lp", "toks", "top")
