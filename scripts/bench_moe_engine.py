@@ -21,6 +21,7 @@ bench_moe_engine_<preset>.json under $OUT when set.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -146,11 +147,18 @@ def _hf_offline(model, prompts, new_tokens: int, batch: int) -> dict:
 # ---- the engine, one TP=2 group ----------------------------------------------------------
 
 
-def engine_job(args, folder: str) -> dict:
+def engine_job(args, folder: str, peer_bytes: int = 0) -> dict:
+    """`peer_bytes` > 0: all-reduces up to that size one-shot over peer memory."""
+    os.environ["MII_PEER_ALL_REDUCE_MAX_BYTES"] = str(peer_bytes)  # read as the model builds
+    torch.cuda.set_device(DEVICES[0])
+    peaks = measure_peaks()  # before the engine takes the memory
     engine = build_engine(folder, DEVICES, args.max_seqs, args.budget, args.sync, args.quantization)
     try:
         latency_prompt = random_prompts(1, args.prompt_len, VOCAB, seed=1)[0]
-        result = {"latency": bench_latency(engine, latency_prompt, args.new_tokens)}
+        result = {"latency": bench_latency(engine, latency_prompt, args.new_tokens),
+                  "peaks": peaks, "peer_bytes": peer_bytes}  # fmt: skip
+        if args.latency_only:
+            return result
         prompts = random_prompts(args.requests, args.prompt_len_offline, VOCAB)
         result["offline"] = _engine_offline(engine, prompts, args.new_tokens_offline)
         return result
@@ -189,6 +197,10 @@ def main() -> None:
     ap.add_argument("--max-seqs", type=int, default=256)
     ap.add_argument("--budget", type=int, default=4096)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--latency-only", action="store_true", help="batch 1 only, no transformers")
+    ap.add_argument("--peer-bytes", type=int, default=0,
+                    help="all-reduces up to this size one-shot over peer memory (0: NCCL); "
+                    "with --latency-only, batch 1 runs both ways")  # fmt: skip
     ap.add_argument("--sync", action="store_true", help="no asynchronous scheduling")
     ap.add_argument("--quantization", choices=["fp8"], default=None,
                     help="FP8 attention and experts (the floor counts them at a byte)")  # fmt: skip
@@ -200,15 +212,20 @@ def main() -> None:
 
     cls_name, kwargs = PRESETS[args.preset]
     hf_config = getattr(transformers, cls_name)(**kwargs)
+    folder = preset_folder(args.preset)
+    if args.latency_only:
+        args.skip_hf = True
     hf = None if args.skip_hf else run_jobs([(hf_job, (args,))])[0]
-    ours = run_jobs([(engine_job, (args, preset_folder(args.preset)))])[0]
+    ours = run_jobs([(engine_job, (args, folder, args.peer_bytes))])[0]
     result = {"args": vars(args), "torch": torch.__version__, "hf": hf, "mii_tp2": ours}
+    if args.latency_only and args.peer_bytes:
+        result["mii_tp2_nccl"] = run_jobs([(engine_job, (args, folder, 0))])[0]
+    copy = (hf or ours)["peaks"]["copy_bytes_per_s"]
+    matmul_bytes = 1 if args.quantization else None
+    floor_bytes = active_weight_bytes(hf_config, 2, matmul_bytes)
+    result["floor_ms"] = floor_bytes / len(DEVICES) / copy * 1e3
+    result["ratio_to_floor"] = ours["latency"]["ms_per_token"] / result["floor_ms"]
     if hf is not None:
-        copy = hf["peaks"]["copy_bytes_per_s"]
-        matmul_bytes = 1 if args.quantization else None
-        floor_bytes = active_weight_bytes(hf_config, 2, matmul_bytes)
-        result["floor_ms"] = floor_bytes / len(DEVICES) / copy * 1e3
-        result["ratio_to_floor"] = ours["latency"]["ms_per_token"] / result["floor_ms"]
         result["offline_ratio"] = ours["offline"]["tok_per_s"] / hf["offline"]["tok_per_s"]
     write_json(f"bench_moe_engine_{args.preset}.json", result)
     print_table(result)
@@ -221,19 +238,26 @@ def print_table(r: dict) -> None:
     print(f"\n{device} x2  {a['preset']}  {weights} random weights, TP=2")
     print(f"{'offline ' + str(a['prompt_len_offline']) + '/' + str(a['new_tokens_offline']):<34}"
           f"{'requests':>10}{'seconds':>10}{'tok/s':>10}")  # fmt: skip
-    rows = [("mii TP=2", ours["offline"])]
+    rows = [("mii TP=2", ours["offline"])] if "offline" in ours else []
     if hf:
         rows.append((f"transformers split ({hf['experts_implementation']})", hf["offline"]))
     for name, o in rows:
         print(f"{name:<34}{o['requests']:>10}{o['seconds']:>10.2f}{o['tok_per_s']:>10.0f}")
-    lat = ours["latency"]
     print(f"{'batch 1, ' + str(a['prompt_len']) + ' in':<34}{'ms/token':>10}{'TTFT ms':>10}")
-    print(f"{'mii TP=2':<34}{lat['ms_per_token']:>10.2f}{lat['ttft_ms']:>10.1f}")
+    runs = [(f"mii TP=2{', one-shot peer' if ours['peer_bytes'] else ''}", ours)]
+    if "mii_tp2_nccl" in r:
+        runs.append(("mii TP=2, NCCL", r["mii_tp2_nccl"]))
+    for name, run in runs:
+        lat = run["latency"]
+        print(f"{name:<34}{lat['ms_per_token']:>10.2f}{lat['ttft_ms']:>10.1f}")
     if hf:
         print(f"{'transformers split':<34}{hf['ms_per_token']:>10.2f}")
-        print(f"{'floor (active weights / 2 GPUs)':<34}{r['floor_ms']:>10.2f}")
-        print(f"offline mii / transformers = {r['offline_ratio']:.2f}x (target >= 4x); "
-              f"batch 1 = {r['ratio_to_floor']:.2f}x the floor (target <= 1.4x)")  # fmt: skip
+        print(f"offline mii / transformers = {r['offline_ratio']:.2f}x (target >= 4x)")
+    print(
+        f"{'floor (active weights / 2 GPUs)':<34}{r['floor_ms']:>10.2f}  "
+        f"(copy {(hf or ours)['peaks']['copy_bytes_per_s'] / 1e9:.0f} GB/s)"
+    )
+    print(f"batch 1 = {r['ratio_to_floor']:.2f}x the floor (target <= 1.4x)")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import time
 import traceback
 
@@ -54,7 +55,10 @@ def build_engine(
     return LLMEngine(config, random_weights=True, load_tokenizer_files=False)
 
 
-def latency_job(args, folder: str, device_ids: tuple[int, ...]) -> dict:
+def latency_job(args, folder: str, device_ids: tuple[int, ...], peer_bytes: int = 0) -> dict:
+    """Batch-1 latency; `peer_bytes` > 0 sends all-reduces up to that size through the
+    one-shot peer path (mii/engine/tp/peer_all_reduce.py), 0 leaves them all to NCCL."""
+    os.environ["MII_PEER_ALL_REDUCE_MAX_BYTES"] = str(peer_bytes)  # read as the model builds
     engine = build_engine(folder, device_ids, max_seqs=8, budget=2048, sync=args.sync)
     try:
         prompt = random_prompts(1, args.prompt_len, VOCAB)[0]
@@ -149,6 +153,9 @@ def main() -> None:
     ap.add_argument("--max-seqs", type=int, default=256)
     ap.add_argument("--budget", type=int, default=4096)
     ap.add_argument("--skip-offline", action="store_true")
+    ap.add_argument("--peer-bytes", type=int, default=0,
+                    help="also time TP=2 with all-reduces up to this size one-shot over peer "
+                    "memory (0: NCCL only)")  # fmt: skip
     ap.add_argument("--sync", action="store_true", help="no asynchronous scheduling")
     args = ap.parse_args()
     if torch.cuda.device_count() < 2:  # counts through NVML: this process stays off the GPUs
@@ -164,6 +171,10 @@ def main() -> None:
         "latency_tp2": lat2,
         "latency_ratio": lat2["ms_per_token"] / lat1["ms_per_token"],
     }
+    if args.peer_bytes:
+        peer = run_jobs([(latency_job, (args, folder, (0, 1), args.peer_bytes))])[0]
+        result["latency_tp2_peer"] = peer
+        result["latency_ratio_peer"] = peer["ms_per_token"] / lat1["ms_per_token"]
     if not args.skip_offline:
         prompts = random_prompts(args.requests, args.offline_prompt_len, VOCAB)
         result["offline_tp2"] = bench_offline(args, folder, [(0, 1)], prompts)
@@ -178,9 +189,14 @@ def main() -> None:
 def print_table(r: dict) -> None:
     print(f"{r['device']}  {r['args']['preset']}  bf16 random weights")
     print(f"{'batch-1 latency':<26}{'ms/token':>10}{'TTFT ms':>10}")
-    for name, key in (("TP=1", "latency_tp1"), ("TP=2", "latency_tp2")):
+    rows = [("TP=1", "latency_tp1"), ("TP=2, NCCL", "latency_tp2")]
+    if "latency_tp2_peer" in r:
+        rows.append(("TP=2, one-shot peer", "latency_tp2_peer"))
+    for name, key in rows:
         print(f"{name:<26}{r[key]['ms_per_token']:>10.2f}{r[key]['ttft_ms']:>10.1f}")
     print(f"TP=2 / TP=1 = {r['latency_ratio']:.2f}x (target <= 0.60x)")
+    if "latency_ratio_peer" in r:
+        print(f"TP=2 one-shot peer / TP=1 = {r['latency_ratio_peer']:.2f}x")
     if "offline_tp2" in r:
         print(f"{'offline throughput':<26}{'tokens':>10}{'seconds':>10}{'tok/s':>10}")
         for name, key in (

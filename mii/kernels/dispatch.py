@@ -131,17 +131,22 @@ def fused_moe(
     top_k: int,
     renormalize: bool,
     scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+    sum_top_k: bool = True,
 ) -> torch.Tensor:
     """The routed experts of a mixture-of-experts layer (kernels/fused_moe_ref.py says how);
-    float8 experts with their row `scales`."""
+    float8 experts with their row `scales`. Without `sum_top_k`: (T, K, H) whose sum over
+    dim 1 is the result (the kernel's top_k weighted outputs; the reference's sum, K = 1),
+    for a caller that folds that sum into its all-reduce."""
     if _triton_on(x):
         from mii.kernels.fused_moe import fused_moe as kernel
 
-        return kernel(x, router_logits, gate_up, down, top_k, renormalize, scales=scales)
+        return kernel(x, router_logits, gate_up, down, top_k, renormalize, scales=scales,
+                      sum_top_k=sum_top_k)  # fmt: skip
     from mii.kernels.fused_moe_ref import fused_moe_ref, route_ref
 
     routing = route_ref(router_logits, top_k, renormalize)
-    return fused_moe_ref(x, gate_up, down, routing, scales)
+    out = fused_moe_ref(x, gate_up, down, routing, scales)
+    return out if sum_top_k else out.unsqueeze(1)
 
 
 def fp8_linear(

@@ -364,8 +364,10 @@ def expert_gemms(
     routing: SortedRouting,
     config: MoeConfig,
     scales: ExpertScales | None = None,
+    sum_top_k: bool = True,
 ) -> torch.Tensor:
-    """The experts over a routed batch: (T, H) in x's dtype."""
+    """The experts over a routed batch: (T, H) in x's dtype; without `sum_top_k`, each
+    token's top_k weighted expert outputs unsummed, (T, top_k, H)."""
     _check_weights(x, gate_up, down, scales)
     gate_up_scale, down_scale = scales or (gate_up, down)  # (unread without scales)
     assert routing.block_m == config.block_m, "routing sorted for another block size"
@@ -396,6 +398,8 @@ def expert_gemms(
         GROUP_M=config.group_m, EVEN_K=inner % tile.block_k == 0, PRECISION=precision,
         W_SCALED=scales is not None, num_warps=tile.num_warps, num_stages=tile.num_stages,
     )  # fmt: skip
+    if not sum_top_k:
+        return out.view(tokens, top_k, hidden)
     if top_k == 1:
         return out
     return out.view(tokens, top_k, hidden).sum(dim=1)
@@ -410,10 +414,11 @@ def fused_moe(
     renormalize: bool,
     config: MoeConfig | None = None,
     scales: ExpertScales | None = None,
+    sum_top_k: bool = True,
 ) -> torch.Tensor:
     """Triton version of `fused_moe_ref.fused_moe_ref(x, gate_up, down,
     route_ref(router_logits, top_k, renormalize), scales)`: x (T, H), router_logits (T, E)."""
     assert router_logits.shape == (x.shape[0], gate_up.shape[0]), "router_logits: (T, E)"
     config = config or moe_config(x.shape[0], top_k, gate_up.shape[0])
     routing = route(router_logits, top_k, renormalize, config.block_m)
-    return expert_gemms(x, gate_up, down, routing, config, scales)
+    return expert_gemms(x, gate_up, down, routing, config, scales, sum_top_k)

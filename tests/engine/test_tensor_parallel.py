@@ -209,7 +209,7 @@ needs_two_gpus = pytest.mark.skipif(
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("arch", ["llama3", "qwen2", "opt350"])
+@pytest.mark.parametrize("arch", ["llama3", "qwen2", "opt350", "mixtral", "qwen2_moe"])
 @pytest.mark.parametrize("eager", [False, True], ids=["graphs", "eager"])
 @pytest.mark.gpu
 @needs_two_gpus
@@ -252,9 +252,11 @@ def test_gpu_device_map_places_rank0(tiny_model):
 @pytest.mark.timeout(240)
 @pytest.mark.gpu
 @needs_two_gpus
-def test_gpu_peer_all_reduce_takes_decode_steps_and_changes_no_token(tiny_model, monkeypatch):
-    """Small all-reduces go through NVLink peer memory (one shot), and sum as NCCL does."""
-    path = tiny_model("llama3")
+@pytest.mark.parametrize("arch", ["llama3", "mixtral"])
+def test_gpu_peer_all_reduce_takes_decode_steps_and_changes_no_token(tiny_model, monkeypatch, arch):
+    """Small all-reduces go through NVLink peer memory (one shot), and sum as NCCL does; a
+    Mixtral layer's sum over its top-k experts rides in the same launch."""
+    path = tiny_model(arch)
     prompts = mixed_prompts(6, (1, 17, 70, 5, 130, 2), seed=3)
     opts = dict(device="cuda", dtype="bfloat16", max_num_batched_tokens=64, tensor_parallel=2)
     monkeypatch.setenv("MII_PEER_ALL_REDUCE_MAX_BYTES", str(512 * 1024))

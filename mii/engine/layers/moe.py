@@ -150,10 +150,15 @@ class SparseMoeBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.gate(x)  # (T, E)
         experts = self.experts
+        # Without a shared expert, the sum of each token's top-k outputs goes into the
+        # all-reduce (one launch for both on the peer path of decode steps).
+        fold = self.tp.world_size > 1 and self.shared_expert is None
         out = dispatch.fused_moe(
             x, logits, experts.gate_up.weight, experts.down.weight, self.top_k, self.renormalize,
-            experts.scales,
+            experts.scales, sum_top_k=not fold,
         )  # fmt: skip
+        if fold:
+            return self.tp.sum_rows_and_all_reduce(out)
         if self.shared_expert is not None:
             gate = torch.sigmoid(self.shared_expert_gate(x))  # (T, 1)
             out = out + gate * self.shared_expert(x)

@@ -39,6 +39,15 @@ class ParallelContext:
             dist.all_reduce(x, group=self.group)
         return x
 
+    def sum_rows_and_all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """x (T, K, H) summed over dim 1 and over the ranks: (T, H). The peer path does both
+        in its one launch (a mixture-of-experts layer's per-expert outputs of decode steps)."""
+        if x.shape[1] == 1:
+            return self.all_reduce(x.view(x.shape[0], x.shape[2]))
+        if self.peer is not None and self.peer.fits(x, x.shape[1]):
+            return self.peer(x, x.shape[1])
+        return self.all_reduce(x.sum(dim=1))
+
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         if self.world_size > 1:
             dist.broadcast(x, src=src, group=self.group)

@@ -1,17 +1,16 @@
 """One-shot all-reduce over NVLink peer memory, for the small messages of decode steps.
 
 A batch-1 decode step of a 7B model all-reduces 8 KB twice per layer; NCCL's ring spends
-tens of microseconds on each, which is where tensor parallelism lost most of its batch-1
-gain. Here every rank writes its tensor into a buffer that all ranks map (torch's symmetric
-memory), and each rank reads every peer's copy and sums them in one kernel: one launch, no
-protocol, a few microseconds at these sizes. Large messages (prefill steps) stay on NCCL,
-whose bandwidth wins there.
+6-8 us on each inside CUDA graphs, which is where tensor parallelism lost much of its batch-1
+gain. Here every rank maps every other rank's buffers (CUDA IPC, as torch.multiprocessing
+shares CUDA tensors) and one Triton kernel per call copies the input in, signals the peers,
+and sums every rank's copy (`mii/kernels/all_reduce.py`): one launch, no protocol. Large
+messages (prefill steps) stay on NCCL, whose bandwidth wins there.
 
-Only peer loads are used: no NVLink multicast (`multimem`), which stays off on these
-machines. Anything this path cannot take (no symmetric memory in this torch, no peer access,
-an odd dtype or size) goes to NCCL, and a group whose first all-reduce disagrees with NCCL's
-never uses it. `MII_PEER_ALL_REDUCE_MAX_BYTES` sets the largest message it takes (0, the
-default: off).
+Only peer loads and stores are used: no NVLink multicast (`multimem`), which stays off on
+these machines. Anything this path cannot take (no peer access, an odd dtype or size) goes
+to NCCL, and a group whose first all-reduce disagrees with NCCL's never uses it.
+`MII_PEER_ALL_REDUCE_MAX_BYTES` sets the largest message it takes (0: off).
 """
 
 from __future__ import annotations
@@ -22,15 +21,16 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from triton import cdiv as triton_cdiv
+
+from mii.kernels.all_reduce import BLOCK, MAX_RANKS, PeerBuffers, one_shot_all_reduce
 
 log = logging.getLogger(__name__)
 last_failure: str | None = None
 """Why the last `PeerAllReduce.create` on this process left the path closed, if it did."""
 
 DEFAULT_MAX_BYTES = 0
-"""Off until measured: on two H200s the path did not open (torch 2.11), and NCCL's LL
-protocol took an 8 KB all-reduce in 7.9 us inside CUDA graphs (scripts/bench_all_reduce.py
-prints both, and why the path stayed closed). 512 KB is the size to try."""
+"""Off until measured faster than NCCL in the engine (scripts/bench_all_reduce.py)."""
 
 
 def max_bytes_setting() -> int:
@@ -49,14 +49,32 @@ def _everywhere(flag: bool, group: Any, device: torch.device) -> bool:
     return bool(t.item())
 
 
-class PeerAllReduce:
-    """Sum-all-reduce of contiguous CUDA tensors of `dtype` up to `max_bytes`."""
+def _map_group(tensors: list[torch.Tensor], group: Any) -> tuple[list[list[int]], list]:
+    """Every rank's addresses of each of `tensors` (this rank's own, the peers' opened in
+    this process through CUDA IPC), and the opened tensors, which keep the mappings."""
+    from torch.multiprocessing.reductions import reduce_tensor
 
-    def __init__(self, buffer: torch.Tensor, group_name: str):
-        """`buffer`: a symmetric-memory tensor that every rank of the group has mapped."""
-        self.buffer = buffer
-        self.group_name = group_name
-        self._copying = hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy")
+    torch.cuda.synchronize()
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    shared = [reduce_tensor(t)[1] for t in tensors]
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, shared, group=group)
+    rebuild = reduce_tensor(tensors[0])[0]
+    opened, addresses = [], [[0] * world for _ in tensors]
+    for peer in range(world):
+        for i, own in enumerate(tensors):
+            t = own if peer == rank else rebuild(*everyone[peer][i])
+            opened.append(t)
+            addresses[i][peer] = t.data_ptr()
+    return addresses, opened
+
+
+class PeerAllReduce:
+    """Sum-all-reduce of contiguous CUDA tensors of one dtype up to `max_bytes`."""
+
+    def __init__(self, buffers: PeerBuffers, mapped: list) -> None:
+        self.buffers = buffers
+        self._mapped = mapped  # the peers' buffers opened here: the mapping lives with them
 
     @classmethod
     def create(cls, group: Any, device: torch.device, dtype: torch.dtype) -> PeerAllReduce | None:
@@ -68,24 +86,17 @@ class PeerAllReduce:
             max_bytes <= 0
             or device.type != "cuda"
             or dtype not in (torch.bfloat16, torch.float16, torch.float32)
-            or not 2 <= world <= 8
+            or not 2 <= world <= MAX_RANKS
             or dist.get_backend(group) != "nccl"
         ):
             return None
         peer = None
         try:
-            import torch.distributed._symmetric_memory as symm_mem
-
-            name = group.group_name
-            if hasattr(symm_mem, "enable_symm_mem_for_group"):
-                symm_mem.enable_symm_mem_for_group(name)
-            buffer = symm_mem.empty(max_bytes // dtype.itemsize, dtype=dtype, device=device)
-            symm_mem.rendezvous(buffer, name)
-            peer = cls(buffer, name)
+            peer = cls._open(group, device, dtype, max_bytes)
         except Exception as exc:  # noqa: BLE001 - any failure means: use NCCL
             _closed(exc)
         # Every rank takes the same path, or their collectives would pair up wrongly: the
-        # check runs only where every rank mapped the buffer, and counts only if it passed
+        # check runs only where every rank mapped the buffers, and counts only if it passed
         # everywhere.
         if not _everywhere(peer is not None, group, device):
             return None
@@ -96,10 +107,19 @@ class PeerAllReduce:
             peer = None
         return peer if _everywhere(peer is not None, group, device) else None
 
+    @classmethod
+    def _open(cls, group: Any, device: torch.device, dtype: torch.dtype, max_bytes: int):
+        elems = max_bytes // dtype.itemsize
+        data = torch.zeros((2, elems), dtype=dtype, device=device)
+        flags = torch.zeros((triton_cdiv(elems, BLOCK), MAX_RANKS), dtype=torch.int64,
+                            device=device)  # fmt: skip
+        (data_at, flags_at), mapped = _map_group([data, flags], group)
+        return cls(PeerBuffers(dist.get_rank(group), data, flags, data_at, flags_at), mapped)
+
     def _check(self, group: Any, device: torch.device) -> None:
         """The first all-reduce agrees with NCCL's, or this path stays closed."""
         rank = dist.get_rank(group)
-        x = torch.arange(4096, device=device, dtype=self.buffer.dtype) % 97 + rank
+        x = torch.arange(4096, device=device, dtype=self.buffers.data.dtype) % 97 + rank
         expected = x.clone()
         dist.all_reduce(expected, group=group)
         got = self(x)
@@ -109,26 +129,17 @@ class PeerAllReduce:
 
     @property
     def max_bytes(self) -> int:
-        return self.buffer.numel() * self.buffer.element_size()
+        return self.buffers.capacity * self.buffers.data.element_size()
 
-    def fits(self, x: torch.Tensor) -> bool:
-        size = x.numel() * x.element_size()
+    def fits(self, x: torch.Tensor, top_k: int = 1) -> bool:
+        """Whether `self(x, top_k)` takes x: its result no larger than the buffers."""
         return (
-            x.dtype == self.buffer.dtype
+            x.dtype == self.buffers.data.dtype
             and x.is_cuda
             and x.is_contiguous()
-            and size <= self.max_bytes
-            and size % 16 == 0
+            and 0 < x.numel() * x.element_size() // top_k <= self.max_bytes
         )
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.view(-1)
-        if self._copying:
-            out = torch.ops.symm_mem.one_shot_all_reduce_copy(
-                self.buffer, flat, "sum", self.group_name
-            )
-        else:
-            staged = self.buffer[: flat.numel()]
-            staged.copy_(flat)
-            out = torch.ops.symm_mem.one_shot_all_reduce(staged, "sum", self.group_name)
-        return out.view_as(x)
+    def __call__(self, x: torch.Tensor, top_k: int = 1) -> torch.Tensor:
+        """The sum over the group (with `top_k` > 1: of x (T, top_k, H) over dim 1 too)."""
+        return one_shot_all_reduce(x, self.buffers, top_k)

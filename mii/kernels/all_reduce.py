@@ -1,0 +1,127 @@
+"""One-shot sum all-reduce over buffers that every rank of a group has mapped (CUDA IPC).
+
+Each rank owns a `PeerBuffers` region: float `data` (two halves, used by alternate calls)
+and int64 `flags`, one row per program and one slot per source rank. A call's program `b`
+copies chunk `b` of its input into its own half, stores the call's epoch into slot `rank`
+of row `b` of every peer's flags (release, system scope), waits until every peer's slot in
+its own row holds the epoch (acquire), then sums chunk `b` of every rank's half in rank
+order, so every rank gets the same bits. One launch, no host work: it replays in CUDA
+graphs, where the epoch lives in device memory and counts up per program.
+
+Why two halves are enough: a rank that starts call e + 2 (which overwrites call e's half)
+has passed call e + 1's wait, so every peer has started call e + 1, and a stream starts a
+kernel only after the one before it (call e, whose reads of that half) has finished.
+
+Only peer loads and stores are used: no NVLink multicast (`multimem`), which stays off on
+these machines.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_RANKS = 8
+BLOCK = 2048
+"""Elements per program: 4 KB of bf16 per rank, so an 8 KB decode message gets 2
+programs and 512 KB gets 128, about one per SM."""
+
+
+@triton.jit
+def _signal_and_wait(flags_ptr, peer_flags_ptr, epoch, rank, WORLD: tl.constexpr):
+    """This program's barrier across the group for the call numbered `epoch`."""
+    pid = tl.program_id(0)
+    tl.debug_barrier()  # this program's data stores come before its signal
+    for peer in tl.static_range(WORLD):
+        flags = tl.load(peer_flags_ptr + peer).to(tl.pointer_type(tl.int64))
+        tl.atomic_xchg(flags + pid * MAX_RANKS + rank, epoch, sem="release", scope="sys")
+    for peer in tl.static_range(WORLD):
+        seen = tl.atomic_add(flags_ptr + pid * MAX_RANKS + peer, 0, sem="acquire", scope="sys")
+        while seen < epoch:
+            seen = tl.atomic_add(flags_ptr + pid * MAX_RANKS + peer, 0, sem="acquire", scope="sys")
+    tl.debug_barrier()  # every thread's loads below come after the wait
+
+
+@triton.jit
+def _one_shot_kernel(
+    x_ptr, out_ptr, data_ptr, peer_data_ptr, flags_ptr, peer_flags_ptr, epoch_ptr, n, half,
+    hidden, rank, WORLD: tl.constexpr, TOP_K: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    if TOP_K == 1:
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    else:  # x is (T, TOP_K, hidden): its rows of a token summed first, as torch.sum rounds
+        token = offs // hidden
+        first = token * (TOP_K * hidden) + (offs - token * hidden)
+        total = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k in tl.static_range(TOP_K):
+            total += tl.load(x_ptr + first + k * hidden, mask=mask, other=0.0).to(tl.float32)
+        x = total.to(out_ptr.dtype.element_ty)
+    epoch = tl.load(epoch_ptr + pid) + 1
+    tl.store(epoch_ptr + pid, epoch)
+    parity = (epoch % 2) * half
+    tl.store(data_ptr + parity + offs, x, mask=mask)
+    _signal_and_wait(flags_ptr, peer_flags_ptr, epoch, rank, WORLD)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for peer in tl.static_range(WORLD):
+        if peer == rank:
+            acc += x.to(tl.float32)
+        else:
+            base = tl.load(peer_data_ptr + peer).to(tl.pointer_type(out_ptr.dtype.element_ty))
+            part = tl.load(base + parity + offs, mask=mask, other=0.0, cache_modifier=".cv")
+            acc += part.to(tl.float32)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+class PeerBuffers:
+    """One rank's view of the group's buffers: its own `data` (2, capacity) and `flags`
+    (MAX_PROGRAMS, MAX_RANKS) int64, and every rank's addresses of them (peers' mapped
+    into this process), as int64 device tensors the kernel reads."""
+
+    def __init__(
+        self,
+        rank: int,
+        data: torch.Tensor,
+        flags: torch.Tensor,
+        data_addresses: list[int],
+        flag_addresses: list[int],
+    ) -> None:
+        assert data.dim() == 2 and data.shape[0] == 2 and data.is_contiguous()
+        assert flags.dtype == torch.int64 and flags.shape[1] == MAX_RANKS
+        assert len(data_addresses) == len(flag_addresses) <= MAX_RANKS
+        self.rank, self.world = rank, len(data_addresses)
+        self.data, self.flags = data, flags
+        device = data.device
+        self.peer_data = torch.tensor(data_addresses, dtype=torch.int64, device=device)
+        self.peer_flags = torch.tensor(flag_addresses, dtype=torch.int64, device=device)
+        self.epochs = torch.zeros(flags.shape[0], dtype=torch.int64, device=device)
+
+    @property
+    def capacity(self) -> int:
+        """The most elements one call takes."""
+        return min(self.data.shape[1], self.flags.shape[0] * BLOCK)
+
+
+def one_shot_all_reduce(x: torch.Tensor, buffers: PeerBuffers, top_k: int = 1) -> torch.Tensor:
+    """The sum of `x` over the group, in a new tensor; every rank of the group must call it
+    with a tensor of the same size and dtype, in the same order as its other calls. With
+    `top_k` > 1, x is (T, top_k, H) and the result (T, H) sums over both the ranks and dim 1
+    (a mixture-of-experts layer's expert outputs: torch.sum(dim=1)'s bits, then the ranks')."""
+    assert x.is_contiguous() and x.dtype == buffers.data.dtype
+    if top_k == 1:
+        shape, hidden = x.shape, 1
+    else:
+        assert x.dim() == 3 and x.shape[1] == top_k, "x: (T, top_k, H)"
+        shape, hidden = (x.shape[0], x.shape[2]), x.shape[2]
+    n = x.numel() // top_k
+    assert 0 < n <= buffers.capacity, "message larger than the peer buffers"
+    out = torch.empty(shape, dtype=x.dtype, device=x.device)
+    _one_shot_kernel[(triton.cdiv(n, BLOCK),)](
+        x, out, buffers.data, buffers.peer_data, buffers.flags, buffers.peer_flags,
+        buffers.epochs, n, buffers.data.shape[1], hidden, buffers.rank, WORLD=buffers.world,
+        TOP_K=top_k, BLOCK=BLOCK, num_warps=4,
+    )  # fmt: skip
+    return out

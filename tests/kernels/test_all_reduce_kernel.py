@@ -1,0 +1,133 @@
+"""The one-shot all-reduce kernel with its peers simulated in one process: every rank's
+buffers are tensors here, the other ranks' calls are played by writing their data and
+signals where theirs would land. The two-process run on two GPUs is in
+tests/engine/test_tensor_parallel.py."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+WORLD_SIZES = (2, 4)
+
+
+@pytest.fixture(scope="module")
+def ar_interpreted(interpreted):
+    return importlib.import_module("mii.kernels.all_reduce")
+
+
+@pytest.fixture(scope="module")
+def ar_compiled(compiled):
+    return importlib.import_module("mii.kernels.all_reduce")
+
+
+class Group:
+    """Every rank's buffers of a `world`-rank group, in this process."""
+
+    def __init__(self, module, world, capacity, dtype, device):
+        self.m, self.world = module, world
+        programs = -(-capacity // module.BLOCK)
+        self.data = [torch.zeros(2, capacity, dtype=dtype, device=device) for _ in range(world)]
+        self.flags = [
+            torch.zeros(programs, module.MAX_RANKS, dtype=torch.int64, device=device)
+            for _ in range(world)
+        ]
+
+    def view(self, rank):
+        return self.m.PeerBuffers(
+            rank,
+            self.data[rank],
+            self.flags[rank],
+            [d.data_ptr() for d in self.data],
+            [f.data_ptr() for f in self.flags],
+        )
+
+    def peer_calls(self, rank, epoch, inputs):
+        """Play every rank but `rank` making call number `epoch` with `inputs`."""
+        programs = -(-inputs[0].numel() // self.m.BLOCK)
+        for peer in range(self.world):
+            if peer != rank:
+                self.data[peer][epoch % 2, : inputs[peer].numel()] = inputs[peer]
+                self.flags[rank][:programs, peer] = epoch
+
+
+def rank_order_sum(inputs):
+    acc = torch.zeros_like(inputs[0], dtype=torch.float32)
+    for x in inputs:
+        acc += x.float()
+    return acc.to(inputs[0].dtype)
+
+
+def check_calls(module, world, n, dtype, device, rank=1):
+    group = Group(module, world, 3 * module.BLOCK, dtype, device)
+    mine = group.view(rank)
+    programs = -(-n // module.BLOCK)
+    for epoch in (1, 2, 3):  # each half used, then the first again
+        gen = torch.Generator().manual_seed(epoch)
+        inputs = [
+            torch.randn(n, generator=gen).to(dtype=dtype, device=device) for _ in range(world)
+        ]
+        group.peer_calls(rank, epoch, inputs)
+        out = module.one_shot_all_reduce(inputs[rank], mine)
+        assert torch.equal(out, rank_order_sum(inputs)), f"call {epoch}"
+        assert torch.equal(group.data[rank][epoch % 2, :n], inputs[rank]), "own half"
+        for peer in range(world):  # this rank's signal, in every rank's flags
+            assert (group.flags[peer][:programs, rank] == epoch).all()
+        assert (mine.epochs[:programs] == epoch).all() and (mine.epochs[programs:] == 0).all()
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
+@pytest.mark.parametrize("n", [8, 2048, 5000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_one_shot_sums_every_rank_in_rank_order(ar_interpreted, world, n, dtype):
+    check_calls(ar_interpreted, world, n, dtype, "cpu")
+
+
+def test_every_rank_gets_the_same_bits(ar_interpreted):
+    """The sum runs in rank order wherever it is computed: the ranks cannot drift apart."""
+    m, world, n = ar_interpreted, 4, 3000
+    inputs = [torch.randn(n).half() * 10 ** (r - 2) for r in range(world)]
+    results = []
+    for rank in range(world):
+        group = Group(m, world, n, torch.float16, "cpu")
+        group.peer_calls(rank, 1, inputs)
+        results.append(m.one_shot_all_reduce(inputs[rank], group.view(rank)))
+    assert all(torch.equal(r, results[0]) for r in results)
+
+
+@pytest.mark.parametrize("top_k", [2, 3])
+def test_expert_rows_summed_before_the_ranks(ar_interpreted, top_k):
+    """(T, top_k, H) expert outputs: each rank's rows of a token summed as torch.sum(dim=1)
+    rounds them, then the ranks' sums, into (T, H)."""
+    check_expert_rows(ar_interpreted, top_k, torch.float16, "cpu")
+
+
+def check_expert_rows(m, top_k, dtype, device, world=2, rank=0, tokens=3, hidden=1500):
+    experts = [torch.randn(tokens, top_k, hidden).to(dtype=dtype, device=device)
+               for _ in range(world)]  # fmt: skip
+    summed = [e.sum(dim=1) for e in experts]
+    group = Group(m, world, tokens * hidden, dtype, device)
+    group.peer_calls(rank, 1, [s.flatten() for s in summed])
+    out = m.one_shot_all_reduce(experts[rank], group.view(rank), top_k=top_k)
+    assert out.shape == (tokens, hidden)
+    assert torch.equal(out, rank_order_sum(summed))
+
+
+def test_a_message_past_the_buffers_is_refused(ar_interpreted):
+    group = Group(ar_interpreted, 2, ar_interpreted.BLOCK, torch.float32, "cpu")
+    with pytest.raises(AssertionError, match="larger than the peer buffers"):
+        ar_interpreted.one_shot_all_reduce(torch.ones(ar_interpreted.BLOCK + 1), group.view(0))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("world", WORLD_SIZES)
+@pytest.mark.parametrize("n", [4096, 5000])
+def test_gpu_one_shot_sums_every_rank_in_rank_order(ar_compiled, world, n):
+    check_calls(ar_compiled, world, n, torch.bfloat16, "cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_expert_rows_summed_before_the_ranks(ar_compiled):
+    check_expert_rows(ar_compiled, 2, torch.bfloat16, "cuda", tokens=5, hidden=4096)
