@@ -1,0 +1,314 @@
+"""Decode-size GEMV: y = x @ W.T for x (M, K) of 1 to 4 rows, W (N, K) in x's dtype
+(bf16/fp16/fp32) or float8 e4m3 with a float32 scale per output row, plus an optional bias.
+
+At batch 1 a decode step's linear layers are bound by reading their weights once; cuBLAS's
+M=1 kernels reach about half the copy bandwidth on the small projections of a 7B model. This
+kernel spends nothing on tensor cores (M is 1-4): each program streams a (BLOCK_N, BLOCK_K)
+tile of W per step with 16-byte loads coalesced along K, converts it to float32, multiplies
+it by each row's K slice of x broadcast over the tile and sums along K into one float32
+accumulator per output row (M is a compile-time constant, the rows unrolled). x is loaded
+in the weight tile's own layout (a stride-0 row dimension: each thread reads the columns
+it multiplies, L1 hits) rather than as a vector exchanged through shared memory, which
+cost two barriers per row and step.
+
+Narrow outputs have too few column tiles to fill the GPU, so the K range is split over a
+second grid axis (`gemv_tile` picks SPLIT_K so that the grid holds several programs per SM).
+The splits meet without a zero-fill or cast launch: each writes its float32 partial sums
+into a cached workspace (SPLIT_K, M, N) and bumps its column tile's arrival counter (one
+acq_rel atomic); the program that arrives last adds the SPLIT_K partials in split order
+(the same order whichever program is last, so the result is bit-reproducible run to run),
+applies the scale and bias, stores y in x's dtype and puts the counter back to 0 for the
+next call (CUDA graph replays included). With SPLIT_K == 1 the program stores y itself.
+
+Rounding as `gemv_ref`: float32 sums, y = acc * scale + bias cast once to the output dtype.
+The workspace and counters are per (device, SPLIT_K, M, N, BLOCK_N), allocated zeroed on
+first use and kept; calls that share one must run in stream order (one stream per device,
+as the engine's decode steps). Allocate them before a CUDA graph capture (`reserve_workspace`, or
+one eager call): one first allocated inside a capture is zeroed only when the graph replays.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_M = 4
+DEFAULT_SMS = 132  # H100 SXM; the real count is read from the device on CUDA
+PROGRAMS_PER_SM = 4  # target grid size, in programs per SM
+TILE_ROW_BYTES = 512  # bytes of one weight row a tile spans (BLOCK_K * itemsize)
+TILE_ROWS = 32  # BLOCK_N
+THREAD_ELEMENTS = 64  # weight elements per thread per step (float32 registers once converted)
+
+
+class GemvTile(NamedTuple):
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def gemv_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `gemv` takes these operands (M of 1 to MAX_M, dense last dims, dtypes)."""
+    return (
+        x.dim() == 2
+        and 1 <= x.shape[0] <= MAX_M
+        and x.stride(1) == 1
+        and weight.dim() == 2
+        and weight.stride(1) == 1
+        and weight.shape[1] == x.shape[1]
+        and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+        and weight.dtype in (x.dtype, torch.float8_e4m3fn)
+    )
+
+
+def gemv_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    w_scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The contract: y[m, n] = scale[n] * sum_k x[m, k] * float(W[n, k]) + bias[n], the sum
+    and the epilogue in float32, cast once to x's dtype."""
+    acc = x.float() @ weight.float().t()
+    if w_scale is not None:
+        acc = acc * w_scale.float()[None, :]
+    if bias is not None:
+        acc = acc + bias.float()[None, :]
+    return acc.to(x.dtype)
+
+
+_SMS: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return DEFAULT_SMS
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SMS:
+        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SMS[index]
+
+
+def tile_warps(m: int, block_n: int, block_k: int) -> int:
+    """4 to 8 warps, so that a thread holds THREAD_ELEMENTS of the weight tile (half at M >= 3)."""
+    per_thread = THREAD_ELEMENTS if m <= 2 else THREAD_ELEMENTS // 2
+    return max(4, min(8, block_n * block_k // (32 * per_thread)))
+
+
+def gemv_tile(m: int, n: int, k: int, w_itemsize: int = 2, sms: int = DEFAULT_SMS) -> GemvTile:
+    """A weight tile of TILE_ROWS rows by TILE_ROW_BYTES (BLOCK_K = 256 bf16, 512 fp8, 128
+    fp32): one warp's 32 16-byte loads span a row's K slice, so the reduction along K stays
+    inside a warp and the warps split the rows; 16 KB of weights in flight per program step.
+    Warps by `tile_warps`: 4 for bf16 at M <= 2, 8 otherwise (ptxas for sm_90a, compiled
+    offline: 48-128 registers, no spills; at 4 warps M=4 takes 168 bf16, 187 fp8). Then
+    SPLIT_K: the smallest divisor of the K tiles from the split that gives PROGRAMS_PER_SM
+    programs per SM to twice it, else the next split up with none empty (none starting past
+    K). bf16 at M=1 on 132 SMs: qkv N=6144 K=4096 splits 4, o 4096x4096 8, gate_up
+    28672x4096 1, down 4096x14336 7; the TP=2 halves 8, 8, 2, 7."""
+    block_k = min(TILE_ROW_BYTES // w_itemsize, triton.next_power_of_2(max(k, 16)))
+    block_n = min(TILE_ROWS, max(8, triton.next_power_of_2(n)))
+    num_warps = tile_warps(m, block_n, block_k)
+    tiles_n = triton.cdiv(n, block_n)
+    k_tiles = triton.cdiv(k, block_k)
+    want = min(triton.cdiv(PROGRAMS_PER_SM * sms, tiles_n), k_tiles)
+    even = (s for s in range(want, min(2 * want, k_tiles) + 1) if k_tiles % s == 0)
+    # else the first split from `want` up whose last part starts inside K (k_tiles always)
+    filled = (s for s in range(want, k_tiles + 1) if (s - 1) * triton.cdiv(k_tiles, s) < k_tiles)
+    return GemvTile(block_n, block_k, next(even, None) or next(filled), num_warps, 2)
+
+
+@triton.jit
+def _row_sum(x_row_ptr, w, ks, k_mask, EVEN_K: tl.constexpr):
+    """sum_k W[n, k] * x[k] over one tile: (BLOCK_N,) float32."""
+    # x's K slice loaded as the weight tile is, every row of it the same (stride 0): each
+    # thread reads the columns it multiplies (L1 hits), no exchange through shared memory
+    x_ptrs = x_row_ptr + tl.zeros(w.shape, tl.int32) + ks[None, :]
+    if EVEN_K:
+        xk = tl.load(x_ptrs, eviction_policy="evict_last")
+    else:
+        xk = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0, eviction_policy="evict_last")
+    return tl.sum(w * xk.to(tl.float32), axis=1)
+
+
+@triton.jit
+def _store_row(
+    acc, row, rn, n_mask, scale, bias, out_ptr, stride_om,
+    W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
+):  # fmt: skip
+    """y = acc * scale + bias in float32, cast once to the output dtype."""
+    if W_SCALED:
+        acc = acc * scale
+    if HAS_BIAS:
+        acc = acc + bias
+    tl.store(out_ptr + row * stride_om + rn, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
+def _store_rows(
+    acc0, acc1, acc2, acc3, rn, n_mask, scale, bias, out_ptr, stride_om,
+    M: tl.constexpr, W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
+):  # fmt: skip
+    """The first M rows' epilogues."""
+    _store_row(acc0, 0, rn, n_mask, scale, bias, out_ptr, stride_om, W_SCALED, HAS_BIAS)
+    if M > 1:
+        _store_row(acc1, 1, rn, n_mask, scale, bias, out_ptr, stride_om, W_SCALED, HAS_BIAS)
+    if M > 2:
+        _store_row(acc2, 2, rn, n_mask, scale, bias, out_ptr, stride_om, W_SCALED, HAS_BIAS)
+    if M > 3:
+        _store_row(acc3, 3, rn, n_mask, scale, bias, out_ptr, stride_om, W_SCALED, HAS_BIAS)
+
+
+@triton.jit
+def _store_partials(part, acc0, acc1, acc2, acc3, n_mask, N, M: tl.constexpr):
+    """One split's float32 sums of its first M rows: part = workspace[split, 0, tile]."""
+    tl.store(part, acc0, mask=n_mask)
+    if M > 1:
+        tl.store(part + N, acc1, mask=n_mask)
+    if M > 2:
+        tl.store(part + 2 * N, acc2, mask=n_mask)
+    if M > 3:
+        tl.store(part + 3 * N, acc3, mask=n_mask)
+
+
+@triton.jit
+def _split_total(
+    part_ptr, ROW: tl.constexpr, rn, n_mask, N, M: tl.constexpr, SPLIT_K: tl.constexpr
+):  # fmt: skip
+    """Row ROW's SPLIT_K partial sums added in split order (bit-reproducible); zeros for a
+    row past M (never stored)."""
+    total = tl.zeros(rn.shape, dtype=tl.float32)
+    if ROW < M:
+        for s in tl.static_range(SPLIT_K):
+            # .cg: from L2, where the other programs' stores are (not a stale L1 line)
+            total += tl.load(part_ptr + (s * M + ROW) * N + rn, mask=n_mask, cache_modifier=".cg")
+    return total
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, part_ptr, count_ptr,
+    N, K, stride_xm, stride_wn, stride_om,
+    M: tl.constexpr, W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < N
+    rk = tl.arange(0, BLOCK_K)
+    # Rows past N read row 0 again (never stored): the weight loads need no row mask.
+    w_rows = w_ptr + tl.where(n_mask, rn, 0).to(tl.int64)[:, None] * stride_wn
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(k_tiles, SPLIT_K)
+    k_first = pid_k * per_split
+    acc0 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for kt in range(k_first, tl.minimum(k_first + per_split, k_tiles)):
+        ks = kt * BLOCK_K + rk
+        k_mask = ks < K
+        if EVEN_K:
+            w = tl.load(w_rows + ks[None, :], eviction_policy="evict_first")
+        else:
+            w = tl.load(w_rows + ks[None, :], mask=k_mask[None, :], other=0.0,
+                        eviction_policy="evict_first")  # fmt: skip
+        w = w.to(tl.float32)  # float8 (or 16-bit) to float32 in registers
+        acc0 += _row_sum(x_ptr, w, ks, k_mask, EVEN_K)
+        if M > 1:
+            acc1 += _row_sum(x_ptr + stride_xm, w, ks, k_mask, EVEN_K)
+        if M > 2:
+            acc2 += _row_sum(x_ptr + 2 * stride_xm, w, ks, k_mask, EVEN_K)
+        if M > 3:
+            acc3 += _row_sum(x_ptr + 3 * stride_xm, w, ks, k_mask, EVEN_K)
+
+    scale = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if W_SCALED:
+        scale = tl.load(scale_ptr + rn, mask=n_mask, other=0.0)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+    if SPLIT_K == 1:
+        _store_rows(acc0, acc1, acc2, acc3, rn, n_mask, scale, bias, out_ptr, stride_om,
+                    M, W_SCALED, HAS_BIAS)  # fmt: skip
+    else:
+        _store_partials(part_ptr + pid_k * M * N + rn, acc0, acc1, acc2, acc3, n_mask, N, M)
+        # Every thread's stores before the program's one release of its arrival.
+        tl.debug_barrier()
+        arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:  # the last split of this column tile: the epilogue
+            _store_rows(
+                _split_total(part_ptr, 0, rn, n_mask, N, M, SPLIT_K),
+                _split_total(part_ptr, 1, rn, n_mask, N, M, SPLIT_K),
+                _split_total(part_ptr, 2, rn, n_mask, N, M, SPLIT_K),
+                _split_total(part_ptr, 3, rn, n_mask, N, M, SPLIT_K),
+                rn, n_mask, scale, bias, out_ptr, stride_om, M, W_SCALED, HAS_BIAS,
+            )  # fmt: skip
+            tl.atomic_xchg(count_ptr + pid_n, 0)  # clean for the next call
+
+
+_WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def reserve_workspace(
+    device: torch.device, split_k: int, m: int, n: int, block_n: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float32 partials (split_k, m, n) and the int32 arrival counters (one per column
+    tile) of one call shape, allocated zeroed on first use and cached: call it (or `gemv`)
+    before capturing a CUDA graph."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (device, split_k, m, n, block_n)
+    if key not in _WORKSPACES:
+        partials = torch.zeros((split_k, m, n), dtype=torch.float32, device=device)
+        counters = torch.zeros(triton.cdiv(n, block_n), dtype=torch.int32, device=device)
+        _WORKSPACES[key] = (partials, counters)
+    return _WORKSPACES[key]
+
+
+def gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    w_scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    tile: GemvTile | None = None,
+) -> torch.Tensor:
+    """x (M, K) @ weight (N, K).T (* w_scale) (+ bias) -> (M, N) in x's dtype (`gemv_ref`).
+    M of 1 to MAX_M; x and weight with dense rows; weight in x's dtype, or float8_e4m3fn with
+    w_scale (N,) float32; bias (N,). `tile` overrides `gemv_tile` (benchmarks, tests)."""
+    assert x.dim() == 2 and x.stride(1) == 1, "x must be (M, K) with dense rows"
+    (m, k), n = x.shape, weight.shape[0]
+    assert 1 <= m <= MAX_M, f"gemv takes 1 to {MAX_M} rows, not {m}"
+    assert weight.dim() == 2 and weight.shape == (n, k) and weight.stride(1) == 1, (
+        f"weight {tuple(weight.shape)} must be (N, {k}) with dense rows"
+    )
+    assert x.dtype in (torch.bfloat16, torch.float16, torch.float32), x.dtype
+    fp8 = weight.dtype == torch.float8_e4m3fn
+    assert fp8 or weight.dtype == x.dtype, f"weight {weight.dtype} is not x's {x.dtype}"
+    assert fp8 == (w_scale is not None), "float8 weights come with w_scale, only they"
+    if fp8:
+        assert w_scale.shape == (n,) and w_scale.dtype == torch.float32
+        assert w_scale.is_contiguous()
+    if bias is not None:
+        assert bias.shape == (n,) and bias.is_contiguous() and bias.is_floating_point()
+    assert x.device == weight.device, "x and weight on different devices"
+    tile = tile or gemv_tile(m, n, k, weight.element_size(), _sm_count(x.device))
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if tile.split_k > 1:
+        partials, counters = reserve_workspace(x.device, tile.split_k, m, n, tile.block_n)
+    else:
+        partials, counters = out, out  # never read
+    grid = (triton.cdiv(n, tile.block_n), tile.split_k)
+    _gemv_kernel[grid](
+        x, weight, weight if w_scale is None else w_scale, weight if bias is None else bias,
+        out, partials, counters, n, k, x.stride(0), weight.stride(0), out.stride(0),
+        M=m, W_SCALED=fp8, HAS_BIAS=bias is not None, EVEN_K=k % tile.block_k == 0,
+        BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, SPLIT_K=tile.split_k,
+        num_warps=tile.num_warps, num_stages=tile.num_stages,
+    )  # fmt: skip
+    return out

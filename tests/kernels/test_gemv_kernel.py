@@ -1,0 +1,180 @@
+"""The decode GEMV (kernels/gemv.py) against `gemv_ref`: 16-bit/32-bit and float8 weights,
+bias, 1 to 4 rows, edges of N and K off the tiles, split-K with its arrival counters, in the
+interpreter (fp32 and fp16) and on the GPU (bf16 at the Mistral-7B and Mixtral TP=2 shapes,
+CUDA graph replays included).
+
+The interpreter runs a grid's programs one after another, so there the last split to arrive
+is always the last in grid order; the GPU tests cover arrivals in any order."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from kernel_testing import TOLERANCE, poisoned_allocations, rel_err
+
+from mii.kernels.fp8_ref import fp8_linear_ref, quantize_rows
+
+FP8 = torch.float8_e4m3fn
+# (M, N, K): N off BLOCK_N (16), K off BLOCK_K (64) in some
+SHAPES = [(1, 40, 300), (2, 48, 256), (3, 40, 320), (4, 33, 300)]
+GPU_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (3072, 4096),
+              (4096, 2048)]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def gemv_interpreted(interpreted):
+    return importlib.import_module("mii.kernels.gemv")
+
+
+@pytest.fixture(scope="module")
+def gemv_compiled(compiled):
+    return importlib.import_module("mii.kernels.gemv")
+
+
+def _operands(m, n, k, device, dtype, fp8, bias=True, seed=0):
+    gen = torch.Generator().manual_seed(seed * 1000 + m * 7 + n)
+    x = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
+    w = torch.randn(n, k, generator=gen) * torch.rand(n, 1, generator=gen) * 0.05
+    if fp8:
+        q, scale = quantize_rows(w.to(device))
+    else:
+        q, scale = w.to(device=device, dtype=dtype), None
+    b = torch.randn(n, generator=gen).to(device=device, dtype=dtype) if bias else None
+    return x, q, scale, b
+
+
+def _counters(module):
+    return [c for _, c in module._WORKSPACES.values()]
+
+
+@pytest.mark.parametrize("split_k", [1, 3])
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_matches_reference_interpreted(gemv_interpreted, dtype, shape, fp8, split_k):
+    m, n, k = shape
+    x, w, scale, b = _operands(m, n, k, "cpu", dtype, fp8, bias=(m + split_k) % 2 == 0)
+    tile = gemv_interpreted.GemvTile(16, 64, split_k)
+    with poisoned_allocations():
+        out = gemv_interpreted.gemv(x, w, scale, b, tile=tile)
+    assert out.dtype == dtype and out.shape == (m, n)
+    assert rel_err(out, gemv_interpreted.gemv_ref(x.float(), w, scale, b)) < TOLERANCE[dtype]
+    assert all(not c.any() for c in _counters(gemv_interpreted)), "a counter left non-zero"
+
+
+def test_default_tile_and_strided_rows_interpreted(gemv_interpreted):
+    """The default tile (one K tile, no split at this size) and x a view with a row stride."""
+    x, w, scale, b = _operands(2, 24, 200, "cpu", torch.float32, True)
+    wide = torch.randn(2, 333)
+    wide[:, 5:205] = x
+    out = gemv_interpreted.gemv(wide[:, 5:205], w, scale, b)
+    assert rel_err(out, gemv_interpreted.gemv_ref(x, w, scale, b)) < TOLERANCE[torch.float32]
+
+
+def test_split_k_is_reproducible_interpreted(gemv_interpreted):
+    """Two calls give the same bits, each leaves every counter at 0; 5 K tiles over 3
+    splits (2, 2, 1) and splits as many as the K tiles."""
+    x, w, scale, b = _operands(4, 40, 300, "cpu", torch.float16, True)
+    for split_k in (3, 5):
+        tile = gemv_interpreted.GemvTile(16, 64, split_k)
+        with poisoned_allocations():
+            first = gemv_interpreted.gemv(x, w, scale, b, tile=tile)
+            second = gemv_interpreted.gemv(x, w, scale, b, tile=tile)
+        assert torch.equal(first.view(torch.int16), second.view(torch.int16))
+        assert all(not c.any() for c in _counters(gemv_interpreted))
+        partials, _ = gemv_interpreted.reserve_workspace("cpu", split_k, 4, 40, 16)
+        assert partials.shape == (split_k, 4, 40)
+
+
+def test_reference_matches_fp8_contract():
+    """gemv_ref on float8 weights is fp8_linear_ref's product, taken in float32."""
+    x, q, scale, b = _operands(3, 40, 300, "cpu", torch.float32, True)
+    gemv = importlib.import_module("mii.kernels.gemv")
+    assert rel_err(gemv.gemv_ref(x, q, scale, b), fp8_linear_ref(x, q, scale, b)) < 1e-6
+
+
+def test_preconditions():
+    gemv = importlib.import_module("mii.kernels.gemv")
+    x, w, scale, _ = _operands(1, 40, 64, "cpu", torch.float32, True)
+    with pytest.raises(AssertionError):
+        gemv.gemv(torch.randn(5, 64), w, scale)  # more than MAX_M rows
+    with pytest.raises(AssertionError):
+        gemv.gemv(x, w)  # float8 without its scale
+    with pytest.raises(AssertionError):
+        gemv.gemv(x, torch.randn(40, 64, dtype=torch.float16))  # not x's dtype
+    with pytest.raises(AssertionError):
+        gemv.gemv(x, torch.randn(64, 40).t())  # weight rows not dense
+    assert gemv.gemv_supported(x, w) and not gemv.gemv_supported(torch.randn(5, 64), w)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("itemsize", [1, 2, 4])
+def test_tile_choice(m, itemsize):
+    """Every split starts inside K; narrow outputs split K until the grid holds a few
+    programs per SM; K tiles span TILE_ROW_BYTES of a weight row."""
+    gemv = importlib.import_module("mii.kernels.gemv")
+    for n, k in [*GPU_SHAPES, (14336, 4096), (4096, 7168), (40, 300), (8, 16)]:
+        t = gemv.gemv_tile(m, n, k, itemsize, sms=132)
+        k_tiles = -(-k // t.block_k)
+        per_split = -(-k_tiles // t.split_k)
+        assert 1 <= t.split_k <= k_tiles and (t.split_k - 1) * per_split < k_tiles
+        assert t.block_k * itemsize <= gemv.TILE_ROW_BYTES
+        programs = -(-n // t.block_n) * t.split_k
+        assert programs >= min(4 * 132, -(-n // t.block_n) * k_tiles)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("shape", GPU_SHAPES)
+@pytest.mark.parametrize("fp8", [False, True])
+def test_matches_reference_gpu(gemv_compiled, fp8, shape, m):
+    n, k = shape
+    x, w, scale, b = _operands(m, n, k, "cuda", torch.bfloat16, fp8, bias=m % 2 == 1)
+    expected = gemv_compiled.gemv_ref(x.float(), w, scale, b)
+    with poisoned_allocations():
+        out = gemv_compiled.gemv(x, w, scale, b)
+        again = gemv_compiled.gemv(x, w, scale, b)
+    assert out.dtype == torch.bfloat16 and out.shape == (m, n)
+    assert rel_err(out, expected) < TOLERANCE[torch.bfloat16]
+    assert torch.equal(out.view(torch.int16), again.view(torch.int16))
+    torch.cuda.synchronize()
+    assert all(not c.any() for c in _counters(gemv_compiled))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("split_k", [1, 2, 7, 28])
+def test_split_k_gpu(gemv_compiled, split_k):
+    x, w, scale, b = _operands(3, 4096, 14336, "cuda", torch.bfloat16, True)
+    tile = gemv_compiled.GemvTile(16, 512, split_k)
+    out = gemv_compiled.gemv(x, w, scale, b, tile=tile)
+    assert rel_err(out, gemv_compiled.gemv_ref(x.float(), w, scale, b)) < 1e-2
+    for _ in range(3):
+        assert torch.equal(out, gemv_compiled.gemv(x, w, scale, b, tile=tile))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("m", [1, 4])
+def test_cuda_graph_replays_gpu(gemv_compiled, fp8, m):
+    """Captured (workspace allocated by the eager warm-up), replayed twice: the same bits as
+    eager calls each time, counters back at 0."""
+    x, w, scale, b = _operands(m, 4096, 4096, "cuda", torch.bfloat16, fp8, seed=1)
+    eager = gemv_compiled.gemv(x, w, scale, b)
+    assert gemv_compiled.gemv_tile(m, 4096, 4096, w.element_size()).split_k > 1
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = gemv_compiled.gemv(x, w, scale, b)
+        out2 = gemv_compiled.gemv(x, w, scale, b)  # twice in one graph: counters reset
+    for _ in range(2):
+        out.zero_()
+        out2.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager) and torch.equal(out2, eager)
+        assert all(not c.any() for c in _counters(gemv_compiled))
+    x.copy_(torch.randn_like(x))  # new inputs in place: the replay follows them
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, gemv_compiled.gemv(x, w, scale, b))
