@@ -29,24 +29,27 @@ programs and 512 KB gets 128, about one per SM."""
 
 
 @triton.jit
-def _signal_and_wait(flags_ptr, peer_flags_ptr, epoch, rank, WORLD: tl.constexpr):
+def _signal_and_wait(
+    flags_ptr, peer_flags_ptr, epoch, rank, WORLD: tl.constexpr, SLOTS: tl.constexpr
+):  # fmt: skip
     """This program's barrier across the group for the call numbered `epoch`."""
     pid = tl.program_id(0)
     tl.debug_barrier()  # this program's data stores come before its signal
     for peer in tl.static_range(WORLD):
         flags = tl.load(peer_flags_ptr + peer).to(tl.pointer_type(tl.int64))
-        tl.atomic_xchg(flags + pid * MAX_RANKS + rank, epoch, sem="release", scope="sys")
+        tl.atomic_xchg(flags + pid * SLOTS + rank, epoch, sem="release", scope="sys")
     for peer in tl.static_range(WORLD):
-        seen = tl.atomic_add(flags_ptr + pid * MAX_RANKS + peer, 0, sem="acquire", scope="sys")
+        seen = tl.atomic_add(flags_ptr + pid * SLOTS + peer, 0, sem="acquire", scope="sys")
         while seen < epoch:
-            seen = tl.atomic_add(flags_ptr + pid * MAX_RANKS + peer, 0, sem="acquire", scope="sys")
+            seen = tl.atomic_add(flags_ptr + pid * SLOTS + peer, 0, sem="acquire", scope="sys")
     tl.debug_barrier()  # every thread's loads below come after the wait
 
 
 @triton.jit
 def _one_shot_kernel(
     x_ptr, out_ptr, data_ptr, peer_data_ptr, flags_ptr, peer_flags_ptr, epoch_ptr, n, half,
-    hidden, rank, WORLD: tl.constexpr, TOP_K: tl.constexpr, BLOCK: tl.constexpr,
+    hidden, rank, WORLD: tl.constexpr, SLOTS: tl.constexpr, TOP_K: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -64,13 +67,14 @@ def _one_shot_kernel(
     tl.store(epoch_ptr + pid, epoch)
     parity = (epoch % 2) * half
     tl.store(data_ptr + parity + offs, x, mask=mask)
-    _signal_and_wait(flags_ptr, peer_flags_ptr, epoch, rank, WORLD)
+    _signal_and_wait(flags_ptr, peer_flags_ptr, epoch, rank, WORLD, SLOTS)
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for peer in tl.static_range(WORLD):
         if peer == rank:
             acc += x.to(tl.float32)
         else:
             base = tl.load(peer_data_ptr + peer).to(tl.pointer_type(out_ptr.dtype.element_ty))
+            base = tl.multiple_of(base, 16)  # a torch allocation: 16-byte vector loads
             part = tl.load(base + parity + offs, mask=mask, other=0.0, cache_modifier=".cv")
             acc += part.to(tl.float32)
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
@@ -122,6 +126,6 @@ def one_shot_all_reduce(x: torch.Tensor, buffers: PeerBuffers, top_k: int = 1) -
     _one_shot_kernel[(triton.cdiv(n, BLOCK),)](
         x, out, buffers.data, buffers.peer_data, buffers.flags, buffers.peer_flags,
         buffers.epochs, n, buffers.data.shape[1], hidden, buffers.rank, WORLD=buffers.world,
-        TOP_K=top_k, BLOCK=BLOCK, num_warps=4,
+        SLOTS=MAX_RANKS, TOP_K=top_k, BLOCK=BLOCK, num_warps=4,
     )  # fmt: skip
     return out

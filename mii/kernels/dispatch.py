@@ -17,6 +17,33 @@ def _triton_on(t: torch.Tensor) -> bool:
     return t.is_cuda and os.environ.get("MII_DISABLE_TRITON", "0") != "1"
 
 
+GEMV_MAX_ROWS = 4
+
+
+def gemv_on(x: torch.Tensor) -> bool:
+    """Whether a linear layer's product with x goes through kernels/gemv.py: CUDA, 2-D x of
+    at most GEMV_MAX_ROWS rows (batch-1 to batch-4 decode steps), `MII_GEMV` not 0."""
+    return (
+        x.dim() == 2
+        and x.shape[0] <= GEMV_MAX_ROWS
+        and _triton_on(x)
+        and os.environ.get("MII_GEMV", "1") != "0"
+    )
+
+
+def gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    w_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """x @ (weight * w_scale[:, None]).T + bias for the rows `gemv_on` admits."""
+    from mii.kernels.gemv import gemv as kernel
+
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    return kernel(x, weight, w_scale, bias)
+
+
 def rms_norm(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -155,6 +182,8 @@ def fp8_linear(
     """x @ (weight * scale[:, None]).T + bias with float8 weights (kernels/fp8_ref.py): on
     CUDA Triton or `torch._scaled_mm` by M (kernels/fp8_gemm.py), otherwise the weight
     dequantized into x's dtype for this call."""
+    if gemv_on(x):
+        return gemv(x, weight, scale, bias)
     if _triton_on(x):
         from mii.kernels.fp8_gemm import fp8_linear as kernel
 

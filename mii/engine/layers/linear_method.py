@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mii.engine.layers.cpu_linear import pack_weight, packed_linear
+from mii.kernels import dispatch
 
 
 class LinearMethod:
@@ -35,7 +36,8 @@ class LinearMethod:
 
 class UnquantizedLinearMethod(LinearMethod):
     """The weight in the model's dtype; on the CPU through oneDNN-packed weights once
-    `pack_for_cpu` ran (layers/cpu_linear.py)."""
+    `pack_for_cpu` ran (layers/cpu_linear.py); decode steps of up to 4 rows on the GPU
+    through the split-K GEMV of kernels/gemv.py, larger ones through cuBLAS."""
 
     def pack_for_cpu(self, layer: nn.Module, batch_hint: int) -> None:
         layer.packed = pack_weight(layer.weight, batch_hint)
@@ -43,6 +45,8 @@ class UnquantizedLinearMethod(LinearMethod):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None):
         if layer.packed is not None:
             return packed_linear(x, layer.packed, bias)
+        if dispatch.gemv_on(x):
+            return dispatch.gemv(x, layer.weight, None, bias)
         return F.linear(x, layer.weight, bias)
 
 
