@@ -275,6 +275,7 @@ class LLMEngine:
             return []
         if launched.copied is not None:
             launched.copied.synchronize()  # the step's one wait for the device
+        self.runner.check_step()
         token_ids = launched.host.token_ids.tolist()
         logprobs = _logprob_rows(launched.host, token_ids)
         outputs = []

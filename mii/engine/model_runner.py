@@ -247,6 +247,10 @@ class ModelRunner:
             tokens = torch.empty(count, dtype=torch.int64, device=self.device)
         return tp.broadcast(tokens)
 
+    def check_step(self) -> None:
+        """Raise if the step just read back cannot be trusted (a tensor-parallel rank died
+        while it ran); nothing to check in one process."""
+
     def close(self) -> None:
         """Release what outlives the runner's memory: its CUDA graphs (see tp/leader.py for
         the process group of a tensor-parallel runner)."""

@@ -23,6 +23,8 @@ import triton
 import triton.language as tl
 
 MAX_RANKS = 8
+ABORT_POLL = tl.constexpr(1024)
+"""Spins on a peer's flag between two reads of the host's abort word."""
 BLOCK = 2048
 """Elements per program: 4 KB of bf16 per rank, so an 8 KB decode message gets 2
 programs and 512 KB gets 128, about one per SM."""
@@ -30,24 +32,33 @@ programs and 512 KB gets 128, about one per SM."""
 
 @triton.jit
 def _signal_and_wait(
-    flags_ptr, peer_flags_ptr, epoch, rank, WORLD: tl.constexpr, SLOTS: tl.constexpr
+    flags_ptr, peer_flags_ptr, abort_at_ptr, epoch, rank, WORLD: tl.constexpr,
+    SLOTS: tl.constexpr,
 ):  # fmt: skip
-    """This program's barrier across the group for the call numbered `epoch`."""
+    """This program's barrier across the group for the call numbered `epoch`; it gives up
+    waiting once the host raises the abort word (a peer died: its signal never comes)."""
     pid = tl.program_id(0)
     tl.debug_barrier()  # this program's data stores come before its signal
     for peer in tl.static_range(WORLD):
         flags = tl.load(peer_flags_ptr + peer).to(tl.pointer_type(tl.int64))
         tl.atomic_xchg(flags + pid * SLOTS + rank, epoch, sem="release", scope="sys")
+    abort = tl.load(abort_at_ptr).to(tl.pointer_type(tl.int32))  # in pinned host memory
     for peer in tl.static_range(WORLD):
         seen = tl.atomic_add(flags_ptr + pid * SLOTS + peer, 0, sem="acquire", scope="sys")
+        spins = 0
         while seen < epoch:
             seen = tl.atomic_add(flags_ptr + pid * SLOTS + peer, 0, sem="acquire", scope="sys")
+            spins += 1
+            if spins % ABORT_POLL == 0:  # noqa: SIM102 - a read over PCIe, only now and then
+                if tl.load(abort, volatile=True) != 0:
+                    seen = epoch
     tl.debug_barrier()  # every thread's loads below come after the wait
 
 
 @triton.jit
 def _one_shot_kernel(
-    x_ptr, out_ptr, data_ptr, peer_data_ptr, flags_ptr, peer_flags_ptr, epoch_ptr, n, half,
+    x_ptr, out_ptr, data_ptr, peer_data_ptr, flags_ptr, peer_flags_ptr, abort_at_ptr, epoch_ptr,
+    n, half,
     hidden, rank, WORLD: tl.constexpr, SLOTS: tl.constexpr, TOP_K: tl.constexpr,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
@@ -67,7 +78,7 @@ def _one_shot_kernel(
     tl.store(epoch_ptr + pid, epoch)
     parity = (epoch % 2) * half
     tl.store(data_ptr + parity + offs, x, mask=mask)
-    _signal_and_wait(flags_ptr, peer_flags_ptr, epoch, rank, WORLD, SLOTS)
+    _signal_and_wait(flags_ptr, peer_flags_ptr, abort_at_ptr, epoch, rank, WORLD, SLOTS)
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for peer in tl.static_range(WORLD):
         if peer == rank:
@@ -102,6 +113,15 @@ class PeerBuffers:
         self.peer_data = torch.tensor(data_addresses, dtype=torch.int64, device=device)
         self.peer_flags = torch.tensor(flag_addresses, dtype=torch.int64, device=device)
         self.epochs = torch.zeros(flags.shape[0], dtype=torch.int64, device=device)
+        # The abort word lives in host memory the GPU reads directly (pinned), so that the
+        # host can release a kernel that waits for a dead peer while the stream is stuck.
+        self.abort_word = torch.zeros(1, dtype=torch.int32, pin_memory=data.is_cuda)
+        self.abort_at = torch.tensor([self.abort_word.data_ptr()], dtype=torch.int64, device=device)
+
+    def abort(self) -> None:
+        """Release every wait of this rank's calls, now and later: their sums are garbage
+        from then on (for a group being torn down after a rank died)."""
+        self.abort_word[0] = 1
 
     @property
     def capacity(self) -> int:
@@ -125,7 +145,7 @@ def one_shot_all_reduce(x: torch.Tensor, buffers: PeerBuffers, top_k: int = 1) -
     out = torch.empty(shape, dtype=x.dtype, device=x.device)
     _one_shot_kernel[(triton.cdiv(n, BLOCK),)](
         x, out, buffers.data, buffers.peer_data, buffers.flags, buffers.peer_flags,
-        buffers.epochs, n, buffers.data.shape[1], hidden, buffers.rank, WORLD=buffers.world,
-        SLOTS=MAX_RANKS, TOP_K=top_k, BLOCK=BLOCK, num_warps=4,
+        buffers.abort_at, buffers.epochs, n, buffers.data.shape[1], hidden, buffers.rank,
+        WORLD=buffers.world, SLOTS=MAX_RANKS, TOP_K=top_k, BLOCK=BLOCK, num_warps=4,
     )  # fmt: skip
     return out

@@ -115,6 +115,19 @@ def check_expert_rows(m, top_k, dtype, device, world=2, rank=0, tokens=3, hidden
     assert torch.equal(out, rank_order_sum(summed))
 
 
+def test_an_abort_releases_a_wait_for_a_dead_peer(ar_interpreted):
+    """A peer that never signals (it died) holds the call only until the host raises the
+    abort word; every later call returns at once too."""
+    m = ar_interpreted
+    group = Group(m, 2, m.BLOCK, torch.float32, "cpu")
+    mine = group.view(0)
+    mine.abort()
+    for _ in range(2):
+        out = m.one_shot_all_reduce(torch.ones(m.BLOCK), mine)
+        assert out.shape == (m.BLOCK,)
+    assert (group.flags[1][:, 0] == 2).all(), "its own signals still went out"
+
+
 def test_a_message_past_the_buffers_is_refused(ar_interpreted):
     group = Group(ar_interpreted, 2, ar_interpreted.BLOCK, torch.float32, "cpu")
     with pytest.raises(AssertionError, match="larger than the peer buffers"):
@@ -126,6 +139,18 @@ def test_a_message_past_the_buffers_is_refused(ar_interpreted):
 @pytest.mark.parametrize("n", [4096, 5000])
 def test_gpu_one_shot_sums_every_rank_in_rank_order(ar_compiled, world, n):
     check_calls(ar_compiled, world, n, torch.bfloat16, "cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_an_abort_releases_a_wait_for_a_dead_peer(ar_compiled):
+    m = ar_compiled
+    group = Group(m, 2, m.BLOCK, torch.bfloat16, "cuda")
+    mine = group.view(0)
+    x = torch.ones(m.BLOCK, dtype=torch.bfloat16, device="cuda")
+    m.one_shot_all_reduce(x, mine)  # the peer never signals: this call waits on the GPU
+    mine.abort()  # from the host, while the stream is stuck in the kernel
+    torch.cuda.synchronize()
+    assert (group.flags[1][:, 0] == 1).all()
 
 
 @pytest.mark.gpu

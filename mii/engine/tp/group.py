@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import threading
 from dataclasses import dataclass
 from datetime import timedelta
@@ -140,6 +141,9 @@ def abort_group() -> None:
     gloo notices the closed connection by itself). Safe from another thread: it aborts the
     NCCL communicators, as NCCL's own watchdog does, and leaves torch's group registry
     alone for `leave_group` to tear down."""
+    peer_paths = sys.modules.get("mii.engine.tp.peer_all_reduce")
+    if peer_paths is not None:  # their kernels wait on the GPU for the dead rank's signal
+        peer_paths.abort_all()
     if dist.is_initialized() and dist.get_backend() == "nccl":
         dist.group.WORLD._get_backend(torch.device("cuda")).abort()
 

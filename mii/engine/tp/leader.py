@@ -110,6 +110,13 @@ class TensorParallelRunner(ModelRunner):
             self.group.control.send_plan(plan)
             return super().execute(plan, source)
 
+    def check_step(self) -> None:
+        """A rank that died during the step: the one-shot all-reduces that waited for it
+        were released by the abort (`abort_group`) and summed stale data, so the step's
+        tokens are not the model's."""
+        if self._leading:
+            self.group._raise_if_unusable()
+
     def close(self) -> None:
         super().close()  # the graphs first: they hold NCCL work the group teardown waits on
         self.group.close()

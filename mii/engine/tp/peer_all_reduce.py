@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from typing import Any
 
 import torch
@@ -31,6 +32,16 @@ last_failure: str | None = None
 
 DEFAULT_MAX_BYTES = 0
 """Off until measured faster than NCCL in the engine (scripts/bench_all_reduce.py)."""
+
+
+_open_paths: weakref.WeakSet = weakref.WeakSet()
+
+
+def abort_all() -> None:
+    """Release every wait of this process's one-shot all-reduces (a rank died: the calls
+    waiting for its signal would spin forever, as NCCL's wait for it does until aborted)."""
+    for path in list(_open_paths):
+        path.buffers.abort()
 
 
 def max_bytes_setting() -> int:
@@ -75,6 +86,7 @@ class PeerAllReduce:
     def __init__(self, buffers: PeerBuffers, mapped: list) -> None:
         self.buffers = buffers
         self._mapped = mapped  # the peers' buffers opened here: the mapping lives with them
+        _open_paths.add(self)
 
     @classmethod
     def create(cls, group: Any, device: torch.device, dtype: torch.dtype) -> PeerAllReduce | None:
