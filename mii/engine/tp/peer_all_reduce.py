@@ -60,21 +60,38 @@ def _everywhere(flag: bool, group: Any, device: torch.device) -> bool:
     return bool(t.item())
 
 
+_STORAGE_DEVICE = 6
+"""The device's place in torch.multiprocessing's rebuild arguments of a CUDA tensor."""
+
+
 def _map_group(tensors: list[torch.Tensor], group: Any) -> tuple[list[list[int]], list]:
     """Every rank's addresses of each of `tensors` (this rank's own, the peers' opened in
-    this process through CUDA IPC), and the opened tensors, which keep the mappings."""
+    this process through CUDA IPC), and the opened tensors, which keep the mappings.
+
+    A peer's buffer is opened with this rank's device current, not the peer's: CUDA maps it
+    into the current device's context and enables that device's peer access to it, which
+    is what this rank's kernels need (opened on the peer's index, torch's default for a
+    shared tensor, the mapping lands in a second context of this process, and this rank's
+    kernels reading it fault with an illegal address: two H200s, 2026-11-27)."""
     from torch.multiprocessing.reductions import reduce_tensor
 
     torch.cuda.synchronize()
     rank, world = dist.get_rank(group), dist.get_world_size(group)
+    own_device = tensors[0].device.index
     shared = [reduce_tensor(t)[1] for t in tensors]
     everyone: list = [None] * world
     dist.all_gather_object(everyone, shared, group=group)
     rebuild = reduce_tensor(tensors[0])[0]
+    assert rebuild.__name__ == "rebuild_cuda_tensor" and len(shared[0]) == 15, "torch changed"
     opened, addresses = [], [[0] * world for _ in tensors]
     for peer in range(world):
         for i, own in enumerate(tensors):
-            t = own if peer == rank else rebuild(*everyone[peer][i])
+            if peer == rank:
+                t = own
+            else:
+                args = list(everyone[peer][i])
+                args[_STORAGE_DEVICE] = own_device
+                t = rebuild(*args)
             opened.append(t)
             addresses[i][peer] = t.data_ptr()
     return addresses, opened
