@@ -31,7 +31,10 @@ last_failure: str | None = None
 """Why the last `PeerAllReduce.create` on this process left the path closed, if it did."""
 
 DEFAULT_MAX_BYTES = 0
-"""Off until measured faster than NCCL in the engine (scripts/bench_all_reduce.py)."""
+"""Off until it has run across two GPUs and measured faster than NCCL in the engine
+(scripts/bench_all_reduce.py, bench_tp.py --peer-bytes): its first two-process runs
+faulted (peer buffers mapped into the wrong device's context, fixed since, not re-run).
+512 KB is the size to try."""
 
 
 _open_paths: weakref.WeakSet = weakref.WeakSet()
