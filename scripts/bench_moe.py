@@ -10,6 +10,9 @@ for TP=1), bf16, at 1, 16, 256 and 4096 tokens, in one run:
   by default), where this torch has it;
 - fp8: the Triton layer over float8 experts (one scale per expert and row, quantized from
   the same weights; checked against the reference over those float8 experts), default tiles;
+- gemv / gemv fp8 (1 to 4 tokens, `moe_gemv.MAX_TOKENS`): the routing kernel, the two expert
+  GEMVs of kernels/moe_gemv.py and the sum over the top k (the decode path this kernel is
+  meant for; not wired into the engine), over the bf16 and the float8 experts;
 - floor: the bytes of the experts the step's tokens picked over the copy bandwidth
   measured in the same run (the bound at small batch); TFLOP/s against the bf16 matmul peak
   (the bound at large batch).
@@ -34,6 +37,7 @@ from bench_common import measure_peaks, write_json
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mii.kernels import fused_moe as moe  # noqa: E402
+from mii.kernels import moe_gemv  # noqa: E402
 from mii.kernels.fused_moe_ref import fused_moe_ref, quantize_experts, route_ref  # noqa: E402
 from mii.kernels.torch_ref import silu_and_mul_ref  # noqa: E402
 
@@ -87,6 +91,14 @@ def grouped_mm_moe(x, logits, gate_up, down, top_k, renormalize):
     return torch.zeros_like(x, dtype=torch.float32).index_add_(0, rows, y).to(x.dtype)
 
 
+def gemv_moe(x, logits, gate_up, down, top_k, renormalize, scales=None):
+    """The decode path: the routing kernel (its sort by expert unused), the two expert GEMVs,
+    the top-k sum (float32, rounded once, as expert_gemms sums)."""
+    routing = moe.route(logits, top_k, renormalize, 16)
+    rows = moe_gemv.expert_gemv(x, gate_up, down, routing.experts, routing.weights, scales)
+    return rows.sum(dim=1) if top_k > 1 else rows[:, 0]
+
+
 def make_layer(tokens, hidden, inner, experts, seed=0):
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
 
@@ -135,6 +147,12 @@ def bench_tokens(args, tokens: int, peaks: dict) -> dict:
         lambda: moe.fused_moe(x, logits, *fp8, k, renorm, default, scales),
         fp8_expected,
     )
+    gemv = gemv_fp8 = {"name": "gemv", "ms": None, "error": "more tokens than MAX_TOKENS"}
+    if tokens <= moe_gemv.MAX_TOKENS:
+        gemv = timed("gemv", lambda: gemv_moe(x, logits, gate_up, down, k, renorm), expected)
+        gemv_fp8 = timed(
+            "gemv fp8", lambda: gemv_moe(x, logits, *fp8, k, renorm, scales), fp8_expected
+        )
     route_ms = bench_ms(lambda: moe.route(logits, k, renorm, default.block_m))
     loop = timed("loop", lambda: fused_moe_ref(x, gate_up, down, route_ref(logits, k, renorm)),
                  expected)  # fmt: skip
@@ -150,7 +168,7 @@ def bench_tokens(args, tokens: int, peaks: dict) -> dict:
     return {
         "tokens": tokens, "active_experts": active, "floor_ms": floor_ms, "flops": flops,
         "route_ms": route_ms, "fused": rows, "loop": loop, "grouped_mm": grouped,
-        "fp8": fp8_row,
+        "fp8": fp8_row, "gemv": gemv, "gemv_fp8": gemv_fp8,
     }  # fmt: skip
 
 
@@ -188,7 +206,7 @@ def print_table(p: dict) -> None:
         f"matmul {peaks['matmul_flops'] / 1e12:.0f} TFLOP/s"
     )
     head = ("tokens", "fused", "best", "route", "loop", "grp_mm", "floor", "x floor", "TFLOP/s",
-            "fp8", "x fp8 fl")  # fmt: skip
+            "fp8", "x fp8 fl", "gemv", "gemv fp8")  # fmt: skip
     print("".join(f"{h:>10}" for h in head) + "   (ms; default tiles, best swept)")
     for r in p["results"]:
         fused = next(f for f in r["fused"] if f["default"])
@@ -199,10 +217,26 @@ def print_table(p: dict) -> None:
         ]  # fmt: skip
         fp8 = r["fp8"]["ms"] if r["fp8"]["ms"] and r["fp8"]["ok"] else float("nan")
         cells += [fp8, fp8 / (r["floor_ms"] / 2)]  # float8 experts: half the bytes
+        cells += [_ok_ms(r.get("gemv")), _ok_ms(r.get("gemv_fp8"))]
         print("".join(_cell(c) for c in cells))
+    print("gemv (route + expert GEMVs + top-k sum) against the floor (fp8: half the bytes):")
+    for r in p["results"]:
+        gemv, gemv_fp8 = _ok_ms(r.get("gemv")), _ok_ms(r.get("gemv_fp8"))
+        if gemv is not None or gemv_fp8 is not None:
+            print(
+                f"  {r['tokens']:>5}: {(gemv or float('nan')) / r['floor_ms']:.2f}x, "
+                f"fp8 {(gemv_fp8 or float('nan')) / (r['floor_ms'] / 2):.2f}x"
+            )
     print("best tiles per step size:")
     for r in p["results"]:
         print(f"  {r['tokens']:>5}: {_best(r)['name']}")
+
+
+def _ok_ms(row: dict | None) -> float | None:
+    """A row's time; NaN where it was wrong, None where it did not run."""
+    if row is None or row["ms"] is None:
+        return None
+    return row["ms"] if row["ok"] else float("nan")
 
 
 def _best(result: dict) -> dict:
