@@ -41,7 +41,8 @@ def rank_device(rank: LaunchedRank, device: str) -> torch.device:
 class LaunchedGroup:
     """The launcher's processes joined into one group: `lead` on rank 0, `Follower` on the
     others. It offers what `TensorParallelRunner` needs of a group (`context`, `control`,
-    `guard`, `close`); a rank that dies ends the launcher's job, which ends the others."""
+    `guard`, `check_step`, `close`); a rank that dies ends the launcher's job, which ends the
+    others."""
 
     def __init__(self, rank: LaunchedRank, device: torch.device) -> None:
         self.rank, self.device = rank, device
@@ -66,6 +67,9 @@ class LaunchedGroup:
     @contextmanager
     def guard(self) -> Iterator[None]:
         yield
+
+    def check_step(self) -> None:
+        """Nothing to check: a dead rank ends the launcher's job, this process included."""
 
     def close(self) -> None:
         """Rank 0: stop the other ranks; every rank drops this pipeline's control group (the

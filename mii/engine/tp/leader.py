@@ -115,7 +115,7 @@ class TensorParallelRunner(ModelRunner):
         were released by the abort (`abort_group`) and summed stale data, so the step's
         tokens are not the model's."""
         if self._leading:
-            self.group._raise_if_unusable()
+            self.group.check_step()
 
     def close(self) -> None:
         super().close()  # the graphs first: they hold NCCL work the group teardown waits on
@@ -195,6 +195,11 @@ class TensorParallelGroup:
                 if self._failure is not None:
                     raise TensorParallelError(self._failure) from exc
             raise  # rank 0's own error (a missing weight, a bad config) speaks for itself
+
+    def check_step(self) -> None:
+        """Raise if a rank died or the group fell out of step (after a step's results were
+        read back: see `TensorParallelRunner.check_step`)."""
+        self._raise_if_unusable()
 
     def _raise_if_unusable(self) -> None:
         if self._failure is not None:
