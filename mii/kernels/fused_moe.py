@@ -27,6 +27,7 @@ weight-only mode): half the bytes a decode step reads.
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -421,4 +422,19 @@ def fused_moe(
     assert router_logits.shape == (x.shape[0], gate_up.shape[0]), "router_logits: (T, E)"
     config = config or moe_config(x.shape[0], top_k, gate_up.shape[0])
     routing = route(router_logits, top_k, renormalize, config.block_m)
+    if expert_gemv_on(x):
+        from mii.kernels.moe_gemv import expert_gemv
+
+        out = expert_gemv(x, gate_up, down, routing.experts, routing.weights, scales)
+        return out if not sum_top_k else out.sum(dim=1)
     return expert_gemms(x, gate_up, down, routing, config, scales, sum_top_k)
+
+
+EXPERT_GEMV_TOKENS = 1
+
+
+def expert_gemv_on(x: torch.Tensor) -> bool:
+    """Whether a step of x's tokens goes through kernels/moe_gemv.py instead of the grouped
+    GEMMs: `MII_MOE_GEMV=1` (off by default until measured in the engine) and at most
+    EXPERT_GEMV_TOKENS tokens (batch-1 decode)."""
+    return x.shape[0] <= EXPERT_GEMV_TOKENS and os.environ.get("MII_MOE_GEMV", "0") == "1"
