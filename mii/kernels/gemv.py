@@ -122,16 +122,22 @@ def gemv_tile(m: int, n: int, k: int, w_itemsize: int = 2, sms: int = DEFAULT_SM
 
 
 @triton.jit
-def _row_sum(x_row_ptr, w, ks, k_mask, EVEN_K: tl.constexpr):
-    """sum_k W[n, k] * x[k] over one tile: (BLOCK_N,) float32."""
-    # x's K slice loaded as the weight tile is, every row of it the same (stride 0): each
-    # thread reads the columns it multiplies (L1 hits), no exchange through shared memory
+def x_slice(x_row_ptr, w, ks, k_mask, EVEN_K: tl.constexpr):
+    """x's K slice in the weight tile w's layout (every row the same, stride 0), float32:
+    each thread reads the columns it multiplies (L1 hits), no exchange through shared
+    memory."""
     x_ptrs = x_row_ptr + tl.zeros(w.shape, tl.int32) + ks[None, :]
     if EVEN_K:
         xk = tl.load(x_ptrs, eviction_policy="evict_last")
     else:
         xk = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0, eviction_policy="evict_last")
-    return tl.sum(w * xk.to(tl.float32), axis=1)
+    return xk.to(tl.float32)
+
+
+@triton.jit
+def _row_sum(x_row_ptr, w, ks, k_mask, EVEN_K: tl.constexpr):
+    """sum_k W[n, k] * x[k] over one tile: (BLOCK_N,) float32."""
+    return tl.sum(w * x_slice(x_row_ptr, w, ks, k_mask, EVEN_K), axis=1)
 
 
 @triton.jit

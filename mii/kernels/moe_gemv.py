@@ -52,7 +52,15 @@ import torch
 import triton
 import triton.language as tl
 
-from mii.kernels.gemv import DEFAULT_SMS, PROGRAMS_PER_SM, TILE_ROW_BYTES, GemvTile, _sm_count
+from mii.kernels.fused_moe import ExpertScales, _check_weights
+from mii.kernels.gemv import (
+    DEFAULT_SMS,
+    PROGRAMS_PER_SM,
+    TILE_ROW_BYTES,
+    GemvTile,
+    _sm_count,
+    x_slice,
+)
 
 MAX_TOKENS = 4  # the sizes the tiles were chosen for; larger T runs, slower than the GEMMs
 GATE_UP_ROWS = 16  # BLOCK_N of gate_up: 16 gate + 16 up rows a step, as gemv's 32 rows
@@ -117,7 +125,7 @@ def expert_gemv_ref(
     down: torch.Tensor,
     experts: torch.Tensor,
     weights: torch.Tensor,
-    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+    scales: ExpertScales | None = None,
 ) -> torch.Tensor:
     """The contract (module docstring), one (token, slot) row at a time in float32 with the
     kernels' roundings: (T, K, H) in x's dtype."""
@@ -142,17 +150,6 @@ def expert_gemv_ref(
 
 
 # ---- kernels ---------------------------------------------------------------------------
-
-
-@triton.jit
-def _x_slice(x_row_ptr, w, ks, k_mask, EVEN_K: tl.constexpr):
-    """x's K slice in the weight tile's layout (every row the same, stride 0), float32."""
-    x_ptrs = x_row_ptr + tl.zeros(w.shape, tl.int32) + ks[None, :]
-    if EVEN_K:
-        xk = tl.load(x_ptrs, eviction_policy="evict_last")
-    else:
-        xk = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0, eviction_policy="evict_last")
-    return xk.to(tl.float32)
 
 
 @triton.jit
@@ -229,7 +226,7 @@ def _gate_up_kernel(
         k_mask = ks < hidden
         g = _weight_tile(g_rows, ks, k_mask, EVEN_K)
         u = _weight_tile(u_rows, ks, k_mask, EVEN_K)
-        xk = _x_slice(x_row, g, ks, k_mask, EVEN_K)
+        xk = x_slice(x_row, g, ks, k_mask, EVEN_K)
         acc_g += tl.sum(g * xk, axis=1)
         acc_u += tl.sum(u * xk, axis=1)
 
@@ -291,7 +288,7 @@ def _down_kernel(
         ks = kt * BLOCK_K + rk
         k_mask = ks < inner
         w = _weight_tile(w_rows, ks, k_mask, EVEN_K)
-        acc += tl.sum(w * _x_slice(h_row, w, ks, k_mask, EVEN_K), axis=1)
+        acc += tl.sum(w * x_slice(h_row, w, ks, k_mask, EVEN_K), axis=1)
 
     weight = tl.load(weights_ptr + row)
     out_row = out_ptr + row * stride_om
@@ -359,24 +356,12 @@ def reserve_workspaces(
 
 
 def _check(x, gate_up, down, experts, weights, scales) -> None:
-    assert x.dim() == 2 and x.stride(1) == 1, "x: (T, H) with dense rows"
+    _check_weights(x, gate_up, down, scales)
     assert x.dtype in (torch.bfloat16, torch.float16, torch.float32), x.dtype
-    num_experts, two_inner, hidden = gate_up.shape
-    assert two_inner % 2 == 0 and hidden == x.shape[1], "gate_up: (E, 2I, H)"
-    assert down.shape == (num_experts, hidden, two_inner // 2), "down: (E, H, I)"
-    assert gate_up.dtype == down.dtype, "gate_up and down share one dtype"
-    if scales is None:
-        assert gate_up.dtype == x.dtype, "x and the experts share one dtype"
-    else:
-        assert gate_up.dtype == torch.float8_e4m3fn, "scales come with float8 experts"
-        assert scales[0].shape == (num_experts, two_inner)
-        assert scales[1].shape == (num_experts, hidden)
-        assert all(s.dtype == torch.float32 and s.stride(1) == 1 for s in scales)
-    assert gate_up.stride(2) == 1 and down.stride(2) == 1, "weights: dense last dim"
     assert experts.dim() == 2 and experts.shape[0] == x.shape[0], "experts: (T, K)"
     assert experts.dtype in (torch.int32, torch.int64), experts.dtype
     assert weights.shape == experts.shape and weights.dtype == torch.float32, "weights: (T, K)"
-    assert gate_up.device == down.device == x.device == experts.device == weights.device
+    assert experts.device == weights.device == x.device
 
 
 def expert_gemv(
@@ -385,7 +370,7 @@ def expert_gemv(
     down: torch.Tensor,
     experts: torch.Tensor,
     weights: torch.Tensor,
-    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+    scales: ExpertScales | None = None,
     tiles: ExpertGemvTiles | None = None,
 ) -> torch.Tensor:
     """Each token's K routed experts, unsummed: (T, K, H) in x's dtype (`expert_gemv_ref`,
