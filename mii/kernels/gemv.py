@@ -266,14 +266,24 @@ def reserve_workspace(
     """The float32 partials (split_k, m, n) and the int32 arrival counters (one per column
     tile) of one call shape, allocated zeroed on first use and cached: call it (or `gemv`)
     before capturing a CUDA graph."""
+    return cached_workspace(device, (split_k, m, n), triton.cdiv(n, block_n))
+
+
+def cached_workspace(
+    device: torch.device, partials_shape: tuple[int, ...], counters: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeroed float32 partials of `partials_shape` and `counters` int32 arrival counters on
+    `device`, allocated on first use and kept for every later call of the same shape (the
+    counters are back at 0 after each call)."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    key = (device, split_k, m, n, block_n)
+    key = (device, partials_shape, counters)
     if key not in _WORKSPACES:
-        partials = torch.zeros((split_k, m, n), dtype=torch.float32, device=device)
-        counters = torch.zeros(triton.cdiv(n, block_n), dtype=torch.int32, device=device)
-        _WORKSPACES[key] = (partials, counters)
+        _WORKSPACES[key] = (
+            torch.zeros(partials_shape, dtype=torch.float32, device=device),
+            torch.zeros(counters, dtype=torch.int32, device=device),
+        )
     return _WORKSPACES[key]
 
 

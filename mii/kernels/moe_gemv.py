@@ -59,6 +59,7 @@ from mii.kernels.gemv import (
     TILE_ROW_BYTES,
     GemvTile,
     _sm_count,
+    cached_workspace,
     x_slice,
 )
 
@@ -309,8 +310,6 @@ def _down_kernel(
 
 # ---- host side -------------------------------------------------------------------------
 
-_WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
 
 def reserve_workspace(
     device: torch.device, split_k: int, rows: int, width: int, tiles: int
@@ -318,15 +317,7 @@ def reserve_workspace(
     """The float32 partials (split_k, rows, width) and the int32 arrival counters (rows *
     tiles, one per program of a split) of one launch shape, allocated zeroed on first use
     and cached."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    key = (device, split_k, rows, width, tiles)
-    if key not in _WORKSPACES:
-        partials = torch.zeros((split_k, rows, width), dtype=torch.float32, device=device)
-        counters = torch.zeros(rows * tiles, dtype=torch.int32, device=device)
-        _WORKSPACES[key] = (partials, counters)
-    return _WORKSPACES[key]
+    return cached_workspace(device, (split_k, rows, width), rows * tiles)
 
 
 def _workspaces(device, rows: int, hidden: int, inner: int, tiles: ExpertGemvTiles):
