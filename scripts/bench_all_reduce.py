@@ -13,34 +13,15 @@ import os
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from bench_common import write_json
+from bench_common import graph_timed, write_json
 
 SIZES_KB = (8, 32, 128, 256, 512, 1024, 2048, 4096)
 REPLAYS, PER_GRAPH = 20, 50
 
 
 def _timed(fn, x: torch.Tensor) -> float:
-    """Microseconds per call of fn(x), PER_GRAPH calls captured in one CUDA graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn(x)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(PER_GRAPH):
-            fn(x)
-    graph.replay()
-    torch.cuda.synchronize()
-    dist.barrier()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(REPLAYS):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / (REPLAYS * PER_GRAPH)
+    """Microseconds per fn(x), PER_GRAPH calls in one CUDA graph, the ranks in step."""
+    return graph_timed(lambda i: fn(x), PER_GRAPH, REPLAYS, before_timing=dist.barrier)
 
 
 def _rank(rank: int, port: int, queue) -> None:

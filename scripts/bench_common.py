@@ -321,3 +321,30 @@ class Timer:
     def __exit__(self, *exc):
         torch.cuda.synchronize()
         self.seconds = time.perf_counter() - self.start
+
+
+def graph_timed(fn, per_graph: int = 50, replays: int = 20, before_timing=None) -> float:
+    """Microseconds per call of fn(i) (i = the call's index in the graph), `per_graph`
+    calls captured in one CUDA graph, replayed `replays` times; `before_timing()` runs just
+    before the timed replays (a barrier across ranks)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(3):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(per_graph):
+            fn(i)
+    graph.replay()
+    torch.cuda.synchronize()
+    if before_timing is not None:
+        before_timing()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000 / (replays * per_graph)

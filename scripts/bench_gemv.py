@@ -36,7 +36,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import write_json  # noqa: E402
+from bench_common import graph_timed, write_json  # noqa: E402
 
 from mii.kernels import gemv as gemv_mod  # noqa: E402
 from mii.kernels.fp8_ref import quantize_rows  # noqa: E402
@@ -61,35 +61,11 @@ MAX_REL_ERR = {"cublas": 1e-2, "gemv": 1e-2, "fp8_linear": 5e-2, "gemv_fp8": 1e-
 """fp8_linear at decode sizes quantizes the activations to float8 too (W8A8)."""
 
 
-def _timed(fn, per_graph: int = PER_GRAPH, replays: int = REPLAYS) -> float:
-    """Microseconds per call of fn(i) (i = the call's index in the graph), `per_graph`
-    calls captured in one CUDA graph, replayed `replays` times."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for i in range(3):
-            fn(i)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(per_graph):
-            fn(i)
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / (replays * per_graph)
-
-
 def copy_gbps() -> float:
     """Device-to-device copy of 1 GiB: (read + write) bytes / s, in GB/s."""
     src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    us = _timed(lambda i: dst.copy_(src), per_graph=5, replays=10)
+    us = graph_timed(lambda i: dst.copy_(src), per_graph=5, replays=10)
     return 2 * src.numel() / us / 1e3
 
 
@@ -164,7 +140,7 @@ def bench_shape(name: str, m: int, sweep: bool) -> dict:
     for method in METHODS:
         try:
             row[f"{method}_err"] = ops.check(method)
-            row[method] = _timed(ops.call(method))
+            row[method] = graph_timed(ops.call(method), PER_GRAPH, REPLAYS)
         except Exception as exc:  # noqa: BLE001 (a method that fails is reported)
             row[method] = float("nan")
             print(f"{name} M={m} {method}: {type(exc).__name__}: {exc}", flush=True)
@@ -174,7 +150,8 @@ def bench_shape(name: str, m: int, sweep: bool) -> dict:
             for tile in sweep_tiles(m, n, k, itemsize):
                 try:
                     ops.check(method, tile)
-                    times[str(tuple(tile))] = _timed(ops.call(method, tile))
+                    call = ops.call(method, tile)
+                    times[str(tuple(tile))] = graph_timed(call, PER_GRAPH, REPLAYS)
                 except Exception as exc:  # noqa: BLE001 (a tile that fails is reported)
                     print(f"{name} M={m} {method} {tuple(tile)}: {type(exc).__name__}: {exc}")
             row[f"{method}_sweep"] = times
