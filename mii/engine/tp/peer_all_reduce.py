@@ -93,6 +93,9 @@ def _map_group(tensors: list[torch.Tensor], group: Any) -> tuple[list[list[int]]
                 t = own
             else:
                 args = list(everyone[peer][i])
+                where = args[_STORAGE_DEVICE]
+                if where != own_device and not torch.cuda.can_device_access_peer(own_device, where):
+                    raise RuntimeError(f"GPU {own_device} cannot reach GPU {where}'s memory")
                 args[_STORAGE_DEVICE] = own_device
                 t = rebuild(*args)
             opened.append(t)
