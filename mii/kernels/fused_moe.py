@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mii.kernels.fused_moe_ref import ExpertScales, check_expert_weights
+
 
 class GemmTile(NamedTuple):
     block_n: int
@@ -338,26 +340,6 @@ def _down_kernel(
     tl.store(out_ptrs, y.to(dtype), mask=row_ok[:, None] & n_ok[None, :])
 
 
-ExpertScales = tuple[torch.Tensor, torch.Tensor]
-"""Float8 experts' row scales: gate_up's (E, 2I) and down's (E, H), float32."""
-
-
-def _check_weights(x, gate_up, down, scales: ExpertScales | None) -> None:
-    assert x.dim() == 2 and x.stride(1) == 1, "x: (T, H) with dense rows"
-    experts, two_inner, hidden = gate_up.shape
-    assert two_inner % 2 == 0 and hidden == x.shape[1], "gate_up: (E, 2I, H)"
-    assert down.shape == (experts, hidden, two_inner // 2), "down: (E, H, I)"
-    assert gate_up.dtype == down.dtype, "gate_up and down share one dtype"
-    if scales is None:
-        assert gate_up.dtype == x.dtype, "x and the experts share one dtype"
-    else:
-        assert gate_up.dtype == torch.float8_e4m3fn, "scales come with float8 experts"
-        assert scales[0].shape == (experts, two_inner) and scales[1].shape == (experts, hidden)
-        assert all(s.dtype == torch.float32 and s.stride(1) == 1 for s in scales)
-    assert gate_up.device == down.device == x.device
-    assert gate_up.stride(2) == 1 and down.stride(2) == 1, "weights: dense last dim"
-
-
 def expert_gemms(
     x: torch.Tensor,
     gate_up: torch.Tensor,
@@ -369,7 +351,7 @@ def expert_gemms(
 ) -> torch.Tensor:
     """The experts over a routed batch: (T, H) in x's dtype; without `sum_top_k`, each
     token's top_k weighted expert outputs unsummed, (T, top_k, H)."""
-    _check_weights(x, gate_up, down, scales)
+    check_expert_weights(x, gate_up, down, scales)
     gate_up_scale, down_scale = scales or (gate_up, down)  # (unread without scales)
     assert routing.block_m == config.block_m, "routing sorted for another block size"
     tokens, top_k = routing.experts.shape

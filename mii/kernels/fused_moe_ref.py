@@ -78,3 +78,25 @@ def quantize_experts(stack: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     (`fp8_ref.quantize_rows` over every expert's rows)."""
     q, scale = quantize_rows(stack.flatten(0, 1))
     return q.view(stack.shape), scale.view(stack.shape[:2])
+
+
+ExpertScales = tuple[torch.Tensor, torch.Tensor]
+"""Float8 experts' row scales: gate_up's (E, 2I) and down's (E, H), float32."""
+
+
+def check_expert_weights(x, gate_up, down, scales: ExpertScales | None) -> None:
+    """The operand checks of the expert kernels (fused_moe.py, moe_gemv.py): x (T, H) with
+    dense rows, gate_up (E, 2I, H) and down (E, H, I) in x's dtype, or float8 with `scales`."""
+    assert x.dim() == 2 and x.stride(1) == 1, "x: (T, H) with dense rows"
+    experts, two_inner, hidden = gate_up.shape
+    assert two_inner % 2 == 0 and hidden == x.shape[1], "gate_up: (E, 2I, H)"
+    assert down.shape == (experts, hidden, two_inner // 2), "down: (E, H, I)"
+    assert gate_up.dtype == down.dtype, "gate_up and down share one dtype"
+    if scales is None:
+        assert gate_up.dtype == x.dtype, "x and the experts share one dtype"
+    else:
+        assert gate_up.dtype == torch.float8_e4m3fn, "scales come with float8 experts"
+        assert scales[0].shape == (experts, two_inner) and scales[1].shape == (experts, hidden)
+        assert all(s.dtype == torch.float32 and s.stride(1) == 1 for s in scales)
+    assert gate_up.device == down.device == x.device
+    assert gate_up.stride(2) == 1 and down.stride(2) == 1, "weights: dense last dim"

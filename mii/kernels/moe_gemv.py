@@ -52,7 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mii.kernels.fused_moe import ExpertScales, _check_weights
+from mii.kernels.fused_moe_ref import ExpertScales, check_expert_weights
 from mii.kernels.gemv import (
     DEFAULT_SMS,
     PROGRAMS_PER_SM,
@@ -347,7 +347,7 @@ def reserve_workspaces(
 
 
 def _check(x, gate_up, down, experts, weights, scales) -> None:
-    _check_weights(x, gate_up, down, scales)
+    check_expert_weights(x, gate_up, down, scales)
     assert x.dtype in (torch.bfloat16, torch.float16, torch.float32), x.dtype
     assert experts.dim() == 2 and experts.shape[0] == x.shape[0], "experts: (T, K)"
     assert experts.dtype in (torch.int32, torch.int64), experts.dtype
