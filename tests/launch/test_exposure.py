@@ -75,6 +75,9 @@ def _terminate_when_ready(url: str, served: list, logs: list[str]) -> None:
     keys = DeploymentKeys("secret-dep")
     redis = redis_py.Redis.from_url(url)
     wait_for(lambda: redis.hget(keys.state, "state") == b"serving", 30, "the deployment")
+    # The deployment says "serving" before mii.serve returns its client: wait for that too
+    # (reading served[0] at once failed now and then, and nothing terminated the serve).
+    wait_for(lambda: served, 30, "mii.serve to return")
     (worker,) = served[0].local.workers
     logs.append(wait_for(lambda: _banner_logged(worker.log_path), 30, "Celery's banner"))
     mii.client("secret-dep", redis_url=url).terminate_server(timeout_s=20)
