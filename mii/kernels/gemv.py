@@ -93,10 +93,25 @@ def _sm_count(device: torch.device) -> int:
     return _SMS[index]
 
 
+def warps_for(elements: int, per_thread: int = THREAD_ELEMENTS) -> int:
+    """4 to 8 warps, so that a thread holds `per_thread` of the `elements` weights a program
+    converts per step."""
+    return max(4, min(8, elements // (32 * per_thread)))
+
+
 def tile_warps(m: int, block_n: int, block_k: int) -> int:
-    """4 to 8 warps, so that a thread holds THREAD_ELEMENTS of the weight tile (half at M >= 3)."""
-    per_thread = THREAD_ELEMENTS if m <= 2 else THREAD_ELEMENTS // 2
-    return max(4, min(8, block_n * block_k // (32 * per_thread)))
+    """`warps_for` the weight tile: THREAD_ELEMENTS a thread, half at M >= 3."""
+    return warps_for(block_n * block_k, THREAD_ELEMENTS if m <= 2 else THREAD_ELEMENTS // 2)
+
+
+def split_k(programs_n: int, k_tiles: int, sms: int) -> int:
+    """The smallest divisor of the K tiles from the split that gives PROGRAMS_PER_SM
+    programs per SM (over `programs_n` column tiles) to twice it, else the first split from
+    there whose last part starts inside K (k_tiles always does)."""
+    want = min(triton.cdiv(PROGRAMS_PER_SM * sms, programs_n), k_tiles)
+    even = (s for s in range(want, min(2 * want, k_tiles) + 1) if k_tiles % s == 0)
+    filled = (s for s in range(want, k_tiles + 1) if (s - 1) * triton.cdiv(k_tiles, s) < k_tiles)
+    return next(even, None) or next(filled)
 
 
 def gemv_tile(m: int, n: int, k: int, w_itemsize: int = 2, sms: int = DEFAULT_SMS) -> GemvTile:
@@ -111,14 +126,8 @@ def gemv_tile(m: int, n: int, k: int, w_itemsize: int = 2, sms: int = DEFAULT_SM
     28672x4096 1, down 4096x14336 7; the TP=2 halves 8, 8, 2, 7."""
     block_k = min(TILE_ROW_BYTES // w_itemsize, triton.next_power_of_2(max(k, 16)))
     block_n = min(TILE_ROWS, max(8, triton.next_power_of_2(n)))
-    num_warps = tile_warps(m, block_n, block_k)
-    tiles_n = triton.cdiv(n, block_n)
-    k_tiles = triton.cdiv(k, block_k)
-    want = min(triton.cdiv(PROGRAMS_PER_SM * sms, tiles_n), k_tiles)
-    even = (s for s in range(want, min(2 * want, k_tiles) + 1) if k_tiles % s == 0)
-    # else the first split from `want` up whose last part starts inside K (k_tiles always)
-    filled = (s for s in range(want, k_tiles + 1) if (s - 1) * triton.cdiv(k_tiles, s) < k_tiles)
-    return GemvTile(block_n, block_k, next(even, None) or next(filled), num_warps, 2)
+    splits = split_k(triton.cdiv(n, block_n), triton.cdiv(k, block_k), sms)
+    return GemvTile(block_n, block_k, splits, tile_warps(m, block_n, block_k), 2)
 
 
 @triton.jit
@@ -181,16 +190,44 @@ def _store_partials(part, acc0, acc1, acc2, acc3, n_mask, N, M: tl.constexpr):
 
 
 @triton.jit
-def _split_total(
+def weight_tile(rows_ptr, ks, k_mask, EVEN_K: tl.constexpr):
+    """A (rows, BLOCK_K) tile of weight rows at `ks`, float8 (or 16-bit) converted to
+    float32 in registers; read once, so evicted first."""
+    if EVEN_K:
+        w = tl.load(rows_ptr + ks[None, :], eviction_policy="evict_first")
+    else:
+        w = tl.load(rows_ptr + ks[None, :], mask=k_mask[None, :], other=0.0,
+                    eviction_policy="evict_first")  # fmt: skip
+    return w.to(tl.float32)
+
+
+@triton.jit
+def split_total(part_ptr, rn, n_mask, stride_split, SPLIT_K: tl.constexpr):
+    """One output row's SPLIT_K partial sums added in split order (bit-reproducible)."""
+    total = tl.zeros(rn.shape, dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        # .cg: from L2, where the other programs' stores are (not a stale L1 line)
+        total += tl.load(part_ptr + s * stride_split + rn, mask=n_mask, cache_modifier=".cg")
+    return total
+
+
+@triton.jit
+def arrive_last(count_ptr, SPLIT_K: tl.constexpr):
+    """After this program's partial stores: whether it is its tile's last split (then it
+    writes the output and puts the counter back to 0)."""
+    tl.debug_barrier()  # every thread's stores before the program's one release
+    return tl.atomic_add(count_ptr, 1, sem="acq_rel") == SPLIT_K - 1
+
+
+@triton.jit
+def _row_total(
     part_ptr, ROW: tl.constexpr, rn, n_mask, N, M: tl.constexpr, SPLIT_K: tl.constexpr
 ):  # fmt: skip
-    """Row ROW's SPLIT_K partial sums added in split order (bit-reproducible); zeros for a
-    row past M (never stored)."""
+    """Row ROW's `split_total` in the (SPLIT_K, M, N) partials; zeros for a row past M
+    (never stored)."""
     total = tl.zeros(rn.shape, dtype=tl.float32)
     if ROW < M:
-        for s in tl.static_range(SPLIT_K):
-            # .cg: from L2, where the other programs' stores are (not a stale L1 line)
-            total += tl.load(part_ptr + (s * M + ROW) * N + rn, mask=n_mask, cache_modifier=".cg")
+        total = split_total(part_ptr + ROW * N, rn, n_mask, M * N, SPLIT_K)
     return total
 
 
@@ -218,12 +255,7 @@ def _gemv_kernel(
     for kt in range(k_first, tl.minimum(k_first + per_split, k_tiles)):
         ks = kt * BLOCK_K + rk
         k_mask = ks < K
-        if EVEN_K:
-            w = tl.load(w_rows + ks[None, :], eviction_policy="evict_first")
-        else:
-            w = tl.load(w_rows + ks[None, :], mask=k_mask[None, :], other=0.0,
-                        eviction_policy="evict_first")  # fmt: skip
-        w = w.to(tl.float32)  # float8 (or 16-bit) to float32 in registers
+        w = weight_tile(w_rows, ks, k_mask, EVEN_K)
         acc0 += _row_sum(x_ptr, w, ks, k_mask, EVEN_K)
         if M > 1:
             acc1 += _row_sum(x_ptr + stride_xm, w, ks, k_mask, EVEN_K)
@@ -243,15 +275,12 @@ def _gemv_kernel(
                     M, W_SCALED, HAS_BIAS)  # fmt: skip
     else:
         _store_partials(part_ptr + pid_k * M * N + rn, acc0, acc1, acc2, acc3, n_mask, N, M)
-        # Every thread's stores before the program's one release of its arrival.
-        tl.debug_barrier()
-        arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
-        if arrived == SPLIT_K - 1:  # the last split of this column tile: the epilogue
+        if arrive_last(count_ptr + pid_n, SPLIT_K):  # the column tile's epilogue
             _store_rows(
-                _split_total(part_ptr, 0, rn, n_mask, N, M, SPLIT_K),
-                _split_total(part_ptr, 1, rn, n_mask, N, M, SPLIT_K),
-                _split_total(part_ptr, 2, rn, n_mask, N, M, SPLIT_K),
-                _split_total(part_ptr, 3, rn, n_mask, N, M, SPLIT_K),
+                _row_total(part_ptr, 0, rn, n_mask, N, M, SPLIT_K),
+                _row_total(part_ptr, 1, rn, n_mask, N, M, SPLIT_K),
+                _row_total(part_ptr, 2, rn, n_mask, N, M, SPLIT_K),
+                _row_total(part_ptr, 3, rn, n_mask, N, M, SPLIT_K),
                 rn, n_mask, scale, bias, out_ptr, stride_om, M, W_SCALED, HAS_BIAS,
             )  # fmt: skip
             tl.atomic_xchg(count_ptr + pid_n, 0)  # clean for the next call

@@ -55,18 +55,22 @@ import triton.language as tl
 from mii.kernels.fused_moe_ref import ExpertScales, check_expert_weights
 from mii.kernels.gemv import (
     DEFAULT_SMS,
-    PROGRAMS_PER_SM,
+    THREAD_ELEMENTS,
     TILE_ROW_BYTES,
     GemvTile,
     _sm_count,
+    arrive_last,
     cached_workspace,
+    split_k,
+    split_total,
+    warps_for,
+    weight_tile,
     x_slice,
 )
 
 MAX_TOKENS = 4  # the sizes the tiles were chosen for; larger T runs, slower than the GEMMs
 GATE_UP_ROWS = 16  # BLOCK_N of gate_up: 16 gate + 16 up rows a step, as gemv's 32 rows
 DOWN_ROWS = 32  # BLOCK_N of down
-THREAD_ELEMENTS = 64  # weight elements a thread converts per step at the default warps
 
 
 class ExpertGemvTiles(NamedTuple):
@@ -79,22 +83,13 @@ def expert_gemv_supported(x: torch.Tensor, gate_up: torch.Tensor, experts: torch
     return x.dim() == 2 and 1 <= x.shape[0] <= MAX_TOKENS and experts.shape[0] == x.shape[0]
 
 
-def _split_k(programs_n: int, k_tiles: int, sms: int) -> int:
-    """gemv_tile's choice: the smallest divisor of the K tiles from the split that gives
-    PROGRAMS_PER_SM programs per SM to twice it, else the next split up with none empty."""
-    want = min(triton.cdiv(PROGRAMS_PER_SM * sms, programs_n), k_tiles)
-    even = (s for s in range(want, min(2 * want, k_tiles) + 1) if k_tiles % s == 0)
-    filled = (s for s in range(want, k_tiles + 1) if (s - 1) * triton.cdiv(k_tiles, s) < k_tiles)
-    return next(even, None) or next(filled)
-
-
 def _tile(rows: int, n: int, k: int, itemsize: int, sms: int, tile_rows: int, tiles: int):
     block_k = min(TILE_ROW_BYTES // itemsize, triton.next_power_of_2(max(k, 16)))
     block_n = min(tile_rows, max(8, triton.next_power_of_2(n)))
     elements = tiles * block_n * block_k  # weight elements a program converts per step
-    num_warps = max(4, min(8, elements // (32 * THREAD_ELEMENTS)))
+    num_warps = warps_for(elements, THREAD_ELEMENTS)
     programs_n = rows * triton.cdiv(n, block_n)
-    return GemvTile(block_n, block_k, _split_k(programs_n, triton.cdiv(k, block_k), sms),
+    return GemvTile(block_n, block_k, split_k(programs_n, triton.cdiv(k, block_k), sms),
                     num_warps, 2)  # fmt: skip
 
 
@@ -154,33 +149,6 @@ def expert_gemv_ref(
 
 
 @triton.jit
-def _weight_tile(rows_ptr, ks, k_mask, EVEN_K: tl.constexpr):
-    if EVEN_K:
-        w = tl.load(rows_ptr + ks[None, :], eviction_policy="evict_first")
-    else:
-        w = tl.load(rows_ptr + ks[None, :], mask=k_mask[None, :], other=0.0,
-                    eviction_policy="evict_first")  # fmt: skip
-    return w.to(tl.float32)  # float8 (or 16-bit) to float32 in registers
-
-
-@triton.jit
-def _split_total(part_ptr, rn, n_mask, stride_split, SPLIT_K: tl.constexpr):
-    """One row's SPLIT_K partial sums added in split order (bit-reproducible)."""
-    total = tl.zeros(rn.shape, dtype=tl.float32)
-    for s in tl.static_range(SPLIT_K):
-        # .cg: from L2, where the other programs' stores are (not a stale L1 line)
-        total += tl.load(part_ptr + s * stride_split + rn, mask=n_mask, cache_modifier=".cg")
-    return total
-
-
-@triton.jit
-def _arrive_last(count_ptr, SPLIT_K: tl.constexpr):
-    """After this program's partial stores: whether it is the tile's last split."""
-    tl.debug_barrier()  # every thread's stores before the program's one release
-    return tl.atomic_add(count_ptr, 1, sem="acq_rel") == SPLIT_K - 1
-
-
-@triton.jit
 def _gate_up_epilogue(
     acc_g, acc_u, rn, n_mask, expert, scale_ptr, stride_se, inner, h_row_ptr,
     W_SCALED: tl.constexpr,
@@ -225,8 +193,8 @@ def _gate_up_kernel(
     for kt in range(k_first, tl.minimum(k_first + per_split, k_tiles)):
         ks = kt * BLOCK_K + rk
         k_mask = ks < hidden
-        g = _weight_tile(g_rows, ks, k_mask, EVEN_K)
-        u = _weight_tile(u_rows, ks, k_mask, EVEN_K)
+        g = weight_tile(g_rows, ks, k_mask, EVEN_K)
+        u = weight_tile(u_rows, ks, k_mask, EVEN_K)
         xk = x_slice(x_row, g, ks, k_mask, EVEN_K)
         acc_g += tl.sum(g * xk, axis=1)
         acc_u += tl.sum(u * xk, axis=1)
@@ -241,10 +209,10 @@ def _gate_up_kernel(
         part_row = part_ptr + row * 2 * inner
         tl.store(part_row + pid_k * stride_split + rn, acc_g, mask=n_mask)
         tl.store(part_row + pid_k * stride_split + inner + rn, acc_u, mask=n_mask)
-        if _arrive_last(count_ptr + pid, SPLIT_K):
+        if arrive_last(count_ptr + pid, SPLIT_K):
             _gate_up_epilogue(
-                _split_total(part_row, rn, n_mask, stride_split, SPLIT_K),
-                _split_total(part_row + inner, rn, n_mask, stride_split, SPLIT_K),
+                split_total(part_row, rn, n_mask, stride_split, SPLIT_K),
+                split_total(part_row + inner, rn, n_mask, stride_split, SPLIT_K),
                 rn, n_mask, expert, scale_ptr, stride_se, inner, h_row, W_SCALED,
             )  # fmt: skip
             tl.atomic_xchg(count_ptr + pid, 0)  # clean for the next call
@@ -288,7 +256,7 @@ def _down_kernel(
     for kt in range(k_first, tl.minimum(k_first + per_split, k_tiles)):
         ks = kt * BLOCK_K + rk
         k_mask = ks < inner
-        w = _weight_tile(w_rows, ks, k_mask, EVEN_K)
+        w = weight_tile(w_rows, ks, k_mask, EVEN_K)
         acc += tl.sum(w * x_slice(h_row, w, ks, k_mask, EVEN_K), axis=1)
 
     weight = tl.load(weights_ptr + row)
@@ -300,9 +268,9 @@ def _down_kernel(
         stride_split = rows * hidden  # partials (SPLIT_K, rows, hidden)
         part_row = part_ptr + row * hidden
         tl.store(part_row + pid_k * stride_split + rn, acc, mask=n_mask)
-        if _arrive_last(count_ptr + pid, SPLIT_K):
+        if arrive_last(count_ptr + pid, SPLIT_K):
             _down_epilogue(
-                _split_total(part_row, rn, n_mask, stride_split, SPLIT_K),
+                split_total(part_row, rn, n_mask, stride_split, SPLIT_K),
                 rn, n_mask, expert, scale_ptr, stride_se, weight, out_row, W_SCALED,
             )  # fmt: skip
             tl.atomic_xchg(count_ptr + pid, 0)
