@@ -58,9 +58,8 @@ def _signal_and_wait(
 @triton.jit
 def _one_shot_kernel(
     x_ptr, out_ptr, data_ptr, peer_data_ptr, flags_ptr, peer_flags_ptr, abort_at_ptr, epoch_ptr,
-    n, half,
-    hidden, rank, WORLD: tl.constexpr, SLOTS: tl.constexpr, TOP_K: tl.constexpr,
-    BLOCK: tl.constexpr,
+    n, half, hidden, rank,
+    WORLD: tl.constexpr, SLOTS: tl.constexpr, TOP_K: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)

@@ -11,6 +11,7 @@ import os
 import torch
 
 from mii.kernels import torch_ref
+from mii.kernels.fused_moe_ref import ExpertScales
 
 
 def _triton_on(t: torch.Tensor) -> bool:
@@ -160,7 +161,7 @@ def fused_moe(
     down: torch.Tensor,
     top_k: int,
     renormalize: bool,
-    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+    scales: ExpertScales | None = None,
     sum_top_k: bool = True,
 ) -> torch.Tensor:
     """The routed experts of a mixture-of-experts layer (kernels/fused_moe_ref.py says how);
@@ -183,8 +184,8 @@ def fp8_linear(
     x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """x @ (weight * scale[:, None]).T + bias with float8 weights (kernels/fp8_ref.py): on
-    CUDA Triton or `torch._scaled_mm` by M (kernels/fp8_gemm.py), otherwise the weight
-    dequantized into x's dtype for this call."""
+    CUDA the GEMV for one row (`gemv_on`), else Triton or `torch._scaled_mm` by M
+    (kernels/fp8_gemm.py); otherwise the weight dequantized into x's dtype for this call."""
     if gemv_on(x):
         return gemv(x, weight, scale, bias)
     if _triton_on(x):

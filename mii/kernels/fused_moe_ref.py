@@ -37,12 +37,16 @@ def route_ref(logits: torch.Tensor, top_k: int, renormalize: bool) -> Routing:
     return Routing(weights, experts)
 
 
+ExpertScales = tuple[torch.Tensor, torch.Tensor]
+"""Float8 experts' row scales: gate_up's (E, 2I) and down's (E, H), float32."""
+
+
 def fused_moe_ref(
     x: torch.Tensor,
     gate_up: torch.Tensor,
     down: torch.Tensor,
     routing: Routing,
-    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+    scales: ExpertScales | None = None,
 ) -> torch.Tensor:
     """sum_j weights[t, j] * down_e(silu(gate_e x_t) * up_e x_t) with e = experts[t, j].
 
@@ -78,10 +82,6 @@ def quantize_experts(stack: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     (`fp8_ref.quantize_rows` over every expert's rows)."""
     q, scale = quantize_rows(stack.flatten(0, 1))
     return q.view(stack.shape), scale.view(stack.shape[:2])
-
-
-ExpertScales = tuple[torch.Tensor, torch.Tensor]
-"""Float8 experts' row scales: gate_up's (E, 2I) and down's (E, H), float32."""
 
 
 def check_expert_weights(x, gate_up, down, scales: ExpertScales | None) -> None:

@@ -36,8 +36,8 @@ class LinearMethod:
 
 class UnquantizedLinearMethod(LinearMethod):
     """The weight in the model's dtype; on the CPU through oneDNN-packed weights once
-    `pack_for_cpu` ran (layers/cpu_linear.py); decode steps of up to 4 rows on the GPU
-    through the split-K GEMV of kernels/gemv.py, larger ones through cuBLAS."""
+    `pack_for_cpu` ran (layers/cpu_linear.py); one-row products on the GPU through the
+    split-K GEMV of kernels/gemv.py (`dispatch.gemv_on`), larger ones through cuBLAS."""
 
     def pack_for_cpu(self, layer: nn.Module, batch_hint: int) -> None:
         layer.packed = pack_weight(layer.weight, batch_hint)
