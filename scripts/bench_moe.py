@@ -11,8 +11,8 @@ for TP=1), bf16, at 1, 16, 256 and 4096 tokens, in one run:
 - fp8: the Triton layer over float8 experts (one scale per expert and row, quantized from
   the same weights; checked against the reference over those float8 experts), default tiles;
 - gemv / gemv fp8 (1 to 4 tokens, `moe_gemv.MAX_TOKENS`): the routing kernel, the two expert
-  GEMVs of kernels/moe_gemv.py and the sum over the top k (the decode path this kernel is
-  meant for; not wired into the engine), over the bf16 and the float8 experts;
+  GEMVs of kernels/moe_gemv.py and the sum over the top k (what `fused_moe` runs for one
+  token with `MII_MOE_GEMV=1`, off by default), over the bf16 and the float8 experts;
 - floor: the bytes of the experts the step's tokens picked over the copy bandwidth
   measured in the same run (the bound at small batch); TFLOP/s against the bf16 matmul peak
   (the bound at large batch).
