@@ -3,12 +3,13 @@ peer_all_reduce.py) over the message sizes of decode and prefill steps, each rep
 CUDA graph as the engine's decode steps run them. Checks that both give the same sums.
 Prints microseconds per all-reduce; writes bench_all_reduce.json under $OUT when set.
 
-    python scripts/bench_all_reduce.py          # needs 2 GPUs
+    python scripts/bench_all_reduce.py [KB ...]   # needs 2 GPUs
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -16,6 +17,7 @@ import torch.multiprocessing as mp
 from bench_common import graph_timed, write_json
 
 SIZES_KB = (8, 32, 128, 256, 512, 1024, 2048, 4096)
+"""The sizes timed; `python scripts/bench_all_reduce.py 8 512` times those instead."""
 REPLAYS, PER_GRAPH = 20, 50
 
 
@@ -24,8 +26,8 @@ def _timed(fn, x: torch.Tensor) -> float:
     return graph_timed(lambda i: fn(x), PER_GRAPH, REPLAYS, before_timing=dist.barrier)
 
 
-def _rank(rank: int, port: int, queue) -> None:
-    os.environ["MII_PEER_ALL_REDUCE_MAX_BYTES"] = str(max(SIZES_KB) * 1024)
+def _rank(rank: int, port: int, queue, sizes_kb: tuple[int, ...]) -> None:
+    os.environ["MII_PEER_ALL_REDUCE_MAX_BYTES"] = str(max(sizes_kb) * 1024)
     from mii.engine.tp import peer_all_reduce
     from mii.engine.tp.peer_all_reduce import PeerAllReduce
 
@@ -34,7 +36,7 @@ def _rank(rank: int, port: int, queue) -> None:
     device = torch.device("cuda", rank)
     peer = PeerAllReduce.create(dist.group.WORLD, device, torch.bfloat16)
     rows = []
-    for kb in SIZES_KB:
+    for kb in sizes_kb:
         x = torch.randn(kb * 512, device=device, dtype=torch.bfloat16)
         expected = x.clone()
         dist.all_reduce(expected)
@@ -43,6 +45,8 @@ def _rank(rank: int, port: int, queue) -> None:
             row["same_sum"] = bool(torch.equal(peer(x), expected))
             row["peer_us"] = _timed(peer, x)
         rows.append(row)
+        if rank == 0:  # as it goes: a size that hangs shows which it is
+            print(f"  {kb} KB: {row}", flush=True)
     if rank == 0:
         queue.put({"device": torch.cuda.get_device_name(0), "peer": peer is not None,
                    "why_not": peer_all_reduce.last_failure, "rows": rows})  # fmt: skip
@@ -54,7 +58,8 @@ def main() -> None:
         raise SystemExit("bench_all_reduce needs two GPUs")
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, 29517, queue)) for r in range(2)]
+    sizes = tuple(int(a) for a in sys.argv[1:]) or SIZES_KB
+    procs = [ctx.Process(target=_rank, args=(r, 29517, queue, sizes)) for r in range(2)]
     for p in procs:
         p.start()
     result = queue.get(timeout=300)
