@@ -310,11 +310,11 @@ def test_cuda_graph_replays_gpu(gemv_compiled, moe_compiled, fp8):
 
 
 @pytest.mark.parametrize("sum_top_k", [True, False])
-def test_fused_moe_takes_the_gemv_for_one_token_when_asked(
+def test_fused_moe_takes_the_gemv_for_one_token(
     gemv_interpreted, moe_interpreted, monkeypatch, sum_top_k
 ):
-    """`MII_MOE_GEMV=1`: a one-token step goes through expert_gemv (its bits, summed or
-    not); larger steps and the default stay on the grouped GEMMs."""
+    """A one-token step goes through expert_gemv (its bits, summed or not); larger steps,
+    and every step with `MII_MOE_GEMV=0`, stay on the grouped GEMMs."""
     x, logits, gate_up, down, _ = make_layer(2, 96, 48, 8, dtype=torch.float32, device="cpu")
     one = x[:1]
     routing = moe_interpreted.route(
@@ -322,9 +322,9 @@ def test_fused_moe_takes_the_gemv_for_one_token_when_asked(
     )
     direct = gemv_interpreted.expert_gemv(one, gate_up, down, routing.experts, routing.weights)
     want = direct.sum(dim=1) if sum_top_k else direct
-    monkeypatch.setenv("MII_MOE_GEMV", "1")
+    monkeypatch.delenv("MII_MOE_GEMV", raising=False)
     got = moe_interpreted.fused_moe(one, logits[:1], gate_up, down, 2, True, sum_top_k=sum_top_k)
     assert torch.equal(got, want)
     assert not moe_interpreted.expert_gemv_on(x)
-    monkeypatch.delenv("MII_MOE_GEMV")
+    monkeypatch.setenv("MII_MOE_GEMV", "0")
     assert not moe_interpreted.expert_gemv_on(one)
