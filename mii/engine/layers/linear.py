@@ -7,11 +7,16 @@ tensor or a lazy safetensors slice: loaders only index it (`[a:b]`, `[:, a:b]`, 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from mii.engine.layers.linear_method import UNQUANTIZED, LinearMethod
 from mii.engine.tp.context import ParallelContext
+
+if TYPE_CHECKING:
+    from mii.engine.layers.weight_prefetch import WeightPrefetch
 
 
 def _param(shape: tuple[int, ...], loader) -> nn.Parameter:
@@ -27,6 +32,8 @@ class LinearBase(nn.Module):
     weight: nn.Parameter
     packed: torch.Tensor | None = None
     method: LinearMethod = UNQUANTIZED
+    prefetch: WeightPrefetch | None = None  # layers/weight_prefetch.py: set by `attach`
+    prefetch_next: torch.Tensor | None = None  # the weights this layer's successor reads
 
     @property
     def output_loader(self):
@@ -38,7 +45,13 @@ class LinearBase(nn.Module):
         self.method.pack_for_cpu(self, batch_hint)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return self.method.apply(self, x, bias)
+        if self.prefetch is None:
+            return self.method.apply(self, x, bias)
+        self.prefetch.join()
+        y = self.method.apply(self, x, bias)
+        if self.prefetch_next is not None:
+            self.prefetch.start(x, self.prefetch_next)
+        return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x, self.bias)
@@ -174,6 +187,16 @@ class RowParallelLinear(LinearBase):
         param.data.copy_(loaded[...])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.tp.all_reduce(self.matmul(x, None))
+        return self._reduce(self.matmul(x, None))
+
+    def forward_gated(self, x: torch.Tensor, activation: str) -> torch.Tensor:
+        """forward(act_and_mul(x)) for a gated MLP's down projection: x (T, 2 * in_per_rank)
+        is this rank's [gate | up] (MergedColumnParallelLinear's shard), `activation` the
+        gated activation's name. The linear method may fold the activation into its GEMV
+        (one row on the GPU: `LinearMethod.apply_gated`)."""
+        return self._reduce(self.method.apply_gated(self, x, None, activation))
+
+    def _reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        y = self.tp.all_reduce(partial)
         # The bias joins after the reduction so that it is added once, not once per rank.
         return y if self.bias is None else y + self.bias
