@@ -28,10 +28,13 @@ from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
 from triton.compiler.errors import CompilationError
 import mii.kernels.all_reduce as ar, mii.kernels.gemv as g, mii.kernels.moe_gemv as mg
+import mii.kernels.decode_attention as da
 
 FLOAT32 = ("scale", "part", "weights")
 INT = {"peer_data_ptr": "*i64", "peer_flags_ptr": "*i64", "flags_ptr": "*i64",
-       "epoch_ptr": "*i64", "abort_at_ptr": "*i64", "count_ptr": "*i32", "experts_ptr": "*i32"}
+       "epoch_ptr": "*i64", "abort_at_ptr": "*i64", "count_ptr": "*i32", "experts_ptr": "*i32",
+       "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32"}
+SCALARS = {"qk_scale": "fp32", "softcap_inv": "fp32", "softcap_log2e": "fp32"}
 
 def signature(fn, consts, dtype):
     sig = {}
@@ -42,21 +45,35 @@ def signature(fn, consts, dtype):
             fp32 = any(word in name for word in FLOAT32)
             sig[name] = INT.get(name, "*fp32" if fp32 else "*" + dtype)
         else:
-            sig[name] = "i32"
+            sig[name] = SCALARS.get(name, "i32")
     return sig
 
 def constexprs(fn, given):
     params = inspect.signature(fn.fn).parameters
     return {n: given.get(n, 1) for n, p in params.items() if "constexpr" in str(p.annotation)}
 
+# Several splits (SINGLE_SPLIT False): the partials, the arrival counter and the merge.
+DECODE = {"BLOCK_SIZE": 16, "BLOCK_M": 16, "BLOCK_N": 64, "SINGLE_SPLIT": False,
+          "DOT_PRECISION": "tf32", "SLIDING": False, "SOFTCAP": False, "KV_SCALED": False}
 CASES = [
     (ar._one_shot_kernel, {"WORLD": 2, "SLOTS": 8, "TOP_K": 1, "BLOCK": 2048}, "bf16"),
     (ar._one_shot_kernel, {"WORLD": 4, "SLOTS": 8, "TOP_K": 2, "BLOCK": 2048}, "bf16"),
-    (g._gemv_kernel, {"M": 1, "EVEN_K": True, "BLOCK_N": 16, "BLOCK_K": 256, "SPLIT_K": 4}, "bf16"),
+    (g._gemv_kernel, {"M": 1, "EVEN_K": True, "BLOCK_N": 16, "BLOCK_K": 256, "SPLIT_K": 4,
+                      "GATED": False}, "bf16"),
     (g._gemv_kernel, {"M": 1, "W_SCALED": True, "EVEN_K": False, "BLOCK_N": 16,
-                      "BLOCK_K": 512, "SPLIT_K": 1}, "bf16"),
+                      "BLOCK_K": 512, "SPLIT_K": 1, "GATED": False}, "bf16"),
+    # a gated MLP's down projection, the activation folded into the load of x
+    (g._gemv_kernel, {"M": 1, "W_SCALED": False, "HAS_BIAS": False, "EVEN_K": True,
+                      "BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 7, "GATED": True,
+                      "GELU": False}, "bf16"),
+    (g._gemv_kernel, {"M": 1, "W_SCALED": True, "HAS_BIAS": False, "EVEN_K": False,
+                      "BLOCK_N": 32, "BLOCK_K": 512, "SPLIT_K": 1, "GATED": True,
+                      "GELU": True}, "bf16"),
     (mg._gate_up_kernel, {"EVEN_K": True, "BLOCK_N": 16, "BLOCK_K": 256, "SPLIT_K": 2}, "bf16"),
     (mg._down_kernel, {"EVEN_K": True, "BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 4}, "bf16"),
+    (da._split_kernel, {**DECODE, "GROUP": 8, "HEAD_DIM": 128, "BLOCK_D": 128}, "bf16"),
+    (da._split_kernel, {**DECODE, "GROUP": 8, "HEAD_DIM": 256, "BLOCK_D": 256, "BLOCK_N": 32,
+                        "SLIDING": True, "SOFTCAP": True}, "bf16"),
 ]
 results = []
 for fn, given, dtype in CASES:
@@ -88,4 +105,4 @@ def test_decode_kernels_compile_for_hopper():
     toolchain = [r for r in results if r[1] == "toolchain"]
     if toolchain:
         pytest.skip(f"no Hopper toolchain here: {toolchain[0][2]}")
-    assert len(results) == 6 and all(r[1] == "ok" for r in results)
+    assert len(results) == 10 and all(r[1] == "ok" for r in results)
