@@ -13,6 +13,20 @@ BLOCK = 1024
 
 
 @triton.jit
+def act_and_mul(gate, up, GELU: tl.constexpr):
+    """silu(gate) * up, or gelu_tanh(gate) * up, in float32 and rounded as torch rounds:
+    the activation to gate's dtype, then the product; returned in gate's dtype. The GEMV of
+    kernels/gemv.py calls it on the down projection's input (its `gated` argument)."""
+    g = gate.to(tl.float32)
+    if GELU:
+        inner_arg = 0.7978845608028654 * (g + 0.044715 * g * g * g)  # sqrt(2 / pi) * (...)
+        act = 0.5 * g * (1.0 + tanh(inner_arg))
+    else:
+        act = g / (1.0 + tl.exp(-g))
+    return (act.to(gate.dtype).to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
+
+
+@triton.jit
 def _act_and_mul_kernel(
     x_ptr, out_ptr, inner, stride_x, stride_out, GELU: tl.constexpr, BLOCK: tl.constexpr
 ):  # fmt: skip
@@ -21,15 +35,8 @@ def _act_and_mul_kernel(
     mask = offs < inner
     gate = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
     up = tl.load(x_ptr + row * stride_x + inner + offs, mask=mask, other=0.0)
-    g = gate.to(tl.float32)
-    if GELU:
-        inner_arg = 0.7978845608028654 * (g + 0.044715 * g * g * g)  # sqrt(2 / pi) * (...)
-        act = 0.5 * g * (1.0 + tanh(inner_arg))
-    else:
-        act = g / (1.0 + tl.exp(-g))
-    # Rounded as torch rounds act(gate) * up: the activation to x's dtype, then the product.
-    out = (act.to(gate.dtype).to(tl.float32) * up.to(tl.float32)).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + row * stride_out + offs, out, mask=mask)
+    out = act_and_mul(gate, up, GELU)
+    tl.store(out_ptr + row * stride_out + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

@@ -40,12 +40,15 @@ def gemv(
     weight: torch.Tensor,
     w_scale: torch.Tensor | None,
     bias: torch.Tensor | None,
+    gated: str | None = None,
 ) -> torch.Tensor:
-    """x @ (weight * w_scale[:, None]).T + bias for the rows `gemv_on` admits."""
+    """x @ (weight * w_scale[:, None]).T + bias for the rows `gemv_on` admits; with `gated`
+    (a gated activation's name, "silu" or "gelu_tanh"), x is [gate | up] and the product is
+    act_and_mul(x, gated) @ ..., the activation done inside the GEMV."""
     from mii.kernels.gemv import gemv as kernel
 
     x = x if x.stride(-1) == 1 else x.contiguous()
-    return kernel(x, weight, w_scale, bias)
+    return kernel(x, weight, w_scale, bias, gated=gated)
 
 
 def rms_norm(
@@ -76,6 +79,15 @@ def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
 
         return kernel(x)
     return torch_ref.gelu_tanh_and_mul_ref(x)
+
+
+def act_and_mul(x: torch.Tensor, activation: str) -> torch.Tensor:
+    """The gated activation named `activation` ("silu", "gelu_tanh") over x = [gate | up]."""
+    if activation == "silu":
+        return silu_and_mul(x)
+    if activation == "gelu_tanh":
+        return gelu_tanh_and_mul(x)
+    raise ValueError(f"no gated activation {activation!r}")
 
 
 def rope_kv_write(
@@ -181,13 +193,20 @@ def fused_moe(
 
 
 def fp8_linear(
-    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    gated: str | None = None,
 ) -> torch.Tensor:
     """x @ (weight * scale[:, None]).T + bias with float8 weights (kernels/fp8_ref.py): on
     CUDA the GEMV for one row (`gemv_on`), else Triton or `torch._scaled_mm` by M
-    (kernels/fp8_gemm.py); otherwise the weight dequantized into x's dtype for this call."""
+    (kernels/fp8_gemm.py); otherwise the weight dequantized into x's dtype for this call.
+    `gated`: x is [gate | up] and act_and_mul(x, gated) is multiplied (inside the GEMV)."""
     if gemv_on(x):
-        return gemv(x, weight, scale, bias)
+        return gemv(x, weight, scale, bias, gated)
+    if gated is not None:
+        x = act_and_mul(x, gated)
     if _triton_on(x):
         from mii.kernels.fp8_gemm import fp8_linear as kernel
 

@@ -20,6 +20,11 @@ acq_rel atomic); the program that arrives last adds the SPLIT_K partials in spli
 applies the scale and bias, stores y in x's dtype and puts the counter back to 0 for the
 next call (CUDA graph replays included). With SPLIT_K == 1 the program stores y itself.
 
+A gated MLP's down projection (`gated`) takes x = [gate | up] (M, 2K) instead and forms
+act(gate) * up where the x slice is loaded, with kernels/activation.py's `act_and_mul`
+(the same rounding as its kernel, so the result is the bits of gemv(act_and_mul(x))): at one
+row that saves the activation's launch, and x is read once from L1/L2 either way.
+
 Rounding as `gemv_ref`: float32 sums, y = acc * scale + bias cast once to the output dtype.
 The workspace and counters are per (device, SPLIT_K, M, N, BLOCK_N), allocated zeroed on
 first use and kept; calls that share one must run in stream order (one stream per device,
@@ -35,6 +40,11 @@ import torch
 import triton
 import triton.language as tl
 
+from mii.kernels.activation import act_and_mul
+from mii.kernels.torch_ref import gelu_tanh_and_mul_ref, silu_and_mul_ref
+
+GATED_REFS = {"silu": silu_and_mul_ref, "gelu_tanh": gelu_tanh_and_mul_ref}
+"""The gated activations `gemv` folds into its load of x, by name, with their references."""
 MAX_M = 4
 DEFAULT_SMS = 132  # H100 SXM; the real count is read from the device on CUDA
 PROGRAMS_PER_SM = 4  # target grid size, in programs per SM
@@ -70,9 +80,13 @@ def gemv_ref(
     weight: torch.Tensor,
     w_scale: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
+    gated: str | None = None,
 ) -> torch.Tensor:
     """The contract: y[m, n] = scale[n] * sum_k x[m, k] * float(W[n, k]) + bias[n], the sum
-    and the epilogue in float32, cast once to x's dtype."""
+    and the epilogue in float32, cast once to x's dtype. `gated`: x is (M, 2K) = [gate | up]
+    and takes the place of x above as act(gate) * up in x's dtype (`GATED_REFS`)."""
+    if gated is not None:
+        x = GATED_REFS[gated](x)
     acc = x.float() @ weight.float().t()
     if w_scale is not None:
         acc = acc * w_scale.float()[None, :]
@@ -131,22 +145,45 @@ def gemv_tile(m: int, n: int, k: int, w_itemsize: int = 2, sms: int = DEFAULT_SM
 
 
 @triton.jit
-def x_slice(x_row_ptr, w, ks, k_mask, EVEN_K: tl.constexpr):
-    """x's K slice in the weight tile w's layout (every row the same, stride 0), float32:
-    each thread reads the columns it multiplies (L1 hits), no exchange through shared
-    memory."""
+def _x_values(x_row_ptr, w, ks, k_mask, EVEN_K: tl.constexpr):
+    """x's K slice in the weight tile w's layout (every row the same, stride 0), in x's
+    dtype: each thread reads the columns it multiplies (L1 hits), no exchange through
+    shared memory."""
     x_ptrs = x_row_ptr + tl.zeros(w.shape, tl.int32) + ks[None, :]
     if EVEN_K:
         xk = tl.load(x_ptrs, eviction_policy="evict_last")
     else:
         xk = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0, eviction_policy="evict_last")
-    return xk.to(tl.float32)
+    return xk
 
 
 @triton.jit
-def _row_sum(x_row_ptr, w, ks, k_mask, EVEN_K: tl.constexpr):
-    """sum_k W[n, k] * x[k] over one tile: (BLOCK_N,) float32."""
-    return tl.sum(w * x_slice(x_row_ptr, w, ks, k_mask, EVEN_K), axis=1)
+def x_slice(x_row_ptr, w, ks, k_mask, EVEN_K: tl.constexpr):
+    """x's K slice in the weight tile w's layout, float32 (`_x_values`)."""
+    return _x_values(x_row_ptr, w, ks, k_mask, EVEN_K).to(tl.float32)
+
+
+@triton.jit
+def gated_x_slice(x_row_ptr, K, w, ks, k_mask, EVEN_K: tl.constexpr, GELU: tl.constexpr):
+    """The K slice of act(gate) * up for a row [gate | up] of 2K, in w's layout, float32:
+    the gate and up slices loaded as `x_slice` loads x, rounded as `act_and_mul` rounds
+    (the masked columns load 0, whose product is 0)."""
+    gate = _x_values(x_row_ptr, w, ks, k_mask, EVEN_K)
+    up = _x_values(x_row_ptr + K, w, ks, k_mask, EVEN_K)
+    return act_and_mul(gate, up, GELU).to(tl.float32)
+
+
+@triton.jit
+def _row_sum(
+    x_row_ptr, K, w, ks, k_mask, EVEN_K: tl.constexpr, GATED: tl.constexpr, GELU: tl.constexpr
+):  # fmt: skip
+    """sum_k W[n, k] * x[k] over one tile: (BLOCK_N,) float32; x[k] = act(gate) * up when
+    GATED."""
+    if GATED:
+        xk = gated_x_slice(x_row_ptr, K, w, ks, k_mask, EVEN_K, GELU)
+    else:
+        xk = x_slice(x_row_ptr, w, ks, k_mask, EVEN_K)
+    return tl.sum(w * xk, axis=1)
 
 
 @triton.jit
@@ -237,6 +274,7 @@ def _gemv_kernel(
     N, K, stride_xm, stride_wn, stride_om,
     M: tl.constexpr, W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    GATED: tl.constexpr, GELU: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -256,13 +294,13 @@ def _gemv_kernel(
         ks = kt * BLOCK_K + rk
         k_mask = ks < K
         w = weight_tile(w_rows, ks, k_mask, EVEN_K)
-        acc0 += _row_sum(x_ptr, w, ks, k_mask, EVEN_K)
+        acc0 += _row_sum(x_ptr, K, w, ks, k_mask, EVEN_K, GATED, GELU)
         if M > 1:
-            acc1 += _row_sum(x_ptr + stride_xm, w, ks, k_mask, EVEN_K)
+            acc1 += _row_sum(x_ptr + stride_xm, K, w, ks, k_mask, EVEN_K, GATED, GELU)
         if M > 2:
-            acc2 += _row_sum(x_ptr + 2 * stride_xm, w, ks, k_mask, EVEN_K)
+            acc2 += _row_sum(x_ptr + 2 * stride_xm, K, w, ks, k_mask, EVEN_K, GATED, GELU)
         if M > 3:
-            acc3 += _row_sum(x_ptr + 3 * stride_xm, w, ks, k_mask, EVEN_K)
+            acc3 += _row_sum(x_ptr + 3 * stride_xm, K, w, ks, k_mask, EVEN_K, GATED, GELU)
 
     scale = tl.zeros((BLOCK_N,), dtype=tl.float32)
     bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -322,14 +360,22 @@ def gemv(
     w_scale: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     tile: GemvTile | None = None,
+    gated: str | None = None,
 ) -> torch.Tensor:
     """x (M, K) @ weight (N, K).T (* w_scale) (+ bias) -> (M, N) in x's dtype (`gemv_ref`).
     M of 1 to MAX_M; x and weight with dense rows; weight in x's dtype, or float8_e4m3fn with
-    w_scale (N,) float32; bias (N,). `tile` overrides `gemv_tile` (benchmarks, tests)."""
+    w_scale (N,) float32; bias (N,). `tile` overrides `gemv_tile` (benchmarks, tests).
+    `gated` ("silu" or "gelu_tanh", a key of GATED_REFS): x is (M, 2K) = [gate | up] and the
+    product is with act(gate) * up, rounded as kernels/activation.py rounds it, computed as
+    x is loaded (a gated MLP's down projection without the activation's launch)."""
+    assert gated is None or gated in GATED_REFS, f"gated activation {gated!r}"
     assert x.dim() == 2 and x.stride(1) == 1, "x must be (M, K) with dense rows"
-    (m, k), n = x.shape, weight.shape[0]
+    m, n, k = x.shape[0], weight.shape[0], weight.shape[-1]
     assert 1 <= m <= MAX_M, f"gemv takes 1 to {MAX_M} rows, not {m}"
-    assert weight.dim() == 2 and weight.shape == (n, k) and weight.stride(1) == 1, (
+    assert x.shape[1] == (k if gated is None else 2 * k), (
+        f"x {tuple(x.shape)} must be (M, {'2K' if gated else 'K'}) for weight (N, K = {k})"
+    )
+    assert weight.dim() == 2 and weight.stride(1) == 1, (
         f"weight {tuple(weight.shape)} must be (N, {k}) with dense rows"
     )
     assert x.dtype in (torch.bfloat16, torch.float16, torch.float32), x.dtype
@@ -354,6 +400,7 @@ def gemv(
         out, partials, counters, n, k, x.stride(0), weight.stride(0), out.stride(0),
         M=m, W_SCALED=fp8, HAS_BIAS=bias is not None, EVEN_K=k % tile.block_k == 0,
         BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, SPLIT_K=tile.split_k,
+        GATED=gated is not None, GELU=gated == "gelu_tanh",
         num_warps=tile.num_warps, num_stages=tile.num_stages,
     )  # fmt: skip
     return out

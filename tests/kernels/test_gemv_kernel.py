@@ -1,7 +1,8 @@
 """The decode GEMV (kernels/gemv.py) against `gemv_ref`: 16-bit/32-bit and float8 weights,
 bias, 1 to 4 rows, edges of N and K off the tiles, split-K with its arrival counters, in the
-interpreter (fp32 and fp16) and on the GPU (bf16 at the Mistral-7B and Mixtral TP=2 shapes,
-CUDA graph replays included).
+interpreter (fp32 and fp16; the gated activation folded in: fp32 and bf16, bit for bit
+against the activation kernel then the GEMV) and on the GPU (bf16 at the Mistral-7B and
+Mixtral TP=2 shapes, CUDA graph replays included).
 
 The interpreter runs a grid's programs one after another, so there the last split to arrive
 is always the last in grid order; the GPU tests cover arrivals in any order."""
@@ -86,6 +87,41 @@ def test_split_k_is_reproducible_interpreted(gemv_interpreted):
         assert all(not c.any() for c in _counters(gemv_interpreted))
         partials, _ = gemv_interpreted.reserve_workspace("cpu", split_k, 4, 40, 16)
         assert partials.shape == (split_k, 4, 40)
+
+
+@pytest.mark.parametrize("split_k", [1, 3])
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("k", [256, 300])  # 300: a partial last K tile
+def test_gated_is_the_activation_then_gemv_interpreted(
+    gemv_interpreted, interpreted, activation, dtype, fp8, split_k, k
+):
+    """gemv(x, gated=act) has the bits of gemv(act_and_mul(x)) at one row: the same
+    activation helper, the same rounding, the same sums."""
+    x, w, scale, b = _operands(1, 40, 2 * k, "cpu", dtype, fp8, bias=split_k == 1)
+    w = w[:, :k].contiguous()
+    x = 3 * x  # the activations' curved range
+    act_and_mul = getattr(interpreted.activation, f"{activation}_and_mul")
+    tile = gemv_interpreted.GemvTile(16, 64, split_k)
+    with poisoned_allocations():
+        fused = gemv_interpreted.gemv(x, w, scale, b, tile=tile, gated=activation)
+        expected = gemv_interpreted.gemv(act_and_mul(x), w, scale, b, tile=tile)
+    assert fused.dtype == dtype and fused.shape == (1, 40)
+    assert torch.equal(fused, expected)
+    # The interpreter casts float32 to bf16 toward zero (torch to nearest): a looser bound.
+    bound = 3e-2 if dtype == torch.bfloat16 else TOLERANCE[dtype]
+    assert rel_err(fused, gemv_interpreted.gemv_ref(x, w, scale, b, gated=activation)) < bound
+    assert all(not c.any() for c in _counters(gemv_interpreted))
+
+
+def test_gated_preconditions():
+    gemv = importlib.import_module("mii.kernels.gemv")
+    x, w, _, _ = _operands(1, 40, 64, "cpu", torch.float32, False)
+    with pytest.raises(AssertionError):
+        gemv.gemv(x, w, gated="silu")  # x must be [gate | up], twice the weight's K
+    with pytest.raises(AssertionError):
+        gemv.gemv(torch.cat([x, x], 1), w, gated="relu")
 
 
 def test_reference_matches_fp8_contract():

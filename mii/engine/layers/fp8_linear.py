@@ -69,6 +69,13 @@ class Fp8LinearMethod(LinearMethod):
             return F.linear(x, layer.dequantized, bias)
         return dispatch.fp8_linear(x, layer.weight, layer.weight_scale, bias)
 
+    def apply_gated(self, layer: nn.Module, x: torch.Tensor, bias, activation: str):
+        if layer.packed is not None or getattr(layer, "dequantized", None) is not None:
+            return super().apply_gated(layer, x, bias, activation)  # the CPU's weights
+        # one row: the GEMV forms the activation as it loads x; more: activation, then GEMM
+        weight, scale = layer.weight, layer.weight_scale
+        return dispatch.fp8_linear(x, weight, scale, bias, gated=activation)
+
 
 class Dequantized:
     """A float8 checkpoint weight read as float32 times its scale (one for the tensor, or

@@ -44,14 +44,23 @@ class LinearBase(nn.Module):
     def pack_for_cpu(self, batch_hint: int) -> None:
         self.method.pack_for_cpu(self, batch_hint)
 
-    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def matmul(
+        self, x: torch.Tensor, bias: torch.Tensor | None, gated: str | None = None
+    ) -> torch.Tensor:
+        """`gated`: x is a gated MLP's [gate | up] and `gated` its activation's name
+        (`LinearMethod.apply_gated`)."""
         if self.prefetch is None:
-            return self.method.apply(self, x, bias)
+            return self._apply(x, bias, gated)
         self.prefetch.join()
-        y = self.method.apply(self, x, bias)
+        y = self._apply(x, bias, gated)
         if self.prefetch_next is not None:
             self.prefetch.start(x, self.prefetch_next)
         return y
+
+    def _apply(self, x: torch.Tensor, bias: torch.Tensor | None, gated: str | None):
+        if gated is None:
+            return self.method.apply(self, x, bias)
+        return self.method.apply_gated(self, x, bias, gated)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x, self.bias)
@@ -194,7 +203,7 @@ class RowParallelLinear(LinearBase):
         is this rank's [gate | up] (MergedColumnParallelLinear's shard), `activation` the
         gated activation's name. The linear method may fold the activation into its GEMV
         (one row on the GPU: `LinearMethod.apply_gated`)."""
-        return self._reduce(self.method.apply_gated(self, x, None, activation))
+        return self._reduce(self.matmul(x, None, gated=activation))
 
     def _reduce(self, partial: torch.Tensor) -> torch.Tensor:
         y = self.tp.all_reduce(partial)

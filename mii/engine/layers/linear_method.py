@@ -33,6 +33,14 @@ class LinearMethod:
         """x @ W.T (+ bias), W being what the layer's weight stands for."""
         raise NotImplementedError
 
+    def apply_gated(
+        self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, activation: str
+    ) -> torch.Tensor:
+        """act(gate) * up @ W.T (+ bias) for a gated MLP's x = [gate | up] (`activation`:
+        "silu" or "gelu_tanh"): the activation, then `apply`. Methods whose one-row GEMV
+        folds the activation into its load of x override it."""
+        return self.apply(layer, dispatch.act_and_mul(x, activation), bias)
+
 
 class UnquantizedLinearMethod(LinearMethod):
     """The weight in the model's dtype; on the CPU through oneDNN-packed weights once
@@ -48,6 +56,11 @@ class UnquantizedLinearMethod(LinearMethod):
         if dispatch.gemv_on(x):
             return dispatch.gemv(x, layer.weight, None, bias)
         return F.linear(x, layer.weight, bias)
+
+    def apply_gated(self, layer: nn.Module, x: torch.Tensor, bias, activation: str):
+        if layer.packed is None and dispatch.gemv_on(x):
+            return dispatch.gemv(x, layer.weight, None, bias, gated=activation)
+        return super().apply_gated(layer, x, bias, activation)
 
 
 UNQUANTIZED = UnquantizedLinearMethod()
