@@ -28,7 +28,7 @@ from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
 from triton.compiler.errors import CompilationError
 import mii.kernels.all_reduce as ar, mii.kernels.gemv as g, mii.kernels.moe_gemv as mg
-import mii.kernels.decode_attention as da
+import mii.kernels.decode_attention as da, mii.kernels.l2_prefetch as lp
 
 FLOAT32 = ("scale", "part", "weights")
 INT = {"peer_data_ptr": "*i64", "peer_flags_ptr": "*i64", "flags_ptr": "*i64",
@@ -74,6 +74,7 @@ CASES = [
     (da._split_kernel, {**DECODE, "GROUP": 8, "HEAD_DIM": 128, "BLOCK_D": 128}, "bf16"),
     (da._split_kernel, {**DECODE, "GROUP": 8, "HEAD_DIM": 256, "BLOCK_D": 256, "BLOCK_N": 32,
                         "SLIDING": True, "SOFTCAP": True}, "bf16"),
+    (lp._l2_prefetch_kernel, {"CHUNK_ELEMS": 2048, "CHUNK_BYTES": 4096, "BLOCK": 128}, "bf16"),
 ]
 results = []
 for fn, given, dtype in CASES:
@@ -105,4 +106,4 @@ def test_decode_kernels_compile_for_hopper():
     toolchain = [r for r in results if r[1] == "toolchain"]
     if toolchain:
         pytest.skip(f"no Hopper toolchain here: {toolchain[0][2]}")
-    assert len(results) == 10 and all(r[1] == "ok" for r in results)
+    assert len(results) == 11 and all(r[1] == "ok" for r in results)

@@ -20,10 +20,10 @@ BLOCK = 128
 
 @triton.jit
 def _l2_prefetch_kernel(
-    ptr, chunks, CHUNK_ELEMS: tl.constexpr, CHUNK_BYTES: tl.constexpr, BLOCK: tl.constexpr
+    base_ptr, chunks, CHUNK_ELEMS: tl.constexpr, CHUNK_BYTES: tl.constexpr, BLOCK: tl.constexpr
 ):  # fmt: skip
     i = tl.minimum(tl.program_id(0) * BLOCK + tl.arange(0, BLOCK), chunks - 1)
-    addr = (ptr + i.to(tl.int64) * CHUNK_ELEMS).to(tl.int64)
+    addr = (base_ptr + i.to(tl.int64) * CHUNK_ELEMS).to(tl.int64)
     size = tl.full([BLOCK], CHUNK_BYTES, tl.int32)
     tl.inline_asm_elementwise(
         "cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;",
