@@ -34,6 +34,27 @@ def test_each_projection_prefetches_the_next_one_that_runs(tiny_model, monkeypat
     assert [(id(a), id(b)) for a, b in pairs] == [(id(a), id(b)) for a, b in expected]
     assert all(isinstance(m, LinearBase) for pair in pairs for m in pair)
 
+    class Recorder:  # stands in for the side stream: what the products ask of it
+        def __init__(self):
+            self.calls = []
+
+        def join(self):
+            self.calls.append("join")
+
+        def start(self, x, weight):
+            self.calls.append(weight.data_ptr())
+
+    recorder = Recorder()
+    weight_prefetch.link(model, pairs, recorder)
+    with torch.inference_mode():
+        model.model.layers[0].mlp(
+            torch.randn(1, model.model.layers[0].mlp.gate_up_proj.weight.shape[1])
+        )
+    first, second = layers[0].mlp, layers[1].self_attn
+    # gate_up joins (o prefetched it), down joins and starts the next layer's QKV
+    assert recorder.calls == ["join", "join", second.qkv_proj.weight.data_ptr()]
+    assert first.down_proj.prefetch_next.data_ptr() == second.qkv_proj.weight.data_ptr()
+
 
 def test_a_model_without_llama_layers_gets_no_pairs():
     assert weight_prefetch.successors(torch.nn.Linear(4, 4)) == []

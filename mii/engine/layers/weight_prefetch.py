@@ -83,9 +83,15 @@ def attach(model: nn.Module, device: torch.device) -> WeightPrefetch | None:
     if device.type != "cuda" or max_bytes <= 0 or not pairs:
         return None
     prefetch = WeightPrefetch(device, max_bytes)
+    link(model, pairs, prefetch)
+    return prefetch
+
+
+def link(model: nn.Module, pairs: list[tuple[nn.Module, nn.Module]], prefetch) -> None:
+    """Each pair's first projection prefetches the second's weights through `prefetch`,
+    which every projection of a pair joins before its product and the model at its end."""
     for a, b in pairs:
         a.prefetch = prefetch
-        a.prefetch_next = b.weight
+        a.prefetch_next = b.weight.detach()  # a plain tensor: a Parameter would register
         b.prefetch = prefetch
     model.register_forward_hook(lambda *_: prefetch.join())
-    return prefetch
