@@ -52,7 +52,7 @@ def constexprs(fn, given):
     params = inspect.signature(fn.fn).parameters
     return {n: given.get(n, 1) for n, p in params.items() if "constexpr" in str(p.annotation)}
 
-# Several splits (SINGLE_SPLIT False): the partials, the arrival counter and the merge.
+# Several splits (SINGLE_SPLIT False): the partials the merge kernel reads.
 DECODE = {"BLOCK_SIZE": 16, "BLOCK_M": 16, "BLOCK_N": 64, "SINGLE_SPLIT": False,
           "DOT_PRECISION": "tf32", "SLIDING": False, "SOFTCAP": False, "KV_SCALED": False}
 CASES = [

@@ -3,22 +3,16 @@
 A decode step has only batch x kv_heads independent (sequence, kv head) pairs; at small
 batches that is far fewer programs than the GPU has SMs, and each streams its whole
 context alone. Splitting every context into `num_splits` equal ranges multiplies the
-programs. The splits meet without a second launch (at batch 1 a merge kernel cost about
-2.4 us a layer, launch-bound): each stores its normalised output and log2-sum-exp2 for its
-group's query heads, then bumps its (sequence, kv head)'s arrival counter (one acq_rel
-atomic, as the split-K GEMV); the program that arrives last merges the splits' partials
-(in the same order whichever program it is), stores the output in q's dtype and puts the
-counter back to 0.
-
-The counters (one int32 per sequence and kv head, with the lse partials) come from the
-GEMV's `cached_workspace`: allocated zeroed on first use per (device, batch, heads, splits)
-and kept, so calls that share them must run in stream order (one stream per device, as the
-engine's decode steps). One first allocated inside a CUDA graph capture would be zeroed only
-when the graph replays: the engine runs each batch size eagerly before capturing it.
+programs; a second small kernel merges the partial softmaxes.
 
 Each split's range is a share of its own sequence's length (not of the block table's
 width), so every split has work and the grid depends on host-known sizes only: the launch
 is safe to capture in a CUDA graph and replay with other context lengths.
+
+The merge stays a kernel of its own: folded into the split kernel (the last split of each
+sequence and head to arrive merged them, as the split-K GEMV sums its parts) it measured
+slower at batch 1 (Mistral-7B, H200s, two calls): 10.6 us a layer against 5.8 + 3.4 (the merge,
+serial after the last split, waits on L2 round trips that the separate launch overlaps).
 """
 
 from __future__ import annotations
@@ -38,15 +32,11 @@ from mii.kernels.attention_tiles import (
     dot_width,
     kv_scale_args,
 )
-from mii.kernels.gemv import arrive_last, cached_workspace
 
 # Small batches are latency bound: many short splits (a few tiles each) keep enough loads
 # in flight. Beyond a few programs per SM, more splits only add merge work.
 MIN_KEYS_PER_SPLIT = 128
 MAX_PROGRAMS_PER_SM = 4
-# The merge reads SPLIT_CHUNK splits of every head of the group a step: a (group, chunk,
-# head dim) float32 tile of this many elements (32 registers a thread at 4 warps).
-MERGE_TILE = 4096
 
 
 class SplitConfig(NamedTuple):
@@ -60,15 +50,10 @@ class SplitConfig(NamedTuple):
         return cls(32, 4, 2) if head_dim > 128 else cls()
 
 
-def split_chunk(group: int, block_d: int) -> int:
-    """Splits the merge reads a step: MERGE_TILE elements over the group's padded heads."""
-    return max(1, MERGE_TILE // (triton.next_power_of_2(group) * block_d))
-
-
 # No specialisation of num_splits: a constant 1 would compile a kernel apart.
 @triton.jit(do_not_specialize=["num_splits"])
 def _split_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr, count_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     block_tables_ptr, seq_lens_ptr, k_scale_ptr, v_scale_ptr,
     qk_scale, num_splits,
     stride_q_seq, stride_q_head, stride_o_seq, stride_o_head,
@@ -77,7 +62,7 @@ def _split_kernel(
     stride_table, window, softcap_inv, softcap_log2e,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SINGLE_SPLIT: tl.constexpr, SPLIT_CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, KV_SCALED: tl.constexpr,
 ):  # fmt: skip
     """Grid (sequences, kv heads, splits). The group's query heads are the tile's rows.
@@ -138,73 +123,41 @@ def _split_kernel(
 
     if KV_SCALED:
         acc = acc * tl.load(v_scale_ptr + kv_head)
-    out_ptrs = out_ptr + seq * stride_o_seq + head[:, None] * stride_o_head + offs_d[None, :]
-    out_mask = row_ok[:, None] & d_ok[None, :]
     if SINGLE_SPLIT:
-        tl.store(out_ptrs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask)
+        out = acc / l_i[:, None]
+        o_offs = seq * stride_o_seq + head[:, None] * stride_o_head + offs_d[None, :]
+        tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok)
     else:
         # An empty split (short sequence) leaves l = 0: weight exp2(-inf) = 0 in the merge.
         has_keys = l_i > 0
         out = tl.where(has_keys[:, None], acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)
         lse = tl.where(has_keys, m_i + tl.math.log2(tl.maximum(l_i, 1e-30)), float("-inf"))
-        part = (seq * tl.num_programs(1) * GROUP + head) * num_splits  # (B, Hq, S) row starts
-        tl.store(part_lse_ptr + part + split, lse, mask=row_ok)
-        p_offs = (part + split)[:, None] * HEAD_DIM + offs_d[None, :]
-        tl.store(part_out_ptr + p_offs, out, mask=out_mask)
-        count = count_ptr + seq * tl.num_programs(1) + kv_head
-        if arrive_last(count, num_splits):  # the group's merge
-            seq_parts = seq * tl.num_programs(1) * GROUP * num_splits  # the sequence's (Hq, S)
-            _merge_splits(
-                out_ptr + seq * stride_o_seq, stride_o_head, part_out_ptr + seq_parts * HEAD_DIM,
-                part_lse_ptr + seq_parts, kv_head * GROUP, num_splits,
-                GROUP, HEAD_DIM, BLOCK_D, SPLIT_CHUNK,
-            )  # fmt: skip
-            tl.atomic_xchg(count, 0)  # clean for the next call
+        part = (seq * tl.num_programs(1) * GROUP + head) * num_splits + split  # (B, Hq, S)
+        tl.store(part_lse_ptr + part, lse, mask=row_ok)
+        p_offs = part[:, None] * HEAD_DIM + offs_d[None, :]
+        tl.store(part_out_ptr + p_offs, out, mask=row_ok[:, None] & d_ok)
 
 
 @triton.jit
-def _merge_splits(
-    out_ptr, stride_o_head, part_out_ptr, part_lse_ptr, first_head, num_splits,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    SPLIT_CHUNK: tl.constexpr,
+def _merge_kernel(
+    out_ptr, part_out_ptr, part_lse_ptr, num_splits, stride_o_seq, stride_o_head,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
-    """Stores the outputs of the GROUP heads from `first_head` (the pointers at the
-    sequence's output and partials): the softmax-weighted mean of the splits' normalised
-    outputs, weight exp2(lse - max lse), an empty split's 0. A loop over the splits at run
-    time, SPLIT_CHUNK splits of every head a step: the loads of a step are independent, so
-    a step costs one L2 round trip, not one a split. Summed in a fixed order whichever
-    program is last. Loads are .cg: from L2, where the other programs' stores are (not a
-    stale L1 line)."""
-    rows = tl.arange(0, triton.next_power_of_2(GROUP))
-    heads = first_head + tl.minimum(rows, GROUP - 1)  # padding rows redo the last head
-    lse_rows = part_lse_ptr + heads[:, None] * num_splits  # (G, 1)
-    lanes = tl.arange(0, 64)  # splits a step of the max: all of them up to 64
-    lse_max = tl.full(heads.shape, float("-inf"), dtype=tl.float32)
-    for s0 in range(0, num_splits, 64):  # split 0 always has keys: the max is finite
-        ok = s0 + lanes < num_splits
-        lse = tl.load(lse_rows + s0 + lanes[None, :], mask=ok[None, :], other=float("-inf"),
-                      cache_modifier=".cg")  # fmt: skip
-        lse_max = tl.maximum(lse_max, tl.max(lse, 1))
-
-    chunk = tl.arange(0, SPLIT_CHUNK)
+    """Grid (sequences, q heads): softmax-weighted sum of the splits' normalised outputs."""
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    part = (seq * tl.num_programs(1) + head) * num_splits
+    offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
+    s_ok = offs_s < num_splits
     d_ok = offs_d < HEAD_DIM
-    total = tl.zeros((heads.shape[0], BLOCK_D), dtype=tl.float32)
-    weights = tl.zeros(heads.shape, dtype=tl.float32)
-    for s0 in range(0, num_splits, SPLIT_CHUNK):
-        ok = s0 + chunk < num_splits
-        lse = tl.load(lse_rows + s0 + chunk[None, :], mask=ok[None, :], other=float("-inf"),
-                      cache_modifier=".cg")  # fmt: skip
-        weight = tl.math.exp2(lse - lse_max[:, None])  # (G, C); 0 for no keys or no split
-        part = (heads[:, None] * num_splits + s0 + chunk[None, :])[:, :, None]  # (G, C, 1)
-        p_mask = ok[None, :, None] & d_ok[None, None, :]
-        parts = tl.load(part_out_ptr + part * HEAD_DIM + offs_d[None, None, :], mask=p_mask,
-                        other=0.0, cache_modifier=".cg")  # fmt: skip
-        total += tl.sum(parts * weight[:, :, None], 1)
-        weights += tl.sum(weight, 1)
-    out = total / weights[:, None]
-    o_ptrs = out_ptr + heads[:, None] * stride_o_head + offs_d[None, :]
-    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=(rows < GROUP)[:, None] & d_ok)
+    lse = tl.load(part_lse_ptr + part + offs_s, mask=s_ok, other=float("-inf"))
+    weight = tl.math.exp2(lse - tl.max(lse, 0))  # split 0 always has keys: max is finite
+    p_offs = (part + offs_s)[:, None] * HEAD_DIM + offs_d[None, :]
+    parts = tl.load(part_out_ptr + p_offs, mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+    out = tl.sum(parts * weight[:, None], 0) / tl.sum(weight, 0)
+    o_offs = seq * stride_o_seq + head * stride_o_head + offs_d
+    tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
 @functools.cache
@@ -272,19 +225,14 @@ def launch(
     out = torch.empty((batch, q_heads, head_dim), dtype=q.dtype, device=q.device)
     if batch == 0:
         return out
-    part_out, part_lse, counters = out, out, out  # one split writes the output directly
+    part_out, part_lse = out, out  # one split writes the output directly
     if num_splits > 1:  # (B, Hq, S, D) normalised outputs, (B, Hq, S) log2-sum-exp2
         part_out = torch.empty((batch, q_heads, num_splits, head_dim), device=q.device)
-        # The lse partials and the (B, Hkv) counters are small: cached. The outputs' are
-        # not, so eager calls of many batch sizes keep nothing large.
-        part_lse, counters = cached_workspace(
-            q.device, (batch, q_heads, num_splits), batch * kv_heads
-        )
+        part_lse = torch.empty((batch, q_heads, num_splits), device=q.device)
     group = q_heads // kv_heads
     k_scale, v_scale, kv_scaled = kv_scale_args(q, k_scale, v_scale)
     _split_kernel[(batch, kv_heads, num_splits)](
-        q, k_cache, v_cache, out, part_out, part_lse, counters, block_tables, seq_lens,
-        k_scale, v_scale,
+        q, k_cache, v_cache, out, part_out, part_lse, block_tables, seq_lens, k_scale, v_scale,
         options.qk_scale, num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -293,8 +241,13 @@ def launch(
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=dot_width(head_dim),
         BLOCK_SIZE=k_cache.shape[1], BLOCK_M=max(16, triton.next_power_of_2(group)),
         BLOCK_N=config.block_n, SINGLE_SPLIT=num_splits == 1,
-        SPLIT_CHUNK=split_chunk(group, dot_width(head_dim)),
         DOT_PRECISION=dot_precision(q.dtype), SLIDING=options.sliding, SOFTCAP=options.softcap,
         KV_SCALED=kv_scaled, num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
+    if num_splits > 1:
+        _merge_kernel[(batch, q_heads)](
+            out, part_out, part_lse, num_splits, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+            BLOCK_S=triton.next_power_of_2(num_splits),
+        )  # fmt: skip
     return out
