@@ -147,9 +147,11 @@ def _hf_offline(model, prompts, new_tokens: int, batch: int) -> dict:
 # ---- the engine, one TP=2 group ----------------------------------------------------------
 
 
-def engine_job(args, folder: str, peer_bytes: int = 0) -> dict:
-    """`peer_bytes` > 0: all-reduces up to that size one-shot over peer memory."""
-    os.environ["MII_PEER_ALL_REDUCE_MAX_BYTES"] = str(peer_bytes)  # read as the model builds
+def engine_job(args, folder: str, peer_bytes: int | None = None) -> dict:
+    """`peer_bytes`: all-reduces up to that size one-shot over peer memory (0: NCCL only;
+    None: the engine's default, `peer_all_reduce.DEFAULT_MAX_BYTES`)."""
+    if peer_bytes is not None:
+        os.environ["MII_PEER_ALL_REDUCE_MAX_BYTES"] = str(peer_bytes)  # read as the model builds
     torch.cuda.set_device(DEVICES[0])
     peaks = measure_peaks()  # before the engine takes the memory
     engine = build_engine(folder, DEVICES, args.max_seqs, args.budget, args.sync, args.quantization)
@@ -198,9 +200,10 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=4096)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--latency-only", action="store_true", help="batch 1 only, no transformers")
-    ap.add_argument("--peer-bytes", type=int, default=0,
-                    help="all-reduces up to this size one-shot over peer memory (0: NCCL); "
-                    "with --latency-only, batch 1 runs both ways")  # fmt: skip
+    ap.add_argument("--peer-bytes", type=int, default=None,
+                    help="all-reduces up to this size one-shot over peer memory (0: NCCL; "
+                    "default: the engine's, 512 KB); with --latency-only and a size, batch 1 "
+                    "runs with NCCL too")  # fmt: skip
     ap.add_argument("--sync", action="store_true", help="no asynchronous scheduling")
     ap.add_argument("--quantization", choices=["fp8"], default=None,
                     help="FP8 attention and experts (the floor counts them at a byte)")  # fmt: skip
@@ -244,7 +247,9 @@ def print_table(r: dict) -> None:
     for name, o in rows:
         print(f"{name:<34}{o['requests']:>10}{o['seconds']:>10.2f}{o['tok_per_s']:>10.0f}")
     print(f"{'batch 1, ' + str(a['prompt_len']) + ' in':<34}{'ms/token':>10}{'TTFT ms':>10}")
-    runs = [(f"mii TP=2{', one-shot peer' if ours['peer_bytes'] else ''}", ours)]
+    peer = ours["peer_bytes"]
+    label = ", NCCL" if peer == 0 else f", one-shot peer{' (default)' if peer is None else ''}"
+    runs = [(f"mii TP=2{label}", ours)]
     if "mii_tp2_nccl" in r:
         runs.append(("mii TP=2, NCCL", r["mii_tp2_nccl"]))
     for name, run in runs:

@@ -74,7 +74,7 @@ CASES = [
     (da._split_kernel, {**DECODE, "GROUP": 8, "HEAD_DIM": 128, "BLOCK_D": 128}, "bf16"),
     (da._split_kernel, {**DECODE, "GROUP": 8, "HEAD_DIM": 256, "BLOCK_D": 256, "BLOCK_N": 32,
                         "SLIDING": True, "SOFTCAP": True}, "bf16"),
-    (lp._l2_prefetch_kernel, {"CHUNK_ELEMS": 2048, "CHUNK_BYTES": 4096, "BLOCK": 128}, "bf16"),
+    (lp._l2_prefetch_kernel, {"CHUNK_ELEMS": 32768, "CHUNK_BYTES": 65536, "BLOCK": 32}, "bf16"),
 ]
 results = []
 for fn, given, dtype in CASES:

@@ -49,9 +49,6 @@ class LinearBase(nn.Module):
     ) -> torch.Tensor:
         """`gated`: x is a gated MLP's [gate | up] and `gated` its activation's name
         (`LinearMethod.apply_gated`)."""
-        if self.prefetch is None:
-            return self._apply(x, bias, gated)
-        self.prefetch.join()
         y = self._apply(x, bias, gated)
         if self.prefetch_next is not None:
             self.prefetch.start(x, self.prefetch_next)

@@ -6,8 +6,9 @@ after the QKV projection, all-reduces and norms after the output and down projec
 and for those microseconds the memory system idles. Here a projection, right after
 launching its one-row product, starts its successor's first bytes on their way into L2
 (kernels/l2_prefetch.py), on a side stream that waits for the product and runs beside the
-small kernels; the successor waits for that stream before its own product, which then reads
-those bytes from L2. In a CUDA graph the fork and join are two edges.
+small kernels; the successor's product then finds those bytes in L2 (or on their way).
+Nothing waits for a prefetch (it writes nothing) but the end of the forward, where the
+side stream joins the current one: a CUDA graph capture must end joined.
 
 The pairs: QKV -> output projection (over the attention), output -> gate_up (over the
 all-reduce and norm), down -> the next layer's QKV (likewise): `successors`. At most
@@ -51,8 +52,8 @@ class WeightPrefetch:
         self.pending = True
 
     def join(self) -> None:
-        """The current stream waits for the prefetches started so far (before a product,
-        and at the end of the forward: a CUDA graph capture must end joined)."""
+        """The current stream waits for the prefetches started so far (at the end of the
+        forward)."""
         if self.pending:
             torch.cuda.current_stream().wait_stream(self.stream)
             self.pending = False
@@ -89,9 +90,8 @@ def attach(model: nn.Module, device: torch.device) -> WeightPrefetch | None:
 
 def link(model: nn.Module, pairs: list[tuple[nn.Module, nn.Module]], prefetch) -> None:
     """Each pair's first projection prefetches the second's weights through `prefetch`,
-    which every projection of a pair joins before its product and the model at its end."""
+    which the model joins at the end of its forward."""
     for a, b in pairs:
         a.prefetch = prefetch
         a.prefetch_next = b.weight.detach()  # a plain tensor: a Parameter would register
-        b.prefetch = prefetch
     model.register_forward_hook(lambda *_: prefetch.join())
