@@ -16,8 +16,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from bench_common import graph_timed, write_json
 
-SIZES_KB = (8, 32, 128, 256, 512, 1024, 2048, 4096)
-"""The sizes timed; `python scripts/bench_all_reduce.py 8 512` times those instead."""
+SIZES_KB = (8, 32, 128, 256, 512)
+"""The sizes timed (the peer path takes up to 512 KB: `peer_all_reduce.LARGEST_BYTES`);
+`python scripts/bench_all_reduce.py 8 512` times those instead."""
 REPLAYS, PER_GRAPH = 20, 50
 
 

@@ -172,6 +172,17 @@ def test_failure_while_loading_leaves_no_rank_behind(tiny_model, tmp_path):
     assert no_rank_processes_left()
 
 
+def test_peer_all_reduce_setting_defaults_on_and_stops_at_the_validated_size(monkeypatch):
+    from mii.engine.tp import peer_all_reduce as peer
+
+    monkeypatch.delenv("MII_PEER_ALL_REDUCE_MAX_BYTES", raising=False)
+    assert peer.max_bytes_setting() == peer.DEFAULT_MAX_BYTES == 512 * 1024
+    monkeypatch.setenv("MII_PEER_ALL_REDUCE_MAX_BYTES", str(4 << 20))
+    assert peer.max_bytes_setting() == peer.LARGEST_BYTES
+    monkeypatch.setenv("MII_PEER_ALL_REDUCE_MAX_BYTES", "0")
+    assert peer.max_bytes_setting() == 0
+
+
 def test_step_plan_round_trip():
     rng = np.random.default_rng(0)
     plan = StepPlan(
