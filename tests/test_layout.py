@@ -117,3 +117,18 @@ def test_client_and_gateway_hosts_import_no_torch(code):
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_the_engine_imports_no_triton_before_a_kernel_runs():
+    """tests/kernels runs its kernels in Triton's interpreter only where triton is first
+    imported after it set TRITON_INTERPRET; an engine module that imported triton while the
+    tests are collected turned ~400 interpreter tests into skips of the one-process suite."""
+    code = (
+        "import sys, mii.engine.engine, mii.engine.model_runner, mii.engine.loader; "
+        "print('triton' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

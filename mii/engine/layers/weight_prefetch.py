@@ -22,8 +22,6 @@ import os
 import torch
 from torch import nn
 
-from mii.kernels.l2_prefetch import l2_prefetch
-
 DEFAULT_MAX_BYTES = 0
 MAX_ROWS = 1
 """Products of at most this many rows (batch-1 decode steps) prefetch their successor."""
@@ -46,6 +44,8 @@ class WeightPrefetch:
         comes next on the current stream (one-row x only)."""
         if x.dim() != 2 or x.shape[0] > MAX_ROWS:
             return
+        from mii.kernels.l2_prefetch import l2_prefetch  # triton: imported on the GPU path only
+
         self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream):
             l2_prefetch(weight, self.max_bytes)
