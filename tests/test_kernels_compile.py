@@ -34,7 +34,7 @@ FLOAT32 = ("scale", "part", "weights")
 INT = {"peer_data_ptr": "*i64", "peer_flags_ptr": "*i64", "flags_ptr": "*i64",
        "epoch_ptr": "*i64", "abort_at_ptr": "*i64", "count_ptr": "*i32", "experts_ptr": "*i32",
        "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32"}
-SCALARS = {"qk_scale": "fp32", "softcap_inv": "fp32", "softcap_log2e": "fp32"}
+SCALARS = {"qk_scale": "fp32", "softcap_inv": "fp32", "softcap_log2e": "fp32", "eps": "fp32"}
 
 def signature(fn, consts, dtype):
     sig = {}
@@ -58,6 +58,7 @@ DECODE = {"BLOCK_SIZE": 16, "BLOCK_M": 16, "BLOCK_N": 64, "SINGLE_SPLIT": False,
 CASES = [
     (ar._one_shot_kernel, {"WORLD": 2, "SLOTS": 8, "TOP_K": 1, "BLOCK": 2048}, "bf16"),
     (ar._one_shot_kernel, {"WORLD": 4, "SLOTS": 8, "TOP_K": 2, "BLOCK": 2048}, "bf16"),
+    (ar._one_shot_norm_kernel, {"WORLD": 2, "SLOTS": 8, "BLOCK_H": 4096}, "bf16"),
     (g._gemv_kernel, {"M": 1, "EVEN_K": True, "BLOCK_N": 16, "BLOCK_K": 256, "SPLIT_K": 4,
                       "GATED": False}, "bf16"),
     (g._gemv_kernel, {"M": 1, "W_SCALED": True, "EVEN_K": False, "BLOCK_N": 16,
@@ -106,4 +107,4 @@ def test_decode_kernels_compile_for_hopper():
     toolchain = [r for r in results if r[1] == "toolchain"]
     if toolchain:
         pytest.skip(f"no Hopper toolchain here: {toolchain[0][2]}")
-    assert len(results) == 11 and all(r[1] == "ok" for r in results)
+    assert len(results) == 12 and all(r[1] == "ok" for r in results)

@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mii.kernels.rms_norm import add_rounded, normalized
+
 MAX_RANKS = 8
 ABORT_POLL = tl.constexpr(1024)
 """Spins on a peer's flag between two reads of the host's abort word."""
@@ -78,16 +80,50 @@ def _one_shot_kernel(
     parity = (epoch % 2) * half
     tl.store(data_ptr + parity + offs, x, mask=mask)
     _signal_and_wait(flags_ptr, peer_flags_ptr, abort_at_ptr, epoch, rank, WORLD, SLOTS)
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    total = _sum_ranks(x, peer_data_ptr, parity + offs, mask, rank, WORLD)
+    tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _sum_ranks(x, peer_data_ptr, at, mask, rank, WORLD: tl.constexpr):
+    """Every rank's copy at `at` of its data half (this rank's: x) summed in rank order,
+    float32."""
+    acc = tl.zeros(x.shape, dtype=tl.float32)
     for peer in tl.static_range(WORLD):
         if peer == rank:
             acc += x.to(tl.float32)
         else:
-            base = tl.load(peer_data_ptr + peer).to(tl.pointer_type(out_ptr.dtype.element_ty))
+            base = tl.load(peer_data_ptr + peer).to(tl.pointer_type(x.dtype))
             base = tl.multiple_of(base, 16)  # a torch allocation: 16-byte vector loads
-            part = tl.load(base + parity + offs, mask=mask, other=0.0, cache_modifier=".cv")
+            part = tl.load(base + at, mask=mask, other=0.0, cache_modifier=".cv")
             acc += part.to(tl.float32)
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    return acc
+
+
+@triton.jit
+def _one_shot_norm_kernel(
+    x_ptr, residual_ptr, weight_ptr, out_ptr, new_residual_ptr,
+    data_ptr, peer_data_ptr, flags_ptr, peer_flags_ptr, abort_at_ptr, epoch_ptr,
+    hidden, half, rank, eps,
+    WORLD: tl.constexpr, SLOTS: tl.constexpr, BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    """`_one_shot_kernel` with one program per row (its flags and epochs per row), then the
+    residual add and the RMSNorm of kernels/rms_norm.py on the summed row."""
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_H)
+    mask = cols < hidden
+    offs = row * hidden + cols
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    epoch = tl.load(epoch_ptr + row) + 1
+    tl.store(epoch_ptr + row, epoch)
+    parity = (epoch % 2) * half
+    tl.store(data_ptr + parity + offs, x, mask=mask)
+    _signal_and_wait(flags_ptr, peer_flags_ptr, abort_at_ptr, epoch, rank, WORLD, SLOTS)
+    total = _sum_ranks(x, peer_data_ptr, parity + offs, mask, rank, WORLD).to(x.dtype)
+    summed = add_rounded(total, tl.load(residual_ptr + offs, mask=mask, other=0.0))
+    tl.store(new_residual_ptr + offs, summed, mask=mask)
+    out = normalized(summed, weight_ptr, cols, mask, hidden, eps, False)
+    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 class PeerBuffers:
@@ -148,3 +184,31 @@ def one_shot_all_reduce(x: torch.Tensor, buffers: PeerBuffers, top_k: int = 1) -
         WORLD=buffers.world, SLOTS=MAX_RANKS, TOP_K=top_k, BLOCK=BLOCK, num_warps=4,
     )  # fmt: skip
     return out
+
+
+def one_shot_all_reduce_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+    buffers: PeerBuffers,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """`rms_norm(one_shot_all_reduce(x), weight, eps, residual)` in one launch: (the norm
+    of the group's sum of x plus residual, that sum plus residual), x and residual (T, H)
+    with dense rows in weight's dtype. One program per row: `buffers` of at least T flag
+    rows, never shared with `one_shot_all_reduce` calls (whose programs cover other parts
+    of the data: the halves alternate per program)."""
+    assert x.dim() == 2 and x.is_contiguous() and x.dtype == buffers.data.dtype
+    assert residual.shape == x.shape and residual.is_contiguous() and residual.dtype == x.dtype
+    assert weight.shape == (x.shape[1],) and weight.dtype == x.dtype and weight.is_contiguous()
+    rows, hidden = x.shape
+    assert 0 < rows <= buffers.flags.shape[0] and x.numel() <= buffers.data.shape[1], (
+        "message larger than the peer buffers"
+    )
+    out, new_residual = torch.empty_like(x), torch.empty_like(x)
+    block = triton.next_power_of_2(hidden)
+    _one_shot_norm_kernel[(rows,)](
+        x, residual, weight, out, new_residual,
+        buffers.data, buffers.peer_data, buffers.flags, buffers.peer_flags, buffers.abort_at,
+        buffers.epochs, hidden, buffers.data.shape[1], buffers.rank, eps,
+        WORLD=buffers.world, SLOTS=MAX_RANKS, BLOCK_H=block,
+        num_warps=min(16, max(4, block // 512)),
+    )  # fmt: skip
+    return out, new_residual

@@ -19,8 +19,22 @@ def _rms_norm_kernel(
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(residual_ptr + row * stride_residual + offs, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)  # rounded as torch's x + r
+        x = add_rounded(x, r)
         tl.store(new_residual_ptr + row * stride_new_residual + offs, x, mask=mask)
+    out = normalized(x, weight_ptr, offs, mask, hidden, eps, UNIT_OFFSET)
+    tl.store(out_ptr + row * stride_out + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def add_rounded(x, r):
+    """x + r in float32, rounded to x's dtype as torch's x + r."""
+    return (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+
+
+@triton.jit
+def normalized(x, weight_ptr, offs, mask, hidden, eps, UNIT_OFFSET: tl.constexpr):
+    """One row x (its dtype; 0 past `hidden`) RMS-normalised and scaled by the weight, in
+    float32 (the caller rounds it to the output's dtype)."""
     h = x.to(tl.float32)
     inv_rms = tl.math.rsqrt(tl.sum(h * h, 0) / hidden + eps)
     w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -28,7 +42,7 @@ def _rms_norm_kernel(
         out = h * inv_rms * (1.0 + w)
     else:
         out = w * (h * inv_rms).to(x.dtype).to(tl.float32)  # HF llama rounds before the weight
-    tl.store(out_ptr + row * stride_out + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+    return out
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:

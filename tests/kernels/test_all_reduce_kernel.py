@@ -26,9 +26,9 @@ def ar_compiled(compiled):
 class Group:
     """Every rank's buffers of a `world`-rank group, in this process."""
 
-    def __init__(self, module, world, capacity, dtype, device):
+    def __init__(self, module, world, capacity, dtype, device, programs=None):
         self.m, self.world = module, world
-        programs = -(-capacity // module.BLOCK)
+        programs = programs or -(-capacity // module.BLOCK)
         self.data = [torch.zeros(2, capacity, dtype=dtype, device=device) for _ in range(world)]
         self.flags = [
             torch.zeros(programs, module.MAX_RANKS, dtype=torch.int64, device=device)
@@ -44,12 +44,13 @@ class Group:
             [f.data_ptr() for f in self.flags],
         )
 
-    def peer_calls(self, rank, epoch, inputs):
-        """Play every rank but `rank` making call number `epoch` with `inputs`."""
-        programs = -(-inputs[0].numel() // self.m.BLOCK)
+    def peer_calls(self, rank, epoch, inputs, programs=None):
+        """Play every rank but `rank` making call number `epoch` with `inputs` (over
+        `programs` programs: the flat kernel's by default)."""
+        programs = programs or -(-inputs[0].numel() // self.m.BLOCK)
         for peer in range(self.world):
             if peer != rank:
-                self.data[peer][epoch % 2, : inputs[peer].numel()] = inputs[peer]
+                self.data[peer][epoch % 2, : inputs[peer].numel()] = inputs[peer].flatten()
                 self.flags[rank][:programs, peer] = epoch
 
 
@@ -115,6 +116,48 @@ def check_expert_rows(m, top_k, dtype, device, world=2, rank=0, tokens=3, hidden
     assert torch.equal(out, rank_order_sum(summed))
 
 
+def check_norm_calls(m, norm, world, rows, hidden, dtype, device, rank=1):
+    """The all-reduce with the residual add and RMSNorm folded in gives the bits of the
+    all-reduce followed by kernels/rms_norm.py, over three calls (each half, then the first
+    again)."""
+    group = Group(m, world, 2 * rows * hidden, dtype, device, programs=rows + 1)
+    mine = group.view(rank)
+    for epoch in (1, 2, 3):
+        gen = torch.Generator().manual_seed(epoch)
+
+        def rand(*shape, gen=gen):
+            return torch.randn(*shape, generator=gen).to(dtype=dtype, device=device)
+
+        inputs, residual, weight = (
+            [rand(rows, hidden) for _ in range(world)],
+            rand(rows, hidden),
+            rand(hidden),
+        )
+        group.peer_calls(rank, epoch, inputs, programs=rows)
+        out, new_residual = m.one_shot_all_reduce_norm(inputs[rank], residual, weight, 1e-5, mine)
+        want_out, want_residual = norm.rms_norm(rank_order_sum(inputs), weight, 1e-5, residual)
+        assert torch.equal(new_residual, want_residual), f"call {epoch}"
+        assert torch.equal(out, want_out), f"call {epoch}"
+        for peer in range(world):  # this rank's signal, one per row, in every rank's flags
+            assert (group.flags[peer][:rows, rank] == epoch).all()
+            assert (group.flags[peer][rows:, rank] == 0).all()
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
+@pytest.mark.parametrize("rows, hidden", [(1, 64), (3, 200)])
+def test_all_reduce_with_residual_and_norm(ar_interpreted, world, rows, hidden):
+    norm = importlib.import_module("mii.kernels.rms_norm")
+    check_norm_calls(ar_interpreted, norm, world, rows, hidden, torch.float32, "cpu")
+
+
+def test_all_reduce_with_norm_refuses_more_rows_than_flags(ar_interpreted):
+    m = ar_interpreted
+    group = Group(m, 2, 64, torch.float32, "cpu", programs=2)
+    x = torch.ones(3, 8)
+    with pytest.raises(AssertionError, match="larger than the peer buffers"):
+        m.one_shot_all_reduce_norm(x, x, torch.ones(8), 1e-5, group.view(0))
+
+
 def test_an_abort_releases_a_wait_for_a_dead_peer(ar_interpreted):
     """A peer that never signals (it died) holds the call only until the host raises the
     abort word; every later call returns at once too."""
@@ -156,3 +199,10 @@ def test_gpu_an_abort_releases_a_wait_for_a_dead_peer(ar_compiled):
 @pytest.mark.gpu
 def test_gpu_expert_rows_summed_before_the_ranks(ar_compiled):
     check_expert_rows(ar_compiled, 2, torch.bfloat16, "cuda", tokens=5, hidden=4096)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 7])
+def test_gpu_all_reduce_with_residual_and_norm(ar_compiled, rows):
+    norm = importlib.import_module("mii.kernels.rms_norm")
+    check_norm_calls(ar_compiled, norm, 2, rows, 4096, torch.bfloat16, "cuda")
