@@ -192,17 +192,22 @@ class RowParallelLinear(LinearBase):
     def _load_bias(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         param.data.copy_(loaded[...])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._reduce(self.matmul(x, None))
+    def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+        """`reduce=False`: this rank's partial sums, for the caller to all-reduce (with the
+        norm after it: `RMSNorm.after_all_reduce`); only without a bias."""
+        return self._reduce(self.matmul(x, None), reduce)
 
-    def forward_gated(self, x: torch.Tensor, activation: str) -> torch.Tensor:
+    def forward_gated(self, x: torch.Tensor, activation: str, reduce: bool = True) -> torch.Tensor:
         """forward(act_and_mul(x)) for a gated MLP's down projection: x (T, 2 * in_per_rank)
         is this rank's [gate | up] (MergedColumnParallelLinear's shard), `activation` the
         gated activation's name. The linear method may fold the activation into its GEMV
         (one row on the GPU: `LinearMethod.apply_gated`)."""
-        return self._reduce(self.matmul(x, None, gated=activation))
+        return self._reduce(self.matmul(x, None, gated=activation), reduce)
 
-    def _reduce(self, partial: torch.Tensor) -> torch.Tensor:
+    def _reduce(self, partial: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+        if not reduce:
+            assert self.bias is None, "a bias joins after the reduction"
+            return partial
         y = self.tp.all_reduce(partial)
         # The bias joins after the reduction so that it is added once, not once per rank.
         return y if self.bias is None else y + self.bias

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mii.engine.tp.context import ParallelContext
 from mii.kernels import dispatch
 
 
@@ -20,3 +21,14 @@ class RMSNorm(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (norm(x + residual), x + residual)."""
         return dispatch.rms_norm(x, self.weight, self.eps, residual, self.unit_offset)
+
+    def after_all_reduce(
+        self, x: torch.Tensor, residual: torch.Tensor, tp: ParallelContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`self(tp.all_reduce(x), residual)` for x a row-parallel projection's partial
+        sums: one launch where the one-shot peer all-reduce takes it (decode steps)."""
+        peer = tp.peer
+        fused = peer is not None and residual is not None and not self.unit_offset
+        if fused and peer.fits_norm(x, residual, self.weight):
+            return peer.add_norm(x, residual, self.weight, self.eps)
+        return self(tp.all_reduce(x), residual)

@@ -48,7 +48,8 @@ class LlamaAttention(nn.Module):
             heads, kv_heads, dim, fam.attn_scale, fam.windows[layer], fam.attn_softcap
         )
 
-    def forward(self, x, positions, cos_sin, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, x, positions, cos_sin, meta: AttentionMetadata, reduce=True) -> torch.Tensor:
+        """`reduce=False`: the output projection's partial sums, not yet all-reduced."""
         qkv = self.qkv_proj(x)
         proj = self.qkv_proj
         q, k, v = qkv.split([proj.q_size, proj.kv_size, proj.kv_size], dim=-1)
@@ -59,7 +60,7 @@ class LlamaAttention(nn.Module):
             q = self.q_norm(q)[0].view(q.shape)
             k = self.k_norm(k)[0].view(k.shape)
         out = self.attn(q, k, v, positions, cos_sin, meta)  # (T, Hq, D)
-        return self.o_proj(out.flatten(1))
+        return self.o_proj(out.flatten(1), reduce=reduce)
 
 
 class LlamaMLP(nn.Module):
@@ -74,27 +75,50 @@ class LlamaMLP(nn.Module):
             raise NotImplementedError(f"gated activation {fam.activation!r}")
         self.activation = fam.activation
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
         # The activation inside the down projection: one-row GPU steps fold it into the GEMV.
-        return self.down_proj.forward_gated(self.gate_up_proj(x), self.activation)
+        return self.down_proj.forward_gated(self.gate_up_proj(x), self.activation, reduce)
 
 
 class LlamaDecoderLayer(nn.Module):
+    """Pre-norm attention and MLP with residuals. The all-reduces of the row-parallel output
+    and down projections are left to the norms after them (`RMSNorm.after_all_reduce`: one
+    launch with the one-shot peer all-reduce): the post-attention norm's in this layer; the
+    MLP's to the next layer's input norm or the model's final norm (`partial_out`, set by
+    LlamaModel where the next one takes it)."""
+
+    partial_in = False  # h arrives as partial sums (the layer before left its all-reduce)
+    partial_out = False  # the MLP's output leaves as partial sums
+
     def __init__(self, cfg: Any, fam: Family, layer: int, tp: ParallelContext) -> None:
         super().__init__()
+        self.tp = tp
         self.self_attn = LlamaAttention(cfg, fam, layer, tp)
         self.mlp = self.build_mlp(cfg, fam, layer, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fam.gemma_norm)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fam.gemma_norm)
+        self.attn_partial = self.self_attn.o_proj.bias is None
+
+    @property
+    def can_leave_mlp_partial(self) -> bool:
+        return isinstance(self.mlp, LlamaMLP) and self.mlp.down_proj.bias is None
 
     def build_mlp(self, cfg: Any, fam: Family, layer: int, tp: ParallelContext) -> nn.Module:
         """The layer's MLP; the mixture-of-experts models (models/moe.py) build theirs."""
         return LlamaMLP(cfg, fam, tp)
 
     def forward(self, h, residual, positions, cos_sin, meta):
-        normed, residual = self.input_layernorm(h, residual)
-        h = self.self_attn(normed, positions, cos_sin, meta)
-        normed, residual = self.post_attention_layernorm(h, residual)
+        if self.partial_in:
+            normed, residual = self.input_layernorm.after_all_reduce(h, residual, self.tp)
+        else:
+            normed, residual = self.input_layernorm(h, residual)
+        h = self.self_attn(normed, positions, cos_sin, meta, reduce=not self.attn_partial)
+        if self.attn_partial:
+            normed, residual = self.post_attention_layernorm.after_all_reduce(h, residual, self.tp)
+        else:
+            normed, residual = self.post_attention_layernorm(h, residual)
+        if self.partial_out:
+            return self.mlp(normed, reduce=False), residual
         return self.mlp(normed), residual
 
 
@@ -110,6 +134,22 @@ class LlamaModel(nn.Module):
             layer_cls(cfg, fam, i, tp) for i in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fam.gemma_norm)
+        self.tp = tp
+        self.partial_final = self._leave_mlp_reduces_to_the_next_norm()
+
+    def _leave_mlp_reduces_to_the_next_norm(self) -> bool:
+        """A layer whose MLP can leave its all-reduce does so where what follows takes partial
+        sums (a llama layer's input norm, the final norm); True if the last one did."""
+        layers = list(self.layers)
+        for i, layer in enumerate(layers):
+            after = layers[i + 1] if i + 1 < len(layers) else None
+            if getattr(layer, "can_leave_mlp_partial", False) and (
+                after is None or isinstance(after, LlamaDecoderLayer)
+            ):
+                layer.partial_out = True
+                if after is not None:
+                    after.partial_in = True
+        return bool(layers) and getattr(layers[-1], "partial_out", False)
 
     def forward(self, input_ids, positions, cos_sin, meta) -> torch.Tensor:
         h, residual = self.embed_tokens(input_ids), None
@@ -117,6 +157,8 @@ class LlamaModel(nn.Module):
             h = h * self.embed_scale
         for layer in self.layers:
             h, residual = layer(h, residual, positions, cos_sin, meta)
+        if self.partial_final:
+            return self.norm.after_all_reduce(h, residual, self.tp)[0]
         return self.norm(h, residual)[0]
 
 

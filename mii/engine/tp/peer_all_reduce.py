@@ -11,6 +11,11 @@ Only peer loads and stores are used: no NVLink multicast (`multimem`), which sta
 these machines. Anything this path cannot take (no peer access, an odd dtype or size) goes
 to NCCL, and a group whose first all-reduce disagrees with NCCL's never uses it.
 `MII_PEER_ALL_REDUCE_MAX_BYTES` sets the largest message it takes (0: off; 512 KB unset).
+
+`add_norm` folds the residual add and RMSNorm that follow a row-parallel projection into
+the same launch (`RMSNorm.after_all_reduce`, which the llama layers call): opt-in with
+`MII_PEER_ALL_REDUCE_NORM=1` until it has run on GPUs (interpreter tests and an sm_90
+compile only); with it, the group's first call checks it against NCCL and rms_norm too.
 """
 
 from __future__ import annotations
@@ -24,7 +29,13 @@ import torch
 import torch.distributed as dist
 from triton import cdiv as triton_cdiv
 
-from mii.kernels.all_reduce import BLOCK, MAX_RANKS, PeerBuffers, one_shot_all_reduce
+from mii.kernels.all_reduce import (
+    BLOCK,
+    MAX_RANKS,
+    PeerBuffers,
+    one_shot_all_reduce,
+    one_shot_all_reduce_norm,
+)
 
 log = logging.getLogger(__name__)
 last_failure: str | None = None
@@ -45,8 +56,12 @@ def abort_all() -> None:
     waiting for its signal would spin forever, as NCCL's wait for it does until aborted)."""
     for path in list(_open_paths):
         path.buffers.abort()
+        path.norm_buffers.abort()
 
 
+NORM_ROWS = 256
+"""The most rows (tokens) `add_norm` takes: a decode step's batch at most (CUDA graphs
+cover 256)."""
 LARGEST_BYTES = 512 * 1024
 """The largest setting taken; above it, this. Validated up to 512 KB on two H200s; a run of
 scripts/bench_all_reduce.py with 4 MB buffers did not finish within 120 s there (cause not
@@ -120,8 +135,10 @@ def _map_group(tensors: list[torch.Tensor], group: Any) -> tuple[list[list[int]]
 class PeerAllReduce:
     """Sum-all-reduce of contiguous CUDA tensors of one dtype up to `max_bytes`."""
 
-    def __init__(self, buffers: PeerBuffers, mapped: list) -> None:
+    def __init__(self, buffers: PeerBuffers, norm_buffers: PeerBuffers, mapped: list) -> None:
         self.buffers = buffers
+        self.norm_buffers = norm_buffers  # `add_norm`'s: its programs cover rows, not chunks
+        self.norm_on = os.environ.get("MII_PEER_ALL_REDUCE_NORM", "0") == "1"
         self._mapped = mapped  # the peers' buffers opened here: the mapping lives with them
         _open_paths.add(self)
 
@@ -159,11 +176,19 @@ class PeerAllReduce:
     @classmethod
     def _open(cls, group: Any, device: torch.device, dtype: torch.dtype, max_bytes: int):
         elems = max_bytes // dtype.itemsize
-        data = torch.zeros((2, elems), dtype=dtype, device=device)
+        data, norm_data = (torch.zeros((2, elems), dtype=dtype, device=device) for _ in "ab")
         flags = torch.zeros((triton_cdiv(elems, BLOCK), MAX_RANKS), dtype=torch.int64,
                             device=device)  # fmt: skip
-        (data_at, flags_at), mapped = _map_group([data, flags], group)
-        return cls(PeerBuffers(dist.get_rank(group), data, flags, data_at, flags_at), mapped)
+        norm_flags = torch.zeros((NORM_ROWS, MAX_RANKS), dtype=torch.int64, device=device)
+        (data_at, flags_at, norm_data_at, norm_flags_at), mapped = _map_group(
+            [data, flags, norm_data, norm_flags], group
+        )
+        rank = dist.get_rank(group)
+        return cls(
+            PeerBuffers(rank, data, flags, data_at, flags_at),
+            PeerBuffers(rank, norm_data, norm_flags, norm_data_at, norm_flags_at),
+            mapped,
+        )
 
     def _check(self, group: Any, device: torch.device) -> None:
         """The first all-reduce agrees with NCCL's, or this path stays closed."""
@@ -175,6 +200,18 @@ class PeerAllReduce:
         torch.cuda.synchronize(device)
         if not torch.equal(got, expected):
             raise RuntimeError("peer all-reduce disagreed with NCCL")
+        if self.norm_on:
+            self._check_norm(x, expected)
+
+    def _check_norm(self, x: torch.Tensor, expected: torch.Tensor) -> None:
+        from mii.kernels.rms_norm import rms_norm
+
+        rows = x.view(2, -1)
+        weight = torch.linspace(0.5, 1.5, rows.shape[1], device=x.device, dtype=rows.dtype)
+        normed = self.add_norm(rows, rows, weight, 1e-5)
+        for a, b in zip(normed, rms_norm(expected.view(2, -1), weight, 1e-5, rows), strict=True):
+            if not torch.equal(a, b):
+                raise RuntimeError("peer all-reduce with the norm disagreed with NCCL and rms_norm")
 
     @property
     def max_bytes(self) -> int:
@@ -188,6 +225,28 @@ class PeerAllReduce:
             and x.is_contiguous()
             and 0 < x.numel() * x.element_size() // top_k <= self.max_bytes
         )
+
+    def fits_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor) -> bool:
+        """Whether `add_norm(x, residual, weight, eps)` takes them (`MII_PEER_ALL_REDUCE_NORM=1`:
+        off by default until it has run on GPUs)."""
+        return (
+            self.norm_on
+            and x.dim() == 2
+            and 0 < x.shape[0] <= NORM_ROWS
+            and self.fits(x)
+            and residual.shape == x.shape
+            and residual.dtype == x.dtype
+            and residual.is_contiguous()
+            and weight.dtype == x.dtype
+            and weight.is_contiguous()
+        )
+
+    def add_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(RMSNorm(sum over the group of x + residual) * weight, that sum + residual) in one
+        launch: what `all_reduce` then the fused residual-add RMSNorm give, bit for bit."""
+        return one_shot_all_reduce_norm(x, residual, weight, eps, self.norm_buffers)
 
     def __call__(self, x: torch.Tensor, top_k: int = 1) -> torch.Tensor:
         """The sum over the group (with `top_k` > 1: of x (T, top_k, H) over dim 1 too)."""
