@@ -1,24 +1,9 @@
-"""Activations of the MLP: gated SwiGLU (llama) and GeGLU with tanh GELU (Gemma), and the
-plain ones of OPT, Phi-2 and Falcon by their transformers names."""
+"""The plain activations of OPT, Phi-2 and Falcon by their transformers names. The gated
+ones (SwiGLU, Gemma's GeGLU) run inside the down projection: `RowParallelLinear.forward_gated`
+(kernels/dispatch.py `act_and_mul` where the GEMV does not take them)."""
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-from mii.kernels import dispatch
-
-
-class SiluAndMul(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dispatch.silu_and_mul(x)
-
-
-class GeluTanhAndMul(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dispatch.gelu_tanh_and_mul(x)
-
-
-GATED_ACTIVATIONS = {"silu": SiluAndMul, "gelu_tanh": GeluTanhAndMul}
 
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
