@@ -278,7 +278,7 @@ def test_gpu_peer_all_reduce_takes_decode_steps_and_changes_no_token(
     monkeypatch.setenv("MII_PEER_ALL_REDUCE_NORM", norm)
     with pipeline(path, **opts) as pipe:
         assert pipe.engine.runner.tp.peer is not None
-        assert pipe.engine.runner.tp.peer.norm_on == (norm == "1")
+        assert (pipe.engine.runner.tp.peer.norm_buffers is not None) == (norm == "1")
         with_peer = [r.token_ids for r in pipe(prompts, max_new_tokens=16, **GREEDY)]
     monkeypatch.setenv("MII_PEER_ALL_REDUCE_MAX_BYTES", "0")
     with pipeline(path, **opts) as pipe:

@@ -55,8 +55,9 @@ def abort_all() -> None:
     """Release every wait of this process's one-shot all-reduces (a rank died: the calls
     waiting for its signal would spin forever, as NCCL's wait for it does until aborted)."""
     for path in list(_open_paths):
-        path.buffers.abort()
-        path.norm_buffers.abort()
+        for buffers in (path.buffers, path.norm_buffers):
+            if buffers is not None:
+                buffers.abort()
 
 
 NORM_ROWS = 256
@@ -135,10 +136,12 @@ def _map_group(tensors: list[torch.Tensor], group: Any) -> tuple[list[list[int]]
 class PeerAllReduce:
     """Sum-all-reduce of contiguous CUDA tensors of one dtype up to `max_bytes`."""
 
-    def __init__(self, buffers: PeerBuffers, norm_buffers: PeerBuffers, mapped: list) -> None:
+    def __init__(
+        self, buffers: PeerBuffers, norm_buffers: PeerBuffers | None, mapped: list
+    ) -> None:
         self.buffers = buffers
-        self.norm_buffers = norm_buffers  # `add_norm`'s: its programs cover rows, not chunks
-        self.norm_on = os.environ.get("MII_PEER_ALL_REDUCE_NORM", "0") == "1"
+        # `add_norm`'s (its programs cover rows, not chunks); None: MII_PEER_ALL_REDUCE_NORM off
+        self.norm_buffers = norm_buffers
         self._mapped = mapped  # the peers' buffers opened here: the mapping lives with them
         _open_paths.add(self)
 
@@ -176,19 +179,22 @@ class PeerAllReduce:
     @classmethod
     def _open(cls, group: Any, device: torch.device, dtype: torch.dtype, max_bytes: int):
         elems = max_bytes // dtype.itemsize
-        data, norm_data = (torch.zeros((2, elems), dtype=dtype, device=device) for _ in "ab")
-        flags = torch.zeros((triton_cdiv(elems, BLOCK), MAX_RANKS), dtype=torch.int64,
-                            device=device)  # fmt: skip
-        norm_flags = torch.zeros((NORM_ROWS, MAX_RANKS), dtype=torch.int64, device=device)
-        (data_at, flags_at, norm_data_at, norm_flags_at), mapped = _map_group(
-            [data, flags, norm_data, norm_flags], group
-        )
+        norm = os.environ.get("MII_PEER_ALL_REDUCE_NORM", "0") == "1"
+        # A (data, flags) pair per kernel: the flat one's flags per BLOCK chunk, add_norm's
+        # per row.
+        flag_rows = [triton_cdiv(elems, BLOCK)] + ([NORM_ROWS] if norm else [])
+        pairs = [
+            (torch.zeros((2, elems), dtype=dtype, device=device),
+             torch.zeros((rows, MAX_RANKS), dtype=torch.int64, device=device))
+            for rows in flag_rows
+        ]  # fmt: skip
+        addresses, mapped = _map_group([t for pair in pairs for t in pair], group)
         rank = dist.get_rank(group)
-        return cls(
-            PeerBuffers(rank, data, flags, data_at, flags_at),
-            PeerBuffers(rank, norm_data, norm_flags, norm_data_at, norm_flags_at),
-            mapped,
-        )
+        buffers = [
+            PeerBuffers(rank, data, flags, addresses[2 * i], addresses[2 * i + 1])
+            for i, (data, flags) in enumerate(pairs)
+        ]
+        return cls(buffers[0], buffers[1] if norm else None, mapped)
 
     def _check(self, group: Any, device: torch.device) -> None:
         """The first all-reduce agrees with NCCL's, or this path stays closed."""
@@ -200,7 +206,7 @@ class PeerAllReduce:
         torch.cuda.synchronize(device)
         if not torch.equal(got, expected):
             raise RuntimeError("peer all-reduce disagreed with NCCL")
-        if self.norm_on:
+        if self.norm_buffers is not None:
             self._check_norm(x, expected)
 
     def _check_norm(self, x: torch.Tensor, expected: torch.Tensor) -> None:
@@ -230,7 +236,7 @@ class PeerAllReduce:
         """Whether `add_norm(x, residual, weight, eps)` takes them (`MII_PEER_ALL_REDUCE_NORM=1`:
         off by default until it has run on GPUs)."""
         return (
-            self.norm_on
+            self.norm_buffers is not None
             and x.dim() == 2
             and 0 < x.shape[0] <= NORM_ROWS
             and self.fits(x)
