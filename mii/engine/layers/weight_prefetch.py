@@ -80,8 +80,10 @@ def attach(model: nn.Module, device: torch.device) -> WeightPrefetch | None:
     """Give the model's projections their prefetches (CUDA, MII_L2_PREFETCH_BYTES > 0);
     None where it stays off. Call once the weights are in place, before graph capture."""
     max_bytes = max_bytes_setting()
+    if device.type != "cuda" or max_bytes <= 0:
+        return None
     pairs = successors(model)
-    if device.type != "cuda" or max_bytes <= 0 or not pairs:
+    if not pairs:
         return None
     prefetch = WeightPrefetch(device, max_bytes)
     link(model, pairs, prefetch)
