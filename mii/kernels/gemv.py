@@ -239,6 +239,16 @@ def weight_tile(rows_ptr, ks, k_mask, EVEN_K: tl.constexpr):
 
 
 @triton.jit
+def split_tiles(pid_k, K, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """The K tiles [first, end) that split pid_k of SPLIT_K sums (the last may be short or,
+    past K, empty)."""
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(k_tiles, SPLIT_K)
+    first = pid_k * per_split
+    return first, tl.minimum(first + per_split, k_tiles)
+
+
+@triton.jit
 def split_total(part_ptr, rn, n_mask, stride_split, SPLIT_K: tl.constexpr):
     """One output row's SPLIT_K partial sums added in split order (bit-reproducible)."""
     total = tl.zeros(rn.shape, dtype=tl.float32)
@@ -283,14 +293,12 @@ def _gemv_kernel(
     rk = tl.arange(0, BLOCK_K)
     # Rows past N read row 0 again (never stored): the weight loads need no row mask.
     w_rows = w_ptr + tl.where(n_mask, rn, 0).to(tl.int64)[:, None] * stride_wn
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(k_tiles, SPLIT_K)
-    k_first = pid_k * per_split
+    k_first, k_end = split_tiles(pid_k, K, BLOCK_K, SPLIT_K)
     acc0 = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc3 = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for kt in range(k_first, tl.minimum(k_first + per_split, k_tiles)):
+    for kt in range(k_first, k_end):
         ks = kt * BLOCK_K + rk
         k_mask = ks < K
         w = weight_tile(w_rows, ks, k_mask, EVEN_K)

@@ -62,6 +62,7 @@ from mii.kernels.gemv import (
     arrive_last,
     cached_workspace,
     split_k,
+    split_tiles,
     split_total,
     warps_for,
     weight_tile,
@@ -185,12 +186,10 @@ def _gate_up_kernel(
     g_rows = (w_ptr + expert * stride_we
               + tl.where(n_mask, rn, 0).to(tl.int64)[:, None] * stride_wn)  # fmt: skip
     u_rows = g_rows + inner * stride_wn  # the up rows follow the gate rows
-    k_tiles = tl.cdiv(hidden, BLOCK_K)
-    per_split = tl.cdiv(k_tiles, SPLIT_K)
-    k_first = pid_k * per_split
+    k_first, k_end = split_tiles(pid_k, hidden, BLOCK_K, SPLIT_K)
     acc_g = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for kt in range(k_first, tl.minimum(k_first + per_split, k_tiles)):
+    for kt in range(k_first, k_end):
         ks = kt * BLOCK_K + rk
         k_mask = ks < hidden
         g = weight_tile(g_rows, ks, k_mask, EVEN_K)
@@ -249,11 +248,9 @@ def _down_kernel(
     rk = tl.arange(0, BLOCK_K)
     w_rows = (w_ptr + expert * stride_we
               + tl.where(n_mask, rn, 0).to(tl.int64)[:, None] * stride_wn)  # fmt: skip
-    k_tiles = tl.cdiv(inner, BLOCK_K)
-    per_split = tl.cdiv(k_tiles, SPLIT_K)
-    k_first = pid_k * per_split
+    k_first, k_end = split_tiles(pid_k, inner, BLOCK_K, SPLIT_K)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for kt in range(k_first, tl.minimum(k_first + per_split, k_tiles)):
+    for kt in range(k_first, k_end):
         ks = kt * BLOCK_K + rk
         k_mask = ks < inner
         w = weight_tile(w_rows, ks, k_mask, EVEN_K)
