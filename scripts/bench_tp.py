@@ -156,21 +156,23 @@ def main() -> None:
     ap.add_argument("--peer-bytes", type=int, default=0,
                     help="also time TP=2 with all-reduces up to this size one-shot over peer "
                     "memory (0: NCCL only)")  # fmt: skip
+    ap.add_argument("--skip-nccl", action="store_true",
+                    help="with --peer-bytes: time TP=2 only with the peer path")  # fmt: skip
     ap.add_argument("--sync", action="store_true", help="no asynchronous scheduling")
     args = ap.parse_args()
+    if args.skip_nccl and not args.peer_bytes:
+        raise SystemExit("--skip-nccl needs --peer-bytes")
     if torch.cuda.device_count() < 2:  # counts through NVML: this process stays off the GPUs
         raise SystemExit("bench_tp needs two visible GPUs")
 
     folder = preset_folder(args.preset)
-    lat1, lat2 = (run_jobs([(latency_job, (args, folder, ids))])[0] for ids in ((0,), (0, 1)))
-    result = {
-        "device": lat1["device"],
-        "torch": torch.__version__,
-        "args": vars(args),
-        "latency_tp1": lat1,
-        "latency_tp2": lat2,
-        "latency_ratio": lat2["ms_per_token"] / lat1["ms_per_token"],
-    }
+    lat1 = run_jobs([(latency_job, (args, folder, (0,)))])[0]
+    result = {"device": lat1["device"], "torch": torch.__version__, "args": vars(args),
+              "latency_tp1": lat1}  # fmt: skip
+    if not args.skip_nccl:
+        lat2 = run_jobs([(latency_job, (args, folder, (0, 1)))])[0]
+        result["latency_tp2"] = lat2
+        result["latency_ratio"] = lat2["ms_per_token"] / lat1["ms_per_token"]
     if args.peer_bytes:
         peer = run_jobs([(latency_job, (args, folder, (0, 1), args.peer_bytes))])[0]
         result["latency_tp2_peer"] = peer
@@ -189,12 +191,13 @@ def main() -> None:
 def print_table(r: dict) -> None:
     print(f"{r['device']}  {r['args']['preset']}  bf16 random weights")
     print(f"{'batch-1 latency':<26}{'ms/token':>10}{'TTFT ms':>10}")
-    rows = [("TP=1", "latency_tp1"), ("TP=2, NCCL", "latency_tp2")]
-    if "latency_tp2_peer" in r:
-        rows.append(("TP=2, one-shot peer", "latency_tp2_peer"))
+    rows = [("TP=1", "latency_tp1"), ("TP=2, NCCL", "latency_tp2"),
+            ("TP=2, one-shot peer", "latency_tp2_peer")]  # fmt: skip
     for name, key in rows:
-        print(f"{name:<26}{r[key]['ms_per_token']:>10.2f}{r[key]['ttft_ms']:>10.1f}")
-    print(f"TP=2 / TP=1 = {r['latency_ratio']:.2f}x (target <= 0.60x)")
+        if key in r:
+            print(f"{name:<26}{r[key]['ms_per_token']:>10.2f}{r[key]['ttft_ms']:>10.1f}")
+    if "latency_ratio" in r:
+        print(f"TP=2 / TP=1 = {r['latency_ratio']:.2f}x (target <= 0.60x)")
     if "latency_ratio_peer" in r:
         print(f"TP=2 one-shot peer / TP=1 = {r['latency_ratio_peer']:.2f}x")
     if "offline_tp2" in r:

@@ -29,6 +29,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler.errors import CompilationError
 import mii.kernels.all_reduce as ar, mii.kernels.gemv as g, mii.kernels.moe_gemv as mg
 import mii.kernels.decode_attention as da, mii.kernels.l2_prefetch as lp
+import mii.kernels.rms_norm as rn
 
 FLOAT32 = ("scale", "part", "weights")
 INT = {"peer_data_ptr": "*i64", "peer_flags_ptr": "*i64", "flags_ptr": "*i64",
@@ -52,7 +53,8 @@ def constexprs(fn, given):
     params = inspect.signature(fn.fn).parameters
     return {n: given.get(n, 1) for n, p in params.items() if "constexpr" in str(p.annotation)}
 
-# Several splits (SINGLE_SPLIT False): the partials the merge kernel reads.
+# Several splits (SINGLE_SPLIT False): the partials the merge kernel reads. A constexpr not
+# given is 1: PDL on (kernels/pdl.py) unless a case says otherwise.
 DECODE = {"BLOCK_SIZE": 16, "BLOCK_M": 16, "BLOCK_N": 64, "SINGLE_SPLIT": False,
           "DOT_PRECISION": "tf32", "SLIDING": False, "SOFTCAP": False, "KV_SCALED": False}
 CASES = [
@@ -61,6 +63,8 @@ CASES = [
     (ar._one_shot_norm_kernel, {"WORLD": 2, "SLOTS": 8, "BLOCK_H": 4096}, "bf16"),
     (g._gemv_kernel, {"M": 1, "EVEN_K": True, "BLOCK_N": 16, "BLOCK_K": 256, "SPLIT_K": 4,
                       "GATED": False}, "bf16"),
+    (g._gemv_kernel, {"M": 2, "EVEN_K": True, "BLOCK_N": 16, "BLOCK_K": 256, "SPLIT_K": 4,
+                      "GATED": False, "PDL": False}, "bf16"),
     (g._gemv_kernel, {"M": 1, "W_SCALED": True, "EVEN_K": False, "BLOCK_N": 16,
                       "BLOCK_K": 512, "SPLIT_K": 1, "GATED": False}, "bf16"),
     # a gated MLP's down projection, the activation folded into the load of x
@@ -75,6 +79,8 @@ CASES = [
     (da._split_kernel, {**DECODE, "GROUP": 8, "HEAD_DIM": 128, "BLOCK_D": 128}, "bf16"),
     (da._split_kernel, {**DECODE, "GROUP": 8, "HEAD_DIM": 256, "BLOCK_D": 256, "BLOCK_N": 32,
                         "SLIDING": True, "SOFTCAP": True}, "bf16"),
+    (da._merge_kernel, {"HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_S": 16}, "bf16"),
+    (rn._rms_norm_kernel, {"HAS_RESIDUAL": True, "UNIT_OFFSET": False, "BLOCK": 4096}, "bf16"),
     (lp._l2_prefetch_kernel, {"CHUNK_ELEMS": 32768, "CHUNK_BYTES": 65536, "BLOCK": 32}, "bf16"),
 ]
 results = []
@@ -107,4 +113,4 @@ def test_decode_kernels_compile_for_hopper():
     toolchain = [r for r in results if r[1] == "toolchain"]
     if toolchain:
         pytest.skip(f"no Hopper toolchain here: {toolchain[0][2]}")
-    assert len(results) == 12 and all(r[1] == "ok" for r in results)
+    assert len(results) == 15 and all(r[1] == "ok" for r in results)

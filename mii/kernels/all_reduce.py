@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mii.kernels.pdl import enter, launch_options, pdl_on
 from mii.kernels.rms_norm import add_rounded, normalized
 
 MAX_RANKS = 8
@@ -62,7 +63,9 @@ def _one_shot_kernel(
     x_ptr, out_ptr, data_ptr, peer_data_ptr, flags_ptr, peer_flags_ptr, abort_at_ptr, epoch_ptr,
     n, half, hidden, rank,
     WORLD: tl.constexpr, SLOTS: tl.constexpr, TOP_K: tl.constexpr, BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    enter(PDL)
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -105,10 +108,11 @@ def _one_shot_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, new_residual_ptr,
     data_ptr, peer_data_ptr, flags_ptr, peer_flags_ptr, abort_at_ptr, epoch_ptr,
     hidden, half, rank, eps,
-    WORLD: tl.constexpr, SLOTS: tl.constexpr, BLOCK_H: tl.constexpr,
+    WORLD: tl.constexpr, SLOTS: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """`_one_shot_kernel` with one program per row (its flags and epochs per row), then the
     residual add and the RMSNorm of kernels/rms_norm.py on the summed row."""
+    enter(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK_H)
     mask = cols < hidden
@@ -178,10 +182,12 @@ def one_shot_all_reduce(x: torch.Tensor, buffers: PeerBuffers, top_k: int = 1) -
     n = x.numel() // top_k
     assert 0 < n <= buffers.capacity, "message larger than the peer buffers"
     out = torch.empty(shape, dtype=x.dtype, device=x.device)
+    pdl = pdl_on(x)
     _one_shot_kernel[(triton.cdiv(n, BLOCK),)](
         x, out, buffers.data, buffers.peer_data, buffers.flags, buffers.peer_flags,
         buffers.abort_at, buffers.epochs, n, buffers.data.shape[1], hidden, buffers.rank,
-        WORLD=buffers.world, SLOTS=MAX_RANKS, TOP_K=top_k, BLOCK=BLOCK, num_warps=4,
+        WORLD=buffers.world, SLOTS=MAX_RANKS, TOP_K=top_k, BLOCK=BLOCK, PDL=pdl, num_warps=4,
+        **launch_options(pdl),
     )  # fmt: skip
     return out
 
@@ -204,11 +210,12 @@ def one_shot_all_reduce_norm(
     )
     out, new_residual = torch.empty_like(x), torch.empty_like(x)
     block = triton.next_power_of_2(hidden)
+    pdl = pdl_on(x)
     _one_shot_norm_kernel[(rows,)](
         x, residual, weight, out, new_residual,
         buffers.data, buffers.peer_data, buffers.flags, buffers.peer_flags, buffers.abort_at,
         buffers.epochs, hidden, buffers.data.shape[1], buffers.rank, eps,
-        WORLD=buffers.world, SLOTS=MAX_RANKS, BLOCK_H=block,
-        num_warps=min(16, max(4, block // 512)),
+        WORLD=buffers.world, SLOTS=MAX_RANKS, BLOCK_H=block, PDL=pdl,
+        num_warps=min(16, max(4, block // 512)), **launch_options(pdl),
     )  # fmt: skip
     return out, new_residual

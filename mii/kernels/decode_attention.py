@@ -32,6 +32,7 @@ from mii.kernels.attention_tiles import (
     dot_width,
     kv_scale_args,
 )
+from mii.kernels.pdl import enter, launch_options, pdl_on
 
 # Small batches are latency bound: many short splits (a few tiles each) keep enough loads
 # in flight. Beyond a few programs per SM, more splits only add merge work.
@@ -64,10 +65,12 @@ def _split_kernel(
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, KV_SCALED: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     """Grid (sequences, kv heads, splits). The group's query heads are the tile's rows.
     An fp8 cache (KV_SCALED): the K scale joins qk_scale, the V scale each split's output
     (the merge is a weighted mean of the splits, so it commutes with the scale)."""
+    enter(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -141,9 +144,10 @@ def _split_kernel(
 @triton.jit
 def _merge_kernel(
     out_ptr, part_out_ptr, part_lse_ptr, num_splits, stride_o_seq, stride_o_head,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Grid (sequences, q heads): softmax-weighted sum of the splits' normalised outputs."""
+    enter(PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     part = (seq * tl.num_programs(1) + head) * num_splits
@@ -231,6 +235,7 @@ def launch(
         part_lse = torch.empty((batch, q_heads, num_splits), device=q.device)
     group = q_heads // kv_heads
     k_scale, v_scale, kv_scaled = kv_scale_args(q, k_scale, v_scale)
+    pdl = pdl_on(q)
     _split_kernel[(batch, kv_heads, num_splits)](
         q, k_cache, v_cache, out, part_out, part_lse, block_tables, seq_lens, k_scale, v_scale,
         options.qk_scale, num_splits,
@@ -242,12 +247,13 @@ def launch(
         BLOCK_SIZE=k_cache.shape[1], BLOCK_M=max(16, triton.next_power_of_2(group)),
         BLOCK_N=config.block_n, SINGLE_SPLIT=num_splits == 1,
         DOT_PRECISION=dot_precision(q.dtype), SLIDING=options.sliding, SOFTCAP=options.softcap,
-        KV_SCALED=kv_scaled, num_warps=config.num_warps, num_stages=config.num_stages,
+        KV_SCALED=kv_scaled, PDL=pdl, num_warps=config.num_warps,
+        num_stages=config.num_stages, **launch_options(pdl),
     )  # fmt: skip
     if num_splits > 1:
         _merge_kernel[(batch, q_heads)](
             out, part_out, part_lse, num_splits, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
-            BLOCK_S=triton.next_power_of_2(num_splits),
+            BLOCK_S=triton.next_power_of_2(num_splits), PDL=pdl, **launch_options(pdl),
         )  # fmt: skip
     return out

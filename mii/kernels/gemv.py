@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from mii.kernels.activation import act_and_mul
+from mii.kernels.pdl import launch_options, pdl_on, release_next, wait_prior
 from mii.kernels.torch_ref import gelu_tanh_and_mul_ref, silu_and_mul_ref
 
 GATED_REFS = {"silu": silu_and_mul_ref, "gelu_tanh": gelu_tanh_and_mul_ref}
@@ -187,6 +188,22 @@ def _row_sum(
 
 
 @triton.jit
+def _tile_sums(
+    acc0, acc1, acc2, acc3, x_ptr, stride_xm, K, w, ks, k_mask,
+    EVEN_K: tl.constexpr, M: tl.constexpr, GATED: tl.constexpr, GELU: tl.constexpr,
+):  # fmt: skip
+    """The first M rows' sums over one weight tile added to their accumulators."""
+    acc0 += _row_sum(x_ptr, K, w, ks, k_mask, EVEN_K, GATED, GELU)
+    if M > 1:
+        acc1 += _row_sum(x_ptr + stride_xm, K, w, ks, k_mask, EVEN_K, GATED, GELU)
+    if M > 2:
+        acc2 += _row_sum(x_ptr + 2 * stride_xm, K, w, ks, k_mask, EVEN_K, GATED, GELU)
+    if M > 3:
+        acc3 += _row_sum(x_ptr + 3 * stride_xm, K, w, ks, k_mask, EVEN_K, GATED, GELU)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
 def _store_row(
     acc, row, rn, n_mask, scale, bias, out_ptr, stride_om,
     W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -284,7 +301,7 @@ def _gemv_kernel(
     N, K, stride_xm, stride_wn, stride_om,
     M: tl.constexpr, W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    GATED: tl.constexpr, GELU: tl.constexpr,
+    GATED: tl.constexpr, GELU: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -298,17 +315,26 @@ def _gemv_kernel(
     acc1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc3 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    release_next(PDL)
+    if PDL:  # the first weight tile loads while the kernel before finishes (kernels/pdl.py)
+        # an empty last split (past K) loads the last tile and leaves it unused
+        ks = tl.minimum(k_first, tl.cdiv(K, BLOCK_K) - 1) * BLOCK_K + rk
+        k_mask = ks < K
+        w = weight_tile(w_rows, ks, k_mask, EVEN_K)
+        wait_prior(PDL)
+        if k_first < k_end:
+            acc0, acc1, acc2, acc3 = _tile_sums(
+                acc0, acc1, acc2, acc3, x_ptr, stride_xm, K, w, ks, k_mask, EVEN_K, M, GATED,
+                GELU,
+            )  # fmt: skip
+        k_first += 1
     for kt in range(k_first, k_end):
         ks = kt * BLOCK_K + rk
         k_mask = ks < K
         w = weight_tile(w_rows, ks, k_mask, EVEN_K)
-        acc0 += _row_sum(x_ptr, K, w, ks, k_mask, EVEN_K, GATED, GELU)
-        if M > 1:
-            acc1 += _row_sum(x_ptr + stride_xm, K, w, ks, k_mask, EVEN_K, GATED, GELU)
-        if M > 2:
-            acc2 += _row_sum(x_ptr + 2 * stride_xm, K, w, ks, k_mask, EVEN_K, GATED, GELU)
-        if M > 3:
-            acc3 += _row_sum(x_ptr + 3 * stride_xm, K, w, ks, k_mask, EVEN_K, GATED, GELU)
+        acc0, acc1, acc2, acc3 = _tile_sums(
+            acc0, acc1, acc2, acc3, x_ptr, stride_xm, K, w, ks, k_mask, EVEN_K, M, GATED, GELU
+        )  # fmt: skip
 
     scale = tl.zeros((BLOCK_N,), dtype=tl.float32)
     bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -403,12 +429,13 @@ def gemv(
     else:
         partials, counters = out, out  # never read
     grid = (triton.cdiv(n, tile.block_n), tile.split_k)
+    pdl = pdl_on(x)
     _gemv_kernel[grid](
         x, weight, weight if w_scale is None else w_scale, weight if bias is None else bias,
         out, partials, counters, n, k, x.stride(0), weight.stride(0), out.stride(0),
         M=m, W_SCALED=fp8, HAS_BIAS=bias is not None, EVEN_K=k % tile.block_k == 0,
         BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, SPLIT_K=tile.split_k,
-        GATED=gated is not None, GELU=gated == "gelu_tanh",
-        num_warps=tile.num_warps, num_stages=tile.num_stages,
+        GATED=gated is not None, GELU=gated == "gelu_tanh", PDL=pdl,
+        num_warps=tile.num_warps, num_stages=tile.num_stages, **launch_options(pdl),
     )  # fmt: skip
     return out

@@ -68,6 +68,7 @@ from mii.kernels.gemv import (
     weight_tile,
     x_slice,
 )
+from mii.kernels.pdl import enter, launch_options, pdl_on
 
 MAX_TOKENS = 4  # the sizes the tiles were chosen for; larger T runs, slower than the GEMMs
 GATE_UP_ROWS = 16  # BLOCK_N of gate_up: 16 gate + 16 up rows a step, as gemv's 32 rows
@@ -172,8 +173,9 @@ def _gate_up_kernel(
     x_ptr, w_ptr, scale_ptr, experts_ptr, h_ptr, part_ptr, count_ptr,
     rows, inner, hidden, stride_xm, stride_we, stride_wn, stride_se, stride_hm,
     TOP_K: tl.constexpr, W_SCALED: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    enter(PDL)  # the experts come from the router: nothing to load before the wait
     pid = tl.program_id(0)  # column tile pid // rows of row pid % rows
     pid_k = tl.program_id(1)
     row = pid % rows
@@ -236,8 +238,9 @@ def _down_kernel(
     h_ptr, w_ptr, scale_ptr, experts_ptr, weights_ptr, out_ptr, part_ptr, count_ptr,
     rows, hidden, inner, stride_hm, stride_we, stride_wn, stride_se, stride_om,
     W_SCALED: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    enter(PDL)
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     row = pid % rows
@@ -349,20 +352,21 @@ def expert_gemv(
     gu_part, gu_count = gu_ws or (h, h)  # never read without a split
     dn_part, dn_count = dn_ws or (out, out)
     gu, dn = tiles
+    pdl = pdl_on(x)
     _gate_up_kernel[(rows * triton.cdiv(inner, gu.block_n), gu.split_k)](
         x, gate_up, gate_up_scale, experts, h, gu_part, gu_count,
         rows, inner, hidden, x.stride(0), gate_up.stride(0), gate_up.stride(1),
         gate_up_scale.stride(0), h.stride(0),
         TOP_K=top_k, W_SCALED=scales is not None, EVEN_K=hidden % gu.block_k == 0,
-        BLOCK_N=gu.block_n, BLOCK_K=gu.block_k, SPLIT_K=gu.split_k,
-        num_warps=gu.num_warps, num_stages=gu.num_stages,
+        BLOCK_N=gu.block_n, BLOCK_K=gu.block_k, SPLIT_K=gu.split_k, PDL=pdl,
+        num_warps=gu.num_warps, num_stages=gu.num_stages, **launch_options(pdl),
     )  # fmt: skip
     _down_kernel[(rows * triton.cdiv(hidden, dn.block_n), dn.split_k)](
         h, down, down_scale, experts, weights, out, dn_part, dn_count,
         rows, hidden, inner, h.stride(0), down.stride(0), down.stride(1),
         down_scale.stride(0), hidden,
         W_SCALED=scales is not None, EVEN_K=inner % dn.block_k == 0,
-        BLOCK_N=dn.block_n, BLOCK_K=dn.block_k, SPLIT_K=dn.split_k,
-        num_warps=dn.num_warps, num_stages=dn.num_stages,
+        BLOCK_N=dn.block_n, BLOCK_K=dn.block_k, SPLIT_K=dn.split_k, PDL=pdl,
+        num_warps=dn.num_warps, num_stages=dn.num_stages, **launch_options(pdl),
     )  # fmt: skip
     return out

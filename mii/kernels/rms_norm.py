@@ -6,13 +6,17 @@ import torch
 import triton
 import triton.language as tl
 
+from mii.kernels.pdl import enter, launch_options, pdl_on
+
 
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, new_residual_ptr,
     hidden, eps, stride_x, stride_residual, stride_out, stride_new_residual,
     HAS_RESIDUAL: tl.constexpr, UNIT_OFFSET: tl.constexpr, BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < hidden
@@ -77,10 +81,11 @@ def rms_norm(
     if x2.shape[0] == 0:
         return out, new_residual
     block = triton.next_power_of_2(hidden)
+    pdl = pdl_on(x)
     _rms_norm_kernel[(x2.shape[0],)](
         x2, res2, weight, out2, new2, hidden, eps,
         x2.stride(0), res2.stride(0), out2.stride(0), new2.stride(0),
-        HAS_RESIDUAL=residual is not None, UNIT_OFFSET=unit_offset, BLOCK=block,
-        num_warps=min(16, max(1, block // 512)),
+        HAS_RESIDUAL=residual is not None, UNIT_OFFSET=unit_offset, BLOCK=block, PDL=pdl,
+        num_warps=min(16, max(1, block // 512)), **launch_options(pdl),
     )  # fmt: skip
     return out, new_residual

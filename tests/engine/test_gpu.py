@@ -69,6 +69,18 @@ def test_cuda_graphs_change_nothing(tiny_model):
     assert run_engine(path, prompts, 20) == run_engine(path, prompts, 20, eager=True)
 
 
+@pytest.mark.parametrize("prompts", [1, 5])
+def test_programmatic_dependent_launch_changes_no_token(tiny_model, monkeypatch, prompts):
+    """kernels/pdl.py: bf16 with CUDA graphs, MII_PDL on against off; one prompt runs its
+    decode steps through the GEMV (batch 1)."""
+    path = tiny_model("llama3")
+    batch = mixed_prompts(prompts, (3, 40, 11), seed=9)
+    monkeypatch.setenv("MII_PDL", "0")
+    without = run_engine(path, batch, 20, dtype="bfloat16")
+    monkeypatch.setenv("MII_PDL", "1")
+    assert run_engine(path, batch, 20, dtype="bfloat16") == without
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_agreement_with_transformers(tiny_model, dtype, record_property):
     path = tiny_model("llama")
