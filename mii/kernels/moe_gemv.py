@@ -42,6 +42,12 @@ counter back to 0 for the next call (CUDA graph replays included). The workspace
 (device, SPLIT_K, R, width, tiles), allocated zeroed on first use and kept; calls that share
 one must run in stream order. Allocate them before a CUDA graph capture
 (`reserve_workspaces`, or one eager call).
+
+These two launch without programmatic dependent launch (kernels/pdl.py), though the kernels
+around them use it: launched with it as well (each waiting for the kernel before at its
+start), Mixtral-8x7B TP=2 at batch 1 hung in the engine (`bench_moe_engine.py
+--latency-only`, two H100s, twice past 200 s); with these two launched plainly it ran
+(5.83 ms/token). The cause is not known; this module's GPU tests, eager, passed with it.
 """
 
 from __future__ import annotations
@@ -68,7 +74,6 @@ from mii.kernels.gemv import (
     weight_tile,
     x_slice,
 )
-from mii.kernels.pdl import enter, launch_options, pdl_on
 
 MAX_TOKENS = 4  # the sizes the tiles were chosen for; larger T runs, slower than the GEMMs
 GATE_UP_ROWS = 16  # BLOCK_N of gate_up: 16 gate + 16 up rows a step, as gemv's 32 rows
@@ -173,9 +178,8 @@ def _gate_up_kernel(
     x_ptr, w_ptr, scale_ptr, experts_ptr, h_ptr, part_ptr, count_ptr,
     rows, inner, hidden, stride_xm, stride_we, stride_wn, stride_se, stride_hm,
     TOP_K: tl.constexpr, W_SCALED: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):  # fmt: skip
-    enter(PDL)  # the experts come from the router: nothing to load before the wait
     pid = tl.program_id(0)  # column tile pid // rows of row pid % rows
     pid_k = tl.program_id(1)
     row = pid % rows
@@ -238,9 +242,8 @@ def _down_kernel(
     h_ptr, w_ptr, scale_ptr, experts_ptr, weights_ptr, out_ptr, part_ptr, count_ptr,
     rows, hidden, inner, stride_hm, stride_we, stride_wn, stride_se, stride_om,
     W_SCALED: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):  # fmt: skip
-    enter(PDL)
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     row = pid % rows
@@ -352,21 +355,20 @@ def expert_gemv(
     gu_part, gu_count = gu_ws or (h, h)  # never read without a split
     dn_part, dn_count = dn_ws or (out, out)
     gu, dn = tiles
-    pdl = pdl_on(x)
     _gate_up_kernel[(rows * triton.cdiv(inner, gu.block_n), gu.split_k)](
         x, gate_up, gate_up_scale, experts, h, gu_part, gu_count,
         rows, inner, hidden, x.stride(0), gate_up.stride(0), gate_up.stride(1),
         gate_up_scale.stride(0), h.stride(0),
         TOP_K=top_k, W_SCALED=scales is not None, EVEN_K=hidden % gu.block_k == 0,
-        BLOCK_N=gu.block_n, BLOCK_K=gu.block_k, SPLIT_K=gu.split_k, PDL=pdl,
-        num_warps=gu.num_warps, num_stages=gu.num_stages, **launch_options(pdl),
+        BLOCK_N=gu.block_n, BLOCK_K=gu.block_k, SPLIT_K=gu.split_k,
+        num_warps=gu.num_warps, num_stages=gu.num_stages,
     )  # fmt: skip
     _down_kernel[(rows * triton.cdiv(hidden, dn.block_n), dn.split_k)](
         h, down, down_scale, experts, weights, out, dn_part, dn_count,
         rows, hidden, inner, h.stride(0), down.stride(0), down.stride(1),
         down_scale.stride(0), hidden,
         W_SCALED=scales is not None, EVEN_K=inner % dn.block_k == 0,
-        BLOCK_N=dn.block_n, BLOCK_K=dn.block_k, SPLIT_K=dn.split_k, PDL=pdl,
-        num_warps=dn.num_warps, num_stages=dn.num_stages, **launch_options(pdl),
+        BLOCK_N=dn.block_n, BLOCK_K=dn.block_k, SPLIT_K=dn.split_k,
+        num_warps=dn.num_warps, num_stages=dn.num_stages,
     )  # fmt: skip
     return out

@@ -20,6 +20,11 @@ Waiting is transitive: kernel C waits for B, which finished only after its own w
 A. A kernel launched without PDL (torch's, cuBLAS's) runs after the one before it has
 finished, as always, and a kernel after it starts early only once it has ended.
 
+Launched with PDL: the decode GEMV, RMSNorm, rope + KV write, the split-K decode attention
+and its merge, the one-shot peer all-reduces. Not (yet): the expert GEMVs (kernels/moe_gemv.py
+says why), the grouped MoE GEMMs, the prefill attention, the FP8 GEMMs, torch's and
+cuBLAS's kernels.
+
 `MII_PDL=0` turns it off; it is on only on CUDA devices of compute capability 9 or more,
 never under Triton's interpreter (which has no grid dependency control). CUDA graphs keep
 the launches' programmatic edges when the step is captured.
