@@ -11,7 +11,6 @@ import torch
 from mii.engine import kv_cache
 from mii.engine.config import EngineConfig
 from mii.engine.cuda_graphs import DecodeGraphs
-from mii.engine.layers import weight_prefetch
 from mii.engine.layers.attention import AttentionMetadata, PagedAttention
 from mii.engine.loader import (
     build_model,
@@ -72,7 +71,6 @@ class ModelRunner:
         if quant is not None:
             quant.finish(self.model)
         self._pack_cpu_weights()
-        self.weight_prefetch = weight_prefetch.attach(self.model, self.device)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
         # Every rank of a tensor-parallel group must hold the same number of blocks.
         self.kv_dtype = kv_cache.cache_dtype(config.cache.kv_cache_dtype, dtype)

@@ -7,16 +7,11 @@ tensor or a lazy safetensors slice: loaders only index it (`[a:b]`, `[:, a:b]`, 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
 from mii.engine.layers.linear_method import UNQUANTIZED, LinearMethod
 from mii.engine.tp.context import ParallelContext
-
-if TYPE_CHECKING:
-    from mii.engine.layers.weight_prefetch import WeightPrefetch
 
 
 def _param(shape: tuple[int, ...], loader) -> nn.Parameter:
@@ -32,8 +27,6 @@ class LinearBase(nn.Module):
     weight: nn.Parameter
     packed: torch.Tensor | None = None
     method: LinearMethod = UNQUANTIZED
-    prefetch: WeightPrefetch | None = None  # layers/weight_prefetch.py: set by `attach`
-    prefetch_next: torch.Tensor | None = None  # the weights this layer's successor reads
 
     @property
     def output_loader(self):
@@ -49,12 +42,6 @@ class LinearBase(nn.Module):
     ) -> torch.Tensor:
         """`gated`: x is a gated MLP's [gate | up] and `gated` its activation's name
         (`LinearMethod.apply_gated`)."""
-        y = self._apply(x, bias, gated)
-        if self.prefetch_next is not None:
-            self.prefetch.start(x, self.prefetch_next)
-        return y
-
-    def _apply(self, x: torch.Tensor, bias: torch.Tensor | None, gated: str | None):
         if gated is None:
             return self.method.apply(self, x, bias)
         return self.method.apply_gated(self, x, bias, gated)
