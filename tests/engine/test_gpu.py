@@ -69,11 +69,12 @@ def test_cuda_graphs_change_nothing(tiny_model):
     assert run_engine(path, prompts, 20) == run_engine(path, prompts, 20, eager=True)
 
 
+@pytest.mark.parametrize("arch", ["llama3", "mixtral"])
 @pytest.mark.parametrize("prompts", [1, 5])
-def test_programmatic_dependent_launch_changes_no_token(tiny_model, monkeypatch, prompts):
+def test_programmatic_dependent_launch_changes_no_token(tiny_model, monkeypatch, prompts, arch):
     """kernels/pdl.py: bf16 with CUDA graphs, MII_PDL on against off; one prompt runs its
-    decode steps through the GEMV (batch 1)."""
-    path = tiny_model("llama3")
+    decode steps through the GEMV (batch 1; Mixtral's experts through the expert GEMV)."""
+    path = tiny_model(arch)
     batch = mixed_prompts(prompts, (3, 40, 11), seed=9)
     monkeypatch.setenv("MII_PDL", "0")
     without = run_engine(path, batch, 20, dtype="bfloat16")
