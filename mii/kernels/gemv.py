@@ -25,6 +25,11 @@ act(gate) * up where the x slice is loaded, with kernels/activation.py's `act_an
 (the same rounding as its kernel, so the result is the bits of gemv(act_and_mul(x))): at one
 row that saves the activation's launch, and x is read once from L1/L2 either way.
 
+Launched with programmatic dependent launch (kernels/pdl.py, Hopper): each program loads
+its first weight tile, which no kernel writes, then waits for the kernel before (the norm,
+the attention, the all-reduce that produces x) and goes on; the weights stream while that
+kernel finishes. The first tile's sums are added first, as without PDL: the same bits.
+
 Rounding as `gemv_ref`: float32 sums, y = acc * scale + bias cast once to the output dtype.
 The workspace and counters are per (device, SPLIT_K, M, N, BLOCK_N), allocated zeroed on
 first use and kept; calls that share one must run in stream order (one stream per device,
