@@ -48,6 +48,12 @@ class BrokerSettings(BaseModel):
     """Most entries one XREADGROUP takes, so that idle workers share a burst."""
     block_ms: int = Field(100, gt=0)
     """How long an idle worker blocks on the request stream before looking around."""
+    step_timeout_s: float | None = Field(600.0, gt=0)
+    """An engine step that runs longer than this means the engine is stuck (a GPU kernel
+    that never ends, a tensor-parallel rank that stopped answering): the worker process
+    exits non-zero for its supervisor to restart it, and live workers take over its
+    requests (mii/worker/watchdog.py). None: never. Keep it well above the longest step
+    (a model's first steps compile kernels; a CPU engine's prefill chunks take seconds)."""
     drain_timeout_s: float = Field(60.0, ge=0)
     """On SIGTERM, how long in-flight requests may take before they are handed back."""
     reconnect_timeout_s: float = Field(120.0, gt=0)

@@ -46,6 +46,7 @@ from mii.worker.publisher import Publisher
 from mii.worker.stats import LoopStats
 from mii.worker.streams import Leases, Reader
 from mii.worker.upkeep import Upkeep
+from mii.worker.watchdog import StepWatchdog
 
 log = logging.getLogger(__name__)
 FRESH_PARSE_WAIT_S = 0.005
@@ -85,6 +86,7 @@ class WorkerLoop:
         self.held = HeldRequests(engine, self.publisher, self.failures, self.stats, self.observer)
         self.parser = BackgroundParser(self.parse)
         self.upkeep = Upkeep(self)
+        self.watchdog = StepWatchdog(settings.step_timeout_s, self._report_stuck)
         self._max_entry_bytes = 4 * settings.prompt_byte_limit(engine.max_model_len)
         self._paused = threading.Event()
         self._drain_requested = threading.Event()
@@ -140,6 +142,7 @@ class WorkerLoop:
                     break
                 self.iterate()
         except BaseException as exc:
+            self.watchdog.stop()
             self.publisher.stop()
             self.parser.close()
             self._report_failure(exc)
@@ -156,6 +159,7 @@ class WorkerLoop:
         self.reader.start_after_latest_control()
         self.sync_clock()
         self.publisher.start()
+        self.watchdog.start()
         self.report(READY)
         if read_state(self.redis, self.keys).get("state") == TERMINATING:
             log.info("the deployment is being terminated: not serving")
@@ -218,7 +222,8 @@ class WorkerLoop:
     def _step(self) -> None:
         started = time.perf_counter()
         try:
-            outputs = self.engine.step()
+            with self.watchdog.stepping():
+                outputs = self.engine.step()
         except Exception as exc:  # noqa: BLE001 (one request must not end the worker)
             self._recover(exc)
             return
@@ -259,6 +264,7 @@ class WorkerLoop:
 
     def shutdown(self) -> None:
         """Hand back what is still here, flush the publisher, deregister."""
+        self.watchdog.stop()
         self._take_all_parsed()
         self.upkeep.hand_back()
         self.publisher.flush(timeout_s=30)
@@ -382,6 +388,10 @@ class WorkerLoop:
     def _report_failure(self, exc: BaseException) -> None:
         with contextlib.suppress(CONNECTION_ERRORS):
             self.registry.report(FAILED, error=f"{type(exc).__name__}: {exc}")
+
+    def _report_stuck(self, elapsed: float) -> None:
+        """The watchdog's last word before it ends the process (`watchdog`)."""
+        self.registry.report(FAILED, error=f"engine step stuck for {elapsed:.0f}s")
 
     def report(self, state: str) -> None:
         """This worker's status, statistics and engine counters, in the workers hash."""

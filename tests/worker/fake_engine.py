@@ -9,6 +9,7 @@ tokenizer keeps text and ids trivially related.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -18,6 +19,7 @@ from mii.errors import InvalidRequestError
 
 POISON = "POISON"  # a prompt containing this makes step() raise, like a crashing kernel
 FATAL = "FATAL"  # ... raise what a broken device raises (the engine cannot go on)
+HANG = "HANG"  # ... never return from step(), like a GPU kernel that spins forever
 SLOW = "SLOW"  # a prompt containing this takes `slow_tokenize_s` to tokenize
 
 
@@ -114,6 +116,8 @@ class FakeEngine:
         if self.step_delay_s:
             time.sleep(self.step_delay_s)
         self.steps += 1
+        if any(HANG.encode() in bytes(r.prompt) for r in self.requests.values()):
+            threading.Event().wait()  # stuck for good: only the worker's watchdog ends it
         outputs = [self._advance(rid, req) for rid, req in list(self.requests.items())]
         return outputs
 

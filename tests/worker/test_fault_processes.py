@@ -72,6 +72,29 @@ def test_a_broken_engine_exits_non_zero_and_its_request_is_dead_lettered(
         client.terminate_server(timeout_s=20)
 
 
+def test_a_request_that_hangs_the_engine_is_dead_lettered_and_the_workers_come_back(
+    worker_env, private_redis, caplog
+):
+    """A step that never returns ends its worker through the step watchdog; the supervisor
+    restarts it, another worker takes the request over and hangs in turn, until the request
+    has used up its deliveries: its client gets an error, not a hang."""
+    client = _serve("hang-dep", private_redis.url, replicas=2, step_timeout_s=2.0)
+    try:
+        first = {w.pid for w in client.local.workers}
+        with pytest.raises(GenerationError, match="dead-lettered"):
+            client.generate("HANG pill", max_new_tokens=2, timeout=100)
+        assert "exited with code 1" in caplog.text
+        assert client.redis.xlen(client.keys.deadletter) == 1
+        wait_for(lambda: all(w.exit_code() is None for w in client.local.workers), 20,
+                 "live workers")  # fmt: skip
+        assert {w.pid for w in client.local.workers} != first
+        assert client.generate("after", max_new_tokens=3)[0].generated_text == expected_text(
+            "after", 3
+        )
+    finally:
+        client.terminate_server(timeout_s=20)
+
+
 def test_workers_set_up_a_redis_that_came_back_empty(worker_env, private_redis):
     client = _serve("flushed-dep", private_redis.url, replicas=2)
     try:
