@@ -78,7 +78,7 @@ def test_a_request_that_hangs_the_engine_is_dead_lettered_and_the_workers_come_b
     """A step that never returns ends its worker through the step watchdog; the supervisor
     restarts it, another worker takes the request over and hangs in turn, until the request
     has used up its deliveries: its client gets an error, not a hang."""
-    client = _serve("hang-dep", private_redis.url, replicas=2, step_timeout_s=2.0)
+    client = _serve("hang-dep", private_redis.url, replicas=2, step_timeout_s=3.0)
     try:
         first = {w.pid for w in client.local.workers}
         with pytest.raises(GenerationError, match="dead-lettered"):
