@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mii.kernels.pdl import enter, launch_options, pdl_on
+from mii.kernels.pdl import enter, pdl_args
 from mii.kernels.rms_norm import add_rounded, normalized
 
 MAX_RANKS = 8
@@ -78,13 +78,28 @@ def _one_shot_kernel(
         for k in tl.static_range(TOP_K):
             total += tl.load(x_ptr + first + k * hidden, mask=mask, other=0.0).to(tl.float32)
         x = total.to(out_ptr.dtype.element_ty)
+    total = _exchange(
+        x, offs, mask, data_ptr, peer_data_ptr, flags_ptr, peer_flags_ptr, abort_at_ptr,
+        epoch_ptr, half, rank, WORLD, SLOTS,
+    )  # fmt: skip
+    tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _exchange(
+    x, offs, mask, data_ptr, peer_data_ptr, flags_ptr, peer_flags_ptr, abort_at_ptr, epoch_ptr,
+    half, rank, WORLD: tl.constexpr, SLOTS: tl.constexpr,
+):  # fmt: skip
+    """This program's call: x stored at `offs` of the data half of the call's parity, the
+    group's barrier, then every rank's copy summed in rank order (float32). Its epoch and
+    flags are the program's (one per chunk, or per row)."""
+    pid = tl.program_id(0)
     epoch = tl.load(epoch_ptr + pid) + 1
     tl.store(epoch_ptr + pid, epoch)
     parity = (epoch % 2) * half
     tl.store(data_ptr + parity + offs, x, mask=mask)
     _signal_and_wait(flags_ptr, peer_flags_ptr, abort_at_ptr, epoch, rank, WORLD, SLOTS)
-    total = _sum_ranks(x, peer_data_ptr, parity + offs, mask, rank, WORLD)
-    tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
+    return _sum_ranks(x, peer_data_ptr, parity + offs, mask, rank, WORLD)
 
 
 @triton.jit
@@ -118,12 +133,10 @@ def _one_shot_norm_kernel(
     mask = cols < hidden
     offs = row * hidden + cols
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-    epoch = tl.load(epoch_ptr + row) + 1
-    tl.store(epoch_ptr + row, epoch)
-    parity = (epoch % 2) * half
-    tl.store(data_ptr + parity + offs, x, mask=mask)
-    _signal_and_wait(flags_ptr, peer_flags_ptr, abort_at_ptr, epoch, rank, WORLD, SLOTS)
-    total = _sum_ranks(x, peer_data_ptr, parity + offs, mask, rank, WORLD).to(x.dtype)
+    total = _exchange(
+        x, offs, mask, data_ptr, peer_data_ptr, flags_ptr, peer_flags_ptr, abort_at_ptr,
+        epoch_ptr, half, rank, WORLD, SLOTS,
+    ).to(x.dtype)  # fmt: skip
     summed = add_rounded(total, tl.load(residual_ptr + offs, mask=mask, other=0.0))
     tl.store(new_residual_ptr + offs, summed, mask=mask)
     out = normalized(summed, weight_ptr, cols, mask, hidden, eps, False)
@@ -182,12 +195,11 @@ def one_shot_all_reduce(x: torch.Tensor, buffers: PeerBuffers, top_k: int = 1) -
     n = x.numel() // top_k
     assert 0 < n <= buffers.capacity, "message larger than the peer buffers"
     out = torch.empty(shape, dtype=x.dtype, device=x.device)
-    pdl = pdl_on(x)
     _one_shot_kernel[(triton.cdiv(n, BLOCK),)](
         x, out, buffers.data, buffers.peer_data, buffers.flags, buffers.peer_flags,
         buffers.abort_at, buffers.epochs, n, buffers.data.shape[1], hidden, buffers.rank,
-        WORLD=buffers.world, SLOTS=MAX_RANKS, TOP_K=top_k, BLOCK=BLOCK, PDL=pdl, num_warps=4,
-        **launch_options(pdl),
+        WORLD=buffers.world, SLOTS=MAX_RANKS, TOP_K=top_k, BLOCK=BLOCK, num_warps=4,
+        **pdl_args(x),
     )  # fmt: skip
     return out
 
@@ -210,12 +222,11 @@ def one_shot_all_reduce_norm(
     )
     out, new_residual = torch.empty_like(x), torch.empty_like(x)
     block = triton.next_power_of_2(hidden)
-    pdl = pdl_on(x)
     _one_shot_norm_kernel[(rows,)](
         x, residual, weight, out, new_residual,
         buffers.data, buffers.peer_data, buffers.flags, buffers.peer_flags, buffers.abort_at,
         buffers.epochs, hidden, buffers.data.shape[1], buffers.rank, eps,
-        WORLD=buffers.world, SLOTS=MAX_RANKS, BLOCK_H=block, PDL=pdl,
-        num_warps=min(16, max(4, block // 512)), **launch_options(pdl),
+        WORLD=buffers.world, SLOTS=MAX_RANKS, BLOCK_H=block,
+        num_warps=min(16, max(4, block // 512)), **pdl_args(x),
     )  # fmt: skip
     return out, new_residual

@@ -32,7 +32,7 @@ from mii.kernels.attention_tiles import (
     dot_width,
     kv_scale_args,
 )
-from mii.kernels.pdl import enter, launch_options, pdl_on
+from mii.kernels.pdl import enter, pdl_args
 
 # Small batches are latency bound: many short splits (a few tiles each) keep enough loads
 # in flight. Beyond a few programs per SM, more splits only add merge work.
@@ -235,7 +235,7 @@ def launch(
         part_lse = torch.empty((batch, q_heads, num_splits), device=q.device)
     group = q_heads // kv_heads
     k_scale, v_scale, kv_scaled = kv_scale_args(q, k_scale, v_scale)
-    pdl = pdl_on(q)
+    pdl = pdl_args(q)
     _split_kernel[(batch, kv_heads, num_splits)](
         q, k_cache, v_cache, out, part_out, part_lse, block_tables, seq_lens, k_scale, v_scale,
         options.qk_scale, num_splits,
@@ -247,13 +247,13 @@ def launch(
         BLOCK_SIZE=k_cache.shape[1], BLOCK_M=max(16, triton.next_power_of_2(group)),
         BLOCK_N=config.block_n, SINGLE_SPLIT=num_splits == 1,
         DOT_PRECISION=dot_precision(q.dtype), SLIDING=options.sliding, SOFTCAP=options.softcap,
-        KV_SCALED=kv_scaled, PDL=pdl, num_warps=config.num_warps,
-        num_stages=config.num_stages, **launch_options(pdl),
+        KV_SCALED=kv_scaled, num_warps=config.num_warps, num_stages=config.num_stages,
+        **pdl,
     )  # fmt: skip
     if num_splits > 1:
         _merge_kernel[(batch, q_heads)](
             out, part_out, part_lse, num_splits, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
-            BLOCK_S=triton.next_power_of_2(num_splits), PDL=pdl, **launch_options(pdl),
+            BLOCK_S=triton.next_power_of_2(num_splits), **pdl,
         )  # fmt: skip
     return out

@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from mii.kernels.activation import act_and_mul
-from mii.kernels.pdl import launch_options, pdl_on, release_next, wait_prior
+from mii.kernels.pdl import pdl_args, release_next, wait_prior
 from mii.kernels.torch_ref import gelu_tanh_and_mul_ref, silu_and_mul_ref
 
 GATED_REFS = {"silu": silu_and_mul_ref, "gelu_tanh": gelu_tanh_and_mul_ref}
@@ -434,13 +434,12 @@ def gemv(
     else:
         partials, counters = out, out  # never read
     grid = (triton.cdiv(n, tile.block_n), tile.split_k)
-    pdl = pdl_on(x)
     _gemv_kernel[grid](
         x, weight, weight if w_scale is None else w_scale, weight if bias is None else bias,
         out, partials, counters, n, k, x.stride(0), weight.stride(0), out.stride(0),
         M=m, W_SCALED=fp8, HAS_BIAS=bias is not None, EVEN_K=k % tile.block_k == 0,
         BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, SPLIT_K=tile.split_k,
-        GATED=gated is not None, GELU=gated == "gelu_tanh", PDL=pdl,
-        num_warps=tile.num_warps, num_stages=tile.num_stages, **launch_options(pdl),
+        GATED=gated is not None, GELU=gated == "gelu_tanh",
+        num_warps=tile.num_warps, num_stages=tile.num_stages, **pdl_args(x),
     )  # fmt: skip
     return out

@@ -55,9 +55,10 @@ def pdl_on(t: torch.Tensor) -> bool:
     return _capable(t.device.index if t.device.index is not None else torch.cuda.current_device())
 
 
-def launch_options(pdl: bool) -> dict:
-    """The launch keyword of a kernel launched with (or without) PDL."""
-    return {"launch_pdl": True} if pdl else {}
+def pdl_args(t: torch.Tensor) -> dict:
+    """A launch's keywords for kernels over t: the kernel's `PDL` constexpr, and with PDL
+    on (`pdl_on`) the launch option too (the interpreter takes no such option)."""
+    return {"PDL": True, "launch_pdl": True} if pdl_on(t) else {"PDL": False}
 
 
 @triton.jit

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mii.kernels.pdl import enter, launch_options, pdl_on
+from mii.kernels.pdl import enter, pdl_args
 
 
 @triton.jit
@@ -81,11 +81,10 @@ def rms_norm(
     if x2.shape[0] == 0:
         return out, new_residual
     block = triton.next_power_of_2(hidden)
-    pdl = pdl_on(x)
     _rms_norm_kernel[(x2.shape[0],)](
         x2, res2, weight, out2, new2, hidden, eps,
         x2.stride(0), res2.stride(0), out2.stride(0), new2.stride(0),
-        HAS_RESIDUAL=residual is not None, UNIT_OFFSET=unit_offset, BLOCK=block, PDL=pdl,
-        num_warps=min(16, max(1, block // 512)), **launch_options(pdl),
+        HAS_RESIDUAL=residual is not None, UNIT_OFFSET=unit_offset, BLOCK=block,
+        num_warps=min(16, max(1, block // 512)), **pdl_args(x),
     )  # fmt: skip
     return out, new_residual

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from mii.kernels.attention_tiles import check_kv_scales
-from mii.kernels.pdl import enter, launch_options, pdl_on
+from mii.kernels.pdl import enter, pdl_args
 from mii.kernels.torch_ref import FP8_DTYPE
 
 FP8_MAX: tl.constexpr = tl.constexpr(448.0)  # torch_ref.FP8_MAX, e4m3's largest finite
@@ -189,7 +189,6 @@ def rope_kv_write(
     cos_sin = cos_sin_cache if rotate else q  # never read: a placeholder pointer
     rot_half = cos_sin_cache.shape[1] // 2 if rotate else dim // 2
     tail = max(1, dim - 2 * rot_half)
-    pdl = pdl_on(q)
     _rope_kv_write_kernel[(tokens,)](
         q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping, k_scale, v_scale,
         q_heads, kv_heads,
@@ -200,6 +199,6 @@ def rope_kv_write(
         HEAD_DIM=dim, ROT_HALF=rot_half, BLOCK_SIZE=k_cache.shape[1],
         BLOCK_HQ=triton.next_power_of_2(q_heads), BLOCK_HKV=triton.next_power_of_2(kv_heads),
         BLOCK_HALF=triton.next_power_of_2(rot_half), BLOCK_D=triton.next_power_of_2(dim),
-        BLOCK_TAIL=triton.next_power_of_2(tail), ROTATE=rotate, QUANTIZE=quantize, PDL=pdl,
-        num_warps=4, **launch_options(pdl),
+        BLOCK_TAIL=triton.next_power_of_2(tail), ROTATE=rotate, QUANTIZE=quantize,
+        num_warps=4, **pdl_args(q),
     )  # fmt: skip

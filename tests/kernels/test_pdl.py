@@ -8,18 +8,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mii.kernels.pdl import launch_options, pdl_on
+from mii.kernels.pdl import pdl_args, pdl_on
 
 
 def test_pdl_is_off_on_the_cpu_and_under_mii_pdl_0(monkeypatch):
     monkeypatch.delenv("MII_PDL", raising=False)
     assert not pdl_on(torch.zeros(1))
-    assert launch_options(False) == {} and launch_options(True) == {"launch_pdl": True}
+    assert pdl_args(torch.zeros(1)) == {"PDL": False}  # no launch option for the interpreter
     if torch.cuda.is_available():
         capable = torch.cuda.get_device_capability()[0] >= 9
         assert pdl_on(torch.zeros(1, device="cuda")) == capable
+        if capable:
+            assert pdl_args(torch.zeros(1, device="cuda")) == {"PDL": True, "launch_pdl": True}
         monkeypatch.setenv("MII_PDL", "0")
         assert not pdl_on(torch.zeros(1, device="cuda"))
+        assert pdl_args(torch.zeros(1, device="cuda")) == {"PDL": False}
 
 
 def _layer(kernels, x, residual, weights):
