@@ -386,12 +386,15 @@ class WorkerLoop:
         self._clock_offset = seconds + micros / 1e6 - time.time()
 
     def _report_failure(self, exc: BaseException) -> None:
-        with contextlib.suppress(CONNECTION_ERRORS):
-            self.registry.report(FAILED, error=f"{type(exc).__name__}: {exc}")
+        self._report_failed(f"{type(exc).__name__}: {exc}")
 
     def _report_stuck(self, elapsed: float) -> None:
         """The watchdog's last word before it ends the process (`watchdog`)."""
-        self.registry.report(FAILED, error=f"engine step stuck for {elapsed:.0f}s")
+        self._report_failed(f"engine step stuck for {elapsed:.0f}s")
+
+    def _report_failed(self, error: str) -> None:
+        with contextlib.suppress(CONNECTION_ERRORS):
+            self.registry.report(FAILED, error=error)
 
     def report(self, state: str) -> None:
         """This worker's status, statistics and engine counters, in the workers hash."""
