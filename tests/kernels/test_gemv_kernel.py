@@ -124,6 +124,37 @@ def test_gated_preconditions():
         gemv.gemv(torch.cat([x, x], 1), w, gated="relu")
 
 
+def _every_e4m3_byte(device):
+    """Weights (254, 64) float8 whose row n holds the n-th finite e4m3 value (every byte
+    but the two NaNs, subnormals and both zeros included) in column 0, zeros elsewhere;
+    x = [1, 0, ...]: y[n] is that value times its scale, 1."""
+    codes = torch.tensor([b for b in range(256) if b & 0x7F != 0x7F], dtype=torch.uint8)
+    w = torch.zeros(len(codes), 64, dtype=torch.uint8)
+    w[:, 0] = codes
+    w = w.view(FP8).to(device)
+    x = torch.zeros(1, 64, device=device)
+    x[0, 0] = 1.0
+    return x, w, torch.ones(len(codes), device=device)
+
+
+def _check_every_e4m3_byte(module, device):
+    x, w, scale = _every_e4m3_byte(device)
+    for split_k in (1, 2):
+        out = module.gemv(x, w, scale, tile=module.GemvTile(16, 64, split_k))
+        assert torch.equal(out[0], w[:, 0].float()), "an e4m3 byte decoded to another value"
+
+
+def test_every_e4m3_byte_decodes_exactly_interpreted(gemv_interpreted):
+    """The integer decode (`e4m3_to_float32`) gives every finite byte's value bit for bit."""
+    _check_every_e4m3_byte(gemv_interpreted, "cpu")
+
+
+@pytest.mark.gpu
+def test_every_e4m3_byte_decodes_exactly_gpu(gemv_compiled):
+    """Subnormals too: the compiled multiply keeps float32 subnormals (no flush to zero)."""
+    _check_every_e4m3_byte(gemv_compiled, "cuda")
+
+
 def test_reference_matches_fp8_contract():
     """gemv_ref on float8 weights is fp8_linear_ref's product, taken in float32."""
     x, q, scale, b = _operands(3, 40, 300, "cpu", torch.float32, True)
