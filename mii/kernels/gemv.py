@@ -39,7 +39,6 @@ one eager call): one first allocated inside a capture is zeroed only when the gr
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
@@ -249,41 +248,15 @@ def _store_partials(part, acc0, acc1, acc2, acc3, n_mask, N, M: tl.constexpr):
         tl.store(part + 3 * N, acc3, mask=n_mask)
 
 
-E4M3_BITS_MASK: tl.constexpr = tl.constexpr(-0x78100000)  # 0x87F00000 as int32
-E4M3_BIAS_SCALE: tl.constexpr = tl.constexpr(2.0**120)  # 2^(127 - 7), float32's bias over e4m3's
-
-
 @triton.jit
-def e4m3_to_float32(w):
-    """float8 e4m3 to float32 exactly, with integer ops: the byte sign-extended and shifted
-    by 20 holds the sign at bit 31 and the exponent and mantissa at 26..20 once bits 30..27
-    are cleared, which is the value * 2^-120 as float32 (e4m3's subnormals as float32
-    subnormals), then scaled back by a power of two. The hardware conversion (e4m3 pairs to
-    f16, each f16 to f32) runs on a pipe of about 16 results per clock per SM, which bounds
-    a float8 GEMV to ~11 weights per clock per SM, below the memory's rate; these three
-    integer ops and a multiply do not."""
-    bits = (w.to(tl.int8, bitcast=True).to(tl.int32) << 20) & E4M3_BITS_MASK
-    return bits.to(tl.float32, bitcast=True) * E4M3_BIAS_SCALE
-
-
-def int_e4m3() -> bool:
-    """Whether float8 weight tiles convert by `e4m3_to_float32` (`MII_E4M3_INT`, default on;
-    0: the hardware conversion, for comparison)."""
-    return os.environ.get("MII_E4M3_INT", "1") != "0"
-
-
-@triton.jit
-def weight_tile(rows_ptr, ks, k_mask, EVEN_K: tl.constexpr, INT_E4M3: tl.constexpr = True):
+def weight_tile(rows_ptr, ks, k_mask, EVEN_K: tl.constexpr):
     """A (rows, BLOCK_K) tile of weight rows at `ks`, float8 (or 16-bit) converted to
-    float32 in registers (float8 by `e4m3_to_float32` unless INT_E4M3 is off); read once,
-    so evicted first."""
+    float32 in registers; read once, so evicted first."""
     if EVEN_K:
         w = tl.load(rows_ptr + ks[None, :], eviction_policy="evict_first")
     else:
         w = tl.load(rows_ptr + ks[None, :], mask=k_mask[None, :], other=0.0,
                     eviction_policy="evict_first")  # fmt: skip
-    if INT_E4M3 and w.dtype == tl.float8e4nv:
-        return e4m3_to_float32(w)
     return w.to(tl.float32)
 
 
@@ -333,7 +306,7 @@ def _gemv_kernel(
     N, K, stride_xm, stride_wn, stride_om,
     M: tl.constexpr, W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    GATED: tl.constexpr, GELU: tl.constexpr, INT_E4M3: tl.constexpr, PDL: tl.constexpr,
+    GATED: tl.constexpr, GELU: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -352,7 +325,7 @@ def _gemv_kernel(
         # an empty last split (past K) loads the last tile and leaves it unused
         ks = tl.minimum(k_first, tl.cdiv(K, BLOCK_K) - 1) * BLOCK_K + rk
         k_mask = ks < K
-        w = weight_tile(w_rows, ks, k_mask, EVEN_K, INT_E4M3)
+        w = weight_tile(w_rows, ks, k_mask, EVEN_K)
         wait_prior(PDL)
         if k_first < k_end:
             acc0, acc1, acc2, acc3 = _tile_sums(
@@ -363,7 +336,7 @@ def _gemv_kernel(
     for kt in range(k_first, k_end):
         ks = kt * BLOCK_K + rk
         k_mask = ks < K
-        w = weight_tile(w_rows, ks, k_mask, EVEN_K, INT_E4M3)
+        w = weight_tile(w_rows, ks, k_mask, EVEN_K)
         acc0, acc1, acc2, acc3 = _tile_sums(
             acc0, acc1, acc2, acc3, x_ptr, stride_xm, K, w, ks, k_mask, EVEN_K, M, GATED, GELU
         )  # fmt: skip
@@ -466,7 +439,7 @@ def gemv(
         out, partials, counters, n, k, x.stride(0), weight.stride(0), out.stride(0),
         M=m, W_SCALED=fp8, HAS_BIAS=bias is not None, EVEN_K=k % tile.block_k == 0,
         BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, SPLIT_K=tile.split_k,
-        GATED=gated is not None, GELU=gated == "gelu_tanh", INT_E4M3=int_e4m3(),
+        GATED=gated is not None, GELU=gated == "gelu_tanh",
         num_warps=tile.num_warps, num_stages=tile.num_stages, **pdl_args(x),
     )  # fmt: skip
     return out

@@ -145,13 +145,13 @@ def _check_every_e4m3_byte(module, device):
 
 
 def test_every_e4m3_byte_decodes_exactly_interpreted(gemv_interpreted):
-    """The integer decode (`e4m3_to_float32`) gives every finite byte's value bit for bit."""
+    """Every finite e4m3 byte (subnormals, both zeros) is read as its value, bit for bit."""
     _check_every_e4m3_byte(gemv_interpreted, "cpu")
 
 
 @pytest.mark.gpu
 def test_every_e4m3_byte_decodes_exactly_gpu(gemv_compiled):
-    """Subnormals too: the compiled multiply keeps float32 subnormals (no flush to zero)."""
+    """Compiled: subnormal weights are not flushed to zero."""
     _check_every_e4m3_byte(gemv_compiled, "cuda")
 
 
