@@ -10,6 +10,11 @@
 Every kernel is checked against its baseline before it is timed. Tile shapes are swept
 (the launchers' defaults are marked); prints a table last and writes $OUT/kernels.json.
 Usage: python scripts/bench_kernels.py
+
+`--prefill B S KV_HEADS` times the prefill attention alone at B prompts of S tokens, 32 query
+heads over KV_HEADS (grouped, as the engine packs them; SDPA over the repeated kv heads), over the
+wider PREFILL_SWEEP: `--prefill 8 512 8` is an offline step of the Mistral-7B shape (eight
+512-token prompts in a 4,096-token budget).
 """
 
 from __future__ import annotations
@@ -44,6 +49,11 @@ PREFILL_CONFIGS = [
     paged_mod.TileConfig(128, 128, 8, 2),
     paged_mod.TileConfig(128, 64, 8, 3),
 ]
+PREFILL_SWEEP = PREFILL_CONFIGS + [
+    paged_mod.TileConfig(m, n, w, st)
+    for m, n, w, st in [(64, 64, 4, 3), (64, 128, 4, 3), (64, 32, 4, 3), (128, 32, 4, 3),
+                        (128, 128, 8, 3), (256, 64, 8, 3), (256, 32, 8, 3), (128, 64, 4, 2)]
+]  # fmt: skip
 DECODE_CONFIGS = [
     paged_mod.TileConfig(16, 128, 4, 3),
     paged_mod.TileConfig(16, 128, 4, 2),
@@ -109,13 +119,17 @@ def sweep(name, configs, run, check, default):
     return rows
 
 
-def bench_prefill(batch=8, heads=32, seq=2048, dim=128) -> dict:
-    q, k, v = (torch.randn(batch, seq, heads, dim, device=DEVICE, dtype=DTYPE) for _ in range(3))
+def bench_prefill(batch=8, heads=32, seq=2048, dim=128, kv_heads=None, configs=None) -> dict:
+    kv_heads = kv_heads or heads
+    q = torch.randn(batch, seq, heads, dim, device=DEVICE, dtype=DTYPE)
+    k, v = (torch.randn(batch, seq, kv_heads, dim, device=DEVICE, dtype=DTYPE) for _ in "kv")
     k_cache, v_cache, tables = paged_from_dense(k, v)
     starts = torch.arange(0, batch * seq + 1, seq, dtype=torch.int32, device=DEVICE)
     lens = torch.full((batch,), seq, dtype=torch.int32, device=DEVICE)
     scale = dim**-0.5
-    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, S, D)
+    group = heads // kv_heads  # SDPA over the kv heads repeated for their query heads
+    qt = q.transpose(1, 2)  # (B, H, S, D)
+    kt, vt = (t.repeat_interleave(group, dim=2).transpose(1, 2) for t in (k, v))
 
     def sdpa(backend=SDPBackend.FLASH_ATTENTION):
         with sdpa_kernel(backend):
@@ -138,8 +152,9 @@ def bench_prefill(batch=8, heads=32, seq=2048, dim=128) -> dict:
         return paged_mod.launch(q_flat, k_cache, v_cache, tables, starts, lens, scale, config)
 
     sdpa_ms = bench_ms(sdpa)
-    default = paged_mod.tile_config(seq, dim)
-    rows = sweep("prefill", PREFILL_CONFIGS, run, lambda o: rel_err(o, expected), default)
+    default = paged_mod.tile_config(seq * (heads // kv_heads), dim)  # rows: tokens x group
+    configs = configs or PREFILL_CONFIGS
+    rows = sweep("prefill", configs, run, lambda o: rel_err(o, expected), default)
     for row in rows:
         row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
     sdpa_tflops = flops / (sdpa_ms * 1e-3) / 1e12
@@ -348,6 +363,15 @@ def table(result) -> str:
 def main() -> None:
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
     torch.manual_seed(0)
+    if len(sys.argv) == 5 and sys.argv[1] == "--prefill":
+        batch, seq, kv_heads = map(int, sys.argv[2:])
+        pre = bench_prefill(batch, 32, seq, 128, kv_heads, PREFILL_SWEEP)
+        for row in sorted(pre["rows"], key=lambda r: r["ms"]):
+            mark = (" (default)" if row["default"] else "") + ("" if row["ok"] else " WRONG")
+            print(f"B{batch} S{seq} kv{kv_heads} {row['config']}: {row['ms'] * 1e3:.0f} us "
+                  f"{row['tflops']:.0f} TFLOP/s = {row['tflops'] / pre['sdpa_tflops']:.2f}x "
+                  f"SDPA flash ({pre['sdpa_tflops']:.0f}){mark}")  # fmt: skip
+        return
     copy_bw = copy_bandwidth()
     result = {"device": torch.cuda.get_device_name(), "copy_gbps": copy_bw / 1e9}
     result["prefill"] = bench_prefill()

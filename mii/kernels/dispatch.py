@@ -112,10 +112,13 @@ def paged_attention(
     q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, *,
     max_query_len: int, step: dict | None = None, window: int | None = None,
     softcap: float | None = None, k_scale: torch.Tensor | None = None,
-    v_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None, num_decodes: int = 0,
+    prefill_starts: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Decode-only steps (max_query_len == 1, known on the host) take the split-K kernel,
-    which keeps the GPU busy at small batches; mixed steps take the ragged kernel. `step`:
+    which keeps the GPU busy at small batches; mixed steps take the ragged kernel, their
+    leading `num_decodes` one-token sequences the split-K kernel when `prefill_starts` says
+    where the rest start (kernels/paged_attention.py). `step`:
     as in `rope_kv_write` (the torch path's attention layout, one per window). `window`:
     sliding-window attention over the last `window` keys; `softcap`: tanh soft-capping of
     the scores; `k_scale`, `v_scale`: an fp8 cache's (see torch_ref)."""
@@ -142,7 +145,8 @@ def paged_attention(
 
     return kernel(
         q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
-        max_query_len=max_query_len, window=window, softcap=softcap, **scales,
+        max_query_len=max_query_len, window=window, softcap=softcap,
+        num_decodes=num_decodes, prefill_starts=prefill_starts, **scales,
     )  # fmt: skip
 
 
