@@ -24,6 +24,7 @@ from mii.engine.sampler import Sampler, SamplerOutput
 from mii.engine.scheduler import ScheduledChunk
 from mii.engine.step_plan import HEADER, StepPlan
 from mii.engine.tp.context import SINGLE, ParallelContext
+from mii.kernels.dispatch import split_prompts
 
 GIB = 1 << 30
 
@@ -289,7 +290,9 @@ def _inputs(plan: StepPlan, t: dict[str, torch.Tensor]) -> StepInputs:
         max_query_len=plan.max_query_len,
         max_seq_len=plan.max_seq_len,
         num_decodes=decodes,
-        prefill_starts=t["query_start_loc"][decodes:] - decodes if split else None,
+        prompts=split_prompts(t["block_tables"], t["query_start_loc"], t["seq_lens"], decodes)
+        if split
+        else None,
     )
     return StepInputs(
         t["input_ids"], t["positions"], meta, t["logits_indices"],

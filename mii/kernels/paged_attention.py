@@ -168,15 +168,15 @@ def paged_attention(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     num_decodes: int = 0,
-    prefill_starts: torch.Tensor | None = None,
+    prompts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Triton version of `torch_ref.paged_attention_ref`. `max_query_len` is a host int
     (no sync): it picks the tile shape. `k_scale`, `v_scale`: an fp8 cache's (Hkv,).
 
     A mixed step whose first `num_decodes` sequences have one query token each (the
     scheduler puts the decodes first) can send those to the split-K decode kernel and only
-    the rest through this one: give `prefill_starts`, the rest's query_start_loc from 0
-    (query_start_loc[num_decodes:] - num_decodes, on the device). In one launch the tile
+    the rest through this one: give `prompts`, the rest's (block_tables, query_start_loc
+    from 0, seq_lens) in tensors of their own (`dispatch.split_prompts`). In one launch the tile
     shape is the longest chunk's (128 packed rows), and each decode's program would run
     it, 4 of its rows used at a group of 4, over the decode's whole context."""
     # A table too narrow for the longest chunk would send the kernel past its end (the
@@ -187,19 +187,20 @@ def paged_attention(
     options = ScoreOptions.of(scale, window, softcap)
     scales = {"k_scale": k_scale, "v_scale": v_scale}
     d = num_decodes
-    if prefill_starts is None or not 0 < d < seq_lens.shape[0]:
+    if prompts is None or not 0 < d < seq_lens.shape[0]:
         return launch(
             q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, config,
             options, **scales,
         )  # fmt: skip
-    assert prefill_starts.shape == (seq_lens.shape[0] - d + 1,), "prefill_starts: B - d + 1"
+    prompt_tables, prompt_starts, prompt_lens = prompts
+    assert prompt_starts.shape == (seq_lens.shape[0] - d + 1,), "prompts: B - d sequences"
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     decode_attention(
         q[:d], k_cache, v_cache, block_tables[:d], seq_lens[:d], scale, window=window,
         softcap=softcap, out=out[:d], **scales,
     )  # fmt: skip
     launch(
-        q[d:], k_cache, v_cache, block_tables[d:], prefill_starts, seq_lens[d:], scale, config,
+        q[d:], k_cache, v_cache, prompt_tables, prompt_starts, prompt_lens, scale, config,
         options, out=out[d:], **scales,
     )  # fmt: skip
     return out

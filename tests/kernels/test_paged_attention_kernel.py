@@ -6,6 +6,7 @@ import pytest
 import torch
 from kernel_testing import TOLERANCE, make_paged_batch, poisoned_allocations, rel_err
 
+from mii.kernels.dispatch import split_prompts
 from mii.kernels.torch_ref import paged_attention_ref
 
 # (q_lens, seq_lens): each sequence's query tokens sit at the end of its context.
@@ -27,8 +28,10 @@ def _check(kernels_module, batch, dtype, num_decodes=0) -> None:
     )  # fmt: skip
     split = {}
     if num_decodes:
-        starts = batch.query_start_loc[num_decodes:] - num_decodes
-        split = {"num_decodes": num_decodes, "prefill_starts": starts}
+        prompts = split_prompts(
+            batch.block_tables, batch.query_start_loc, batch.seq_lens, num_decodes
+        )
+        split = {"num_decodes": num_decodes, "prompts": prompts}
     with poisoned_allocations():
         out = kernels_module.paged_attention(
             batch.q, batch.k_cache, batch.v_cache, batch.block_tables,

@@ -22,10 +22,11 @@ class AttentionMetadata:
     max_seq_len: int
     num_decodes: int = 0
     """Leading sequences of one query token in a mixed step (the scheduler puts decodes
-    first); with `prefill_starts` the CUDA path attends over them apart (kernels/
+    first); with `prompts` the CUDA path attends over them apart (kernels/
     paged_attention.py)."""
-    prefill_starts: torch.Tensor | None = None
-    """query_start_loc of the sequences after the `num_decodes`, from 0 (B - d + 1,)."""
+    prompts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    """The other sequences' block tables, query_start_loc from 0 and seq_lens
+    (`dispatch.split_prompts`)."""
     step: dict = field(default_factory=dict, repr=False, compare=False)
     """What every layer of this step shares on the torch path (rotary factors, attention
     layout): the first layer computes it, the others find it here."""
@@ -110,7 +111,7 @@ class PagedAttention(nn.Module):
             self.scale,
             max_query_len=meta.max_query_len,
             num_decodes=meta.num_decodes,
-            prefill_starts=meta.prefill_starts,
+            prompts=meta.prompts,
             step=meta.step,
             window=self.window,
             softcap=self.softcap,
