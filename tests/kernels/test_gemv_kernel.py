@@ -183,13 +183,29 @@ def test_tile_choice(m, itemsize):
     programs per SM; K tiles span TILE_ROW_BYTES of a weight row."""
     gemv = importlib.import_module("mii.kernels.gemv")
     for n, k in [*GPU_SHAPES, (14336, 4096), (4096, 7168), (40, 300), (8, 16)]:
-        t = gemv.gemv_tile(m, n, k, itemsize, sms=132)
+        t = gemv.gemv_tile(m, n, k, itemsize, sms=130)  # the rule (no measured tiles)
         k_tiles = -(-k // t.block_k)
         per_split = -(-k_tiles // t.split_k)
         assert 1 <= t.split_k <= k_tiles and (t.split_k - 1) * per_split < k_tiles
         assert t.block_k * itemsize <= gemv.TILE_ROW_BYTES
         programs = -(-n // t.block_n) * t.split_k
-        assert programs >= min(4 * 132, -(-n // t.block_n) * k_tiles)
+        assert programs >= min(4 * 130, -(-n // t.block_n) * k_tiles)
+
+
+def test_measured_tiles_replace_the_rule_at_one_row_on_their_sm_count(monkeypatch):
+    gemv = importlib.import_module("mii.kernels.gemv")
+    table = dict(gemv.MEASURED_TILES)
+    on_114 = {key: gemv.gemv_tile(1, *key, sms=114) for key in table}
+    monkeypatch.setattr(gemv, "MEASURED_TILES", {})
+    assert on_114 == {key: gemv.gemv_tile(1, *key, sms=114) for key in table}  # the rule
+    rule = {key: gemv.gemv_tile(1, *key, sms=gemv.MEASURED_SMS) for key in table}
+    monkeypatch.setattr(gemv, "MEASURED_TILES", table)
+    for (n, k, itemsize), tile in table.items():
+        assert gemv.gemv_tile(1, n, k, itemsize, sms=gemv.MEASURED_SMS) == tile
+        assert tile != rule[n, k, itemsize]
+        assert gemv.gemv_tile(2, n, k, itemsize, sms=gemv.MEASURED_SMS) != tile  # one row only
+        k_tiles = -(-k // tile.block_k)
+        assert tile.block_k * itemsize <= gemv.TILE_ROW_BYTES and k_tiles % tile.split_k == 0
 
 
 @pytest.mark.gpu
