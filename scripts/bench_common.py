@@ -210,20 +210,26 @@ def hf_model(name: str, device: str = "cuda", **overrides):
     return model.eval()
 
 
+def copy_bandwidth() -> float:
+    """Device copy bytes/s of 1 GiB (read + write): the bandwidth every floor divides by."""
+    import triton.testing
+
+    src = torch.randn(1 << 29, device="cuda", dtype=torch.bfloat16)  # 1 GiB
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
+
+
 def measure_peaks() -> dict[str, float]:
-    """bf16 matmul FLOP/s (8192^3) and device copy bytes/s (1 GiB, read + write)."""
+    """bf16 matmul FLOP/s (8192^3) and `copy_bandwidth`."""
     import triton.testing
 
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     ms = triton.testing.do_bench(lambda: a @ b, warmup=50, rep=300, return_mode="median")
-    flops = 2 * 8192**3 / (ms * 1e-3)
-    src = torch.randn(1 << 29, device="cuda", dtype=torch.bfloat16)  # 1 GiB
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
-    bw = 2 * src.numel() * 2 / (ms * 1e-3)
+    peaks = {"matmul_flops": 2 * 8192**3 / (ms * 1e-3), "copy_bytes_per_s": copy_bandwidth()}
     torch.cuda.empty_cache()
-    return {"matmul_flops": flops, "copy_bytes_per_s": bw}
+    return peaks
 
 
 @dataclass

@@ -35,6 +35,8 @@ import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_common import copy_bandwidth  # noqa: E402
+
 from mii.kernels import fp8_gemm  # noqa: E402
 from mii.kernels.fp8_ref import fp8_linear_ref, quantize_rows  # noqa: E402
 
@@ -113,13 +115,6 @@ def bench_ms(fn) -> float:
         return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
     except Exception:  # noqa: BLE001 (some torch ops refuse capture: time them eagerly)
         return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
-def copy_gbps() -> float:
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = bench_ms(lambda: dst.copy_(src))
-    return 2 * src.numel() / ms / 1e6  # read + write
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -212,7 +207,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=list(ROWS), help="the M to time")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__)
-    gbps = copy_gbps()
+    gbps = copy_bandwidth() / 1e9
     if args.bf16:
         print("\n".join(bench_bf16(gbps)))
         return

@@ -36,7 +36,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import graph_timed, write_json  # noqa: E402
+from bench_common import copy_bandwidth, graph_timed, write_json  # noqa: E402
 
 from mii.kernels import gemv as gemv_mod  # noqa: E402
 from mii.kernels.fp8_ref import quantize_rows  # noqa: E402
@@ -59,14 +59,6 @@ REPLAYS, PER_GRAPH = 20, 50
 COLD_BYTES = 256 << 20  # weight copies cycled per graph: more than an H100's 50 MB L2
 MAX_REL_ERR = {"cublas": 1e-2, "gemv": 1e-2, "fp8_linear": 5e-2, "gemv_fp8": 1e-2}
 """fp8_linear at decode sizes quantizes the activations to float8 too (W8A8)."""
-
-
-def copy_gbps() -> float:
-    """Device-to-device copy of 1 GiB: (read + write) bytes / s, in GB/s."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    us = graph_timed(lambda i: dst.copy_(src), per_graph=5, replays=10)
-    return 2 * src.numel() / us / 1e3
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -214,7 +206,7 @@ def main(argv=None) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("bench_gemv needs a CUDA GPU")
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, flush=True)
-    gbps = copy_gbps()
+    gbps = copy_bandwidth() / 1e9
     torch.cuda.empty_cache()
     rows = []
     for m in args.rows:

@@ -32,6 +32,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_common import copy_bandwidth  # noqa: E402
+
 from mii.kernels import decode_attention as decode_mod  # noqa: E402
 from mii.kernels import paged_attention as paged_mod  # noqa: E402
 from mii.kernels import torch_ref  # noqa: E402
@@ -74,14 +76,6 @@ def bench_ms(fn) -> float:
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def copy_bandwidth() -> float:
-    """Bytes/s of a 1 GiB device-to-device copy, counting read + write."""
-    src = torch.randn(1 << 29, device=DEVICE, dtype=DTYPE)
-    dst = torch.empty_like(src)
-    ms = bench_ms(lambda: dst.copy_(src))
-    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
 
 
 def paged_from_dense(k: torch.Tensor, v: torch.Tensor):
