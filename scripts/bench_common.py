@@ -294,6 +294,25 @@ class Roofline:
         self.tokens += tokens
 
 
+WARM_UP_SHARE = 4
+
+
+def warm_up(engine, prompts: list[list[int]], new_tokens: int) -> None:
+    """Run the first 1/WARM_UP_SHARE of an offline workload (8 requests at least) to the
+    end before it is timed, so that the step shapes of the timed run (full-budget prefill,
+    prompt chunks beside decodes, the tail's shrinking batches) compile their Triton
+    kernels here: a kernel compiles on its first call at each tile choice. With a warm-up
+    of 8 short requests, a fresh machine's first FP8 offline run compiled inside the timed
+    run and measured 4,925-6,825 tok/s against 9,000 once the kernels were cached."""
+    from mii.engine.sampling_params import SamplingParams
+
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    for i, p in enumerate(prompts[: max(8, len(prompts) // WARM_UP_SHARE)]):
+        engine.add_request(f"warm{i}", p, params)
+    while engine.has_unfinished_requests():
+        engine.step()
+
+
 def attach_roofline(engine, roofline: Roofline) -> None:
     """Record every step the engine's model runner executes."""
     run = engine.runner.run

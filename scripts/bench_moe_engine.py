@@ -25,7 +25,7 @@ import os
 import time
 
 import torch
-from bench_common import PRESETS, Timer, measure_peaks, preset_folder, write_json
+from bench_common import PRESETS, Timer, measure_peaks, preset_folder, warm_up, write_json
 from bench_latency import bench_mii as bench_latency
 from bench_offline import random_prompts
 from bench_tp import VOCAB, build_engine, run_jobs
@@ -169,10 +169,7 @@ def engine_job(args, folder: str, peer_bytes: int | None = None) -> dict:
 
 
 def _engine_offline(engine, prompts, new_tokens: int) -> dict:
-    for i, p in enumerate(prompts[:8]):  # warm-up: the prefill tiles compile here
-        engine.add_request(f"warm{i}", p, SamplingParams(max_new_tokens=4))
-    while engine.has_unfinished_requests():
-        engine.step()
+    warm_up(engine, prompts, new_tokens)
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     for i, p in enumerate(prompts):
         engine.add_request(str(i), p, params)

@@ -22,6 +22,7 @@ from bench_common import (
     hf_model,
     measure_peaks,
     preset_folder,
+    warm_up,
     write_json,
     write_text,
 )
@@ -113,18 +114,15 @@ def bench_mii(
     profile_at: int | None = None,
 ) -> dict:
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-    for i, p in enumerate(prompts[:8]):  # warm-up: compile kernels, capture graphs
-        engine.add_request(f"warm{i}", p[:64], SamplingParams(max_new_tokens=4))
-    while engine.has_unfinished_requests():
-        engine.step()
+    warm_up(engine, prompts, new_tokens)
     if roofline is not None:
         attach_roofline(engine, roofline)
     for i, p in enumerate(prompts):
         engine.add_request(str(i), p, params)
-    produced = 0
+    produced, first_step = 0, engine.stats().steps
     with Timer() as t:
         while engine.has_unfinished_requests():
-            if profile_at is not None and engine.stats().steps == profile_at:
+            if profile_at is not None and engine.stats().steps - first_step == profile_at:
                 produced += _profiled_steps(engine, 10)
             produced += sum(len(o.token_ids) for o in engine.step())
     return {
@@ -132,7 +130,7 @@ def bench_mii(
         "output_tokens": produced,
         "seconds": t.seconds,
         "tok_per_s": produced / t.seconds,
-        "steps": engine.stats().steps,
+        "steps": engine.stats().steps - first_step,
     }
 
 

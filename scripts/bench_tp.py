@@ -19,7 +19,7 @@ import time
 import traceback
 
 import torch
-from bench_common import preset_folder, write_json
+from bench_common import preset_folder, warm_up, write_json
 from bench_latency import bench_mii as bench_latency
 from bench_offline import random_prompts
 
@@ -71,10 +71,7 @@ def offline_job(args, folder: str, device_ids: tuple[int, ...], prompts, barrier
     """Warm up, wait for the other replicas, then run every prompt to its last token."""
     engine = build_engine(folder, device_ids, args.max_seqs, args.budget, args.sync)
     try:
-        for i, p in enumerate(prompts[:8]):  # warm-up: kernel compiles and autotuning
-            engine.add_request(f"warm{i}", p[:64], SamplingParams(max_new_tokens=4))
-        while engine.has_unfinished_requests():
-            engine.step()
+        warm_up(engine, prompts, args.offline_new_tokens)
         params = SamplingParams(max_new_tokens=args.offline_new_tokens, ignore_eos=True)
         for i, p in enumerate(prompts):
             engine.add_request(str(i), p, params)
