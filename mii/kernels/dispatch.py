@@ -202,15 +202,16 @@ def fp8_linear(
     """x @ (weight * scale[:, None]).T + bias with float8 weights (kernels/fp8_ref.py): on
     CUDA the GEMV for one row (`gemv_on`), else Triton or `torch._scaled_mm` by M
     (kernels/fp8_gemm.py); otherwise the weight dequantized into x's dtype for this call.
-    `gated`: x is [gate | up] and act_and_mul(x, gated) is multiplied (inside the GEMV)."""
+    `gated`: x is [gate | up] and act_and_mul(x, gated) is multiplied (inside the GEMV; in
+    the per-token quantization before a W8A8 GEMM)."""
     if gemv_on(x):
         return gemv(x, weight, scale, bias, gated)
-    if gated is not None:
-        x = act_and_mul(x, gated)
     if _triton_on(x):
         from mii.kernels.fp8_gemm import fp8_linear as kernel
 
-        return kernel(x, weight, scale, bias)
+        return kernel(x, weight, scale, bias, gated=gated)
     from mii.kernels.fp8_ref import fp8_linear_ref
 
+    if gated is not None:
+        x = act_and_mul(x, gated)
     return fp8_linear_ref(x, weight, scale, bias)

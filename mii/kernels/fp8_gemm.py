@@ -27,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mii.kernels.fp8_quant import quantize_rows
+from mii.kernels.activation import gelu_tanh_and_mul, silu_and_mul
+from mii.kernels.fp8_quant import act_and_mul_quantize_rows, quantize_rows
 from mii.kernels.fp8_ref import FP8_MAX, MIN_SCALE
 
 TRITON_MAX_M = 64
@@ -228,10 +229,11 @@ def scaled_mm_linear(
     w_scale: torch.Tensor,
     bias: torch.Tensor | None,
     fast_accum: bool = False,
+    gated: str | None = None,
 ) -> torch.Tensor:
     """W8A8 through cuBLASLt: x quantized per token, then `torch._scaled_mm` with row-wise
-    scales (sm_89+; bf16 output; K and N multiples of 16)."""
-    q, x_scale = quantize_rows(x)
+    scales (sm_89+; bf16 output; K and N multiples of 16). `gated`: as `fp8_linear`."""
+    q, x_scale = _quantized(x, gated)
     # _scaled_mm wants the second operand column-major: w (N, K) row-major, transposed.
     y = torch._scaled_mm(
         q, weight.t(), scale_a=x_scale[:, None], scale_b=w_scale[None, :],
@@ -252,29 +254,51 @@ def choose_backend(m: int, n: int, k: int, dtype: torch.dtype) -> str:
     return "scaled_mm"
 
 
+GATED = {"silu": (False, silu_and_mul), "gelu_tanh": (True, gelu_tanh_and_mul)}
+"""The gated activations `fp8_linear` takes, by name: whether each is the tanh GELU, and its
+kernel alone."""
+
+
+def _quantized(x2: torch.Tensor, gated: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x2's rows quantized per token, after the gated activation when `gated` names one (in
+    one pass: `act_and_mul_quantize_rows`)."""
+    if gated is None:
+        return quantize_rows(x2)
+    return act_and_mul_quantize_rows(x2, GATED[gated][0])
+
+
 def fp8_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     w_scale: torch.Tensor,
     bias: torch.Tensor | None = None,
     backend: str | None = None,
+    gated: str | None = None,
 ) -> torch.Tensor:
     """y = x @ (weight * w_scale[:, None]).T + bias for x (..., K) on the GPU; `backend`
-    (one of BACKENDS) overrides `choose_backend` (benchmarks, tests)."""
+    (one of BACKENDS) overrides `choose_backend` (benchmarks, tests). `gated` ("silu",
+    "gelu_tanh"): x is (..., 2K) = [gate | up] and the product is with act(gate) * up,
+    rounded as kernels/activation.py rounds it; the W8A8 backends quantize it in the same
+    pass (`act_and_mul_quantize_rows`), the others take it from the activation kernel."""
+    assert gated is None or gated in GATED, f"gated activation {gated!r}"
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    backend = backend or choose_backend(x2.shape[0], weight.shape[0], x2.shape[1], x.dtype)
+    k = weight.shape[1]
+    assert x2.shape[1] == (k if gated is None else 2 * k), f"x {tuple(x.shape)}, weight K {k}"
+    backend = backend or choose_backend(x2.shape[0], weight.shape[0], k, x.dtype)
+    if gated is not None and backend in ("triton", "triton_w8a8_block"):
+        x2, gated = GATED[gated][1](x2), None  # these take x in its dtype
     if backend == "triton":
         y = fp8_gemm(x2, weight, w_scale, bias)
     elif backend == "triton_w8a8_block":
         y = fp8_gemm(x2, weight, w_scale, bias, a_block_quant=True)
     elif backend == "triton_w8a8":
-        q, x_scale = quantize_rows(x2)
+        q, x_scale = _quantized(x2, gated)
         y = fp8_gemm(q, weight, w_scale, bias, a_scale=x_scale, out_dtype=x.dtype)
     elif backend in ("scaled_mm", "scaled_mm_fast_accum"):
         fast = backend == "scaled_mm_fast_accum"
-        y = scaled_mm_linear(x2, weight, w_scale, bias, fast).to(x.dtype)
+        y = scaled_mm_linear(x2, weight, w_scale, bias, fast, gated).to(x.dtype)
     else:
         raise ValueError(f"unknown fp8 backend {backend!r}; one of {BACKENDS}")
     return y.view(*x.shape[:-1], weight.shape[0])

@@ -1,5 +1,11 @@
 """Dynamic per-token FP8 quantization of activations (`fp8_ref.quantize_rows` on rows of x):
-one program per row, the row held in registers between its absolute maximum and its cast."""
+one program per row, the row held in registers between its absolute maximum and its cast.
+
+`act_and_mul_quantize_rows` is a gated MLP's activation and that quantization in one pass:
+the down projection's float8 input straight from [gate | up], the same bits as
+`quantize_rows(act_and_mul(x))` (the activation rounded to x's dtype first, as its kernel
+stores it). In a 4,096-token step of the Mistral-7B shape that saves writing and reading
+back the (4096, 14336) activation: 235 MB of a layer's 470 MB through those two kernels."""
 
 from __future__ import annotations
 
@@ -7,9 +13,20 @@ import torch
 import triton
 import triton.language as tl
 
+from mii.kernels.activation import act_and_mul
 from mii.kernels.fp8_ref import FP8, FP8_MAX, MIN_SCALE
 
 MAX_ROW = 1 << 16  # elements a program holds in registers
+
+
+@triton.jit
+def _store_quantized(x, q_row_ptr, scale_ptr, offs, mask, FP8_MAX: tl.constexpr,
+                     MIN_SCALE: tl.constexpr):  # fmt: skip
+    """One float32 row (masked lanes 0) quantized by its absolute maximum, and its scale."""
+    scale = tl.maximum(tl.max(tl.abs(x), 0) / FP8_MAX, MIN_SCALE)
+    q = tl.clamp(x / scale, -FP8_MAX, FP8_MAX)
+    tl.store(q_row_ptr + offs, q.to(q_row_ptr.dtype.element_ty), mask=mask)
+    tl.store(scale_ptr, scale)
 
 
 @triton.jit
@@ -21,26 +38,60 @@ def _quantize_rows_kernel(
     offs = tl.arange(0, BLOCK)
     mask = offs < cols
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(x), 0) / FP8_MAX, MIN_SCALE)
-    q = tl.clamp(x / scale, -FP8_MAX, FP8_MAX)
-    tl.store(q_ptr + row * stride_q + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
-    tl.store(scale_ptr + row, scale)
+    _store_quantized(x, q_ptr + row * stride_q, scale_ptr + row, offs, mask, FP8_MAX, MIN_SCALE)
+
+
+@triton.jit
+def _act_and_mul_quantize_rows_kernel(
+    x_ptr, q_ptr, scale_ptr, inner, stride_x, stride_q,
+    GELU: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < inner
+    gate = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    up = tl.load(x_ptr + row * stride_x + inner + offs, mask=mask, other=0.0)
+    h = act_and_mul(gate, up, GELU).to(tl.float32)  # rounded to x's dtype, as stored
+    _store_quantized(h, q_ptr + row * stride_q, scale_ptr + row, offs, mask, FP8_MAX, MIN_SCALE)
+
+
+def _outputs(x: torch.Tensor, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    assert x.dim() == 2 and x.stride(1) == 1, "x must be (M, K) with dense rows"
+    assert cols <= MAX_ROW, f"rows of {cols} elements exceed {MAX_ROW}"
+    q = torch.empty((x.shape[0], cols), dtype=FP8, device=x.device)
+    return q, torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+
+
+def _warps(block: int) -> int:
+    return min(16, max(1, block // 512))
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton version of `fp8_ref.quantize_rows`: x (M, K) -> (q (M, K) float8_e4m3fn,
     scale (M,) float32)."""
-    assert x.dim() == 2 and x.stride(1) == 1, "x must be (M, K) with dense rows"
-    rows, cols = x.shape
-    assert cols <= MAX_ROW, f"rows of {cols} elements exceed {MAX_ROW}"
-    q = torch.empty((rows, cols), dtype=FP8, device=x.device)
-    scale = torch.empty(rows, dtype=torch.float32, device=x.device)
-    if rows == 0:
+    cols = x.shape[1]
+    q, scale = _outputs(x, cols)
+    if x.shape[0] == 0:
         return q, scale
     block = triton.next_power_of_2(cols)
-    _quantize_rows_kernel[(rows,)](
+    _quantize_rows_kernel[(x.shape[0],)](
         x, q, scale, cols, x.stride(0), q.stride(0),
-        FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE, BLOCK=block,
-        num_warps=min(16, max(1, block // 512)),
+        FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE, BLOCK=block, num_warps=_warps(block),
+    )  # fmt: skip
+    return q, scale
+
+
+def act_and_mul_quantize_rows(x: torch.Tensor, gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, 2I) = [gate | up] in bf16/fp16 -> `quantize_rows` of silu(gate) * up (gelu_tanh
+    with `gelu`) rounded to x's dtype: (q (M, I) float8_e4m3fn, scale (M,) float32)."""
+    assert x.shape[-1] % 2 == 0, "x: (M, 2I) = [gate | up]"
+    inner = x.shape[1] // 2
+    q, scale = _outputs(x, inner)
+    if x.shape[0] == 0:
+        return q, scale
+    block = triton.next_power_of_2(inner)
+    _act_and_mul_quantize_rows_kernel[(x.shape[0],)](
+        x, q, scale, inner, x.stride(0), q.stride(0),
+        GELU=gelu, FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE, BLOCK=block, num_warps=_warps(block),
     )  # fmt: skip
     return q, scale

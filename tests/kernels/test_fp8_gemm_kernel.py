@@ -110,6 +110,71 @@ def test_quantize_scales_interpreted(interpreted):
     assert q.dtype == torch.float8_e4m3fn and not q.float()[3].any()
 
 
+def _check_activation_then_quantization(kernels, device, gelu, dtype, rows, inner):
+    """`act_and_mul_quantize_rows` gives the bits of the activation kernel then the
+    quantization kernel (the interpreter's cast is wrong, but the same in both)."""
+    gen = torch.Generator().manual_seed(rows + inner)
+    x = (torch.randn(rows, 2 * inner, generator=gen) * 3).to(device=device, dtype=dtype)
+    x[min(1, rows - 1)] = 0  # an all-zero row: the least scale, zeros
+    act = kernels.activation.gelu_tanh_and_mul if gelu else kernels.activation.silu_and_mul
+    want_q, want_scale = kernels.fp8_quant.quantize_rows(act(x))
+    with poisoned_allocations():
+        q, scale = kernels.fp8_quant.act_and_mul_quantize_rows(x, gelu)
+    assert q.shape == (rows, inner) and q.dtype == torch.float8_e4m3fn
+    assert torch.equal(scale, want_scale)
+    assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
+
+
+def _check_gated_linear(kernels, device, dtype, m, n, k, backend, gated):
+    """fp8_linear over [gate | up] with `gated`: the bits of the activation, then the GEMM."""
+    x, q, scale, b = _operands(m, n, 2 * k, device, dtype)
+    act = kernels.activation.gelu_tanh_and_mul if gated == "gelu_tanh" else (
+        kernels.activation.silu_and_mul)  # fmt: skip
+    w, w_scale = q[:, :k].contiguous(), scale
+    want = kernels.fp8_gemm.fp8_linear(act(x), w, w_scale, b, backend=backend)
+    out = kernels.fp8_gemm.fp8_linear(x, w, w_scale, b, backend=backend, gated=gated)
+    assert out.shape == (m, n) and torch.equal(out, want)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("gelu", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_activation_and_quantization_in_one_pass_interpreted(interpreted, gelu, dtype, rows):
+    _check_activation_then_quantization(interpreted, "cpu", gelu, dtype, rows, 300)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend", ["triton", "triton_w8a8"])
+@pytest.mark.parametrize("gated", ["silu", "gelu_tanh"])
+def test_gated_linear_interpreted(interpreted, backend, gated):
+    _check_gated_linear(interpreted, "cpu", torch.float16, 5, 48, 160, backend, gated)
+
+
+def test_gated_linear_refuses_an_unknown_activation_or_width():
+    from mii.kernels import fp8_gemm
+
+    x, q, scale, b = _operands(2, 16, 64, "cpu", torch.float32)
+    with pytest.raises(AssertionError):
+        fp8_gemm.fp8_linear(x, q, scale, b, gated="relu")
+    with pytest.raises(AssertionError):
+        fp8_gemm.fp8_linear(x, q, scale, b, gated="silu")  # x is not [gate | up] of K
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gelu", [False, True])
+@pytest.mark.parametrize("shape", [(4096, 14336), (37, 14336), (300, 1408), (5, 7)])
+def test_activation_and_quantization_in_one_pass_gpu(compiled, gelu, shape):
+    _check_activation_then_quantization(compiled, "cuda", gelu, torch.bfloat16, *shape)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("m", [16, 300])
+def test_gated_linear_gpu(compiled, backend, m):
+    _check_gated_linear(compiled, "cuda", torch.bfloat16, m, 4096, 1024, backend, "silu")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", GPU_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
