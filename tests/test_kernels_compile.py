@@ -1,4 +1,5 @@
-"""The Triton kernels added for decode compile for Hopper (sm_90) on a machine without a GPU.
+"""The Triton kernels added for decode (and the FP8 activation quantization) compile for
+Hopper (sm_90) on a machine without a GPU.
 
 Triton's interpreter, where the kernel tests run on the CPU, accepts code that the compiler
 refuses (a plain module global read inside a `@triton.jit` function ran interpreted and
@@ -29,6 +30,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler.errors import CompilationError
 import mii.kernels.all_reduce as ar, mii.kernels.gemv as g, mii.kernels.moe_gemv as mg
 import mii.kernels.decode_attention as da
+import mii.kernels.fp8_quant as fq
 import mii.kernels.rms_norm as rn
 
 FLOAT32 = ("scale", "part", "weights")
@@ -38,10 +40,13 @@ INT = {"peer_data_ptr": "*i64", "peer_flags_ptr": "*i64", "flags_ptr": "*i64",
 SCALARS = {"qk_scale": "fp32", "softcap_inv": "fp32", "softcap_log2e": "fp32", "eps": "fp32"}
 
 def signature(fn, consts, dtype):
+    dtype, types = (dtype, {}) if isinstance(dtype, str) else dtype  # (dtype, {name: type})
     sig = {}
     for name in inspect.signature(fn.fn).parameters:
         if name in consts:
             sig[name] = "constexpr"
+        elif name in types:
+            sig[name] = types[name]
         elif name.endswith("_ptr"):
             fp32 = any(word in name for word in FLOAT32)
             sig[name] = INT.get(name, "*fp32" if fp32 else "*" + dtype)
@@ -81,6 +86,8 @@ CASES = [
                         "SLIDING": True, "SOFTCAP": True}, "bf16"),
     (da._merge_kernel, {"HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_S": 16}, "bf16"),
     (rn._rms_norm_kernel, {"HAS_RESIDUAL": True, "UNIT_OFFSET": False, "BLOCK": 4096}, "bf16"),
+    (fq._act_and_mul_quantize_rows_kernel, {"GELU": False, "FP8_MAX": 448.0,
+     "MIN_SCALE": 1e-12, "BLOCK": 16384}, ("bf16", {"q_ptr": "*fp8e4nv"})),
 ]
 results = []
 for fn, given, dtype in CASES:
@@ -112,4 +119,4 @@ def test_decode_kernels_compile_for_hopper():
     toolchain = [r for r in results if r[1] == "toolchain"]
     if toolchain:
         pytest.skip(f"no Hopper toolchain here: {toolchain[0][2]}")
-    assert len(results) == 14 and all(r[1] == "ok" for r in results)
+    assert len(results) == 15 and all(r[1] == "ok" for r in results)
