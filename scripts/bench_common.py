@@ -220,6 +220,23 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * src.element_size() / (ms * 1e-3)
 
 
+def fp8_matmul_flops() -> float:
+    """float8 e4m3 matmul FLOP/s: 8192^3 through `torch._scaled_mm` with row-wise scales and
+    a bf16 output, as the FP8 linear layers call it (kernels/fp8_gemm.scaled_mm_linear)."""
+    import triton.testing
+
+    a, b = (torch.randn(8192, 8192, device="cuda").to(torch.float8_e4m3fn) for _ in "ab")
+    scale_a = torch.ones(8192, 1, device="cuda")
+    scale_b = torch.ones(1, 8192, device="cuda")
+
+    def matmul():
+        return torch._scaled_mm(a, b.t(), scale_a=scale_a, scale_b=scale_b,
+                                out_dtype=torch.bfloat16)  # fmt: skip
+
+    ms = triton.testing.do_bench(matmul, warmup=50, rep=300, return_mode="median")
+    return 2 * 8192**3 / (ms * 1e-3)
+
+
 def measure_peaks() -> dict[str, float]:
     """bf16 matmul FLOP/s (8192^3) and `copy_bandwidth`."""
     import triton.testing
@@ -266,10 +283,13 @@ class ModelShape:
 
 @dataclass
 class Roofline:
-    """Sums each step's floor: max(FLOPs / peak FLOP/s, bytes / peak bytes/s)."""
+    """Sums each step's floor: max(FLOPs / peak FLOP/s, bytes / peak bytes/s), the linear
+    layers' FLOPs at `linear_flops_per_s` when given (FP8 weights: the float8 matmul rate;
+    the LM head, 2% of a 7B model's, counted there too) and attention's at the bf16 rate."""
 
     shape: ModelShape
     peaks: dict[str, float]
+    linear_flops_per_s: float | None = None
     floor_s: float = 0.0
     steps: int = 0
     tokens: int = 0
@@ -283,13 +303,14 @@ class Roofline:
         attn_pairs = sum(
             c.num_tokens * c.start + c.num_tokens * (c.num_tokens + 1) // 2 for c in chunks
         )
-        flops = 2 * s.matmul_params * tokens + 4 * s.layers * s.q_heads * s.head_dim * attn_pairs
+        linear = 2 * s.matmul_params * tokens
+        attention = 4 * s.layers * s.q_heads * s.head_dim * attn_pairs
         kv_read = sum(c.end for c in chunks) * kv_token_bytes
         moved = s.weight_bytes + kv_read + tokens * kv_token_bytes
         del sampled
-        self.floor_s += max(
-            flops / self.peaks["matmul_flops"], moved / self.peaks["copy_bytes_per_s"]
-        )
+        bf16 = self.peaks["matmul_flops"]
+        compute_s = linear / (self.linear_flops_per_s or bf16) + attention / bf16
+        self.floor_s += max(compute_s, moved / self.peaks["copy_bytes_per_s"])
         self.steps += 1
         self.tokens += tokens
 

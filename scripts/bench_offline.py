@@ -19,6 +19,7 @@ from bench_common import (
     Roofline,
     Timer,
     attach_roofline,
+    fp8_matmul_flops,
     hf_model,
     measure_peaks,
     preset_folder,
@@ -155,6 +156,8 @@ def main() -> None:
     args = ap.parse_args()
 
     peaks = measure_peaks()
+    if args.quantization == "fp8":  # the linear layers' floor at the float8 rate
+        peaks["fp8_matmul_flops"] = fp8_matmul_flops()
     cls_vocab = 32000
     prompts = random_prompts(args.requests, args.prompt_len, cls_vocab)
     hf = None
@@ -166,7 +169,7 @@ def main() -> None:
     )  # fmt: skip
     shape = ModelShape.of(engine.runner.model, engine.hf_config)
     shape.dtype_bytes = engine.runner.kv_dtype.itemsize  # the KV cache's bytes per element
-    roofline = Roofline(shape, peaks)
+    roofline = Roofline(shape, peaks, linear_flops_per_s=peaks.get("fp8_matmul_flops"))
     ours = bench_mii(engine, prompts, args.new_tokens, roofline, args.profile_at)
     ours["roofline_floor_s"] = roofline.floor_s
     ours["efficiency"] = roofline.floor_s / ours["seconds"]
@@ -185,9 +188,11 @@ def main() -> None:
     suffix = ("_sync" if args.sync else "") + (f"_{args.quantization}" if args.quantization else "")
     suffix += kv_suffix(args.kv_cache_dtype)
     write_json(f"offline_{args.preset}{suffix}.json", result)
+    fp8_peak = peaks.get("fp8_matmul_flops")
     print(
         f"device {result['device']}  matmul {peaks['matmul_flops'] / 1e12:.0f} TFLOP/s  "
-        f"copy {peaks['copy_bytes_per_s'] / 1e9:.0f} GB/s  kv blocks {result['kv_blocks']}"
+        + (f"fp8 matmul {fp8_peak / 1e12:.0f} TFLOP/s  " if fp8_peak else "")
+        + f"copy {peaks['copy_bytes_per_s'] / 1e9:.0f} GB/s  kv blocks {result['kv_blocks']}"
     )
     print(f"{'engine':<14}{'requests':>9}{'tokens':>9}{'seconds':>9}{'tok/s':>9}")
     for name, r in (("hf static", hf), ("mii", ours)):
