@@ -55,43 +55,30 @@ def _act_and_mul_quantize_rows_kernel(
     _store_quantized(h, q_ptr + row * stride_q, scale_ptr + row, offs, mask, FP8_MAX, MIN_SCALE)
 
 
-def _outputs(x: torch.Tensor, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize(kernel, x: torch.Tensor, cols: int, **constexprs) -> tuple[torch.Tensor, ...]:
+    """One program per row of x: `cols` quantized values a row and the row's scale."""
     assert x.dim() == 2 and x.stride(1) == 1, "x must be (M, K) with dense rows"
     assert cols <= MAX_ROW, f"rows of {cols} elements exceed {MAX_ROW}"
     q = torch.empty((x.shape[0], cols), dtype=FP8, device=x.device)
-    return q, torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
-
-
-def _warps(block: int) -> int:
-    return min(16, max(1, block // 512))
+    scale = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    if x.shape[0] == 0:
+        return q, scale
+    block = triton.next_power_of_2(cols)
+    kernel[(x.shape[0],)](
+        x, q, scale, cols, x.stride(0), q.stride(0), FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE,
+        BLOCK=block, num_warps=min(16, max(1, block // 512)), **constexprs,
+    )  # fmt: skip
+    return q, scale
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton version of `fp8_ref.quantize_rows`: x (M, K) -> (q (M, K) float8_e4m3fn,
     scale (M,) float32)."""
-    cols = x.shape[1]
-    q, scale = _outputs(x, cols)
-    if x.shape[0] == 0:
-        return q, scale
-    block = triton.next_power_of_2(cols)
-    _quantize_rows_kernel[(x.shape[0],)](
-        x, q, scale, cols, x.stride(0), q.stride(0),
-        FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE, BLOCK=block, num_warps=_warps(block),
-    )  # fmt: skip
-    return q, scale
+    return _quantize(_quantize_rows_kernel, x, x.shape[1])
 
 
 def act_and_mul_quantize_rows(x: torch.Tensor, gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, 2I) = [gate | up] in bf16/fp16 -> `quantize_rows` of silu(gate) * up (gelu_tanh
     with `gelu`) rounded to x's dtype: (q (M, I) float8_e4m3fn, scale (M,) float32)."""
     assert x.shape[-1] % 2 == 0, "x: (M, 2I) = [gate | up]"
-    inner = x.shape[1] // 2
-    q, scale = _outputs(x, inner)
-    if x.shape[0] == 0:
-        return q, scale
-    block = triton.next_power_of_2(inner)
-    _act_and_mul_quantize_rows_kernel[(x.shape[0],)](
-        x, q, scale, inner, x.stride(0), q.stride(0),
-        GELU=gelu, FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE, BLOCK=block, num_warps=_warps(block),
-    )  # fmt: skip
-    return q, scale
+    return _quantize(_act_and_mul_quantize_rows_kernel, x, x.shape[-1] // 2, GELU=gelu)
