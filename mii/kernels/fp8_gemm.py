@@ -30,6 +30,7 @@ import triton.language as tl
 from mii.kernels.activation import gelu_tanh_and_mul, silu_and_mul
 from mii.kernels.fp8_quant import act_and_mul_quantize_rows, quantize_rows
 from mii.kernels.fp8_ref import FP8_MAX, MIN_SCALE
+from mii.kernels.gemv import GATED_REFS
 
 TRITON_MAX_M = 64
 """Up to this many rows the Triton W8A8 kernel runs; past it _scaled_mm (scripts/bench_fp8.py
@@ -254,17 +255,12 @@ def choose_backend(m: int, n: int, k: int, dtype: torch.dtype) -> str:
     return "scaled_mm"
 
 
-GATED = {"silu": (False, silu_and_mul), "gelu_tanh": (True, gelu_tanh_and_mul)}
-"""The gated activations `fp8_linear` takes, by name: whether each is the tanh GELU, and its
-kernel alone."""
-
-
 def _quantized(x2: torch.Tensor, gated: str | None) -> tuple[torch.Tensor, torch.Tensor]:
     """x2's rows quantized per token, after the gated activation when `gated` names one (in
     one pass: `act_and_mul_quantize_rows`)."""
     if gated is None:
         return quantize_rows(x2)
-    return act_and_mul_quantize_rows(x2, GATED[gated][0])
+    return act_and_mul_quantize_rows(x2, gated == "gelu_tanh")
 
 
 def fp8_linear(
@@ -280,7 +276,7 @@ def fp8_linear(
     "gelu_tanh"): x is (..., 2K) = [gate | up] and the product is with act(gate) * up,
     rounded as kernels/activation.py rounds it; the W8A8 backends quantize it in the same
     pass (`act_and_mul_quantize_rows`), the others take it from the activation kernel."""
-    assert gated is None or gated in GATED, f"gated activation {gated!r}"
+    assert gated is None or gated in GATED_REFS, f"gated activation {gated!r}"
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -288,7 +284,8 @@ def fp8_linear(
     assert x2.shape[1] == (k if gated is None else 2 * k), f"x {tuple(x.shape)}, weight K {k}"
     backend = backend or choose_backend(x2.shape[0], weight.shape[0], k, x.dtype)
     if gated is not None and backend in ("triton", "triton_w8a8_block"):
-        x2, gated = GATED[gated][1](x2), None  # these take x in its dtype
+        act = gelu_tanh_and_mul if gated == "gelu_tanh" else silu_and_mul
+        x2, gated = act(x2), None  # these take x in its dtype
     if backend == "triton":
         y = fp8_gemm(x2, weight, w_scale, bias)
     elif backend == "triton_w8a8_block":

@@ -236,7 +236,7 @@ class PeerAllReduce:
 
     def fits_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor) -> bool:
         """Whether `add_norm(x, residual, weight, eps)` takes them (`MII_PEER_ALL_REDUCE_NORM=1`:
-        off by default until it has run on GPUs)."""
+        opt-in)."""
         return (
             self.norm_buffers is not None
             and x.dim() == 2
