@@ -294,6 +294,8 @@ class Roofline:
     steps: int = 0
     tokens: int = 0
     detail: list = field(default_factory=list)
+    timeline: list = field(default_factory=list)
+    """Per step: (tokens, decodes, floor s, start event, end event); see `step_table`."""
 
     def record(self, chunks) -> None:
         s = self.shape
@@ -310,9 +312,32 @@ class Roofline:
         del sampled
         bf16 = self.peaks["matmul_flops"]
         compute_s = linear / (self.linear_flops_per_s or bf16) + attention / bf16
-        self.floor_s += max(compute_s, moved / self.peaks["copy_bytes_per_s"])
+        floor = max(compute_s, moved / self.peaks["copy_bytes_per_s"])
+        self.floor_s += floor
         self.steps += 1
         self.tokens += tokens
+        decodes = sum(1 for c in chunks if c.num_tokens == 1 and c.samples)
+        self.timeline.append([tokens, decodes, floor])
+
+    def step_table(self) -> list[dict]:
+        """The steps by kind (decode-only, or prompt chunks beside decodes, by tokens): how
+        many, their device time between the events around each step's launch (idle time
+        inside a step included), and their floor."""
+        rows: dict[str, dict] = {}
+        for tokens, decodes, floor, start, end in self.timeline:
+            if tokens == decodes:
+                kind = "decode only"
+            else:
+                kind = f"with prompts, up to {1 << (tokens - 1).bit_length():>5} tokens"
+            row = rows.setdefault(
+                kind, dict(kind=kind, steps=0, tokens=0, decodes=0, device_ms=0.0, floor_ms=0.0)
+            )
+            row["steps"] += 1
+            row["tokens"] += tokens
+            row["decodes"] += decodes
+            row["device_ms"] += start.elapsed_time(end)
+            row["floor_ms"] += floor * 1e3
+        return sorted(rows.values(), key=lambda r: r["kind"])
 
 
 WARM_UP_SHARE = 4
@@ -340,7 +365,12 @@ def attach_roofline(engine, roofline: Roofline) -> None:
 
     def recorded(chunks, *args):
         roofline.record(chunks)
-        return run(chunks, *args)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = run(chunks, *args)
+        end.record()
+        roofline.timeline[-1] += [start, end]
+        return out
 
     engine.runner.run = recorded
 

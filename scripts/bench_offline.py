@@ -172,6 +172,7 @@ def main() -> None:
     roofline = Roofline(shape, peaks, linear_flops_per_s=peaks.get("fp8_matmul_flops"))
     ours = bench_mii(engine, prompts, args.new_tokens, roofline, args.profile_at)
     ours["roofline_floor_s"] = roofline.floor_s
+    ours["steps_by_kind"] = roofline.step_table()
     ours["efficiency"] = roofline.floor_s / ours["seconds"]
     result = {
         "device": torch.cuda.get_device_name(),
@@ -205,6 +206,12 @@ def main() -> None:
         f"mii roofline efficiency {ours['efficiency']:.2f} over {ours['steps']} steps"
         + (f"; {result['ratio_vs_hf']:.1f}x hf static" if hf else "")
     )
+    print(f"{'steps':<34}{'count':>6}{'tokens':>8}{'decodes':>8}{'device ms':>10}{'floor ms':>9}")
+    for row in ours["steps_by_kind"]:
+        print(
+            f"{row['kind']:<34}{row['steps']:>6}{row['tokens'] / row['steps']:>8.0f}"
+            f"{row['decodes'] / row['steps']:>8.0f}{row['device_ms']:>10.0f}{row['floor_ms']:>9.0f}"
+        )
 
 
 if __name__ == "__main__":
