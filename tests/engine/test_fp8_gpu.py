@@ -1,5 +1,6 @@
 """FP8 weights on CUDA: logits of a random-weight Llama of real width against bf16, both
-GEMM paths (decode-sized steps take the Triton kernel, prefill-sized ones _scaled_mm),
+GEMM paths (decode-sized steps take the Triton kernel, prefill-sized ones _scaled_mm with
+fast accumulation),
 CUDA graphs, an FP8 checkpoint, and MoE experts in float8."""
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def _llama_8b_width(folder) -> str:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("tokens", [12, 300])  # Triton's weight-only GEMM; _scaled_mm
+@pytest.mark.parametrize("tokens", [12, 300])  # Triton W8A8; _scaled_mm, fast accumulation
 def test_logits_agree_with_bf16_on_a_real_width(tmp_path, tokens):
     path = _llama_8b_width(tmp_path)
     options = dict(device="cuda", dtype="bfloat16", load_format="dummy", skip_tokenizer_init=True)
