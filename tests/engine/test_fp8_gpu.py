@@ -1,7 +1,6 @@
 """FP8 weights on CUDA: logits of a random-weight Llama of real width against bf16, both
 GEMM paths (decode-sized steps take the Triton kernel, prefill-sized ones _scaled_mm with
-fast accumulation),
-CUDA graphs, an FP8 checkpoint, and MoE experts in float8."""
+fast accumulation), CUDA graphs, an FP8 checkpoint, and MoE experts in float8."""
 
 from __future__ import annotations
 
