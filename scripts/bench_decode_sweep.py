@@ -1,4 +1,5 @@
-"""Decode attention tile sweep at the shapes the engine meets (bf16, GPU).
+"""Decode attention tile sweep at the shapes the engine meets (bf16 or, with --fp8, an e4m3
+cache with per-head scales; GPU).
 
 The offline workload decodes 256 sequences of ~600 tokens per step, where loops are short
 and the pipeline prologue weighs; the kernel benchmark's 64 x 4096 shape hides that.
@@ -7,6 +8,7 @@ Prints the fraction of copy bandwidth of each (splits, block_n, warps, stages).
 
 from __future__ import annotations
 
+import argparse
 import itertools
 
 import torch
@@ -16,20 +18,32 @@ from mii.kernels import decode_attention as decode_mod
 from mii.kernels import torch_ref
 
 
-def sweep(copy_bw, batch, context, q_heads=32, kv_heads=8, dim=128):
+def sweep(copy_bw, batch, context, fp8=False, q_heads=32, kv_heads=8, dim=128):
     k, v = (torch.randn(batch, context, kv_heads, dim, device="cuda", dtype=DTYPE) for _ in "kv")
     k_cache, v_cache, tables = paged_from_dense(k, v)
+    del k, v
+    scales = {}
+    if fp8:
+        amax = [c.float().abs().amax(dim=(0, 1, 3)) / torch_ref.FP8_MAX for c in (k_cache, v_cache)]
+        scales = {"k_scale": amax[0], "v_scale": amax[1]}
+        k_cache, v_cache = (
+            torch_ref.quantize_fp8(c, s) for c, s in zip((k_cache, v_cache), amax, strict=True)
+        )
     q = torch.randn(batch, q_heads, dim, device="cuda", dtype=DTYPE)
     lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
     starts = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
-    expected = torch_ref.paged_attention_ref(q, k_cache, v_cache, tables, starts, lens, dim**-0.5)
-    moved = 2 * batch * context * kv_heads * dim * 2
+    scale = dim**-0.5
+    expected = torch_ref.paged_attention_ref(
+        q, k_cache, v_cache, tables, starts, lens, scale, **scales
+    )
+    moved = 2 * batch * context * kv_heads * dim * k_cache.element_size()
     rows = []
-    for splits, bn, warps, stages in itertools.product((1, 2), (32, 64, 128), (2, 4, 8), (2, 3, 4)):
+    tiles, warps_ = ((64, 128, 256), (4, 8)) if fp8 else ((32, 64, 128), (2, 4, 8))
+    for splits, bn, warps, stages in itertools.product((1, 2), tiles, warps_, (2, 3, 4)):
         config = decode_mod.SplitConfig(bn, warps, stages)
 
         def run(s=splits, c=config):
-            return decode_mod.launch(q, k_cache, v_cache, tables, lens, dim**-0.5, s, c)
+            return decode_mod.launch(q, k_cache, v_cache, tables, lens, scale, s, c, None, **scales)
 
         try:
             err = rel_err(run(), expected)
@@ -39,18 +53,24 @@ def sweep(copy_bw, batch, context, q_heads=32, kv_heads=8, dim=128):
             continue
         rows.append((moved / (ms * 1e-3) / copy_bw, ms * 1e3, splits, config, err))
     rows.sort(key=lambda r: -r[0])
-    print(f"batch {batch} context {context}: best of {len(rows)}")
+    print(f"batch {batch} context {context} {'fp8' if fp8 else 'bf16'}: best of {len(rows)}")
     for frac, us, splits, config, err in rows[:6]:
         print(f"  {frac:.2f} of copy  {us:7.1f} us  splits {splits} {tuple(config)} err {err:.0e}")
-    default = [r for r in rows if r[2] == 1 and tuple(r[3]) == tuple(decode_mod.SplitConfig())]
+    picked = decode_mod.SplitConfig.for_cache(dim, k_cache.dtype)
+    default = [r for r in rows if r[2] == 1 and tuple(r[3]) == tuple(picked)]
     if default:
         print(f"  default: {default[0][0]:.2f} of copy {default[0][1]:.1f} us")
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--fp8", action="store_true", help="an e4m3 cache (per-head scales)")
+    ap.add_argument("--shapes", nargs="*", default=["256x576", "128x1100", "64x4096", "1x300"])
+    args = ap.parse_args()
     copy_bw = copy_bandwidth()
-    for batch, context in ((256, 576), (128, 1100), (64, 4096), (1, 300)):
-        sweep(copy_bw, batch, context)
+    for shape in args.shapes:
+        batch, context = (int(x) for x in shape.split("x"))
+        sweep(copy_bw, batch, context, args.fp8)
         torch.cuda.empty_cache()
 
 

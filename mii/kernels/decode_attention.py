@@ -46,8 +46,9 @@ class SplitConfig(NamedTuple):
     num_stages: int = 3
 
     @classmethod
-    def for_head_dim(cls, head_dim: int) -> SplitConfig:
+    def for_cache(cls, head_dim: int, cache_dtype: torch.dtype) -> SplitConfig:
         """Heads of 256 (Gemma): half-width key tiles, two stages (shared memory)."""
+        del cache_dtype
         return cls(32, 4, 2) if head_dim > 128 else cls()
 
 
@@ -208,7 +209,7 @@ def decode_attention(
     `v_scale`: an fp8 cache's (Hkv,)."""
     splits = num_splits or _num_splits(q, k_cache, block_tables, window)
     options = ScoreOptions.of(scale, window, softcap)
-    config = SplitConfig.for_head_dim(q.shape[2])
+    config = SplitConfig.for_cache(q.shape[2], k_cache.dtype)
     return launch(
         q, k_cache, v_cache, block_tables, seq_lens, scale, splits, config, options,
         k_scale, v_scale,
