@@ -3,6 +3,7 @@ the paged KV cache, samples the sequences that reached their last token."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ from mii.engine.sampler import Sampler, SamplerOutput
 from mii.engine.scheduler import ScheduledChunk
 from mii.engine.step_plan import HEADER, StepPlan
 from mii.engine.tp.context import SINGLE, ParallelContext
+from mii.kernels.dispatch import split_prompts
 
 GIB = 1 << 30
 
@@ -277,6 +279,9 @@ def _device_views(plan: StepPlan, packed: torch.Tensor) -> dict[str, torch.Tenso
 
 
 def _inputs(plan: StepPlan, t: dict[str, torch.Tensor]) -> StepInputs:
+    decodes = plan.num_decodes
+    split = (0 < decodes < len(plan.seq_lens) and t["query_start_loc"].is_cuda
+             and os.environ.get("MII_MIXED_DECODES_APART", "1") != "0")  # fmt: skip
     meta = AttentionMetadata(
         slot_mapping=t["slot_mapping"],
         block_tables=t["block_tables"],
@@ -284,6 +289,10 @@ def _inputs(plan: StepPlan, t: dict[str, torch.Tensor]) -> StepInputs:
         seq_lens=t["seq_lens"],
         max_query_len=plan.max_query_len,
         max_seq_len=plan.max_seq_len,
+        num_decodes=decodes,
+        prompts=split_prompts(t["block_tables"], t["query_start_loc"], t["seq_lens"], decodes)
+        if split
+        else None,
     )
     return StepInputs(
         t["input_ids"], t["positions"], meta, t["logits_indices"],

@@ -86,6 +86,14 @@ class StepPlan:
         return int(np.diff(self.query_start_loc).max())
 
     @property
+    def num_decodes(self) -> int:
+        """How many sequences from the first have one query token (the scheduler's decodes
+        come first)."""
+        q_lens = np.diff(self.query_start_loc)
+        longer = np.flatnonzero(q_lens != 1)
+        return int(longer[0]) if len(longer) else len(q_lens)
+
+    @property
     def max_seq_len(self) -> int:
         return int(self.seq_lens.max())
 

@@ -211,3 +211,14 @@ def check_kv_scales(cache, k_scale, v_scale) -> None:
     for scale in (k_scale, v_scale):
         assert scale.dtype == torch.float32 and scale.shape == (cache.shape[2],), "scales"
         assert scale.stride(0) == 1 and scale.device == cache.device
+
+
+def attention_output(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """`out` checked against q (shape, dtype, device, dense head rows), or a new one."""
+    if out is None:
+        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    assert out.shape == q.shape and out.dtype == q.dtype and out.device == q.device, (
+        f"out {tuple(out.shape)} {out.dtype} does not match q {tuple(q.shape)} {q.dtype}"
+    )
+    assert out.stride(2) == 1 and out.stride(1) == q.shape[2], "out's head rows must be dense"
+    return out

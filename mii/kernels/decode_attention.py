@@ -27,6 +27,7 @@ import triton.language as tl
 from mii.kernels.attention_tiles import (
     ScoreOptions,
     attend_range,
+    attention_output,
     check_paged_inputs,
     dot_precision,
     dot_width,
@@ -203,22 +204,23 @@ def decode_attention(
     softcap: float | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q: (B, Hq, D), one token per sequence at position seq_lens - 1. Returns (B, Hq, D),
     the same as `torch_ref.paged_attention_ref` with every query length 1. `k_scale`,
-    `v_scale`: an fp8 cache's (Hkv,)."""
+    `v_scale`: an fp8 cache's (Hkv,). `out`: where to write it (B, Hq, D) (else new)."""
     splits = num_splits or _num_splits(q, k_cache, block_tables, window)
     options = ScoreOptions.of(scale, window, softcap)
     config = SplitConfig.for_cache(q.shape[2], k_cache.dtype)
     return launch(
         q, k_cache, v_cache, block_tables, seq_lens, scale, splits, config, options,
-        k_scale, v_scale,
+        k_scale, v_scale, out,
     )  # fmt: skip
 
 
 def launch(
     q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, config, options=None,
-    k_scale=None, v_scale=None,
+    k_scale=None, v_scale=None, out=None,
 ):  # fmt: skip
     """`decode_attention` with the split count and tile shape given (benchmarks)."""
     options = options or ScoreOptions.of(scale, None, None)
@@ -227,7 +229,7 @@ def launch(
     assert num_splits >= 1
     batch, q_heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]
-    out = torch.empty((batch, q_heads, head_dim), dtype=q.dtype, device=q.device)
+    out = attention_output(q, out)
     if batch == 0:
         return out
     part_out, part_lse = out, out  # one split writes the output directly

@@ -112,10 +112,13 @@ def paged_attention(
     q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, *,
     max_query_len: int, step: dict | None = None, window: int | None = None,
     softcap: float | None = None, k_scale: torch.Tensor | None = None,
-    v_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None, num_decodes: int = 0,
+    prompts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Decode-only steps (max_query_len == 1, known on the host) take the split-K kernel,
-    which keeps the GPU busy at small batches; mixed steps take the ragged kernel. `step`:
+    which keeps the GPU busy at small batches; mixed steps take the ragged kernel, their
+    leading `num_decodes` one-token sequences the split-K kernel when `prompts` gives the
+    rest's tables (kernels/paged_attention.py). `step`:
     as in `rope_kv_write` (the torch path's attention layout, one per window). `window`:
     sliding-window attention over the last `window` keys; `softcap`: tanh soft-capping of
     the scores; `k_scale`, `v_scale`: an fp8 cache's (see torch_ref)."""
@@ -142,8 +145,19 @@ def paged_attention(
 
     return kernel(
         q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
-        max_query_len=max_query_len, window=window, softcap=softcap, **scales,
+        max_query_len=max_query_len, window=window, softcap=softcap,
+        num_decodes=num_decodes, prompts=prompts, **scales,
     )  # fmt: skip
+
+
+def split_prompts(
+    block_tables: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, d: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`paged_attention`'s `prompts` for a step whose first d sequences are decodes: the
+    block tables, query_start_loc from 0 and seq_lens of the rest, in tensors of their own
+    (views d rows in are 16-byte aligned for some d only, and a Triton kernel compiles once
+    for each alignment it meets: seconds, in the middle of serving)."""
+    return block_tables[d:].clone(), query_start_loc[d:] - d, seq_lens[d:].clone()
 
 
 def decode_attention(

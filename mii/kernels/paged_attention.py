@@ -23,11 +23,13 @@ import triton.language as tl
 from mii.kernels.attention_tiles import (
     ScoreOptions,
     attend_range,
+    attention_output,
     check_paged_inputs,
     dot_precision,
     dot_width,
     kv_scale_args,
 )
+from mii.kernels.decode_attention import decode_attention
 
 
 class TileConfig(NamedTuple):
@@ -165,26 +167,51 @@ def paged_attention(
     softcap: float | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    num_decodes: int = 0,
+    prompts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Triton version of `torch_ref.paged_attention_ref`. `max_query_len` is a host int
-    (no sync): it picks the tile shape. `k_scale`, `v_scale`: an fp8 cache's (Hkv,)."""
+    (no sync): it picks the tile shape. `k_scale`, `v_scale`: an fp8 cache's (Hkv,).
+
+    A mixed step whose first `num_decodes` sequences have one query token each (the
+    scheduler puts the decodes first) can send those to the split-K decode kernel and only
+    the rest through this one: give `prompts`, the rest's (block_tables, query_start_loc
+    from 0, seq_lens) in tensors of their own (`dispatch.split_prompts`). In one launch the tile
+    shape is the longest chunk's (128 packed rows), and each decode's program would run
+    it, 4 of its rows used at a group of 4, over the decode's whole context."""
     # A table too narrow for the longest chunk would send the kernel past its end (the
     # reference fails on it too); seq_lens cannot be checked without a sync.
     assert block_tables.shape[1] * k_cache.shape[1] >= max_query_len, "block table too narrow"
     group = q.shape[1] // k_cache.shape[2]
     config = tile_config(max_query_len * group, q.shape[2])
     options = ScoreOptions.of(scale, window, softcap)
-    return launch(
-        q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, config, options,
-        k_scale, v_scale,
+    scales = {"k_scale": k_scale, "v_scale": v_scale}
+    d = num_decodes
+    if prompts is None or not 0 < d < seq_lens.shape[0]:
+        return launch(
+            q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, config,
+            options, **scales,
+        )  # fmt: skip
+    prompt_tables, prompt_starts, prompt_lens = prompts
+    assert prompt_starts.shape == (seq_lens.shape[0] - d + 1,), "prompts: B - d sequences"
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    decode_attention(
+        q[:d], k_cache, v_cache, block_tables[:d], seq_lens[:d], scale, window=window,
+        softcap=softcap, out=out[:d], **scales,
     )  # fmt: skip
+    launch(
+        q[d:], k_cache, v_cache, prompt_tables, prompt_starts, prompt_lens, scale, config,
+        options, out=out[d:], **scales,
+    )  # fmt: skip
+    return out
 
 
 def launch(
     q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, config, options=None,
-    k_scale=None, v_scale=None,
+    k_scale=None, v_scale=None, out=None,
 ):  # fmt: skip
-    """`paged_attention` with the tile shape given (benchmarks sweep it)."""
+    """`paged_attention` with the tile shape given (benchmarks sweep it); `out`: where to
+    write the result (else new)."""
     options = options or ScoreOptions.of(scale, None, None)
     check_paged_inputs(q, k_cache, v_cache, block_tables, seq_lens, k_scale, v_scale)
     assert query_start_loc.dtype == torch.int32
@@ -193,7 +220,7 @@ def launch(
     tokens, q_heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]
     group = q_heads // kv_heads
-    out = torch.empty((tokens, q_heads, head_dim), dtype=q.dtype, device=q.device)
+    out = attention_output(q, out)
     num_seqs = seq_lens.shape[0]
     if tokens == 0 or num_seqs == 0:
         return out

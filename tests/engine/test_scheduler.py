@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from mii.engine.block_manager import BlockManager
@@ -9,6 +10,7 @@ from mii.engine.config import SchedulePolicy, SchedulerConfig
 from mii.engine.sampling_params import SamplingParams
 from mii.engine.scheduler import Scheduler
 from mii.engine.sequence import Sequence, SequenceStatus
+from mii.engine.step_plan import StepPlan
 
 
 def make(budget=16, blocks=64, bs=4, max_seqs=8, policy=SchedulePolicy.SPLITFUSE):
@@ -62,6 +64,20 @@ def test_decodes_go_first_then_prompt_chunks_fill_the_budget():
     out = run_step(sched)
     assert [(x.seq, x.num_tokens) for x in out.chunks] == [(a, 1), (b, 1), (c, 14)]
     assert out.num_tokens == 16
+    # the step's plan knows its leading decodes: the CUDA path attends over them apart
+    plan = StepPlan.build(out.chunks, block_size=4)
+    assert plan.num_decodes == 2 and plan.max_query_len == 14
+
+
+@pytest.mark.parametrize(
+    ("q_lens", "decodes"),
+    [([1, 1, 14], 2), ([14, 1, 1], 0), ([1, 1, 1], 3), ([3], 0), ([1, 5, 1], 1)],
+)
+def test_step_plan_counts_its_leading_one_token_sequences(q_lens, decodes):
+    starts = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    plan = StepPlan(*(np.zeros(0, dtype=np.int64),) * 3, np.zeros((len(q_lens), 1), np.int32),
+                    starts, np.array(q_lens, np.int32), np.zeros(0, np.int64))  # fmt: skip
+    assert plan.num_decodes == decodes
 
 
 @pytest.mark.parametrize("budget", [1, 7, 16, 33])

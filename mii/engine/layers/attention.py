@@ -20,6 +20,13 @@ class AttentionMetadata:
     seq_lens: torch.Tensor  # (B,) int32
     max_query_len: int
     max_seq_len: int
+    num_decodes: int = 0
+    """Leading sequences of one query token in a mixed step (the scheduler puts decodes
+    first); with `prompts` the CUDA path attends over them apart (kernels/
+    paged_attention.py)."""
+    prompts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    """The other sequences' block tables, query_start_loc from 0 and seq_lens
+    (`dispatch.split_prompts`)."""
     step: dict = field(default_factory=dict, repr=False, compare=False)
     """What every layer of this step shares on the torch path (rotary factors, attention
     layout): the first layer computes it, the others find it here."""
@@ -103,6 +110,8 @@ class PagedAttention(nn.Module):
             meta.seq_lens,
             self.scale,
             max_query_len=meta.max_query_len,
+            num_decodes=meta.num_decodes,
+            prompts=meta.prompts,
             step=meta.step,
             window=self.window,
             softcap=self.softcap,
