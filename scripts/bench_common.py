@@ -353,7 +353,10 @@ def warm_up(engine, prompts: list[list[int]], new_tokens: int) -> None:
     from mii.engine.sampling_params import SamplingParams
 
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-    for i, p in enumerate(prompts[: max(8, len(prompts) // WARM_UP_SHARE)]):
+    # Enough requests to fill max_num_seqs: decode batches past the CUDA graphs' largest
+    # run eagerly, and their first sizes compile kernels too.
+    fill = engine.config.scheduler.max_num_seqs + 64
+    for i, p in enumerate(prompts[: max(8, len(prompts) // WARM_UP_SHARE, fill)]):
         engine.add_request(f"warm{i}", p, params)
     while engine.has_unfinished_requests():
         engine.step()

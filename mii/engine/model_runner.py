@@ -27,6 +27,9 @@ from mii.engine.tp.context import SINGLE, ParallelContext
 from mii.kernels.dispatch import split_prompts
 
 GIB = 1 << 30
+MAX_GRAPH_BATCH = 512
+"""Decode batches up to this many sequences (and max_num_seqs) replay CUDA graphs; larger
+ones run eagerly."""
 
 
 @dataclass
@@ -87,7 +90,7 @@ class ModelRunner:
         self._copied: torch.cuda.Event | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
             max_blocks = -(-max_positions // self.block_size)
-            batch = min(config.scheduler.max_num_seqs, 256)
+            batch = min(config.scheduler.max_num_seqs, MAX_GRAPH_BATCH)
             self.graphs = DecodeGraphs(self.model, self.device, batch, max_blocks)
             self.graphs.capture()
 
