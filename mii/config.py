@@ -69,7 +69,7 @@ class ModelConfig(_Model):
     max_num_batched_tokens: int | None = Field(None, gt=0)
     """SplitFuse token budget per forward pass (MII: max_ragged_batch_size, default 768)."""
     max_num_seqs: int | None = Field(None, gt=0)
-    """Most requests in the engine at once (MII: max_ragged_sequence_count, default 256)."""
+    """Most requests in the engine at once (MII: max_ragged_sequence_count, default 512)."""
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     """Fraction of the GPU's memory for weights, activations and the KV cache."""
     cpu_kv_cache_gib: float = Field(1.0, gt=0)
@@ -155,7 +155,7 @@ class ModelConfig(_Model):
         max_seqs = self.max_num_seqs or self._state_manager("max_ragged_sequence_count")
         scheduler = SchedulerConfig(
             max_num_batched_tokens=budget or 768,
-            max_num_seqs=max_seqs or 256,
+            max_num_seqs=max_seqs or 512,
             policy=self.schedule_policy,
         )
         cache = CacheConfig(

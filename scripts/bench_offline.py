@@ -144,7 +144,7 @@ def main() -> None:
     ap.add_argument("--hf-requests", type=int, default=256)
     ap.add_argument("--hf-batch", type=int, default=64)
     ap.add_argument("--budget", type=int, default=4096)
-    ap.add_argument("--max-seqs", type=int, default=256)
+    ap.add_argument("--max-seqs", type=int, default=512)
     ap.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto")
     ap.add_argument("--eager", action="store_true")
     ap.add_argument("--skip-hf", action="store_true")
