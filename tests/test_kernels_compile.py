@@ -84,6 +84,9 @@ CASES = [
     (da._split_kernel, {**DECODE, "GROUP": 8, "HEAD_DIM": 128, "BLOCK_D": 128}, "bf16"),
     (da._split_kernel, {**DECODE, "GROUP": 8, "HEAD_DIM": 256, "BLOCK_D": 256, "BLOCK_N": 32,
                         "SLIDING": True, "SOFTCAP": True}, "bf16"),
+    # over an fp8 cache: bfloat16 queries, products in float16
+    (da._split_kernel, {**DECODE, "GROUP": 4, "HEAD_DIM": 128, "BLOCK_D": 128, "KV_SCALED": True},
+     ("bf16", {"k_cache_ptr": "*fp8e4nv", "v_cache_ptr": "*fp8e4nv"})),
     (da._merge_kernel, {"HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_S": 16}, "bf16"),
     (rn._rms_norm_kernel, {"HAS_RESIDUAL": True, "UNIT_OFFSET": False, "BLOCK": 4096}, "bf16"),
     (fq._act_and_mul_quantize_rows_kernel, {"GELU": False, "FP8_MAX": 448.0,
@@ -119,4 +122,4 @@ def test_decode_kernels_compile_for_hopper():
     toolchain = [r for r in results if r[1] == "toolchain"]
     if toolchain:
         pytest.skip(f"no Hopper toolchain here: {toolchain[0][2]}")
-    assert len(results) == 15 and all(r[1] == "ok" for r in results)
+    assert len(results) == 16 and all(r[1] == "ok" for r in results)

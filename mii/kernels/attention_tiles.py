@@ -8,9 +8,10 @@ softmax runs on `exp2`. Two options are compile-time flags, so that a model with
 runs the very loop it ran before: SLIDING (a row sees keys `> q_pos - window` only) and
 SOFTCAP (scores `softcap * tanh(score / softcap)`, Gemma-2).
 
-An fp8 cache: tiles are widened to q's dtype after they load (exact) and the products run
-in that dtype; the launchers fold the per-head K scale into `qk_scale` and the V scale into
-the output, so the loop itself never multiplies by a scale.
+An fp8 cache: tiles are widened after they load to float16 (exact; 16-bit queries are
+converted to it too, `products_dtype`) and the products run in float16; the launchers fold
+the per-head K scale into `qk_scale` and the V scale into the output, so the loop itself
+never multiplies by a scale.
 """
 
 from __future__ import annotations
@@ -56,6 +57,17 @@ def load_kv_tile(
     if BLOCK_D == HEAD_DIM:
         return tl.load(ptrs)
     return tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+
+
+@triton.jit
+def products_dtype(q, KV_SCALED: tl.constexpr):
+    """q in the dtype the products run in. Over an fp8 cache, 16-bit queries become float16:
+    e4m3 widens to float16 in one instruction a pair and to bfloat16 only through float16
+    (three), and both are exact; a bfloat16 query is exact in float16 unless its magnitude
+    passes 65504 or falls below 2^-24. Float32 queries (tests) stay float32."""
+    if KV_SCALED and q.dtype != tl.float32:
+        q = q.to(tl.float16)
+    return q
 
 
 @triton.jit

@@ -32,6 +32,7 @@ from mii.kernels.attention_tiles import (
     dot_precision,
     dot_width,
     kv_scale_args,
+    products_dtype,
 )
 from mii.kernels.pdl import enter, pdl_args
 
@@ -98,7 +99,7 @@ def _split_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     q_offs = seq * stride_q_seq + head[:, None] * stride_q_head + offs_d[None, :]
-    q = tl.load(q_ptr + q_offs, mask=d_ok[None, :], other=0.0)
+    q = products_dtype(tl.load(q_ptr + q_offs, mask=d_ok[None, :], other=0.0), KV_SCALED)
     q_pos = tl.zeros((BLOCK_M,), dtype=tl.int32) + seq_len - 1
 
     if KV_SCALED:

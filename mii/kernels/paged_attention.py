@@ -28,6 +28,7 @@ from mii.kernels.attention_tiles import (
     dot_precision,
     dot_width,
     kv_scale_args,
+    products_dtype,
 )
 from mii.kernels.decode_attention import decode_attention
 
@@ -92,7 +93,7 @@ def _paged_attention_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     q_offs = token[:, None] * stride_q_tok + head[:, None] * stride_q_head + offs_d[None, :]
-    q = tl.load(q_ptr + q_offs, mask=d_ok[None, :], other=0.0)
+    q = products_dtype(tl.load(q_ptr + q_offs, mask=d_ok[None, :], other=0.0), KV_SCALED)
 
     # Keys below the tile's first row position are visible to every row: no mask there.
     # With a window, keys the last row's window still holds are the lower edge of that.

@@ -252,7 +252,8 @@ def _check_decode(module, batch, dtype, num_splits, window=None, softcap=None) -
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("case", sorted(PAGED_CASES))
 @pytest.mark.parametrize("heads", [(8, 4), (9, 3)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+# bfloat16 queries run their products in float16 over an fp8 cache (products_dtype)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_paged_attention_matches_reference_interpreted(interpreted, case, heads, dtype):
     batch = fp8_batch(make_paged_batch(*PAGED_CASES[case], *heads, 64, dtype=dtype, device="cpu"))
     _check_paged(interpreted.paged_attention, batch, dtype)
@@ -272,7 +273,7 @@ DECODE_LENS = [1, 17, 64, 100, 190]
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("num_splits", [1, 3])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_decode_attention_matches_reference_interpreted(interpreted, num_splits, dtype):
     batch = fp8_batch(
         make_paged_batch(
