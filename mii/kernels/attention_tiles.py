@@ -71,6 +71,22 @@ def products_dtype(q, KV_SCALED: tl.constexpr):
 
 
 @triton.jit
+def widen_values(v, offs_n, seq_len, dtype: tl.constexpr):
+    """A value tile as `dtype` for the P @ V product. An fp8 tile is widened in registers,
+    in the layout it loaded in, before its layout changes to the product's operand (the
+    select on `offs_n` pins it there): left to itself Triton changes the layout first, in
+    shared memory at one byte an element, and the product's operand, strided along the keys
+    it sums over, then reads back one byte per instruction (64 `LDS.U8` a 64-key tile per
+    thread on sm_90, against 4 `LDS.128` and a transposing `ldmatrix` this way). Positions
+    past `seq_len` read as zero either way (masked loads give zeros there already)."""
+    if v.dtype == tl.float8e4nv:
+        v = tl.where((offs_n < seq_len)[:, None], v.to(dtype), 0.0)
+    else:
+        v = v.to(dtype)
+    return v
+
+
+@triton.jit
 def score_tile(q, k, qk_scale, softcap_inv, softcap_log2e, DOT_PRECISION: tl.constexpr,
                SOFTCAP: tl.constexpr):  # fmt: skip
     """(BLOCK_M, BLOCK_N) scores in the log2 domain. Without SOFTCAP, qk_scale is
@@ -152,7 +168,7 @@ def attend_range(
             v_ptr, table_ptr, offs_n, offs_d, seq_len, stride_v_block, stride_v_slot,
             BLOCK_SIZE, HEAD_DIM, BLOCK_D, MASKED,
         )  # fmt: skip
-        v = v.to(q.dtype)
+        v = widen_values(v, offs_n, seq_len, q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, m_i, l_i
