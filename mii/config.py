@@ -88,6 +88,9 @@ class ModelConfig(_Model):
     """splitfuse (decodes first, prompt chunks fill the budget) or prefill_first."""
     async_scheduling: bool | None = None
     """Overlap the host's scheduling with the device's step (None: on for CUDA)."""
+    warm_up: bool | None = None
+    """Run throwaway requests at start-up so that kernels compile before clients wait on
+    them (None: on for CUDA)."""
     load_format: Literal["auto", "dummy"] = "auto"
     """'dummy': random weights of the folder's config (a model's shape without its weights)."""
     skip_tokenizer_init: bool = False
@@ -178,6 +181,7 @@ class ModelConfig(_Model):
             device_ids=self.device_ids(replica),
             enforce_eager=self.enforce_eager,
             async_scheduling=self.async_scheduling,
+            warm_up=self.warm_up,
             load_format=self.load_format,
             skip_tokenizer_init=self.skip_tokenizer_init,
             quantization=self.quantization,

@@ -103,6 +103,16 @@ class BlockManager:
         seq.num_computed_tokens = len(seq.block_table) * self.block_size
         return seq.num_computed_tokens
 
+    def forget_cached_prefixes(self) -> None:
+        """Drop every cached prefix: free blocks keep no hash for a later prompt to reuse
+        (blocks that sequences hold keep theirs)."""
+        for block_id in self.free_ids:
+            block = self.blocks[block_id]
+            known = block.block_hash is not None
+            if known and self.hash_to_block.get(block.block_hash) == block_id:
+                del self.hash_to_block[block.block_hash]
+            block.block_hash, block.token_ids = None, ()
+
     def _acquire(self, block_id: int) -> None:
         block = self.blocks[block_id]
         if block.ref_count == 0:

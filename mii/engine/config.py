@@ -104,6 +104,10 @@ class EngineConfig:
     the device (benchmarks of a model's shape without its checkpoint, as vLLM's option)."""
     skip_tokenizer_init: bool = False
     """Run without a tokenizer: prompts are token ids and outputs carry ids, no text."""
+    warm_up: bool | None = None
+    """Run throwaway requests through the engine once it is built (`LLMEngine.warm_up`), so
+    that the Triton kernels of the step shapes serving meets first compile then, not while
+    the first clients wait. None: on for CUDA (the CPU compiles nothing)."""
     quantization: str | None = None
     """'fp8': linear weights in float8 e4m3 with per-output-channel scales, quantized at
     load (engine/quantization.py). None: as the checkpoint stores them (an FP8 checkpoint,

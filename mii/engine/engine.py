@@ -22,6 +22,10 @@ from mii.engine.tp.context import SINGLE, ParallelContext
 from mii.engine.tp.leader import make_runner
 from mii.errors import InvalidRequestError
 
+WARM_UP_ID = "__warm_up__/"
+"""The request ids of `LLMEngine.warm_up` start with this."""
+WARM_UP_NEW_TOKENS = 4
+
 
 @dataclass(frozen=True)
 class EngineStats:
@@ -112,6 +116,9 @@ class LLMEngine:
         self._async = self.runner.device.type == "cuda" if use_async is None else use_async
         self._inflight: _Launched | None = None
         self._needs_history: set[str] = set()  # requests with a penalty
+        warm = config.warm_up
+        if warm or (warm is None and self.runner.device.type == "cuda"):
+            self.warm_up()
 
     def _tokenizer_folder(self, model_path: str) -> str:
         name = self.config.tokenizer
@@ -129,6 +136,44 @@ class LLMEngine:
         )
         dtype = parse_dtype(str(stored)) if stored else parse_dtype("bfloat16")
         return parse_dtype("bfloat16") if dtype == parse_dtype("float32") else dtype
+
+    def warm_up(self) -> None:
+        """Run a few throwaway requests to the end: prompts alone at 1, 3, 16, 17 and 40
+        tokens, then prompt chunks (a short one, and one of the whole token budget) beside
+        running decodes. Triton compiles a kernel on its first call at each tile choice and
+        argument alignment (a step of the ragged attention's 16-, 64- and 128-row tiles,
+        token counts that are or are not multiples of 16, decodes apart from prompt chunks),
+        half a second or more each; here those compiles happen before any client waits on
+        them. Afterwards the engine holds nothing: no request, no cached prefix, its counters
+        at zero."""
+        if self.requests:
+            raise RuntimeError("warm_up runs on an engine without requests")
+        rng = random.Random(0)
+        budget = self.config.scheduler.max_num_batched_tokens
+        longest = max(1, min(budget, self.max_model_len - WARM_UP_NEW_TOKENS - 1))
+
+        def add(name: str, length: int) -> None:
+            ids = [rng.randrange(self.vocab_size) for _ in range(max(1, min(length, longest)))]
+            params = SamplingParams(max_new_tokens=WARM_UP_NEW_TOKENS, ignore_eos=True)
+            self.add_request(f"{WARM_UP_ID}{name}", ids, params)
+
+        def drain() -> None:
+            while self.has_unfinished_requests():
+                self.step()
+            if self._inflight is not None:  # the surplus step of asynchronous scheduling
+                self._complete(self._take_inflight())
+
+        for length in (1, 3, 16, 17, 40):
+            add(f"alone-{length}", length)
+            drain()
+        add("running", 5)
+        self.step()
+        self.step()  # its decodes run beside the chunks below
+        add("short", 3)
+        add("budget", budget)
+        drain()
+        self.block_manager.forget_cached_prefixes()
+        self._tokens_generated = self._prompt_tokens = self._steps = 0
 
     # ---- requests ----------------------------------------------------------------------
     def add_request(
