@@ -80,3 +80,27 @@ def test_an_engine_with_requests_is_refused(tiny_model):
     with pytest.raises(RuntimeError, match="without requests"):
         engine.warm_up()
     assert list(engine.requests) == ["r"]
+
+
+@pytest.mark.timeout(60)
+def test_tensor_parallel_ranks_warm_up_in_step(tiny_model, step_shapes):
+    """With tensor_parallel=2 the warm-up's steps run on both ranks (asked through the
+    pipeline's option); afterwards the calls' tokens and step count equal a single
+    process's without a warm-up."""
+    import mii
+
+    path = tiny_model("llama3")
+    prompts = mixed_prompts(3, (1, 17, 40), seed=4)
+    greedy = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    results = []
+    for options in (dict(warm_up=False), dict(warm_up=True, tensor_parallel=2)):
+        step_shapes.clear()
+        pipe = mii.pipeline(path, max_num_batched_tokens=BUDGET, **options)
+        try:
+            warmed = list(step_shapes)
+            tokens = [r.token_ids for r in pipe(prompts, **greedy)]
+            results.append((tokens, pipe.engine.stats().steps))
+        finally:
+            pipe.destroy()
+        assert bool(warmed) == options["warm_up"]
+    assert (40, 0) in warmed and results[1] == results[0]
