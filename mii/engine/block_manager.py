@@ -73,11 +73,17 @@ class BlockManager:
 
     def _take_fresh(self) -> int:
         block_id, _ = self.free_ids.popitem(last=False)
+        self._unhash(block_id)
+        self.blocks[block_id].ref_count = 1
+        return block_id
+
+    def _unhash(self, block_id: int) -> None:
+        """The block no longer holds a cached prefix: its hash leaves the lookup (where it
+        still points here) and the block keeps no tokens."""
         block = self.blocks[block_id]
         if block.block_hash is not None and self.hash_to_block.get(block.block_hash) == block_id:
             del self.hash_to_block[block.block_hash]
-        block.block_hash, block.token_ids, block.ref_count = None, (), 1
-        return block_id
+        block.block_hash, block.token_ids = None, ()
 
     def reuse_cached_prefix(self, seq: Sequence) -> int:
         """Attach the cached blocks that hold a prefix of `seq`; returns tokens reused.
@@ -107,11 +113,7 @@ class BlockManager:
         """Drop every cached prefix: free blocks keep no hash for a later prompt to reuse
         (blocks that sequences hold keep theirs)."""
         for block_id in self.free_ids:
-            block = self.blocks[block_id]
-            known = block.block_hash is not None
-            if known and self.hash_to_block.get(block.block_hash) == block_id:
-                del self.hash_to_block[block.block_hash]
-            block.block_hash, block.token_ids = None, ()
+            self._unhash(block_id)
 
     def _acquire(self, block_id: int) -> None:
         block = self.blocks[block_id]
