@@ -157,11 +157,9 @@ class LLMEngine:
             params = SamplingParams(max_new_tokens=WARM_UP_NEW_TOKENS, ignore_eos=True)
             self.add_request(f"{WARM_UP_ID}{name}", ids, params)
 
-        def drain() -> None:
-            while self.has_unfinished_requests():
+        def drain() -> None:  # with asynchronous scheduling, to its surplus step's end too
+            while self.has_unfinished_requests() or self._inflight is not None:
                 self.step()
-            if self._inflight is not None:  # the surplus step of asynchronous scheduling
-                self._complete(self._take_inflight())
 
         for length in (1, 3, 16, 17, 40):
             add(f"alone-{length}", length)
