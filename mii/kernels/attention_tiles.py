@@ -9,7 +9,7 @@ runs the very loop it ran before: SLIDING (a row sees keys `> q_pos - window` on
 SOFTCAP (scores `softcap * tanh(score / softcap)`, Gemma-2).
 
 An fp8 cache: tiles are widened after they load to float16 (exact; 16-bit queries are
-converted to it too, `products_dtype`) and the products run in float16; the launchers fold
+brought to it too, `scaled_query`) and the products run in float16; the launchers fold
 the per-head K scale into `qk_scale` and the V scale into the output, so the loop itself
 never multiplies by a scale.
 """
@@ -60,14 +60,27 @@ def load_kv_tile(
 
 
 @triton.jit
-def products_dtype(q, KV_SCALED: tl.constexpr):
-    """q in the dtype the products run in. Over an fp8 cache, 16-bit queries become float16:
-    e4m3 widens to float16 in one instruction a pair and to bfloat16 only through float16
-    (three), and both are exact; a bfloat16 query is exact in float16 unless its magnitude
-    passes 65504 or falls below 2^-24. Float32 queries (tests) stay float32."""
-    if KV_SCALED and q.dtype != tl.float32:
-        q = q.to(tl.float16)
-    return q
+def scaled_query(q):
+    """An fp8 cache's query as the products' operand, and the power of two (BLOCK_M, 1)
+    that each row was divided by (the caller multiplies qk_scale by it). e4m3 widens to
+    float16 in one instruction a pair and to bfloat16 only through float16 (three), so
+    16-bit queries multiply in float16. A bfloat16 row can pass float16's 65504, though
+    (biased q projections do), so each row is first brought to a largest magnitude in
+    [2^14, 2^15) by a power of two: exact, and leaves float16's subnormals to elements
+    2^38 below their row's largest. Float16 queries are already the operand; float32
+    queries (tests) stay float32."""
+    row_unit = 1.0
+    if q.dtype == tl.bfloat16:
+        q = q.to(tl.float32)
+        amax = tl.max(tl.abs(q), 1)
+        # 2^floor(log2(amax)) and its inverse from the exponent bits: exact (a zero row
+        # gets unit 0, and its scores stay 0)
+        unit_bits = amax.to(tl.int32, bitcast=True) & 0x7F800000
+        unit = unit_bits.to(tl.float32, bitcast=True)
+        inv = (0x7F000000 - unit_bits).to(tl.float32, bitcast=True)
+        q = (q * (inv * 16384.0)[:, None]).to(tl.float16)
+        row_unit = (unit * (1.0 / 16384.0))[:, None]
+    return q, row_unit
 
 
 @triton.jit

@@ -32,7 +32,7 @@ from mii.kernels.attention_tiles import (
     dot_precision,
     dot_width,
     kv_scale_args,
-    products_dtype,
+    scaled_query,
 )
 from mii.kernels.pdl import enter, pdl_args
 
@@ -99,11 +99,12 @@ def _split_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     q_offs = seq * stride_q_seq + head[:, None] * stride_q_head + offs_d[None, :]
-    q = products_dtype(tl.load(q_ptr + q_offs, mask=d_ok[None, :], other=0.0), KV_SCALED)
+    q = tl.load(q_ptr + q_offs, mask=d_ok[None, :], other=0.0)
     q_pos = tl.zeros((BLOCK_M,), dtype=tl.int32) + seq_len - 1
 
-    if KV_SCALED:
-        qk_scale = qk_scale * tl.load(k_scale_ptr + kv_head)
+    if KV_SCALED:  # an fp8 cache: qk = q . k_fp8 * (scale * k_scale)
+        q, q_unit = scaled_query(q)
+        qk_scale = qk_scale * tl.load(k_scale_ptr + kv_head) * q_unit
     table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_table
     k_ptr = k_cache_ptr + kv_head * stride_k_head
     v_ptr = v_cache_ptr + kv_head * stride_v_head

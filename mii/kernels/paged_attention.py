@@ -28,7 +28,7 @@ from mii.kernels.attention_tiles import (
     dot_precision,
     dot_width,
     kv_scale_args,
-    products_dtype,
+    scaled_query,
 )
 from mii.kernels.decode_attention import decode_attention
 
@@ -93,7 +93,7 @@ def _paged_attention_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     q_offs = token[:, None] * stride_q_tok + head[:, None] * stride_q_head + offs_d[None, :]
-    q = products_dtype(tl.load(q_ptr + q_offs, mask=d_ok[None, :], other=0.0), KV_SCALED)
+    q = tl.load(q_ptr + q_offs, mask=d_ok[None, :], other=0.0)
 
     # Keys below the tile's first row position are visible to every row: no mask there.
     # With a window, keys the last row's window still holds are the lower edge of that.
@@ -106,8 +106,9 @@ def _paged_attention_kernel(
         lo = tl.maximum(first_pos - window + 1, 0) // BLOCK_N * BLOCK_N
         shared_lo = tl.cdiv(tl.maximum(last_pos - window + 1, 0), BLOCK_N) * BLOCK_N
         unmasked_lo = tl.minimum(shared_lo, unmasked_end)
-    if KV_SCALED:  # an fp8 cache: score = q . k_fp8 * (scale * k_scale)
-        qk_scale = qk_scale * tl.load(k_scale_ptr + kv_head)
+    if KV_SCALED:  # an fp8 cache: qk = q . k_fp8 * (scale * k_scale)
+        q, q_unit = scaled_query(q)
+        qk_scale = qk_scale * tl.load(k_scale_ptr + kv_head) * q_unit
     table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_table
     k_ptr = k_cache_ptr + kv_head * stride_k_head
     v_ptr = v_cache_ptr + kv_head * stride_v_head

@@ -252,7 +252,7 @@ def _check_decode(module, batch, dtype, num_splits, window=None, softcap=None) -
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("case", sorted(PAGED_CASES))
 @pytest.mark.parametrize("heads", [(8, 4), (9, 3)])
-# bfloat16 queries run their products in float16 over an fp8 cache (products_dtype)
+# bfloat16 queries run their products in float16 over an fp8 cache (scaled_query)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_paged_attention_matches_reference_interpreted(interpreted, case, heads, dtype):
     batch = fp8_batch(make_paged_batch(*PAGED_CASES[case], *heads, 64, dtype=dtype, device="cpu"))
@@ -292,6 +292,28 @@ def test_decode_attention_window_and_softcap_interpreted(interpreted, window, so
         )  # fmt: skip
     )
     _check_decode(interpreted.decode_attention, batch, torch.float32, 3, window, softcap)
+
+
+@pytest.mark.timeout(60)
+def test_bfloat16_queries_past_float16_range_interpreted(interpreted):
+    """Products over an fp8 cache run in float16 (scaled_query): bfloat16 query rows of
+    10^5 to 10^7 (float16 ends at 65504) with the softmax scale shrunk to match, so the
+    scores are the usual ones, must give the reference's output, not inf or NaN."""
+    batch = fp8_batch(
+        make_paged_batch(*PAGED_CASES["mixed"], 8, 4, 64, dtype=torch.bfloat16, device="cpu")
+    )
+    batch.q.mul_(2.0**17)
+    batch.scale *= 2.0**-17
+    assert batch.q.abs().amax() > 65504
+    _check_paged(interpreted.paged_attention, batch, torch.bfloat16)
+    decodes = fp8_batch(
+        make_paged_batch(
+            [1] * len(DECODE_LENS), DECODE_LENS, 8, 4, 64, dtype=torch.bfloat16, device="cpu"
+        )  # fmt: skip
+    )
+    decodes.q.mul_(2.0**17)
+    decodes.scale *= 2.0**-17
+    _check_decode(interpreted.decode_attention, decodes, torch.bfloat16, 3)
 
 
 def test_an_fp8_cache_without_scales_is_refused(interpreted):
@@ -346,10 +368,11 @@ def test_window_and_softcap_match_reference_gpu(compiled, window, softcap, shape
     window = window and 100 * window  # windows shorter than the contexts
     _check_paged(compiled.paged_attention, batch, torch.bfloat16, window, softcap)
     lens = [1, 15, 300, 1000, 4097, 8000]
-    batch = make_paged_batch([1] * len(lens), lens, *shape, dtype=torch.bfloat16, device="cuda")
+    batch = fp8_batch(
+        make_paged_batch([1] * len(lens), lens, *shape, dtype=torch.bfloat16, device="cuda")
+    )
     for splits in (None, 1, 16):
-        _check_decode(compiled.decode_attention, fp8_batch(batch), torch.bfloat16, splits,
-                      window, softcap)  # fmt: skip
+        _check_decode(compiled.decode_attention, batch, torch.bfloat16, splits, window, softcap)
 
 
 @pytest.mark.gpu
