@@ -20,7 +20,7 @@ from mii.kernels import torch_ref
 MODEL_CONTEXT = 32768  # Mistral-7B's max_position_embeddings
 
 
-def sweep(copy_bw, batch, context, fp8=False, q_heads=32, kv_heads=8, dim=128):
+def sweep(copy_bw, batch, context, fp8=False, q_heads=32, kv_heads=8, dim=128, narrow=None):
     held = -(-context // BLOCK_SIZE) * BLOCK_SIZE  # whole cache blocks; `context` attended
     k, v = (torch.randn(batch, held, kv_heads, dim, device="cuda", dtype=DTYPE) for _ in "kv")
     k_cache, v_cache, tables = paged_from_dense(k, v)
@@ -44,11 +44,14 @@ def sweep(copy_bw, batch, context, fp8=False, q_heads=32, kv_heads=8, dim=128):
     # fp8: fewer warps issue fewer instructions a tile (sm_90 SASS of a 64-key tile: 1,812
     # a thread with one warp, 665 with four; 58K against 85K thread-instructions)
     tiles, warps_ = ((64, 128, 256), (1, 2, 4, 8)) if fp8 else ((32, 64, 128), (2, 4, 8))
+    stages_ = (2, 3, 4)
+    if narrow:  # --block-n / --warps / --stages: a shorter sweep
+        tiles, warps_, stages_ = (n or d for n, d in zip(narrow, (tiles, warps_, stages_), strict=True))
     # The engine's launch: its graphs' block tables span the model's whole context.
     sm_count = torch.cuda.get_device_properties(0).multi_processor_count
     engine_splits = decode_mod.default_num_splits(batch, kv_heads, MODEL_CONTEXT, sm_count)
     split_counts = sorted({1, 2, engine_splits})
-    for splits, bn, warps, stages in itertools.product(split_counts, tiles, warps_, (2, 3, 4)):
+    for splits, bn, warps, stages in itertools.product(split_counts, tiles, warps_, stages_):
         config = decode_mod.SplitConfig(bn, warps, stages)
 
         def run(s=splits, c=config):
@@ -77,11 +80,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--fp8", action="store_true", help="an e4m3 cache (per-head scales)")
     ap.add_argument("--shapes", nargs="*", default=["256x576", "128x1100", "64x4096", "1x300"])
+    ap.add_argument("--block-n", type=int, nargs="*", help="only these key tiles")
+    ap.add_argument("--warps", type=int, nargs="*", help="only these warp counts")
+    ap.add_argument("--stages", type=int, nargs="*", help="only these stage counts")
     args = ap.parse_args()
+    narrow = (args.block_n, args.warps, args.stages)
     copy_bw = copy_bandwidth()
     for shape in args.shapes:
         batch, context = (int(x) for x in shape.split("x"))
-        sweep(copy_bw, batch, context, args.fp8)
+        sweep(copy_bw, batch, context, args.fp8, narrow=narrow)
         torch.cuda.empty_cache()
 
 
