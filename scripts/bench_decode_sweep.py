@@ -46,7 +46,8 @@ def sweep(copy_bw, batch, context, fp8=False, q_heads=32, kv_heads=8, dim=128, n
     tiles, warps_ = ((64, 128, 256), (1, 2, 4, 8)) if fp8 else ((32, 64, 128), (2, 4, 8))
     stages_ = (2, 3, 4)
     if narrow:  # --block-n / --warps / --stages: a shorter sweep
-        tiles, warps_, stages_ = (n or d for n, d in zip(narrow, (tiles, warps_, stages_), strict=True))
+        full = (tiles, warps_, stages_)
+        tiles, warps_, stages_ = (n or d for n, d in zip(narrow, full, strict=True))
     # The engine's launch: its graphs' block tables span the model's whole context.
     sm_count = torch.cuda.get_device_properties(0).multi_processor_count
     engine_splits = decode_mod.default_num_splits(batch, kv_heads, MODEL_CONTEXT, sm_count)
