@@ -25,6 +25,7 @@ pytestmark = pytest.mark.timeout(300)
 SCRIPT = r"""
 import inspect, json, sys
 import triton
+import triton.language as tl
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
 from triton.compiler.errors import CompilationError
@@ -88,7 +89,12 @@ CASES = [
     (da._split_kernel, {**DECODE, "GROUP": 4, "HEAD_DIM": 128, "BLOCK_D": 128, "KV_SCALED": True},
      ("bf16", {"k_cache_ptr": "*fp8e4nv", "v_cache_ptr": "*fp8e4nv"})),
     (da._merge_kernel, {"HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_S": 16}, "bf16"),
-    (rn._rms_norm_kernel, {"HAS_RESIDUAL": True, "UNIT_OFFSET": False, "BLOCK": 4096}, "bf16"),
+    (rn._rms_norm_kernel, {"HAS_RESIDUAL": True, "UNIT_OFFSET": False, "BLOCK": 4096,
+                           "QUANTIZE": False, "ROUND_TO": tl.bfloat16}, "bf16"),
+    # ending in the per-token quantization of an FP8 linear layer's input
+    (rn._rms_norm_kernel, {"HAS_RESIDUAL": True, "UNIT_OFFSET": False, "BLOCK": 4096,
+                           "QUANTIZE": True, "ROUND_TO": tl.bfloat16},
+     ("bf16", {"out_ptr": "*fp8e4nv"})),
     (fq._act_and_mul_quantize_rows_kernel, {"GELU": False, "FP8_MAX": 448.0,
      "MIN_SCALE": 1e-12, "BLOCK": 16384}, ("bf16", {"q_ptr": "*fp8e4nv"})),
 ]
@@ -122,4 +128,4 @@ def test_decode_kernels_compile_for_hopper():
     toolchain = [r for r in results if r[1] == "toolchain"]
     if toolchain:
         pytest.skip(f"no Hopper toolchain here: {toolchain[0][2]}")
-    assert len(results) == 16 and all(r[1] == "ok" for r in results)
+    assert len(results) == 17 and all(r[1] == "ok" for r in results)

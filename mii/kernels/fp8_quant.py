@@ -9,6 +9,8 @@ back the (4096, 14336) activation: 235 MB of a layer's 470 MB through those two 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -19,8 +21,28 @@ from mii.kernels.fp8_ref import FP8, FP8_MAX, MIN_SCALE
 MAX_ROW = 1 << 16  # elements a program holds in registers
 
 
+class QuantizedRows(NamedTuple):
+    """Activations already quantized per token for a W8A8 GEMM (the FP8 linear layers
+    take them in place of x: kernels/rms_norm.py's `rms_norm_quantized` makes them)."""
+
+    q: torch.Tensor
+    """(M, K) float8_e4m3fn"""
+    scale: torch.Tensor
+    """(M,) float32"""
+    dtype: torch.dtype
+    """the unquantized activations' dtype, the GEMM's output dtype"""
+
+
+def quantized_outputs(rows: int, cols: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Empty (rows, cols) float8 values and (rows,) float32 scales, for a kernel that
+    quantizes rows of `cols` elements (at most MAX_ROW) held in registers."""
+    assert cols <= MAX_ROW, f"rows of {cols} elements exceed {MAX_ROW}"
+    q = torch.empty((rows, cols), dtype=FP8, device=device)
+    return q, torch.empty(rows, dtype=torch.float32, device=device)
+
+
 @triton.jit
-def _store_quantized(x, q_row_ptr, scale_ptr, offs, mask, FP8_MAX: tl.constexpr,
+def store_quantized(x, q_row_ptr, scale_ptr, offs, mask, FP8_MAX: tl.constexpr,
                      MIN_SCALE: tl.constexpr):  # fmt: skip
     """One float32 row (masked lanes 0) quantized by its absolute maximum, and its scale."""
     scale = tl.maximum(tl.max(tl.abs(x), 0) / FP8_MAX, MIN_SCALE)
@@ -38,7 +60,7 @@ def _quantize_rows_kernel(
     offs = tl.arange(0, BLOCK)
     mask = offs < cols
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
-    _store_quantized(x, q_ptr + row * stride_q, scale_ptr + row, offs, mask, FP8_MAX, MIN_SCALE)
+    store_quantized(x, q_ptr + row * stride_q, scale_ptr + row, offs, mask, FP8_MAX, MIN_SCALE)
 
 
 @triton.jit
@@ -52,15 +74,13 @@ def _act_and_mul_quantize_rows_kernel(
     gate = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
     up = tl.load(x_ptr + row * stride_x + inner + offs, mask=mask, other=0.0)
     h = act_and_mul(gate, up, GELU).to(tl.float32)  # rounded to x's dtype, as stored
-    _store_quantized(h, q_ptr + row * stride_q, scale_ptr + row, offs, mask, FP8_MAX, MIN_SCALE)
+    store_quantized(h, q_ptr + row * stride_q, scale_ptr + row, offs, mask, FP8_MAX, MIN_SCALE)
 
 
 def _quantize(kernel, x: torch.Tensor, cols: int, **constexprs) -> tuple[torch.Tensor, ...]:
     """One program per row of x: `cols` quantized values a row and the row's scale."""
     assert x.dim() == 2 and x.stride(1) == 1, "x must be (M, K) with dense rows"
-    assert cols <= MAX_ROW, f"rows of {cols} elements exceed {MAX_ROW}"
-    q = torch.empty((x.shape[0], cols), dtype=FP8, device=x.device)
-    scale = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    q, scale = quantized_outputs(x.shape[0], cols, x.device)
     if x.shape[0] == 0:
         return q, scale
     block = triton.next_power_of_2(cols)

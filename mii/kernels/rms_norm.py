@@ -1,4 +1,10 @@
-"""Residual add fused with RMSNorm: one program per row, the row held in registers."""
+"""Residual add fused with RMSNorm: one program per row, the row held in registers.
+
+`rms_norm_quantized` ends in the per-token FP8 quantization of an FP8 linear layer's W8A8
+GEMM instead of the normed row (the bits of `fp8_quant.quantize_rows(rms_norm(...)[0])`:
+the row is rounded to the normed output's dtype first). In a 4,096-token step of the
+Mistral-7B shape that saves writing and reading back two (4096, 4096) activations a
+layer, and the quantization's launches."""
 
 from __future__ import annotations
 
@@ -6,16 +12,24 @@ import torch
 import triton
 import triton.language as tl
 
+from mii.kernels.fp8_quant import QuantizedRows, quantized_outputs, store_quantized
+from mii.kernels import fp8_ref
 from mii.kernels.pdl import enter, pdl_args
+
+FP8_MAX = tl.constexpr(fp8_ref.FP8_MAX)
+MIN_SCALE = tl.constexpr(fp8_ref.MIN_SCALE)
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
 @triton.jit
 def _rms_norm_kernel(
-    x_ptr, residual_ptr, weight_ptr, out_ptr, new_residual_ptr,
+    x_ptr, residual_ptr, weight_ptr, out_ptr, new_residual_ptr, scale_ptr,
     hidden, eps, stride_x, stride_residual, stride_out, stride_new_residual,
     HAS_RESIDUAL: tl.constexpr, UNIT_OFFSET: tl.constexpr, BLOCK: tl.constexpr,
-    PDL: tl.constexpr,
+    QUANTIZE: tl.constexpr, ROUND_TO: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    """QUANTIZE: out_ptr takes the row quantized to float8 and scale_ptr its scale, after
+    rounding to ROUND_TO (the dtype the normed row has unquantized)."""
     enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -26,7 +40,12 @@ def _rms_norm_kernel(
         x = add_rounded(x, r)
         tl.store(new_residual_ptr + row * stride_new_residual + offs, x, mask=mask)
     out = normalized(x, weight_ptr, offs, mask, hidden, eps, UNIT_OFFSET)
-    tl.store(out_ptr + row * stride_out + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+    if QUANTIZE:
+        out = out.to(ROUND_TO).to(tl.float32)
+        store_quantized(out, out_ptr + row * stride_out, scale_ptr + row, offs, mask, FP8_MAX,
+                        MIN_SCALE)  # fmt: skip
+    else:
+        tl.store(out_ptr + row * stride_out + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -65,6 +84,23 @@ def rms_norm(
     """Triton version of `torch_ref.rms_norm_ref`: (weight * norm(x + residual),
     x + residual); without a residual the second result is x itself. `unit_offset`:
     Gemma's (1 + weight) scale, the result in x's dtype."""
+    return _launch(x, weight, eps, residual, unit_offset, quantize=False)
+
+
+def rms_norm_quantized(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    unit_offset: bool = False,
+) -> tuple[QuantizedRows, torch.Tensor]:
+    """`rms_norm` with the normed rows quantized per token for a W8A8 GEMM: (the
+    `QuantizedRows` of `fp8_quant.quantize_rows(rms_norm(...)[0])`, bit for bit, as (N, H)
+    rows; x + residual)."""
+    return _launch(x, weight, eps, residual, unit_offset, quantize=True)
+
+
+def _launch(x, weight, eps, residual, unit_offset: bool, quantize: bool):
     hidden = x.shape[-1]
     assert weight.shape == (hidden,) and weight.stride(0) == 1
     assert weight.device == x.device
@@ -73,18 +109,24 @@ def rms_norm(
         assert residual.device == x.device
     # as torch's weight * normed; Gemma casts back to x's dtype
     out_dtype = x.dtype if unit_offset else torch.promote_types(weight.dtype, x.dtype)
-    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     new_residual = x if residual is None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    x2, out2 = _rows(x), out.view(-1, hidden)  # (N, H)
+    x2 = _rows(x)  # (N, H)
     res2 = x2 if residual is None else _rows(residual)
     new2 = x2 if residual is None else new_residual.view(-1, hidden)
+    if quantize:
+        out2, scale = quantized_outputs(x2.shape[0], hidden, x.device)
+        out = QuantizedRows(out2, scale, out_dtype)
+    else:
+        out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+        out2 = scale = out.view(-1, hidden)  # scale: a placeholder, never written
     if x2.shape[0] == 0:
         return out, new_residual
     block = triton.next_power_of_2(hidden)
     _rms_norm_kernel[(x2.shape[0],)](
-        x2, res2, weight, out2, new2, hidden, eps,
+        x2, res2, weight, out2, new2, scale, hidden, eps,
         x2.stride(0), res2.stride(0), out2.stride(0), new2.stride(0),
         HAS_RESIDUAL=residual is not None, UNIT_OFFSET=unit_offset, BLOCK=block,
+        QUANTIZE=quantize, ROUND_TO=_TL_DTYPES[out_dtype],
         num_warps=min(16, max(1, block // 512)), **pdl_args(x),
     )  # fmt: skip
     return out, new_residual

@@ -1,4 +1,5 @@
-"""Fused residual add + RMSNorm against `rms_norm_ref`."""
+"""Fused residual add + RMSNorm against `rms_norm_ref`; its per-token FP8 quantization
+(`rms_norm_quantized`) against `quantize_rows` of its output, bit for bit."""
 
 from __future__ import annotations
 
@@ -22,6 +23,46 @@ def _check(module, tokens, hidden, dtype, weight_dtype, with_residual, device, u
     assert rel_err(out, expected) < TOLERANCE[dtype]
     assert torch.equal(new_residual, expected_residual)  # one rounding, as torch's add
     assert with_residual or new_residual is x
+
+
+def _inputs(tokens, hidden, dtype, with_residual, device):
+    gen = torch.Generator().manual_seed(hidden)
+    x = torch.randn(tokens, hidden, generator=gen).to(device=device, dtype=dtype)
+    residual = torch.randn(tokens, hidden, generator=gen).to(device=device, dtype=dtype)
+    x[0] *= 1000  # rows of different sizes: a scale from the wrong row shows
+    weight = (1 + 0.1 * torch.randn(hidden, generator=gen)).to(device=device, dtype=dtype)
+    return x, (residual if with_residual else None), weight
+
+
+def _check_quantized(kernels, tokens, hidden, dtype, with_residual, device, unit_offset=False):
+    x, residual, weight = _inputs(tokens, hidden, dtype, with_residual, device)
+    normed, expected_residual = kernels.rms_norm.rms_norm(x, weight, 1e-6, residual, unit_offset)
+    want_q, want_scale = kernels.fp8_quant.quantize_rows(normed)
+    with poisoned_allocations():
+        rows, new_residual = kernels.rms_norm.rms_norm_quantized(
+            x, weight, 1e-6, residual, unit_offset
+        )
+    assert rows.dtype == normed.dtype and rows.q.dtype == torch.float8_e4m3fn
+    assert torch.equal(rows.q.view(torch.uint8), want_q.view(torch.uint8))
+    assert torch.equal(rows.scale, want_scale)
+    assert torch.equal(new_residual, expected_residual)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("unit_offset", [False, True])
+@pytest.mark.parametrize("with_residual", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_rows_are_the_bits_of_norm_then_quantize_interpreted(
+    interpreted, unit_offset, with_residual, dtype
+):
+    _check_quantized(interpreted, 5, 576, dtype, with_residual, "cpu", unit_offset)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("with_residual", [True, False])
+@pytest.mark.parametrize("hidden", [576, 4096])
+def test_quantized_rows_are_the_bits_of_norm_then_quantize_gpu(compiled, with_residual, hidden):
+    _check_quantized(compiled, 300, hidden, torch.bfloat16, with_residual, "cuda")
 
 
 @pytest.mark.timeout(60)
