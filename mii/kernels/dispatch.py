@@ -11,6 +11,7 @@ import os
 import torch
 
 from mii.kernels import torch_ref
+from mii.kernels.fp8_ref import QuantizedRows
 from mii.kernels.fused_moe_ref import ExpertScales
 
 
@@ -63,6 +64,34 @@ def rms_norm(
 
         return kernel(x, weight, eps, residual, unit_offset)
     return torch_ref.rms_norm_ref(x, weight, eps, residual, unit_offset)
+
+
+def rms_norm_quantized(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    unit_offset: bool = False,
+) -> tuple[QuantizedRows, torch.Tensor]:
+    """`rms_norm` ending in the per-token FP8 quantization of the W8A8 GEMM after it, in
+    one kernel (CUDA only: the norm asks `fp8_rows_wanted` first)."""
+    from mii.kernels.rms_norm import rms_norm_quantized as kernel
+
+    return kernel(x, weight, eps, residual, unit_offset)
+
+
+def fp8_rows_wanted(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `fp8_linear` with this float8 weight would quantize x's rows per token (a
+    W8A8 GEMM on CUDA, past the one-row GEMV), so that the norm producing x may quantize
+    them instead (`rms_norm_quantized`: the same bits, without writing x and reading it
+    back). `MII_FP8_NORM_QUANT=0` turns that off."""
+    if x.dim() != 2 or not _triton_on(x) or gemv_on(x):
+        return False
+    if os.environ.get("MII_FP8_NORM_QUANT", "1") == "0":
+        return False
+    from mii.kernels.fp8_gemm import takes_quantized_rows
+
+    return takes_quantized_rows(x.shape[0], weight.shape[0], weight.shape[1], x.dtype)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
@@ -207,7 +236,7 @@ def fused_moe(
 
 
 def fp8_linear(
-    x: torch.Tensor,
+    x: torch.Tensor | QuantizedRows,
     weight: torch.Tensor,
     scale: torch.Tensor,
     bias: torch.Tensor | None,
@@ -217,7 +246,12 @@ def fp8_linear(
     CUDA the GEMV for one row (`gemv_on`), else Triton or `torch._scaled_mm` by M
     (kernels/fp8_gemm.py); otherwise the weight dequantized into x's dtype for this call.
     `gated`: x is [gate | up] and act_and_mul(x, gated) is multiplied (inside the GEMV; in
-    the per-token quantization before a W8A8 GEMM)."""
+    the per-token quantization before a W8A8 GEMM). x may come quantized already
+    (`rms_norm_quantized`, where `fp8_rows_wanted`)."""
+    if isinstance(x, QuantizedRows):
+        from mii.kernels.fp8_gemm import quantized_linear
+
+        return quantized_linear(x, weight, scale, bias)
     if gemv_on(x):
         return gemv(x, weight, scale, bias, gated)
     if _triton_on(x):

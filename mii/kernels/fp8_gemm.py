@@ -29,7 +29,7 @@ import triton.language as tl
 
 from mii.kernels.activation import gelu_tanh_and_mul, silu_and_mul
 from mii.kernels.fp8_quant import act_and_mul_quantize_rows, quantize_rows
-from mii.kernels.fp8_ref import FP8_MAX, MIN_SCALE
+from mii.kernels.fp8_ref import FP8_MAX, MIN_SCALE, QuantizedRows
 from mii.kernels.gemv import GATED_REFS
 
 TRITON_MAX_M = 64
@@ -38,6 +38,8 @@ on an H100: Triton ahead up to 64 rows, cuBLASLt from 256)."""
 BACKENDS = ("triton", "triton_w8a8", "triton_w8a8_block", "scaled_mm", "scaled_mm_fast_accum")
 """`scaled_mm_fast_accum`: cuBLASLt's faster fp8 accumulation (partial sums kept at lower
 precision between promotions), for benchmarks to weigh against `scaled_mm`."""
+W8A8_BACKENDS = ("triton_w8a8", "scaled_mm", "scaled_mm_fast_accum")
+"""The backends that quantize activations per token: the ones `QuantizedRows` go through."""
 SHARED_MEMORY = 200 * 1024  # bytes of pipelined tiles a program may hold (H100: 227 KB)
 
 
@@ -235,6 +237,10 @@ def scaled_mm_linear(
     """W8A8 through cuBLASLt: x quantized per token, then `torch._scaled_mm` with row-wise
     scales (sm_89+; bf16 output; K and N multiples of 16). `gated`: as `fp8_linear`."""
     q, x_scale = _quantized(x, gated)
+    return _scaled_mm_rows(q, x_scale, weight, w_scale, bias, fast_accum)
+
+
+def _scaled_mm_rows(q, x_scale, weight, w_scale, bias, fast_accum: bool) -> torch.Tensor:
     # _scaled_mm wants the second operand column-major: w (N, K) row-major, transposed.
     y = torch._scaled_mm(
         q, weight.t(), scale_a=x_scale[:, None], scale_b=w_scale[None, :],
@@ -280,6 +286,9 @@ def fp8_linear(
     rounded as kernels/activation.py rounds it; the W8A8 backends quantize it in the same
     pass (`act_and_mul_quantize_rows`), the others take it from the activation kernel."""
     assert gated is None or gated in GATED_REFS, f"gated activation {gated!r}"
+    if isinstance(x, QuantizedRows):
+        assert gated is None, "quantized rows are the product's operand already"
+        return quantized_linear(x, weight, w_scale, bias, backend)
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -293,12 +302,39 @@ def fp8_linear(
         y = fp8_gemm(x2, weight, w_scale, bias)
     elif backend == "triton_w8a8_block":
         y = fp8_gemm(x2, weight, w_scale, bias, a_block_quant=True)
-    elif backend == "triton_w8a8":
+    elif backend in W8A8_BACKENDS:
         q, x_scale = _quantized(x2, gated)
-        y = fp8_gemm(q, weight, w_scale, bias, a_scale=x_scale, out_dtype=x.dtype)
-    elif backend in ("scaled_mm", "scaled_mm_fast_accum"):
-        fast = backend == "scaled_mm_fast_accum"
-        y = scaled_mm_linear(x2, weight, w_scale, bias, fast, gated).to(x.dtype)
+        y = _w8a8(q, x_scale, weight, w_scale, bias, x.dtype, backend)
     else:
         raise ValueError(f"unknown fp8 backend {backend!r}; one of {BACKENDS}")
     return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def takes_quantized_rows(m: int, n: int, k: int, dtype: torch.dtype) -> bool:
+    """Whether `fp8_linear` of m rows of `dtype` with an (n, k) weight quantizes them per
+    token (a W8A8 backend by `choose_backend`), so that `QuantizedRows` may stand for them."""
+    return choose_backend(m, n, k, dtype) in W8A8_BACKENDS
+
+
+def quantized_linear(
+    rows: QuantizedRows,
+    weight: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """`fp8_linear` of activations quantized per token already: (M, N) in `rows.dtype`, the
+    bits `fp8_linear` gives for the unquantized rows through the same W8A8 backend."""
+    m, k = rows.q.shape
+    assert k == weight.shape[1], f"rows {tuple(rows.q.shape)}, weight K {weight.shape[1]}"
+    backend = backend or choose_backend(m, weight.shape[0], k, rows.dtype)
+    assert backend in W8A8_BACKENDS, f"quantized rows go through {W8A8_BACKENDS}, not {backend}"
+    return _w8a8(rows.q, rows.scale, weight, w_scale, bias, rows.dtype, backend)
+
+
+def _w8a8(q, x_scale, weight, w_scale, bias, dtype: torch.dtype, backend: str) -> torch.Tensor:
+    """The product of per-token quantized rows (q, x_scale) with float8 weights."""
+    if backend == "triton_w8a8":
+        return fp8_gemm(q, weight, w_scale, bias, a_scale=x_scale, out_dtype=dtype)
+    fast = backend == "scaled_mm_fast_accum"
+    return _scaled_mm_rows(q, x_scale, weight, w_scale, bias, fast).to(dtype)

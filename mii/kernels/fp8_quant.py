@@ -9,8 +9,6 @@ back the (4096, 14336) activation: 235 MB of a layer's 470 MB through those two 
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
@@ -19,18 +17,6 @@ from mii.kernels.activation import act_and_mul
 from mii.kernels.fp8_ref import FP8, FP8_MAX, MIN_SCALE
 
 MAX_ROW = 1 << 16  # elements a program holds in registers
-
-
-class QuantizedRows(NamedTuple):
-    """Activations already quantized per token for a W8A8 GEMM (the FP8 linear layers
-    take them in place of x: kernels/rms_norm.py's `rms_norm_quantized` makes them)."""
-
-    q: torch.Tensor
-    """(M, K) float8_e4m3fn"""
-    scale: torch.Tensor
-    """(M,) float32"""
-    dtype: torch.dtype
-    """the unquantized activations' dtype, the GEMM's output dtype"""
 
 
 def quantized_outputs(rows: int, cols: int, device: torch.device) -> tuple[torch.Tensor, ...]:

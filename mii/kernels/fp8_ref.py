@@ -16,11 +16,26 @@ of x it loads.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 MIN_SCALE = 1e-12 / FP8_MAX  # an all-zero row keeps a finite scale (and quantizes to 0)
+
+
+class QuantizedRows(NamedTuple):
+    """Activations quantized per token already, as `quantize_rows` quantizes them, for a
+    W8A8 GEMM: an FP8 linear layer takes them in place of x (kernels/rms_norm.py's
+    `rms_norm_quantized` makes them on the GPU)."""
+
+    q: torch.Tensor
+    """(M, K) float8_e4m3fn"""
+    scale: torch.Tensor
+    """(M,) float32"""
+    dtype: torch.dtype
+    """the unquantized activations' dtype, and the GEMM's output dtype"""
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,8 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-from mii.kernels.fp8_quant import QuantizedRows, quantized_outputs, store_quantized
 from mii.kernels import fp8_ref
+from mii.kernels.fp8_quant import quantized_outputs, store_quantized
+from mii.kernels.fp8_ref import QuantizedRows
 from mii.kernels.pdl import enter, pdl_args
 
 FP8_MAX = tl.constexpr(fp8_ref.FP8_MAX)

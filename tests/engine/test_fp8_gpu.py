@@ -59,6 +59,35 @@ def test_cuda_graphs_change_nothing_in_fp8(tiny_model):
 
 
 @pytest.mark.timeout(120)
+def test_norms_quantizing_the_gemm_rows_change_no_token(tiny_model, monkeypatch):
+    """The RMSNorms before qkv and gate_up hand the W8A8 GEMMs their rows quantized
+    (`rms_norm_quantized`): the tokens of the separate quantization, over prefills and
+    decode steps of several rows, in CUDA graphs too."""
+    from mii.engine.config import EngineConfig, SchedulerConfig
+    from mii.engine.engine import LLMEngine
+    from mii.kernels import dispatch
+
+    path = tiny_model("llama3")
+    prompts = mixed_prompts(5, (3, 40, 11), seed=9)
+    fused = dispatch.rms_norm_quantized
+    calls = []
+    monkeypatch.setattr(dispatch, "rms_norm_quantized", lambda *a: calls.append(1) or fused(*a))
+
+    def run(flag: str) -> list[list[int]]:
+        monkeypatch.setenv("MII_FP8_NORM_QUANT", flag)
+        config = EngineConfig(
+            model=path, device="cuda", dtype="bfloat16", quantization="fp8",
+            scheduler=SchedulerConfig(max_num_seqs=16),
+        )  # fmt: skip
+        return greedy_tokens(LLMEngine(config), prompts, 20)
+
+    separate = run("0")
+    assert not calls
+    assert run("1") == separate
+    assert calls
+
+
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("fmt", ["fp8", "compressed-tensors"])
 def test_fp8_checkpoint_on_the_gpu(tiny_model, tmp_path, fmt):
     """Loads as stored (the exact comparison is the CPU test's: tests/engine/test_fp8.py);

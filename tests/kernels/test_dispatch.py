@@ -29,6 +29,7 @@ CPU_CALLS = """
     starts = torch.tensor([0, 1, 2], dtype=torch.int32)
     dispatch.paged_attention(q, cache, cache, tables, starts, lens, 0.1, max_query_len=1)
     dispatch.decode_attention(q, cache, cache, tables, lens, 0.1)
+    assert not dispatch.fp8_rows_wanted(x, torch.zeros(8, 64, dtype=torch.float8_e4m3fn))
     assert "triton" not in sys.modules, "CPU dispatch imported triton"
 """
 
@@ -58,6 +59,18 @@ def test_cuda_tensors_take_triton_unless_disabled(compiled, monkeypatch):
     monkeypatch.setenv("MII_DISABLE_TRITON", "1")
     dispatch.silu_and_mul(x)
     assert calls == ["triton", "torch"]
+
+
+@pytest.mark.gpu
+def test_fp8_rows_are_wanted_where_a_w8a8_gemm_quantizes_them(compiled, monkeypatch):
+    weight = torch.zeros(512, 4096, dtype=torch.float8_e4m3fn, device="cuda")
+    rows = {m: torch.zeros(m, 4096, dtype=torch.bfloat16, device="cuda") for m in (1, 16, 300)}
+    assert not dispatch.fp8_rows_wanted(rows[1], weight)  # the GEMV takes x as it is
+    assert dispatch.fp8_rows_wanted(rows[16], weight)  # Triton W8A8
+    assert dispatch.fp8_rows_wanted(rows[300], weight)  # _scaled_mm
+    assert not dispatch.fp8_rows_wanted(rows[300].float(), weight)  # weight-only Triton
+    monkeypatch.setenv("MII_FP8_NORM_QUANT", "0")
+    assert not dispatch.fp8_rows_wanted(rows[300], weight)
 
 
 @pytest.mark.gpu

@@ -7,6 +7,7 @@ import pytest
 import torch
 from kernel_testing import TOLERANCE, poisoned_allocations, rel_err
 
+from mii.kernels.fp8_ref import quantize_rows as quantize_rows_ref
 from mii.kernels.torch_ref import rms_norm_ref
 
 
@@ -56,6 +57,21 @@ def test_quantized_rows_are_the_bits_of_norm_then_quantize_interpreted(
     interpreted, unit_offset, with_residual, dtype
 ):
     _check_quantized(interpreted, 5, 576, dtype, with_residual, "cpu", unit_offset)
+
+
+@pytest.mark.timeout(60)
+def test_quantized_rows_give_an_fp8_linear_the_bits_of_the_normed_rows_interpreted(interpreted):
+    x, residual, weight = _inputs(5, 64, torch.float16, True, "cpu")
+    w_q, w_scale = quantize_rows_ref(
+        torch.randn(48, 64, generator=torch.Generator().manual_seed(1))
+    )
+    gemm = interpreted.fp8_gemm
+    normed, _ = interpreted.rms_norm.rms_norm(x, weight, 1e-6, residual)
+    rows, _ = interpreted.rms_norm.rms_norm_quantized(x, weight, 1e-6, residual)
+    want = gemm.fp8_linear(normed, w_q, w_scale, backend="triton_w8a8")
+    assert torch.equal(gemm.fp8_linear(rows, w_q, w_scale, backend="triton_w8a8"), want)
+    with pytest.raises(AssertionError, match="W8A8|triton_w8a8"):
+        gemm.fp8_linear(rows, w_q, w_scale, backend="triton")  # weight-only: x unquantized
 
 
 @pytest.mark.gpu

@@ -70,11 +70,19 @@ class Fp8LinearMethod(LinearMethod):
         return dispatch.fp8_linear(x, layer.weight, layer.weight_scale, bias)
 
     def apply_gated(self, layer: nn.Module, x: torch.Tensor, bias, activation: str):
-        if layer.packed is not None or getattr(layer, "dequantized", None) is not None:
-            return super().apply_gated(layer, x, bias, activation)  # the CPU's weights
+        if _on_cpu_weights(layer):
+            return super().apply_gated(layer, x, bias, activation)
         # one row: the GEMV forms the activation as it loads x; more: activation, then GEMM
         weight, scale = layer.weight, layer.weight_scale
         return dispatch.fp8_linear(x, weight, scale, bias, gated=activation)
+
+    def takes_quantized_rows(self, layer: nn.Module, x: torch.Tensor) -> bool:
+        return not _on_cpu_weights(layer) and dispatch.fp8_rows_wanted(x, layer.weight)
+
+
+def _on_cpu_weights(layer: nn.Module) -> bool:
+    """Whether the layer multiplies by the dequantized weights of `pack_for_cpu`."""
+    return layer.packed is not None or getattr(layer, "dequantized", None) is not None
 
 
 class Dequantized:

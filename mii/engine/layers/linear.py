@@ -49,6 +49,11 @@ class LinearBase(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x, self.bias)
 
+    def takes_quantized_rows(self, x: torch.Tensor) -> bool:
+        """Whether this layer takes x's per-token quantized rows in place of x
+        (`LinearMethod.takes_quantized_rows`): the RMSNorm before it then makes them."""
+        return self.method.takes_quantized_rows(self, x)
+
 
 class ReplicatedLinear(LinearBase):
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:

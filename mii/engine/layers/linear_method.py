@@ -41,6 +41,11 @@ class LinearMethod:
         folds the activation into its load of x override it."""
         return self.apply(layer, dispatch.act_and_mul(x, activation), bias)
 
+    def takes_quantized_rows(self, layer: nn.Module, x: torch.Tensor) -> bool:
+        """Whether `apply` would quantize x per token itself, so that the norm before the
+        layer may hand it x's `QuantizedRows` instead (kernels/fp8_ref.py): FP8 layers."""
+        return False
+
 
 class UnquantizedLinearMethod(LinearMethod):
     """The weight in the model's dtype; on the CPU through oneDNN-packed weights once

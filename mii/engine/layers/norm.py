@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mii.engine.layers.linear import LinearBase
 from mii.engine.tp.context import ParallelContext
 from mii.kernels import dispatch
+from mii.kernels.fp8_ref import QuantizedRows
 
 
 class RMSNorm(nn.Module):
@@ -17,18 +19,29 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
 
     def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (norm(x + residual), x + residual)."""
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        before: LinearBase | None = None,
+    ) -> tuple[torch.Tensor | QuantizedRows, torch.Tensor]:
+        """Returns (norm(x + residual), x + residual). `before`: the linear layer that
+        alone takes the normed rows; where it would quantize them per token (FP8), they
+        come quantized (`QuantizedRows`, the same bits, in one kernel)."""
+        if before is not None and before.takes_quantized_rows(x):
+            return dispatch.rms_norm_quantized(x, self.weight, self.eps, residual, self.unit_offset)
         return dispatch.rms_norm(x, self.weight, self.eps, residual, self.unit_offset)
 
     def after_all_reduce(
-        self, x: torch.Tensor, residual: torch.Tensor, tp: ParallelContext
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`self(tp.all_reduce(x), residual)` for x a row-parallel projection's partial
-        sums: one launch where the one-shot peer all-reduce takes it (decode steps)."""
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor,
+        tp: ParallelContext,
+        before: LinearBase | None = None,
+    ) -> tuple[torch.Tensor | QuantizedRows, torch.Tensor]:
+        """`self(tp.all_reduce(x), residual, before)` for x a row-parallel projection's
+        partial sums: one launch where the one-shot peer all-reduce takes it (decode steps)."""
         peer = tp.peer
         fused = peer is not None and residual is not None and not self.unit_offset
         if fused and peer.fits_norm(x, residual, self.weight):
             return peer.add_norm(x, residual, self.weight, self.eps)
-        return self(tp.all_reduce(x), residual)
+        return self(tp.all_reduce(x), residual, before)

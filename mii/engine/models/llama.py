@@ -97,6 +97,11 @@ class LlamaDecoderLayer(nn.Module):
         self.attn_partial = self.self_attn.o_proj.bias is None
 
     @property
+    def mlp_in(self) -> nn.Module | None:
+        """The MLP's first linear layer, the only reader of its input (experts: none)."""
+        return self.mlp.gate_up_proj if isinstance(self.mlp, LlamaMLP) else None
+
+    @property
     def can_leave_mlp_partial(self) -> bool:
         return isinstance(self.mlp, LlamaMLP) and self.mlp.down_proj.bias is None
 
@@ -105,15 +110,18 @@ class LlamaDecoderLayer(nn.Module):
         return LlamaMLP(cfg, fam, tp)
 
     def forward(self, h, residual, positions, cos_sin, meta):
+        # The normed rows go to one linear layer each (FP8 ones take them quantized).
+        qkv_proj, mlp_in = self.self_attn.qkv_proj, self.mlp_in
         if self.partial_in:
-            normed, residual = self.input_layernorm.after_all_reduce(h, residual, self.tp)
+            normed, residual = self.input_layernorm.after_all_reduce(h, residual, self.tp, qkv_proj)
         else:
-            normed, residual = self.input_layernorm(h, residual)
+            normed, residual = self.input_layernorm(h, residual, qkv_proj)
         h = self.self_attn(normed, positions, cos_sin, meta, reduce=not self.attn_partial)
+        norm = self.post_attention_layernorm
         if self.attn_partial:
-            normed, residual = self.post_attention_layernorm.after_all_reduce(h, residual, self.tp)
+            normed, residual = norm.after_all_reduce(h, residual, self.tp, mlp_in)
         else:
-            normed, residual = self.post_attention_layernorm(h, residual)
+            normed, residual = norm(h, residual, mlp_in)
         if self.partial_out:
             return self.mlp(normed, reduce=False), residual
         return self.mlp(normed), residual
