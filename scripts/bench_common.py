@@ -222,7 +222,7 @@ def copy_bandwidth() -> float:
 
 def fp8_matmul_flops() -> float:
     """float8 e4m3 matmul FLOP/s: 8192^3 through `torch._scaled_mm` with row-wise scales and
-    a bf16 output, as the FP8 linear layers call it (kernels/fp8_gemm.scaled_mm_linear)."""
+    a bf16 output, as the FP8 linear layers call it (kernels/fp8_gemm.scaled_mm_rows)."""
     import triton.testing
 
     a, b = (torch.randn(8192, 8192, device="cuda").to(torch.float8_e4m3fn) for _ in "ab")

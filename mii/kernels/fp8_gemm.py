@@ -226,21 +226,10 @@ def small_m_linear(
     return _launch(a, weight, (None, None), bias, a.dtype, _fit(tile, a.element_size(), 2), False)
 
 
-def scaled_mm_linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    w_scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    fast_accum: bool = False,
-    gated: str | None = None,
-) -> torch.Tensor:
-    """W8A8 through cuBLASLt: x quantized per token, then `torch._scaled_mm` with row-wise
-    scales (sm_89+; bf16 output; K and N multiples of 16). `gated`: as `fp8_linear`."""
-    q, x_scale = _quantized(x, gated)
-    return _scaled_mm_rows(q, x_scale, weight, w_scale, bias, fast_accum)
-
-
-def _scaled_mm_rows(q, x_scale, weight, w_scale, bias, fast_accum: bool) -> torch.Tensor:
+def scaled_mm_rows(q, x_scale, weight, w_scale, bias, fast_accum: bool) -> torch.Tensor:
+    """W8A8 through cuBLASLt: per-token quantized rows (q, x_scale) times float8 weights
+    with row-wise scales, `torch._scaled_mm` (sm_89+; bf16 output; K and N multiples of
+    16)."""
     # _scaled_mm wants the second operand column-major: w (N, K) row-major, transposed.
     y = torch._scaled_mm(
         q, weight.t(), scale_a=x_scale[:, None], scale_b=w_scale[None, :],
@@ -337,4 +326,4 @@ def _w8a8(q, x_scale, weight, w_scale, bias, dtype: torch.dtype, backend: str) -
     if backend == "triton_w8a8":
         return fp8_gemm(q, weight, w_scale, bias, a_scale=x_scale, out_dtype=dtype)
     fast = backend == "scaled_mm_fast_accum"
-    return _scaled_mm_rows(q, x_scale, weight, w_scale, bias, fast).to(dtype)
+    return scaled_mm_rows(q, x_scale, weight, w_scale, bias, fast).to(dtype)

@@ -29,7 +29,7 @@ def quantized_outputs(rows: int, cols: int, device: torch.device) -> tuple[torch
 
 @triton.jit
 def store_quantized(x, q_row_ptr, scale_ptr, offs, mask, FP8_MAX: tl.constexpr,
-                     MIN_SCALE: tl.constexpr):  # fmt: skip
+                    MIN_SCALE: tl.constexpr):  # fmt: skip
     """One float32 row (masked lanes 0) quantized by its absolute maximum, and its scale."""
     scale = tl.maximum(tl.max(tl.abs(x), 0) / FP8_MAX, MIN_SCALE)
     q = tl.clamp(x / scale, -FP8_MAX, FP8_MAX)
