@@ -286,7 +286,7 @@ def weight_tile(rows_ptr, ks, k_mask, EVEN_K: tl.constexpr):
 def prefetch_l2(ptrs):
     """Ask L2 for the 128-byte lines at `ptrs` (no registers wait on them)."""
     tl.inline_asm_elementwise(
-        "prefetch.global.L2::evict_last [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
+        "prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
         dtype=tl.int32, is_pure=False, pack=1,
     )  # fmt: skip
 
