@@ -372,11 +372,17 @@ def attach_roofline(engine, roofline: Roofline) -> None:
     engine.runner.run = recorded
 
 
+def switches() -> dict[str, str]:
+    """The kernel switches set in the environment (`MII_*`, docs/performance.md's table)."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("MII_")}
+
+
 def write_json(name: str, payload: dict) -> None:
+    """payload, with the switches it ran under, as OUT/name (else ./name)."""
     out = os.environ.get("OUT")
     path = os.path.join(out, name) if out else name
     with open(path, "w") as f:
-        json.dump(payload, f, indent=2, default=str)
+        json.dump({**payload, "switches": switches()}, f, indent=2, default=str)
 
 
 def write_text(name: str, text: str) -> None:

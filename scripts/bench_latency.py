@@ -17,7 +17,15 @@ import gc
 import time
 
 import torch
-from bench_common import ModelShape, Timer, hf_model, measure_peaks, preset_folder, write_json
+from bench_common import (
+    ModelShape,
+    Timer,
+    hf_model,
+    measure_peaks,
+    preset_folder,
+    switches,
+    write_json,
+)
 from bench_offline import _profiled_steps, kv_suffix, random_prompts
 
 from mii.engine.config import KV_CACHE_DTYPES, CacheConfig, EngineConfig, SchedulerConfig
@@ -134,6 +142,7 @@ def main() -> None:
         f"{args.preset}  prompt {args.prompt_len}  window {window}  "
         f"kv cache {engine.runner.kv_dtype}"
     )
+    print(f"switches {switches() or 'none set'}")
     print(f"{'what':<22}{'ms/token':>10}{'TTFT ms':>10}")
     if hf_ms:
         print(f"{'hf generate':<22}{hf_ms:>10.2f}{'':>10}")

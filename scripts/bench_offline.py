@@ -23,6 +23,7 @@ from bench_common import (
     hf_model,
     measure_peaks,
     preset_folder,
+    switches,
     warm_up,
     write_json,
     write_text,
@@ -195,6 +196,7 @@ def main() -> None:
         + (f"fp8 matmul {fp8_peak / 1e12:.0f} TFLOP/s  " if fp8_peak else "")
         + f"copy {peaks['copy_bytes_per_s'] / 1e9:.0f} GB/s  kv blocks {result['kv_blocks']}"
     )
+    print(f"switches {switches() or 'none set'}")
     print(f"{'engine':<14}{'requests':>9}{'tokens':>9}{'seconds':>9}{'tok/s':>9}")
     for name, r in (("hf static", hf), ("mii", ours)):
         if r:
