@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from mii.kernels.activation import act_and_mul
-from mii.kernels.pdl import pdl_args, pdl_on, release_next, wait_prior
+from mii.kernels.pdl import pdl_args, pdl_on, prefetch_l2, release_next, wait_prior
 from mii.kernels.torch_ref import gelu_tanh_and_mul_ref, silu_and_mul_ref
 
 GATED_REFS = {"silu": silu_and_mul_ref, "gelu_tanh": gelu_tanh_and_mul_ref}
@@ -280,15 +280,6 @@ def weight_tile(rows_ptr, ks, k_mask, EVEN_K: tl.constexpr):
         w = tl.load(rows_ptr + ks[None, :], mask=k_mask[None, :], other=0.0,
                     eviction_policy="evict_first")  # fmt: skip
     return w.to(tl.float32)
-
-
-@triton.jit
-def prefetch_l2(ptrs):
-    """Ask L2 for the 128-byte lines at `ptrs` (no registers wait on them)."""
-    tl.inline_asm_elementwise(
-        "prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
-        dtype=tl.int32, is_pure=False, pack=1,
-    )  # fmt: skip
 
 
 @triton.jit
