@@ -58,33 +58,24 @@ def rms_norm(
     eps: float,
     residual: torch.Tensor | None = None,
     unit_offset: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    quantize: bool = False,
+) -> tuple[torch.Tensor | QuantizedRows, torch.Tensor]:
+    """`quantize`: the normed rows come quantized per token for the W8A8 GEMM after them,
+    from the same kernel (`QuantizedRows`; CUDA only: the norm asks `fp8_rows_wanted`)."""
     if _triton_on(x):
-        from mii.kernels.rms_norm import rms_norm as kernel
+        from mii.kernels import rms_norm as kernels
 
-        return kernel(x, weight, eps, residual, unit_offset)
+        launch = kernels.rms_norm_quantized if quantize else kernels.rms_norm
+        return launch(x, weight, eps, residual, unit_offset)
+    assert not quantize, "rows come quantized from the CUDA kernel only"
     return torch_ref.rms_norm_ref(x, weight, eps, residual, unit_offset)
-
-
-def rms_norm_quantized(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    eps: float,
-    residual: torch.Tensor | None = None,
-    unit_offset: bool = False,
-) -> tuple[QuantizedRows, torch.Tensor]:
-    """`rms_norm` ending in the per-token FP8 quantization of the W8A8 GEMM after it, in
-    one kernel (CUDA only: the norm asks `fp8_rows_wanted` first)."""
-    from mii.kernels.rms_norm import rms_norm_quantized as kernel
-
-    return kernel(x, weight, eps, residual, unit_offset)
 
 
 def fp8_rows_wanted(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `fp8_linear` with this float8 weight would quantize x's rows per token (a
     W8A8 GEMM on CUDA, past the one-row GEMV), so that the norm producing x may quantize
-    them instead (`rms_norm_quantized`: the same bits, without writing x and reading it
-    back). `MII_FP8_NORM_QUANT=0` turns that off."""
+    them instead (`rms_norm(..., quantize=True)`: the same bits, without writing x and
+    reading it back). `MII_FP8_NORM_QUANT=0` turns that off."""
     if x.dim() != 2 or not _triton_on(x) or gemv_on(x):
         return False
     if os.environ.get("MII_FP8_NORM_QUANT", "1") == "0":
@@ -247,7 +238,7 @@ def fp8_linear(
     (kernels/fp8_gemm.py); otherwise the weight dequantized into x's dtype for this call.
     `gated`: x is [gate | up] and act_and_mul(x, gated) is multiplied (inside the GEMV; in
     the per-token quantization before a W8A8 GEMM). x may come quantized already
-    (`rms_norm_quantized`, where `fp8_rows_wanted`)."""
+    (`rms_norm(..., quantize=True)`, where `fp8_rows_wanted`)."""
     if isinstance(x, QuantizedRows):
         from mii.kernels.fp8_gemm import quantized_linear
 

@@ -61,17 +61,22 @@ def test_cuda_graphs_change_nothing_in_fp8(tiny_model):
 @pytest.mark.timeout(120)
 def test_norms_quantizing_the_gemm_rows_change_no_token(tiny_model, monkeypatch):
     """The RMSNorms before qkv and gate_up hand the W8A8 GEMMs their rows quantized
-    (`rms_norm_quantized`): the tokens of the separate quantization, over prefills and
-    decode steps of several rows, in CUDA graphs too."""
+    (`dispatch.rms_norm(..., quantize=True)`): the tokens of the separate quantization,
+    over prefills and decode steps of several rows, in CUDA graphs too."""
     from mii.engine.config import EngineConfig, SchedulerConfig
     from mii.engine.engine import LLMEngine
     from mii.kernels import dispatch
 
     path = tiny_model("llama3")
     prompts = mixed_prompts(5, (3, 40, 11), seed=9)
-    fused = dispatch.rms_norm_quantized
+    norm = dispatch.rms_norm
     calls = []
-    monkeypatch.setattr(dispatch, "rms_norm_quantized", lambda *a: calls.append(1) or fused(*a))
+
+    def counted(*args):  # whether each call quantized (the sixth argument)
+        calls.append(len(args) > 5 and args[5])
+        return norm(*args)
+
+    monkeypatch.setattr(dispatch, "rms_norm", counted)
 
     def run(flag: str) -> list[list[int]]:
         monkeypatch.setenv("MII_FP8_NORM_QUANT", flag)
@@ -82,9 +87,10 @@ def test_norms_quantizing_the_gemm_rows_change_no_token(tiny_model, monkeypatch)
         return greedy_tokens(LLMEngine(config), prompts, 20)
 
     separate = run("0")
-    assert not calls
+    assert calls and not any(calls)
+    calls.clear()
     assert run("1") == separate
-    assert calls
+    assert any(calls)
 
 
 @pytest.mark.timeout(120)

@@ -27,9 +27,8 @@ class RMSNorm(nn.Module):
         """Returns (norm(x + residual), x + residual). `before`: the linear layer that
         alone takes the normed rows; where it would quantize them per token (FP8), they
         come quantized (`QuantizedRows`, the same bits, in one kernel)."""
-        if before is not None and before.takes_quantized_rows(x):
-            return dispatch.rms_norm_quantized(x, self.weight, self.eps, residual, self.unit_offset)
-        return dispatch.rms_norm(x, self.weight, self.eps, residual, self.unit_offset)
+        quantize = before is not None and before.takes_quantized_rows(x)
+        return dispatch.rms_norm(x, self.weight, self.eps, residual, self.unit_offset, quantize)
 
     def after_all_reduce(
         self,
