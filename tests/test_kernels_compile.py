@@ -25,7 +25,6 @@ pytestmark = pytest.mark.timeout(300)
 SCRIPT = r"""
 import inspect, json, sys
 import triton
-import triton.language as tl
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
 from triton.compiler.errors import CompilationError
@@ -94,10 +93,10 @@ CASES = [
      ("bf16", {"k_cache_ptr": "*fp8e4nv", "v_cache_ptr": "*fp8e4nv"})),
     (da._merge_kernel, {"HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_S": 16}, "bf16"),
     (rn._rms_norm_kernel, {"HAS_RESIDUAL": True, "UNIT_OFFSET": False, "BLOCK": 4096,
-                           "QUANTIZE": False, "ROUND_TO": tl.bfloat16}, "bf16"),
+                           "QUANTIZE": False, "ROUND_TO": "bf16"}, "bf16"),
     # ending in the per-token quantization of an FP8 linear layer's input
     (rn._rms_norm_kernel, {"HAS_RESIDUAL": True, "UNIT_OFFSET": False, "BLOCK": 4096,
-                           "QUANTIZE": True, "ROUND_TO": tl.bfloat16},
+                           "QUANTIZE": True, "ROUND_TO": "bf16"},
      ("bf16", {"out_ptr": "*fp8e4nv"})),
     (fq._act_and_mul_quantize_rows_kernel, {"GELU": False, "FP8_MAX": 448.0,
      "MIN_SCALE": 1e-12, "BLOCK": 16384}, ("bf16", {"q_ptr": "*fp8e4nv"})),

@@ -19,7 +19,8 @@ from mii.kernels.pdl import enter, pdl_args
 
 FP8_MAX = tl.constexpr(fp8_ref.FP8_MAX)
 MIN_SCALE = tl.constexpr(fp8_ref.MIN_SCALE)
-_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+# the normed rows' dtype by name (a string constexpr, as DOT_PRECISION is elsewhere)
+ROUNDING = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 @triton.jit
@@ -30,7 +31,7 @@ def _rms_norm_kernel(
     QUANTIZE: tl.constexpr, ROUND_TO: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """QUANTIZE: out_ptr takes the row quantized to float8 and scale_ptr its scale, after
-    rounding to ROUND_TO (the dtype the normed row has unquantized)."""
+    rounding to ROUND_TO (`ROUNDING`: the dtype the normed row has unquantized)."""
     enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -42,7 +43,10 @@ def _rms_norm_kernel(
         tl.store(new_residual_ptr + row * stride_new_residual + offs, x, mask=mask)
     out = normalized(x, weight_ptr, offs, mask, hidden, eps, UNIT_OFFSET)
     if QUANTIZE:
-        out = out.to(ROUND_TO).to(tl.float32)
+        if ROUND_TO == "bf16":
+            out = out.to(tl.bfloat16).to(tl.float32)
+        elif ROUND_TO == "fp16":
+            out = out.to(tl.float16).to(tl.float32)
         store_quantized(out, out_ptr + row * stride_out, scale_ptr + row, offs, mask, FP8_MAX,
                         MIN_SCALE)  # fmt: skip
     else:
@@ -127,7 +131,7 @@ def _launch(x, weight, eps, residual, unit_offset: bool, quantize: bool):
         x2, res2, weight, out2, new2, scale, hidden, eps,
         x2.stride(0), res2.stride(0), out2.stride(0), new2.stride(0),
         HAS_RESIDUAL=residual is not None, UNIT_OFFSET=unit_offset, BLOCK=block,
-        QUANTIZE=quantize, ROUND_TO=_TL_DTYPES[out_dtype],
+        QUANTIZE=quantize, ROUND_TO=ROUNDING[out_dtype],
         num_warps=min(16, max(1, block // 512)), **pdl_args(x),
     )  # fmt: skip
     return out, new_residual
