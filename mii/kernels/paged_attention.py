@@ -198,7 +198,7 @@ def paged_attention(
         )  # fmt: skip
     prompt_tables, prompt_starts, prompt_lens = prompts
     assert prompt_starts.shape == (seq_lens.shape[0] - d + 1,), "prompts: B - d sequences"
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out = attention_output(q, None)
     side = _side_stream(q)
     with _beside(side):  # the memory-bound decodes beside the compute-bound prompts
         decode_attention(
