@@ -63,10 +63,9 @@ def rms_norm(
     """`quantize`: the normed rows come quantized per token for the W8A8 GEMM after them,
     from the same kernel (`QuantizedRows`; CUDA only: the norm asks `fp8_rows_wanted`)."""
     if _triton_on(x):
-        from mii.kernels import rms_norm as kernels
+        from mii.kernels.rms_norm import rms_norm as kernel
 
-        launch = kernels.rms_norm_quantized if quantize else kernels.rms_norm
-        return launch(x, weight, eps, residual, unit_offset)
+        return kernel(x, weight, eps, residual, unit_offset, quantize)
     assert not quantize, "rows come quantized from the CUDA kernel only"
     return torch_ref.rms_norm_ref(x, weight, eps, residual, unit_offset)
 

@@ -28,7 +28,7 @@ MIN_SCALE = 1e-12 / FP8_MAX  # an all-zero row keeps a finite scale (and quantiz
 class QuantizedRows(NamedTuple):
     """Activations quantized per token already, as `quantize_rows` quantizes them, for a
     W8A8 GEMM: an FP8 linear layer takes them in place of x (kernels/rms_norm.py's
-    `rms_norm_quantized` makes them on the GPU)."""
+    `rms_norm(..., quantize=True)` makes them on the GPU)."""
 
     q: torch.Tensor
     """(M, K) float8_e4m3fn"""

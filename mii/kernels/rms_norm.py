@@ -1,6 +1,6 @@
 """Residual add fused with RMSNorm: one program per row, the row held in registers.
 
-`rms_norm_quantized` ends in the per-token FP8 quantization of an FP8 linear layer's W8A8
+`rms_norm(..., quantize=True)` ends in the per-token FP8 quantization of an FP8 linear layer's W8A8
 GEMM instead of the normed row (the bits of `fp8_quant.quantize_rows(rms_norm(...)[0])`:
 the row is rounded to the normed output's dtype first). In a 4,096-token step of the
 Mistral-7B shape that saves writing and reading back two (4096, 4096) activations a
@@ -85,27 +85,13 @@ def rms_norm(
     eps: float,
     residual: torch.Tensor | None = None,
     unit_offset: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    quantize: bool = False,
+) -> tuple[torch.Tensor | QuantizedRows, torch.Tensor]:
     """Triton version of `torch_ref.rms_norm_ref`: (weight * norm(x + residual),
     x + residual); without a residual the second result is x itself. `unit_offset`:
-    Gemma's (1 + weight) scale, the result in x's dtype."""
-    return _launch(x, weight, eps, residual, unit_offset, quantize=False)
-
-
-def rms_norm_quantized(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    eps: float,
-    residual: torch.Tensor | None = None,
-    unit_offset: bool = False,
-) -> tuple[QuantizedRows, torch.Tensor]:
-    """`rms_norm` with the normed rows quantized per token for a W8A8 GEMM: (the
-    `QuantizedRows` of `fp8_quant.quantize_rows(rms_norm(...)[0])`, bit for bit, as (N, H)
-    rows; x + residual)."""
-    return _launch(x, weight, eps, residual, unit_offset, quantize=True)
-
-
-def _launch(x, weight, eps, residual, unit_offset: bool, quantize: bool):
+    Gemma's (1 + weight) scale, the result in x's dtype. `quantize`: the normed rows come
+    quantized per token for a W8A8 GEMM, as (N, H) `QuantizedRows`, bit for bit
+    `fp8_quant.quantize_rows` of the unquantized result."""
     hidden = x.shape[-1]
     assert weight.shape == (hidden,) and weight.stride(0) == 1
     assert weight.device == x.device

@@ -1,5 +1,5 @@
 """Fused residual add + RMSNorm against `rms_norm_ref`; its per-token FP8 quantization
-(`rms_norm_quantized`) against `quantize_rows` of its output, bit for bit."""
+(`quantize=True`) against `quantize_rows` of its output, bit for bit."""
 
 from __future__ import annotations
 
@@ -40,8 +40,8 @@ def _check_quantized(kernels, tokens, hidden, dtype, with_residual, device, unit
     normed, expected_residual = kernels.rms_norm.rms_norm(x, weight, 1e-6, residual, unit_offset)
     want_q, want_scale = kernels.fp8_quant.quantize_rows(normed)
     with poisoned_allocations():
-        rows, new_residual = kernels.rms_norm.rms_norm_quantized(
-            x, weight, 1e-6, residual, unit_offset
+        rows, new_residual = kernels.rms_norm.rms_norm(
+            x, weight, 1e-6, residual, unit_offset, quantize=True
         )
     assert rows.dtype == normed.dtype and rows.q.dtype == torch.float8_e4m3fn
     assert torch.equal(rows.q.view(torch.uint8), want_q.view(torch.uint8))
@@ -67,7 +67,7 @@ def test_quantized_rows_give_an_fp8_linear_the_bits_of_the_normed_rows_interpret
     )
     gemm = interpreted.fp8_gemm
     normed, _ = interpreted.rms_norm.rms_norm(x, weight, 1e-6, residual)
-    rows, _ = interpreted.rms_norm.rms_norm_quantized(x, weight, 1e-6, residual)
+    rows, _ = interpreted.rms_norm.rms_norm(x, weight, 1e-6, residual, quantize=True)
     want = gemm.fp8_linear(normed, w_q, w_scale, backend="triton_w8a8")
     assert torch.equal(gemm.fp8_linear(rows, w_q, w_scale, backend="triton_w8a8"), want)
     with pytest.raises(AssertionError, match="W8A8|triton_w8a8"):
