@@ -72,10 +72,6 @@ CASES = [
                       "GATED": False, "PDL": False}, "bf16"),
     (g._gemv_kernel, {"M": 1, "W_SCALED": True, "EVEN_K": False, "BLOCK_N": 16,
                       "BLOCK_K": 512, "SPLIT_K": 1, "GATED": False}, "bf16"),
-    # float8 weights prefetching three tiles into L2 before the wait (MII_GEMV_PREFETCH)
-    (g._gemv_kernel, {"M": 1, "W_SCALED": True, "EVEN_K": True, "BLOCK_N": 32,
-                      "BLOCK_K": 512, "SPLIT_K": 4, "GATED": False, "PREFETCH": 3, "LINE": 128},
-     ("bf16", {"w_ptr": "*fp8e4nv"})),
     # a gated MLP's down projection, the activation folded into the load of x
     (g._gemv_kernel, {"M": 1, "W_SCALED": False, "HAS_BIAS": False, "EVEN_K": True,
                       "BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 7, "GATED": True,
@@ -131,4 +127,4 @@ def test_decode_kernels_compile_for_hopper():
     toolchain = [r for r in results if r[1] == "toolchain"]
     if toolchain:
         pytest.skip(f"no Hopper toolchain here: {toolchain[0][2]}")
-    assert len(results) == 18 and all(r[1] == "ok" for r in results)
+    assert len(results) == 17 and all(r[1] == "ok" for r in results)

@@ -39,7 +39,6 @@ one eager call): one first allocated inside a capture is zeroed only when the gr
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
@@ -47,7 +46,7 @@ import triton
 import triton.language as tl
 
 from mii.kernels.activation import act_and_mul
-from mii.kernels.pdl import pdl_args, pdl_on, prefetch_l2, release_next, wait_prior
+from mii.kernels.pdl import pdl_args, release_next, wait_prior
 from mii.kernels.torch_ref import gelu_tanh_and_mul_ref, silu_and_mul_ref
 
 GATED_REFS = {"silu": silu_and_mul_ref, "gelu_tanh": gelu_tanh_and_mul_ref}
@@ -283,16 +282,6 @@ def weight_tile(rows_ptr, ks, k_mask, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def prefetch_tiles(w_rows, first, end, BLOCK_K: tl.constexpr, LINE: tl.constexpr):
-    """Weight tiles [first, end) of the program's rows into L2, one prefetch a 128-byte
-    line (LINE elements): while the kernel before runs, HBM streams what this program reads
-    next instead of idling (PDL; weights only, which no kernel writes)."""
-    lines = tl.arange(0, BLOCK_K // LINE) * LINE
-    for kt in range(first, end):
-        prefetch_l2(w_rows + (kt * BLOCK_K + lines)[None, :])
-
-
-@triton.jit
 def split_tiles(pid_k, K, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     """The K tiles [first, end) that split pid_k of SPLIT_K sums (the last may be short or,
     past K, empty)."""
@@ -339,7 +328,6 @@ def _gemv_kernel(
     M: tl.constexpr, W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     GATED: tl.constexpr, GELU: tl.constexpr, PDL: tl.constexpr,
-    PREFETCH: tl.constexpr = 0, LINE: tl.constexpr = 128,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -359,9 +347,6 @@ def _gemv_kernel(
         ks = tl.minimum(k_first, tl.cdiv(K, BLOCK_K) - 1) * BLOCK_K + rk
         k_mask = ks < K
         w = weight_tile(w_rows, ks, k_mask, EVEN_K)
-        if PREFETCH > 0:  # the next tiles to L2: whole tiles inside K only
-            stop = tl.minimum(tl.minimum(k_end, K // BLOCK_K), k_first + 1 + PREFETCH)
-            prefetch_tiles(w_rows, k_first + 1, stop, BLOCK_K, LINE)
         wait_prior(PDL)
         if k_first < k_end:
             acc0, acc1, acc2, acc3 = _tile_sums(
@@ -477,16 +462,5 @@ def gemv(
         BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, SPLIT_K=tile.split_k,
         GATED=gated is not None, GELU=gated == "gelu_tanh",
         num_warps=tile.num_warps, num_stages=tile.num_stages, **pdl_args(x),
-        **prefetch_args(x, weight.element_size()),
     )  # fmt: skip
     return out
-
-
-def prefetch_args(x: torch.Tensor, w_itemsize: int) -> dict:
-    """`MII_GEMV_PREFETCH=T`: with PDL, each program asks L2 for up to T weight tiles after
-    its first before it waits for the kernel before (`prefetch_tiles`); 0 (the default:
-    not yet measured) prefetches none."""
-    tiles = int(os.environ.get("MII_GEMV_PREFETCH", "0"))
-    if tiles <= 0 or not pdl_on(x):
-        return {}
-    return {"PREFETCH": tiles, "LINE": 128 // w_itemsize}

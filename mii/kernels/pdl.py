@@ -82,13 +82,3 @@ def enter(PDL: tl.constexpr):
     for the one before."""
     release_next(PDL)
     wait_prior(PDL)
-
-
-@triton.jit
-def prefetch_l2(ptrs):
-    """Ask L2 for the 128-byte lines at `ptrs`, no register waiting on them: before
-    `wait_prior`, for data no kernel of the step writes (the GEMV's weights)."""
-    tl.inline_asm_elementwise(
-        "prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
-        dtype=tl.int32, is_pure=False, pack=1,
-    )  # fmt: skip

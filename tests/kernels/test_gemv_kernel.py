@@ -261,23 +261,3 @@ def test_cuda_graph_replays_gpu(gemv_compiled, fp8, m):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, gemv_compiled.gemv(x, w, scale, b))
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("fp8", [False, True])
-@pytest.mark.parametrize("shape", [(4096, 4096), (4096, 14336), (6144, 4000)])  # 4000: K ragged
-def test_l2_prefetch_changes_no_bit_gpu(gemv_compiled, monkeypatch, fp8, shape):
-    """`MII_GEMV_PREFETCH`: the programs ask L2 for their next tiles before waiting on the
-    kernel before (PDL); the products stay the same bits."""
-    x, w, scale, b = _operands(1, *shape, "cuda", torch.bfloat16, fp8, seed=2)
-    plain = gemv_compiled.gemv(x, w, scale, b)
-    monkeypatch.setenv("MII_GEMV_PREFETCH", "8")
-    assert gemv_compiled.prefetch_args(x, w.element_size()).get("PREFETCH") == 8
-    assert torch.equal(gemv_compiled.gemv(x, w, scale, b), plain)
-
-
-def test_l2_prefetch_needs_pdl(monkeypatch):
-    from mii.kernels import gemv
-
-    monkeypatch.setenv("MII_GEMV_PREFETCH", "8")
-    assert gemv.prefetch_args(torch.zeros(1, 64), 1) == {}  # on the CPU: no PDL, nothing
