@@ -14,8 +14,6 @@ Programs past the end of their sequence's tiles return at once.
 
 from __future__ import annotations
 
-import contextlib
-import os
 from typing import NamedTuple
 
 import torch
@@ -199,44 +197,15 @@ def paged_attention(
     prompt_tables, prompt_starts, prompt_lens = prompts
     assert prompt_starts.shape == (seq_lens.shape[0] - d + 1,), "prompts: B - d sequences"
     out = attention_output(q, None)
-    side = _side_stream(q)
-    with _beside(side):  # the memory-bound decodes beside the compute-bound prompts
-        decode_attention(
-            q[:d], k_cache, v_cache, block_tables[:d], seq_lens[:d], scale, window=window,
-            softcap=softcap, out=out[:d], **scales,
-        )  # fmt: skip
+    decode_attention(
+        q[:d], k_cache, v_cache, block_tables[:d], seq_lens[:d], scale, window=window,
+        softcap=softcap, out=out[:d], **scales,
+    )  # fmt: skip
     launch(
         q[d:], k_cache, v_cache, prompt_tables, prompt_starts, prompt_lens, scale, config,
         options, out=out[d:], **scales,
     )  # fmt: skip
-    if side is not None:
-        torch.cuda.current_stream().wait_stream(side)
     return out
-
-
-_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
-
-
-def _side_stream(q: torch.Tensor) -> torch.cuda.Stream | None:
-    """With `MII_MIXED_STREAMS=1`, a mixed step's decodes run on a second CUDA stream of
-    q's device, at once with its prompt chunks (not while a CUDA graph is captured); off by
-    default until measured."""
-    if os.environ.get("MII_MIXED_STREAMS", "0") != "1" or not q.is_cuda:
-        return None
-    if torch.cuda.is_current_stream_capturing():
-        return None
-    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
-    if index not in _SIDE_STREAMS:
-        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
-    side = _SIDE_STREAMS[index]
-    side.wait_stream(torch.cuda.current_stream())  # q and the cache writes come first
-    return side
-
-
-def _beside(side: torch.cuda.Stream | None):
-    """The launches of the `with` block on `side` (the caller joins it), else where they
-    are."""
-    return contextlib.nullcontext() if side is None else torch.cuda.stream(side)
 
 
 def launch(

@@ -138,28 +138,6 @@ def test_mixed_step_with_decodes_apart_gpu(compiled, shape):
     _check(compiled.paged_attention, batch, dtype, num_decodes=40)
 
 
-@pytest.mark.gpu
-def test_mixed_step_decodes_on_a_second_stream_gpu(compiled, monkeypatch):
-    """`MII_MIXED_STREAMS=1`: the decodes on a side stream beside the prompts; the same
-    bits, and the caller's stream has them when the call returns."""
-    q_lens = [1] * 40 + [300, 7, 200]
-    seq_lens = list(range(50, 4050, 100)) + [1500, 7, 200]
-    batch = make_paged_batch(q_lens, seq_lens, 32, 8, 128, dtype=torch.bfloat16, device="cuda")
-    prompts = split_prompts(batch.block_tables, batch.query_start_loc, batch.seq_lens, 40)
-
-    def run() -> torch.Tensor:
-        return compiled.paged_attention.paged_attention(
-            batch.q, batch.k_cache, batch.v_cache, batch.block_tables,
-            batch.query_start_loc, batch.seq_lens, batch.scale,
-            max_query_len=batch.max_query_len, num_decodes=40, prompts=prompts,
-        ).clone()  # fmt: skip
-
-    one_stream = run()
-    monkeypatch.setenv("MII_MIXED_STREAMS", "1")
-    assert torch.equal(run(), one_stream)
-    assert compiled.paged_attention._SIDE_STREAMS  # it did take the side stream
-
-
 def test_a_block_table_narrower_than_the_chunk_is_refused(interpreted):
     batch = make_paged_batch([40], [40], 2, 2, 64, dtype=torch.float32, device="cpu")
     with pytest.raises(AssertionError, match="too narrow"):
