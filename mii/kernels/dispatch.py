@@ -73,8 +73,8 @@ def rms_norm(
 def fp8_rows_wanted(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `fp8_linear` with this float8 weight would quantize x's rows per token (a
     W8A8 GEMM on CUDA, past the one-row GEMV), so that the norm producing x may quantize
-    them instead (`rms_norm(..., quantize=True)`: the same bits, without writing x and
-    reading it back). `MII_FP8_NORM_QUANT=0` turns that off."""
+    them instead (`rms_norm(..., quantize=True)`: the same rows but for a rare code one
+    step apart, without writing x and reading it back). `MII_FP8_NORM_QUANT=0` turns that off."""
     if x.dim() != 2 or not _triton_on(x) or gemv_on(x):
         return False
     if os.environ.get("MII_FP8_NORM_QUANT", "1") == "0":

@@ -1,10 +1,11 @@
 """Residual add fused with RMSNorm: one program per row, the row held in registers.
 
-`rms_norm(..., quantize=True)` ends in the per-token FP8 quantization of an FP8 linear layer's W8A8
-GEMM instead of the normed row (the bits of `fp8_quant.quantize_rows(rms_norm(...)[0])`:
-the row is rounded to the normed output's dtype first). In a 4,096-token step of the
-Mistral-7B shape that saves writing and reading back two (4096, 4096) activations a
-layer, and the quantization's launches."""
+`rms_norm(..., quantize=True)` ends in the per-token FP8 quantization of an FP8 linear
+layer's W8A8 GEMM instead of the normed row (`fp8_quant.quantize_rows(rms_norm(...)[0])`:
+the row is rounded to the normed output's dtype first; the same bits in the interpreter,
+and on sm_90 a rare element one code apart, where the two compiles' row sums differ in
+their last bit). In a 4,096-token step of the Mistral-7B shape that saves writing and
+reading back two (4096, 4096) activations a layer, and the quantization's launches."""
 
 from __future__ import annotations
 
@@ -90,8 +91,8 @@ def rms_norm(
     """Triton version of `torch_ref.rms_norm_ref`: (weight * norm(x + residual),
     x + residual); without a residual the second result is x itself. `unit_offset`:
     Gemma's (1 + weight) scale, the result in x's dtype. `quantize`: the normed rows come
-    quantized per token for a W8A8 GEMM, as (N, H) `QuantizedRows`, bit for bit
-    `fp8_quant.quantize_rows` of the unquantized result."""
+    quantized per token for a W8A8 GEMM, as (N, H) `QuantizedRows`: `fp8_quant.quantize_rows`
+    of the unquantized result (see the module's note on its bits)."""
     hidden = x.shape[-1]
     assert weight.shape == (hidden,) and weight.stride(0) == 1
     assert weight.device == x.device
