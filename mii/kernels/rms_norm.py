@@ -3,8 +3,8 @@
 `rms_norm(..., quantize=True)` ends in the per-token FP8 quantization of an FP8 linear
 layer's W8A8 GEMM instead of the normed row (`fp8_quant.quantize_rows(rms_norm(...)[0])`:
 the row is rounded to the normed output's dtype first; the same bits in the interpreter,
-and on sm_90 a rare element one code apart, where the two compiles' row sums differ in
-their last bit). In a 4,096-token step of the Mistral-7B shape that saves writing and
+and on sm_90 a rare element one code apart (most likely the two compiles' row sums differ in
+their last bit)). In a 4,096-token step of the Mistral-7B shape that saves writing and
 reading back two (4096, 4096) activations a layer, and the quantization's launches."""
 
 from __future__ import annotations
