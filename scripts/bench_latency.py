@@ -8,6 +8,11 @@ replaces the preset's window (0: none), so that one shape runs with and without 
 `--kv-cache-dtype fp8` decodes over an fp8 KV cache (the split-K kernel reads half the
 bytes; long prompts show it). It also prints the engine's start-up time (random weights,
 CUDA graph capture and, unless `--no-warm-up`, the warm-up).
+
+`--knock-out norms,rope,attention,gemv` times the token with those kernels replaced by
+stand-ins that launch nothing (the tokens are meaningless): each class's share of the
+token in the chain as it runs, which a profile of kernels launched with PDL cannot give
+(their spans overlap).
 """
 
 from __future__ import annotations
@@ -31,6 +36,27 @@ from bench_offline import _profiled_steps, kv_suffix, random_prompts
 from mii.engine.config import KV_CACHE_DTYPES, CacheConfig, EngineConfig, SchedulerConfig
 from mii.engine.engine import LLMEngine
 from mii.engine.sampling_params import SamplingParams
+from mii.kernels import dispatch
+
+KNOCK_OUTS = ("norms", "rope", "attention", "gemv")
+
+
+def knock_out(classes: list[str]) -> None:
+    """Replace the dispatch functions of these kernel classes with launch-free stand-ins
+    of the same shapes (before the engine captures its graphs)."""
+    unknown = set(classes) - set(KNOCK_OUTS)
+    if unknown:
+        raise SystemExit(f"--knock-out: unknown {sorted(unknown)}; choose from {KNOCK_OUTS}")
+    if "norms" in classes:
+        dispatch.rms_norm = lambda x, *args, **kwargs: (x, x)
+    if "rope" in classes:
+        dispatch.rope_kv_write = lambda *args, **kwargs: None
+    if "attention" in classes:
+        dispatch.paged_attention = lambda q, *args, **kwargs: torch.empty_like(q)
+    if "gemv" in classes:
+        dispatch.gemv = lambda x, weight, *args, **kwargs: x.new_empty(
+            (x.shape[0], weight.shape[0])
+        )
 
 
 def bench_hf(preset: str, prompt, new_tokens: int, overrides: dict) -> float:
@@ -93,7 +119,12 @@ def main() -> None:
     ap.add_argument(
         "--no-warm-up", action="store_true", help="build the engine without its warm-up"
     )
+    ap.add_argument(
+        "--knock-out", default="", help=f"comma-separated of {KNOCK_OUTS}: launch nothing"
+    )
     args = ap.parse_args()
+    knocked = [c for c in args.knock_out.split(",") if c]
+    knock_out(knocked)
 
     overrides = {}
     if args.sliding_window is not None:
@@ -135,7 +166,7 @@ def main() -> None:
     suffix = ("_sync" if args.sync else "") + (f"_{args.quantization}" if args.quantization else "")
     if args.sliding_window is not None:
         suffix += f"_ctx{args.prompt_len}_window{args.sliding_window}"
-    suffix += kv_suffix(args.kv_cache_dtype)
+    suffix += kv_suffix(args.kv_cache_dtype) + "".join(f"_no_{c}" for c in knocked)
     write_json(f"latency_{args.preset}{suffix}.json", result)
     print(
         f"device {result['device']}  copy {peaks['copy_bytes_per_s'] / 1e9:.0f} GB/s  "
@@ -143,6 +174,8 @@ def main() -> None:
         f"kv cache {engine.runner.kv_dtype}"
     )
     print(f"switches {switches() or 'none set'}")
+    if knocked:
+        print(f"knocked out (launch nothing; tokens meaningless): {', '.join(knocked)}")
     print(f"{'what':<22}{'ms/token':>10}{'TTFT ms':>10}")
     if hf_ms:
         print(f"{'hf generate':<22}{hf_ms:>10.2f}{'':>10}")

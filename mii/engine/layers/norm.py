@@ -26,7 +26,7 @@ class RMSNorm(nn.Module):
     ) -> tuple[torch.Tensor | QuantizedRows, torch.Tensor]:
         """Returns (norm(x + residual), x + residual). `before`: the linear layer that
         alone takes the normed rows; where it would quantize them per token (FP8), they
-        come quantized (`QuantizedRows`, the same bits, in one kernel)."""
+        come quantized (`QuantizedRows`, from the same kernel)."""
         quantize = before is not None and before.takes_quantized_rows(x)
         return dispatch.rms_norm(x, self.weight, self.eps, residual, self.unit_offset, quantize)
 
