@@ -133,13 +133,17 @@ def _one_shot_norm_kernel(
     mask = cols < hidden
     offs = row * hidden + cols
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    # the residual and the weight before the exchange's stores and spins (their loads
+    # would otherwise start only once it is over)
+    residual = tl.load(residual_ptr + offs, mask=mask, other=0.0)
+    w = tl.load(weight_ptr + cols, mask=mask, other=0.0)
     total = _exchange(
         x, offs, mask, data_ptr, peer_data_ptr, flags_ptr, peer_flags_ptr, abort_at_ptr,
         epoch_ptr, half, rank, WORLD, SLOTS,
     ).to(x.dtype)  # fmt: skip
-    summed = add_rounded(total, tl.load(residual_ptr + offs, mask=mask, other=0.0))
+    summed = add_rounded(total, residual)
     tl.store(new_residual_ptr + offs, summed, mask=mask)
-    out = normalized(summed, weight_ptr, cols, mask, hidden, eps, False)
+    out = normalized(summed, w, hidden, eps, False)
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 

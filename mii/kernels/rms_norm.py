@@ -16,7 +16,7 @@ import triton.language as tl
 from mii.kernels import fp8_ref
 from mii.kernels.fp8_quant import quantized_outputs, store_quantized
 from mii.kernels.fp8_ref import QuantizedRows
-from mii.kernels.pdl import enter, pdl_args
+from mii.kernels.pdl import pdl_args, release_next, wait_prior
 
 FP8_MAX = tl.constexpr(fp8_ref.FP8_MAX)
 MIN_SCALE = tl.constexpr(fp8_ref.MIN_SCALE)
@@ -33,16 +33,21 @@ def _rms_norm_kernel(
 ):  # fmt: skip
     """QUANTIZE: out_ptr takes the row quantized to float8 and scale_ptr its scale, after
     rounding to ROUND_TO (`ROUNDING`: the dtype the normed row has unquantized)."""
-    enter(PDL)
+    release_next(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < hidden
+    # The weight first: no kernel writes it, so it loads before the wait (PDL). Loaded
+    # after the residual's store, as before, it was issued only once x had arrived (the
+    # compiler keeps a load behind a store that may alias): a second round trip to memory.
+    w = tl.load(weight_ptr + offs, mask=mask, other=0.0)
+    wait_prior(PDL)
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(residual_ptr + row * stride_residual + offs, mask=mask, other=0.0)
         x = add_rounded(x, r)
         tl.store(new_residual_ptr + row * stride_new_residual + offs, x, mask=mask)
-    out = normalized(x, weight_ptr, offs, mask, hidden, eps, UNIT_OFFSET)
+    out = normalized(x, w, hidden, eps, UNIT_OFFSET)
     if QUANTIZE:
         if ROUND_TO == "bf16":
             out = out.to(tl.bfloat16).to(tl.float32)
@@ -61,12 +66,13 @@ def add_rounded(x, r):
 
 
 @triton.jit
-def normalized(x, weight_ptr, offs, mask, hidden, eps, UNIT_OFFSET: tl.constexpr):
-    """One row x (its dtype; 0 past `hidden`) RMS-normalised and scaled by the weight, in
-    float32 (the caller rounds it to the output's dtype)."""
+def normalized(x, w, hidden, eps, UNIT_OFFSET: tl.constexpr):
+    """One row x (its dtype; 0 past `hidden`) RMS-normalised and scaled by the weight w
+    (loaded by the caller, 0 past `hidden`), in float32 (the caller rounds it to the
+    output's dtype)."""
     h = x.to(tl.float32)
     inv_rms = tl.math.rsqrt(tl.sum(h * h, 0) / hidden + eps)
-    w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    w = w.to(tl.float32)
     if UNIT_OFFSET:  # noqa: SIM108 (a static if) Gemma: (1 + w) in fp32, one rounding
         out = h * inv_rms * (1.0 + w)
     else:
