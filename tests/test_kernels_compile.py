@@ -32,11 +32,13 @@ import mii.kernels.all_reduce as ar, mii.kernels.gemv as g, mii.kernels.moe_gemv
 import mii.kernels.decode_attention as da
 import mii.kernels.fp8_quant as fq
 import mii.kernels.rms_norm as rn
+import mii.kernels.rope_kv_write as rk
 
 FLOAT32 = ("scale", "part", "weights")
 INT = {"peer_data_ptr": "*i64", "peer_flags_ptr": "*i64", "flags_ptr": "*i64",
        "epoch_ptr": "*i64", "abort_at_ptr": "*i64", "count_ptr": "*i32", "experts_ptr": "*i32",
-       "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32"}
+       "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32", "positions_ptr": "*i64",
+       "slots_ptr": "*i64"}
 SCALARS = {"qk_scale": "fp32", "softcap_inv": "fp32", "softcap_log2e": "fp32", "eps": "fp32"}
 
 def signature(fn, consts, dtype):
@@ -62,6 +64,8 @@ def constexprs(fn, given):
 # given is 1: PDL on (kernels/pdl.py) unless a case says otherwise.
 DECODE = {"BLOCK_SIZE": 16, "BLOCK_M": 16, "BLOCK_N": 64, "SINGLE_SPLIT": False,
           "DOT_PRECISION": "tf32", "SLIDING": False, "SOFTCAP": False, "KV_SCALED": False}
+ROPE = {"HEAD_DIM": 128, "ROT_HALF": 64, "BLOCK_SIZE": 16, "BLOCK_HQ": 32, "BLOCK_HKV": 32,
+        "BLOCK_HALF": 64, "BLOCK_D": 128, "BLOCK_TAIL": 1, "ROTATE": True, "QUANTIZE": False}
 CASES = [
     (ar._one_shot_kernel, {"WORLD": 2, "SLOTS": 8, "TOP_K": 1, "BLOCK": 2048}, "bf16"),
     (ar._one_shot_kernel, {"WORLD": 4, "SLOTS": 8, "TOP_K": 2, "BLOCK": 2048}, "bf16"),
@@ -94,6 +98,12 @@ CASES = [
     (rn._rms_norm_kernel, {"HAS_RESIDUAL": True, "UNIT_OFFSET": False, "BLOCK": 4096,
                            "QUANTIZE": True, "ROUND_TO": "bf16"},
      ("bf16", {"out_ptr": "*fp8e4nv"})),
+    # rope + KV write: Mistral's heads into an fp8 cache; Phi's partial rotary; no rotary
+    (rk._rope_kv_write_kernel, {**ROPE, "BLOCK_HQ": 32, "BLOCK_HKV": 8, "QUANTIZE": True},
+     ("bf16", {"cos_sin_ptr": "*fp32", "k_cache_ptr": "*fp8e4nv", "v_cache_ptr": "*fp8e4nv"})),
+    (rk._rope_kv_write_kernel, {**ROPE, "ROT_HALF": 16, "BLOCK_HALF": 16, "BLOCK_TAIL": 64},
+     ("bf16", {"cos_sin_ptr": "*fp32"})),
+    (rk._rope_kv_write_kernel, {**ROPE, "ROTATE": False}, ("bf16", {"cos_sin_ptr": "*fp32"})),
     (fq._act_and_mul_quantize_rows_kernel, {"GELU": False, "FP8_MAX": 448.0,
      "MIN_SCALE": 1e-12, "BLOCK": 16384}, ("bf16", {"q_ptr": "*fp8e4nv"})),
 ]
@@ -127,4 +137,4 @@ def test_decode_kernels_compile_for_hopper():
     toolchain = [r for r in results if r[1] == "toolchain"]
     if toolchain:
         pytest.skip(f"no Hopper toolchain here: {toolchain[0][2]}")
-    assert len(results) == 17 and all(r[1] == "ok" for r in results)
+    assert len(results) == 20 and all(r[1] == "ok" for r in results)

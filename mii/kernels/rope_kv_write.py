@@ -17,10 +17,10 @@ FP8_MAX: tl.constexpr = tl.constexpr(448.0)  # torch_ref.FP8_MAX, e4m3's largest
 
 
 @triton.jit
-def _to_cache(x, cache_ptr, scale_ptr, offs_h, num_heads, QUANTIZE: tl.constexpr):
-    """(BLOCK_H, W) values of one token's heads as the cache stores them."""
+def _to_cache(x, cache_ptr, scale, QUANTIZE: tl.constexpr):
+    """(BLOCK_H, W) values of one token's heads as the cache stores them; `scale`: the
+    heads' (BLOCK_H,) scales of an fp8 cache (QUANTIZE)."""
     if QUANTIZE:
-        scale = tl.load(scale_ptr + offs_h, mask=offs_h < num_heads, other=1.0)
         x, scale = tl.broadcast(x.to(tl.float32), scale[:, None])  # div_rn won't broadcast
         x = tl.math.div_rn(x, scale)  # IEEE division, as torch divides
         x = tl.minimum(tl.maximum(x, -FP8_MAX), FP8_MAX)
@@ -28,60 +28,51 @@ def _to_cache(x, cache_ptr, scale_ptr, offs_h, num_heads, QUANTIZE: tl.constexpr
 
 
 @triton.jit
-def _rotate_heads(
-    ptr, stride_tok, stride_head, token, cos, sin, num_heads,
-    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
-):  # fmt: skip
-    """Rotate one token's heads in place (their first 2 * HALF dims, as two halves).
-    Returns the rotated halves in the tensor's dtype, as stored."""
-    offs_h = tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, BLOCK_HALF)
-    mask = (offs_h[:, None] < num_heads) & (offs_d[None, :] < HALF)
-    ptrs = ptr + token * stride_tok + offs_h[:, None] * stride_head + offs_d[None, :]
-    x1 = tl.load(ptrs, mask=mask, other=0.0)
-    x2 = tl.load(ptrs + HALF, mask=mask, other=0.0)
-    a, b = x1.to(tl.float32), x2.to(tl.float32)
-    x1 = (a * cos[None, :] - b * sin[None, :]).to(x1.dtype)
-    x2 = (b * cos[None, :] + a * sin[None, :]).to(x2.dtype)
-    tl.store(ptrs, x1, mask=mask)
-    tl.store(ptrs + HALF, x2, mask=mask)
-    return x1, x2
+def _head_scales(scale_ptr, num_heads, BLOCK_H: tl.constexpr, QUANTIZE: tl.constexpr):
+    """An fp8 cache's (BLOCK_H,) per-head scales (1 past num_heads); 1.0 for any other."""
+    if QUANTIZE:
+        offs_h = tl.arange(0, BLOCK_H)
+        return tl.load(scale_ptr + offs_h, mask=offs_h < num_heads, other=1.0)
+    else:
+        return 1.0
 
 
 @triton.jit
-def _store_slot(
-    cache_ptr, block, offset, stride_block, stride_slot, stride_head, x1, x2, num_heads,
-    scale_ptr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
-    QUANTIZE: tl.constexpr,
-):  # fmt: skip
-    offs_h = tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, BLOCK_HALF)
-    mask = (offs_h[:, None] < num_heads) & (offs_d[None, :] < HALF)
-    base = cache_ptr + block * stride_block + offset * stride_slot
-    ptrs = base + offs_h[:, None] * stride_head + offs_d[None, :]
-    tl.store(ptrs, _to_cache(x1, cache_ptr, scale_ptr, offs_h, num_heads, QUANTIZE), mask=mask)
-    x2 = _to_cache(x2, cache_ptr, scale_ptr, offs_h, num_heads, QUANTIZE)
-    tl.store(ptrs + HALF, x2, mask=mask)
-
-
-@triton.jit
-def _copy_to_slot(
-    ptr, stride_tok, stride_head, token, cache_ptr, block, offset, stride_block, stride_slot,
-    stride_cache_head, num_heads, scale_ptr,
+def _head_ptrs(
+    ptr, stride_tok, stride_head, token, num_heads,
     START: tl.constexpr, WIDTH: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
-    QUANTIZE: tl.constexpr,
 ):  # fmt: skip
-    """Copy dims [START, START + WIDTH) of one token's heads into its cache slot."""
+    """Pointers (BLOCK_H, BLOCK_W) to dims [START, START + WIDTH) of one token's heads, and
+    their mask. A cache slot's too: ptr at its block, the slot's stride and offset for the
+    token's."""
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = START + tl.arange(0, BLOCK_W)
     mask = (offs_h[:, None] < num_heads) & (offs_d[None, :] < START + WIDTH)
-    x = tl.load(
-        ptr + token * stride_tok + offs_h[:, None] * stride_head + offs_d[None, :],
-        mask=mask, other=0.0,
+    return ptr + token * stride_tok + offs_h[:, None] * stride_head + offs_d[None, :], mask
+
+
+@triton.jit
+def _rotated(x1, x2, cos, sin):
+    """The two halves of heads (BLOCK_H, BLOCK_HALF) turned by the token's angles, in
+    float32 and rounded back to their dtype."""
+    a, b = x1.to(tl.float32), x2.to(tl.float32)
+    y1 = a * cos[None, :] - b * sin[None, :]
+    y2 = b * cos[None, :] + a * sin[None, :]
+    return y1.to(x1.dtype), y2.to(x2.dtype)
+
+
+@triton.jit
+def _to_slot(
+    x, cache_ptr, block, offset, stride_block, stride_slot, stride_head, num_heads, scale,
+    START: tl.constexpr, WIDTH: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+    QUANTIZE: tl.constexpr,
+):  # fmt: skip
+    """Store dims [START, START + WIDTH) of one token's heads (x) into its cache slot."""
+    ptrs, mask = _head_ptrs(
+        cache_ptr + block * stride_block, stride_slot, stride_head, offset, num_heads,
+        START, WIDTH, BLOCK_H, BLOCK_W,
     )  # fmt: skip
-    base = cache_ptr + block * stride_block + offset * stride_slot
-    ptrs = base + offs_h[:, None] * stride_cache_head + offs_d[None, :]
-    tl.store(ptrs, _to_cache(x, cache_ptr, scale_ptr, offs_h, num_heads, QUANTIZE), mask=mask)
+    tl.store(ptrs, _to_cache(x, cache_ptr, scale, QUANTIZE), mask=mask)
 
 
 @triton.jit
@@ -97,45 +88,78 @@ def _rope_kv_write_kernel(
     BLOCK_D: tl.constexpr, BLOCK_TAIL: tl.constexpr, ROTATE: tl.constexpr,
     QUANTIZE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    """One program per token. Every load comes before the first store: the compiler keeps
+    a load behind a store that may alias (q, k and v are views of one projection), so a
+    load after a store waits for the data that store needed; at a decode step's one token
+    those round trips to memory are the kernel's time."""
     enter(PDL)
     token = tl.program_id(0).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_HALF)
+    slot = tl.load(slots_ptr + token).to(tl.int64)
+    k_scale = _head_scales(k_scale_ptr, kv_heads, BLOCK_HKV, QUANTIZE)
+    v_scale = _head_scales(v_scale_ptr, kv_heads, BLOCK_HKV, QUANTIZE)
+    v_ptrs, v_mask = _head_ptrs(
+        v_ptr, stride_v_tok, stride_v_head, token, kv_heads, 0, HEAD_DIM, BLOCK_HKV, BLOCK_D
+    )
+    v = tl.load(v_ptrs, mask=v_mask, other=0.0)
     if ROTATE:
+        q_ptrs, q_mask = _head_ptrs(
+            q_ptr, stride_q_tok, stride_q_head, token, q_heads, 0, ROT_HALF, BLOCK_HQ, BLOCK_HALF
+        )
+        k_ptrs, k_mask = _head_ptrs(
+            k_ptr, stride_k_tok, stride_k_head, token, kv_heads, 0, ROT_HALF, BLOCK_HKV,
+            BLOCK_HALF,
+        )  # fmt: skip
+        q1 = tl.load(q_ptrs, mask=q_mask, other=0.0)
+        q2 = tl.load(q_ptrs + ROT_HALF, mask=q_mask, other=0.0)
+        k1 = tl.load(k_ptrs, mask=k_mask, other=0.0)
+        k2 = tl.load(k_ptrs + ROT_HALF, mask=k_mask, other=0.0)
+        if 2 * ROT_HALF < HEAD_DIM:  # partial rotary: the dims past the rotary ones, as they are
+            tail_ptrs, tail_mask = _head_ptrs(
+                k_ptr, stride_k_tok, stride_k_head, token, kv_heads, 2 * ROT_HALF,
+                HEAD_DIM - 2 * ROT_HALF, BLOCK_HKV, BLOCK_TAIL,
+            )  # fmt: skip
+            k_tail = tl.load(tail_ptrs, mask=tail_mask, other=0.0)
         row = cos_sin_ptr + tl.load(positions_ptr + token).to(tl.int64) * stride_cos_sin
+        offs_d = tl.arange(0, BLOCK_HALF)
         cos = tl.load(row + offs_d, mask=offs_d < ROT_HALF, other=0.0).to(tl.float32)
         sin = tl.load(row + ROT_HALF + offs_d, mask=offs_d < ROT_HALF, other=0.0).to(tl.float32)
-        _rotate_heads(
-            q_ptr, stride_q_tok, stride_q_head, token, cos, sin, q_heads,
-            ROT_HALF, BLOCK_HQ, BLOCK_HALF,
-        )  # fmt: skip
-        k1, k2 = _rotate_heads(
-            k_ptr, stride_k_tok, stride_k_head, token, cos, sin, kv_heads,
-            ROT_HALF, BLOCK_HKV, BLOCK_HALF,
-        )  # fmt: skip
-    slot = tl.load(slots_ptr + token).to(tl.int64)
+        q1, q2 = _rotated(q1, q2, cos, sin)
+        k1, k2 = _rotated(k1, k2, cos, sin)
+        tl.store(q_ptrs, q1, mask=q_mask)  # q and k turn in place
+        tl.store(q_ptrs + ROT_HALF, q2, mask=q_mask)
+        tl.store(k_ptrs, k1, mask=k_mask)
+        tl.store(k_ptrs + ROT_HALF, k2, mask=k_mask)
+    else:
+        k_ptrs, k_mask = _head_ptrs(
+            k_ptr, stride_k_tok, stride_k_head, token, kv_heads, 0, HEAD_DIM, BLOCK_HKV, BLOCK_D
+        )
+        k = tl.load(k_ptrs, mask=k_mask, other=0.0)
     if slot >= 0:  # negative slots are padding rows: rotate, but write nothing
         block, offset = slot // BLOCK_SIZE, slot % BLOCK_SIZE
         if ROTATE:
-            _store_slot(
-                k_cache_ptr, block, offset, stride_kc_block, stride_kc_slot, stride_kc_head,
-                k1, k2, kv_heads, k_scale_ptr, ROT_HALF, BLOCK_HKV, BLOCK_HALF, QUANTIZE,
+            _to_slot(
+                k1, k_cache_ptr, block, offset, stride_kc_block, stride_kc_slot,
+                stride_kc_head, kv_heads, k_scale, 0, ROT_HALF, BLOCK_HKV, BLOCK_HALF, QUANTIZE,
             )  # fmt: skip
-            if 2 * ROT_HALF < HEAD_DIM:  # the dims past the rotary ones, as they are
-                _copy_to_slot(
-                    k_ptr, stride_k_tok, stride_k_head, token, k_cache_ptr, block, offset,
-                    stride_kc_block, stride_kc_slot, stride_kc_head, kv_heads, k_scale_ptr,
-                    2 * ROT_HALF, HEAD_DIM - 2 * ROT_HALF, BLOCK_HKV, BLOCK_TAIL, QUANTIZE,
+            _to_slot(
+                k2, k_cache_ptr, block, offset, stride_kc_block, stride_kc_slot,
+                stride_kc_head, kv_heads, k_scale, ROT_HALF, ROT_HALF, BLOCK_HKV, BLOCK_HALF,
+                QUANTIZE,
+            )  # fmt: skip
+            if 2 * ROT_HALF < HEAD_DIM:
+                _to_slot(
+                    k_tail, k_cache_ptr, block, offset, stride_kc_block, stride_kc_slot,
+                    stride_kc_head, kv_heads, k_scale, 2 * ROT_HALF, HEAD_DIM - 2 * ROT_HALF,
+                    BLOCK_HKV, BLOCK_TAIL, QUANTIZE,
                 )  # fmt: skip
         else:
-            _copy_to_slot(
-                k_ptr, stride_k_tok, stride_k_head, token, k_cache_ptr, block, offset,
-                stride_kc_block, stride_kc_slot, stride_kc_head, kv_heads, k_scale_ptr,
-                0, HEAD_DIM, BLOCK_HKV, BLOCK_D, QUANTIZE,
+            _to_slot(
+                k, k_cache_ptr, block, offset, stride_kc_block, stride_kc_slot, stride_kc_head,
+                kv_heads, k_scale, 0, HEAD_DIM, BLOCK_HKV, BLOCK_D, QUANTIZE,
             )  # fmt: skip
-        _copy_to_slot(
-            v_ptr, stride_v_tok, stride_v_head, token, v_cache_ptr, block, offset,
-            stride_vc_block, stride_vc_slot, stride_vc_head, kv_heads, v_scale_ptr,
-            0, HEAD_DIM, BLOCK_HKV, BLOCK_D, QUANTIZE,
+        _to_slot(
+            v, v_cache_ptr, block, offset, stride_vc_block, stride_vc_slot, stride_vc_head,
+            kv_heads, v_scale, 0, HEAD_DIM, BLOCK_HKV, BLOCK_D, QUANTIZE,
         )  # fmt: skip
 
 
