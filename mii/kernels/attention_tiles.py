@@ -148,11 +148,18 @@ def attend_range(
     DOT_PRECISION: tl.constexpr,
     SLIDING: tl.constexpr,
     SOFTCAP: tl.constexpr,
+    V_FIRST: tl.constexpr = False,
 ):
     """Online softmax of the (BLOCK_M, BLOCK_D) queries `q` over key positions
     [start, end). MASKED applies the causal mask `key <= q_pos` per row (and the window
     when SLIDING, and the sequence end); unmasked ranges must lie wholly inside every row's
     visible keys.
+
+    V_FIRST: each tile's V load is issued before its K load, so both are in flight before
+    the first barrier (K's layout change waits for K); after the scores, as otherwise, V's
+    load waits for them, one more round trip to memory a tile. The decode kernel's splits
+    are a tile or two long at batch 1, where that round trip is on the step's path. The
+    prefill kernel, compute-bound, keeps the order it was measured with.
 
     acc: (BLOCK_M, BLOCK_D) fp32 unnormalised output; m_i, l_i: (BLOCK_M,) running max
     (log2 domain) and running sum of exp2.
@@ -160,6 +167,11 @@ def attend_range(
     offs_d = tl.arange(0, BLOCK_D)
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
+        if V_FIRST:
+            v = load_kv_tile(
+                v_ptr, table_ptr, offs_n, offs_d, seq_len, stride_v_block, stride_v_slot,
+                BLOCK_SIZE, HEAD_DIM, BLOCK_D, MASKED,
+            )  # fmt: skip
         k = load_kv_tile(
             k_ptr, table_ptr, offs_n, offs_d, seq_len, stride_k_block, stride_k_slot,
             BLOCK_SIZE, HEAD_DIM, BLOCK_D, MASKED,
@@ -177,10 +189,11 @@ def attend_range(
         p = tl.math.exp2(qk - m_ref[:, None])
         alpha = tl.math.exp2(m_i - m_ref)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = load_kv_tile(
-            v_ptr, table_ptr, offs_n, offs_d, seq_len, stride_v_block, stride_v_slot,
-            BLOCK_SIZE, HEAD_DIM, BLOCK_D, MASKED,
-        )  # fmt: skip
+        if not V_FIRST:
+            v = load_kv_tile(
+                v_ptr, table_ptr, offs_n, offs_d, seq_len, stride_v_block, stride_v_slot,
+                BLOCK_SIZE, HEAD_DIM, BLOCK_D, MASKED,
+            )  # fmt: skip
         v = widen_values(v, offs_n, seq_len, q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new

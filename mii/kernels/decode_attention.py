@@ -34,7 +34,7 @@ from mii.kernels.attention_tiles import (
     kv_scale_args,
     scaled_query,
 )
-from mii.kernels.pdl import enter, pdl_args
+from mii.kernels.pdl import enter, pdl_args, release_next, wait_prior
 
 # Small batches are latency bound: many short splits (a few tiles each) keep enough loads
 # in flight. Beyond a few programs per SM, more splits only add merge work.
@@ -76,10 +76,16 @@ def _split_kernel(
     """Grid (sequences, kv heads, splits). The group's query heads are the tile's rows.
     An fp8 cache (KV_SCALED): the K scale joins qk_scale, the V scale each split's output
     (the merge is a weighted mean of the splits, so it commutes with the scale)."""
-    enter(PDL)
+    release_next(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    # An fp8 cache's scales are constant: loaded before the wait. (The V scale, loaded after
+    # the loop, cost every split a round trip to memory at its end.)
+    if KV_SCALED:
+        k_scale = tl.load(k_scale_ptr + kv_head)
+        v_scale = tl.load(v_scale_ptr + kv_head)
+    wait_prior(PDL)
     seq_len = tl.load(seq_lens_ptr + seq)
     # The splits share the keys the query sees: all of them, or its window's.
     window_lo = 0
@@ -104,7 +110,7 @@ def _split_kernel(
 
     if KV_SCALED:  # an fp8 cache: qk = q . k_fp8 * (scale * k_scale)
         q, q_unit = scaled_query(q)
-        qk_scale = qk_scale * tl.load(k_scale_ptr + kv_head) * q_unit
+        qk_scale = qk_scale * k_scale * q_unit
     table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_table
     k_ptr = k_cache_ptr + kv_head * stride_k_head
     v_ptr = v_cache_ptr + kv_head * stride_v_head
@@ -116,23 +122,23 @@ def _split_kernel(
             acc, m_i, l_i, q, q_pos, k_ptr, v_ptr, table_ptr, start, head_end, seq_len,
             qk_scale, stride_k_block, stride_k_slot, stride_v_block, stride_v_slot,
             window, softcap_inv, softcap_log2e,
-            BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, True, DOT_PRECISION, SLIDING, SOFTCAP,
+            BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, True, DOT_PRECISION, SLIDING, SOFTCAP, True,
         )  # fmt: skip
     acc, m_i, l_i = attend_range(
         acc, m_i, l_i, q, q_pos, k_ptr, v_ptr, table_ptr, head_end, full_end, seq_len,
         qk_scale, stride_k_block, stride_k_slot, stride_v_block, stride_v_slot,
         window, softcap_inv, softcap_log2e,
-        BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, False, DOT_PRECISION, SLIDING, SOFTCAP,
+        BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, False, DOT_PRECISION, SLIDING, SOFTCAP, True,
     )  # fmt: skip
     acc, m_i, l_i = attend_range(
         acc, m_i, l_i, q, q_pos, k_ptr, v_ptr, table_ptr, full_end, end, seq_len,
         qk_scale, stride_k_block, stride_k_slot, stride_v_block, stride_v_slot,
         window, softcap_inv, softcap_log2e,
-        BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, True, DOT_PRECISION, SLIDING, SOFTCAP,
+        BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, True, DOT_PRECISION, SLIDING, SOFTCAP, True,
     )  # fmt: skip
 
     if KV_SCALED:
-        acc = acc * tl.load(v_scale_ptr + kv_head)
+        acc = acc * v_scale
     if SINGLE_SPLIT:
         out = acc / l_i[:, None]
         o_offs = seq * stride_o_seq + head[:, None] * stride_o_head + offs_d[None, :]
