@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mii.kernels.pdl import enter, pdl_args
+from mii.kernels.pdl import pdl_args, release_next, wait_prior
 from mii.kernels.rms_norm import add_rounded, normalized
 
 MAX_RANKS = 8
@@ -34,18 +34,37 @@ programs and 512 KB gets 128, about one per SM."""
 
 
 @triton.jit
+def _addresses(peer_data_ptr, peer_flags_ptr, abort_at_ptr, WORLD: tl.constexpr,
+               SLOTS: tl.constexpr):  # fmt: skip
+    """The group's address tables, (SLOTS,) int64 each, and the host's abort word's address.
+    They never change once the group is set up, so a kernel loads them before its PDL wait:
+    loaded where they are used, each sat behind a store (the compiler keeps a load after a
+    store that may alias), one round trip to memory after another in a few-microsecond call."""
+    slots = tl.arange(0, SLOTS)
+    data = tl.load(peer_data_ptr + slots, mask=slots < WORLD, other=0)
+    flags = tl.load(peer_flags_ptr + slots, mask=slots < WORLD, other=0)
+    return data, flags, tl.load(abort_at_ptr)
+
+
+@triton.jit
+def _pick(addresses, peer, SLOTS: tl.constexpr):
+    """Entry `peer` of a (SLOTS,) address table (in registers)."""
+    return tl.sum(tl.where(tl.arange(0, SLOTS) == peer, addresses, 0), 0)
+
+
+@triton.jit
 def _signal_and_wait(
-    flags_ptr, peer_flags_ptr, abort_at_ptr, epoch, rank, WORLD: tl.constexpr,
-    SLOTS: tl.constexpr,
+    flags_ptr, peer_flags, abort_at, epoch, rank, WORLD: tl.constexpr, SLOTS: tl.constexpr,
 ):  # fmt: skip
     """This program's barrier across the group for the call numbered `epoch`; it gives up
-    waiting once the host raises the abort word (a peer died: its signal never comes)."""
+    waiting once the host raises the abort word (a peer died: its signal never comes).
+    `peer_flags`, `abort_at`: from `_addresses`."""
     pid = tl.program_id(0)
     tl.debug_barrier()  # this program's data stores come before its signal
     for peer in tl.static_range(WORLD):
-        flags = tl.load(peer_flags_ptr + peer).to(tl.pointer_type(tl.int64))
+        flags = _pick(peer_flags, peer, SLOTS).to(tl.pointer_type(tl.int64))
         tl.atomic_xchg(flags + pid * SLOTS + rank, epoch, sem="release", scope="sys")
-    abort = tl.load(abort_at_ptr).to(tl.pointer_type(tl.int32))  # in pinned host memory
+    abort = abort_at.to(tl.pointer_type(tl.int32))  # in pinned host memory
     for peer in tl.static_range(WORLD):
         seen = tl.atomic_add(flags_ptr + pid * SLOTS + peer, 0, sem="acquire", scope="sys")
         spins = 0
@@ -65,7 +84,11 @@ def _one_shot_kernel(
     WORLD: tl.constexpr, SLOTS: tl.constexpr, TOP_K: tl.constexpr, BLOCK: tl.constexpr,
     PDL: tl.constexpr,
 ):  # fmt: skip
-    enter(PDL)
+    release_next(PDL)
+    peer_data, peer_flags, abort_at = _addresses(
+        peer_data_ptr, peer_flags_ptr, abort_at_ptr, WORLD, SLOTS
+    )
+    wait_prior(PDL)
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -79,39 +102,40 @@ def _one_shot_kernel(
             total += tl.load(x_ptr + first + k * hidden, mask=mask, other=0.0).to(tl.float32)
         x = total.to(out_ptr.dtype.element_ty)
     total = _exchange(
-        x, offs, mask, data_ptr, peer_data_ptr, flags_ptr, peer_flags_ptr, abort_at_ptr,
-        epoch_ptr, half, rank, WORLD, SLOTS,
+        x, offs, mask, data_ptr, peer_data, peer_flags, abort_at, flags_ptr, epoch_ptr, half,
+        rank, WORLD, SLOTS,
     )  # fmt: skip
     tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _exchange(
-    x, offs, mask, data_ptr, peer_data_ptr, flags_ptr, peer_flags_ptr, abort_at_ptr, epoch_ptr,
-    half, rank, WORLD: tl.constexpr, SLOTS: tl.constexpr,
+    x, offs, mask, data_ptr, peer_data, peer_flags, abort_at, flags_ptr, epoch_ptr, half,
+    rank, WORLD: tl.constexpr, SLOTS: tl.constexpr,
 ):  # fmt: skip
     """This program's call: x stored at `offs` of the data half of the call's parity, the
     group's barrier, then every rank's copy summed in rank order (float32). Its epoch and
-    flags are the program's (one per chunk, or per row)."""
+    flags are the program's (one per chunk, or per row). `peer_data`, `peer_flags`,
+    `abort_at`: from `_addresses`."""
     pid = tl.program_id(0)
     epoch = tl.load(epoch_ptr + pid) + 1
     tl.store(epoch_ptr + pid, epoch)
     parity = (epoch % 2) * half
     tl.store(data_ptr + parity + offs, x, mask=mask)
-    _signal_and_wait(flags_ptr, peer_flags_ptr, abort_at_ptr, epoch, rank, WORLD, SLOTS)
-    return _sum_ranks(x, peer_data_ptr, parity + offs, mask, rank, WORLD)
+    _signal_and_wait(flags_ptr, peer_flags, abort_at, epoch, rank, WORLD, SLOTS)
+    return _sum_ranks(x, peer_data, parity + offs, mask, rank, WORLD, SLOTS)
 
 
 @triton.jit
-def _sum_ranks(x, peer_data_ptr, at, mask, rank, WORLD: tl.constexpr):
+def _sum_ranks(x, peer_data, at, mask, rank, WORLD: tl.constexpr, SLOTS: tl.constexpr):
     """Every rank's copy at `at` of its data half (this rank's: x) summed in rank order,
-    float32."""
+    float32. `peer_data`: the ranks' data addresses (`_addresses`)."""
     acc = tl.zeros(x.shape, dtype=tl.float32)
     for peer in tl.static_range(WORLD):
         if peer == rank:
             acc += x.to(tl.float32)
         else:
-            base = tl.load(peer_data_ptr + peer).to(tl.pointer_type(x.dtype))
+            base = _pick(peer_data, peer, SLOTS).to(tl.pointer_type(x.dtype))
             base = tl.multiple_of(base, 16)  # a torch allocation: 16-byte vector loads
             part = tl.load(base + at, mask=mask, other=0.0, cache_modifier=".cv")
             acc += part.to(tl.float32)
@@ -127,19 +151,24 @@ def _one_shot_norm_kernel(
 ):  # fmt: skip
     """`_one_shot_kernel` with one program per row (its flags and epochs per row), then the
     residual add and the RMSNorm of kernels/rms_norm.py on the summed row."""
-    enter(PDL)
+    release_next(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK_H)
     mask = cols < hidden
     offs = row * hidden + cols
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-    # the residual and the weight before the exchange's stores and spins (their loads
-    # would otherwise start only once it is over)
-    residual = tl.load(residual_ptr + offs, mask=mask, other=0.0)
+    # constant: before the wait (the weight as the norm's kernel loads it)
+    peer_data, peer_flags, abort_at = _addresses(
+        peer_data_ptr, peer_flags_ptr, abort_at_ptr, WORLD, SLOTS
+    )
     w = tl.load(weight_ptr + cols, mask=mask, other=0.0)
+    wait_prior(PDL)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    # the residual before the exchange's stores and spins (its load would otherwise start
+    # only once they are over)
+    residual = tl.load(residual_ptr + offs, mask=mask, other=0.0)
     total = _exchange(
-        x, offs, mask, data_ptr, peer_data_ptr, flags_ptr, peer_flags_ptr, abort_at_ptr,
-        epoch_ptr, half, rank, WORLD, SLOTS,
+        x, offs, mask, data_ptr, peer_data, peer_flags, abort_at, flags_ptr, epoch_ptr, half,
+        rank, WORLD, SLOTS,
     ).to(x.dtype)  # fmt: skip
     summed = add_rounded(total, residual)
     tl.store(new_residual_ptr + offs, summed, mask=mask)

@@ -14,7 +14,8 @@ overwrite a buffer an earlier kernel still reads):
   before its first store or atomic, with no early return before it (a kernel whose
   programs all skipped the wait could finish before the one before it, and the one after
   would then see that earlier kernel unfinished);
-- only constant data (weights) is read before the wait.
+- only constant data is read before the wait: projection and norm weights, an fp8
+  cache's scales, the peer all-reduce's address tables.
 
 Waiting is transitive: kernel C waits for B, which finished only after its own wait for
 A. A kernel launched without PDL (torch's, cuBLAS's) runs after the one before it has
