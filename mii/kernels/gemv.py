@@ -342,6 +342,14 @@ def _gemv_kernel(
     acc2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc3 = tl.zeros((BLOCK_N,), dtype=tl.float32)
     release_next(PDL)
+    # The epilogue's constants load first (before the wait, as the first weight tile): at
+    # the loop's end their loads would start only then, a round trip to memory more.
+    scale = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if W_SCALED:
+        scale = tl.load(scale_ptr + rn, mask=n_mask, other=0.0)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
     if PDL:  # the first weight tile loads while the kernel before finishes (kernels/pdl.py)
         # an empty last split (past K) loads the last tile and leaves it unused
         ks = tl.minimum(k_first, tl.cdiv(K, BLOCK_K) - 1) * BLOCK_K + rk
@@ -362,12 +370,6 @@ def _gemv_kernel(
             acc0, acc1, acc2, acc3, x_ptr, stride_xm, K, w, ks, k_mask, EVEN_K, M, GATED, GELU
         )  # fmt: skip
 
-    scale = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    if W_SCALED:
-        scale = tl.load(scale_ptr + rn, mask=n_mask, other=0.0)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
     if SPLIT_K == 1:
         _store_rows(acc0, acc1, acc2, acc3, rn, n_mask, scale, bias, out_ptr, stride_om,
                     M, W_SCALED, HAS_BIAS)  # fmt: skip
