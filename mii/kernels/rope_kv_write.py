@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from mii.kernels.attention_tiles import check_kv_scales
-from mii.kernels.pdl import enter, pdl_args
+from mii.kernels.pdl import pdl_args, release_next, wait_prior
 from mii.kernels.torch_ref import FP8_DTYPE
 
 FP8_MAX: tl.constexpr = tl.constexpr(448.0)  # torch_ref.FP8_MAX, e4m3's largest finite
@@ -30,11 +30,11 @@ def _to_cache(x, cache_ptr, scale, QUANTIZE: tl.constexpr):
 @triton.jit
 def _head_scales(scale_ptr, num_heads, BLOCK_H: tl.constexpr, QUANTIZE: tl.constexpr):
     """An fp8 cache's (BLOCK_H,) per-head scales (1 past num_heads); 1.0 for any other."""
+    scale = 1.0
     if QUANTIZE:
         offs_h = tl.arange(0, BLOCK_H)
-        return tl.load(scale_ptr + offs_h, mask=offs_h < num_heads, other=1.0)
-    else:
-        return 1.0
+        scale = tl.load(scale_ptr + offs_h, mask=offs_h < num_heads, other=1.0)
+    return scale
 
 
 @triton.jit
@@ -92,11 +92,12 @@ def _rope_kv_write_kernel(
     a load behind a store that may alias (q, k and v are views of one projection), so a
     load after a store waits for the data that store needed; at a decode step's one token
     those round trips to memory are the kernel's time."""
-    enter(PDL)
+    release_next(PDL)
+    k_scale = _head_scales(k_scale_ptr, kv_heads, BLOCK_HKV, QUANTIZE)  # constant: before
+    v_scale = _head_scales(v_scale_ptr, kv_heads, BLOCK_HKV, QUANTIZE)  # the wait
+    wait_prior(PDL)
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slots_ptr + token).to(tl.int64)
-    k_scale = _head_scales(k_scale_ptr, kv_heads, BLOCK_HKV, QUANTIZE)
-    v_scale = _head_scales(v_scale_ptr, kv_heads, BLOCK_HKV, QUANTIZE)
     v_ptrs, v_mask = _head_ptrs(
         v_ptr, stride_v_tok, stride_v_head, token, kv_heads, 0, HEAD_DIM, BLOCK_HKV, BLOCK_D
     )
