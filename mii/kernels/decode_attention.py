@@ -80,13 +80,14 @@ def _split_kernel(
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    # An fp8 cache's scales are constant: loaded before the wait. (The V scale, loaded after
-    # the loop, cost every split a round trip to memory at its end.)
+    # Before the wait: an fp8 cache's scales (constant; the V scale, loaded after the loop,
+    # cost every split a round trip to memory at its end) and the sequence's length (a step
+    # input, kernels/pdl.py): after the wait the block table is the first load.
     if KV_SCALED:
         k_scale = tl.load(k_scale_ptr + kv_head)
         v_scale = tl.load(v_scale_ptr + kv_head)
-    wait_prior(PDL)
     seq_len = tl.load(seq_lens_ptr + seq)
+    wait_prior(PDL)
     # The splits share the keys the query sees: all of them, or its window's.
     window_lo = 0
     if SLIDING:

@@ -14,8 +14,13 @@ overwrite a buffer an earlier kernel still reads):
   before its first store or atomic, with no early return before it (a kernel whose
   programs all skipped the wait could finish before the one before it, and the one after
   would then see that earlier kernel unfinished);
-- only constant data is read before the wait: projection and norm weights, an fp8
-  cache's scales, the peer all-reduce's address tables.
+- only constant data and the step's inputs are read before the wait. Constant: projection
+  and norm weights, rotary tables, an fp8 cache's scales, the peer all-reduce's address
+  tables. The step's inputs (positions, cache slots, sequence lengths, block tables) are
+  written only by host copies and torch kernels, launched without PDL: such work has
+  ended before any kernel after it in the stream starts (a kernel launched with PDL
+  starts early only beside a predecessor that released it). A buffer that a kernel
+  launched with PDL may write is read after the wait, always.
 
 Waiting is transitive: kernel C waits for B, which finished only after its own wait for
 A. A kernel launched without PDL (torch's, cuBLAS's) runs after the one before it has

@@ -91,13 +91,20 @@ def _rope_kv_write_kernel(
     """One program per token. Every load comes before the first store: the compiler keeps
     a load behind a store that may alias (q, k and v are views of one projection), so a
     load after a store waits for the data that store needed; at a decode step's one token
-    those round trips to memory are the kernel's time."""
+    those round trips to memory are the kernel's time. The token's position, its angles and
+    its slot load before the PDL wait (the step's inputs and a constant table: kernels/pdl.py),
+    so after it only q, k and v are a round trip away."""
     release_next(PDL)
-    k_scale = _head_scales(k_scale_ptr, kv_heads, BLOCK_HKV, QUANTIZE)  # constant: before
-    v_scale = _head_scales(v_scale_ptr, kv_heads, BLOCK_HKV, QUANTIZE)  # the wait
-    wait_prior(PDL)
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slots_ptr + token).to(tl.int64)
+    k_scale = _head_scales(k_scale_ptr, kv_heads, BLOCK_HKV, QUANTIZE)
+    v_scale = _head_scales(v_scale_ptr, kv_heads, BLOCK_HKV, QUANTIZE)
+    if ROTATE:
+        row = cos_sin_ptr + tl.load(positions_ptr + token).to(tl.int64) * stride_cos_sin
+        offs_d = tl.arange(0, BLOCK_HALF)
+        cos = tl.load(row + offs_d, mask=offs_d < ROT_HALF, other=0.0).to(tl.float32)
+        sin = tl.load(row + ROT_HALF + offs_d, mask=offs_d < ROT_HALF, other=0.0).to(tl.float32)
+    wait_prior(PDL)
     v_ptrs, v_mask = _head_ptrs(
         v_ptr, stride_v_tok, stride_v_head, token, kv_heads, 0, HEAD_DIM, BLOCK_HKV, BLOCK_D
     )
@@ -120,10 +127,6 @@ def _rope_kv_write_kernel(
                 HEAD_DIM - 2 * ROT_HALF, BLOCK_HKV, BLOCK_TAIL,
             )  # fmt: skip
             k_tail = tl.load(tail_ptrs, mask=tail_mask, other=0.0)
-        row = cos_sin_ptr + tl.load(positions_ptr + token).to(tl.int64) * stride_cos_sin
-        offs_d = tl.arange(0, BLOCK_HALF)
-        cos = tl.load(row + offs_d, mask=offs_d < ROT_HALF, other=0.0).to(tl.float32)
-        sin = tl.load(row + ROT_HALF + offs_d, mask=offs_d < ROT_HALF, other=0.0).to(tl.float32)
         q1, q2 = _rotated(q1, q2, cos, sin)
         k1, k2 = _rotated(k1, k2, cos, sin)
         tl.store(q_ptrs, q1, mask=q_mask)  # q and k turn in place
