@@ -17,10 +17,13 @@ overwrite a buffer an earlier kernel still reads):
 - only constant data and the step's inputs are read before the wait. Constant: projection
   and norm weights, rotary tables, an fp8 cache's scales, the peer all-reduce's address
   tables. The step's inputs (positions, cache slots, sequence lengths, block tables) are
-  written only by host copies and torch kernels, launched without PDL: such work has
-  ended before any kernel after it in the stream starts (a kernel launched with PDL
-  starts early only beside a predecessor that released it). A buffer that a kernel
-  launched with PDL may write is read after the wait, always.
+  written by host copies and torch work before the step's forward starts (into the CUDA
+  graph's buffers before it replays), never by a kernel launched with PDL. The forward's
+  first kernels (the embedding's, launched without PDL) start only once that work has
+  ended and its stores are visible, and every kernel after them starts later still. (A
+  kernel launched with PDL right after one launched without may see that one's stores
+  only after its wait; no step input is written right before a kernel that reads it.)
+  A buffer that a kernel launched with PDL may write is read after the wait, always.
 
 Waiting is transitive: kernel C waits for B, which finished only after its own wait for
 A. A kernel launched without PDL (torch's, cuBLAS's) runs after the one before it has
