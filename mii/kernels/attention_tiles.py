@@ -84,16 +84,20 @@ def scaled_query(q):
 
 
 @triton.jit
-def widen_values(v, offs_n, seq_len, dtype: tl.constexpr):
+def widen_values(v, offs_n, seq_len, dtype: tl.constexpr, PIN: tl.constexpr = False):
     """A value tile as `dtype` for the P @ V product. An fp8 tile is widened in registers,
     in the layout it loaded in, before its layout changes to the product's operand (the
     select on `offs_n` pins it there): left to itself Triton changes the layout first, in
     shared memory at one byte an element, and the product's operand, strided along the keys
     it sums over, then reads back one byte per instruction (64 `LDS.U8` a 64-key tile per
     thread on sm_90, against 4 `LDS.128` and a transposing `ldmatrix` this way). Positions
-    past `seq_len` read as zero either way (masked loads give zeros there already)."""
+    past `seq_len` read as zero either way (masked loads give zeros there already). PIN: the
+    same select on a 16-bit tile, so that its layout change waits there too (`attend_range`'s
+    V_FIRST: otherwise it follows the load at once and holds back the K load after it)."""
     if v.dtype == tl.float8e4nv:
         v = tl.where((offs_n < seq_len)[:, None], v.to(dtype), 0.0)
+    elif PIN:
+        v = tl.where((offs_n < seq_len)[:, None], v, 0.0).to(dtype)
     else:
         v = v.to(dtype)
     return v
@@ -194,7 +198,7 @@ def attend_range(
                 v_ptr, table_ptr, offs_n, offs_d, seq_len, stride_v_block, stride_v_slot,
                 BLOCK_SIZE, HEAD_DIM, BLOCK_D, MASKED,
             )  # fmt: skip
-        v = widen_values(v, offs_n, seq_len, q.dtype)
+        v = widen_values(v, offs_n, seq_len, q.dtype, V_FIRST)
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, m_i, l_i
