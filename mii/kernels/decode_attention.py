@@ -123,19 +123,22 @@ def _split_kernel(
             acc, m_i, l_i, q, q_pos, k_ptr, v_ptr, table_ptr, start, head_end, seq_len,
             qk_scale, stride_k_block, stride_k_slot, stride_v_block, stride_v_slot,
             window, softcap_inv, softcap_log2e,
-            BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, True, DOT_PRECISION, SLIDING, SOFTCAP, True,
+            BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, True, DOT_PRECISION, SLIDING, SOFTCAP,
+            KV_SCALED,
         )  # fmt: skip
     acc, m_i, l_i = attend_range(
         acc, m_i, l_i, q, q_pos, k_ptr, v_ptr, table_ptr, head_end, full_end, seq_len,
         qk_scale, stride_k_block, stride_k_slot, stride_v_block, stride_v_slot,
         window, softcap_inv, softcap_log2e,
-        BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, False, DOT_PRECISION, SLIDING, SOFTCAP, True,
+        BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, False, DOT_PRECISION, SLIDING, SOFTCAP,
+        KV_SCALED,
     )  # fmt: skip
     acc, m_i, l_i = attend_range(
         acc, m_i, l_i, q, q_pos, k_ptr, v_ptr, table_ptr, full_end, end, seq_len,
         qk_scale, stride_k_block, stride_k_slot, stride_v_block, stride_v_slot,
         window, softcap_inv, softcap_log2e,
-        BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, True, DOT_PRECISION, SLIDING, SOFTCAP, True,
+        BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, True, DOT_PRECISION, SLIDING, SOFTCAP,
+            KV_SCALED,
     )  # fmt: skip
 
     if KV_SCALED:
