@@ -138,7 +138,7 @@ def _split_kernel(
         qk_scale, stride_k_block, stride_k_slot, stride_v_block, stride_v_slot,
         window, softcap_inv, softcap_log2e,
         BLOCK_N, BLOCK_SIZE, HEAD_DIM, BLOCK_D, True, DOT_PRECISION, SLIDING, SOFTCAP,
-            KV_SCALED,
+        KV_SCALED,
     )  # fmt: skip
 
     if KV_SCALED:
