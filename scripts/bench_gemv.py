@@ -56,6 +56,7 @@ ROWS = (1, 2, 4)
 METHODS = ("cublas", "gemv", "fp8_linear", "gemv_fp8")
 LAYERS = 32
 REPLAYS, PER_GRAPH = 20, 50
+HOT = False  # --hot: the same weights every call (L2-warm where they fit)
 COLD_BYTES = 256 << 20  # weight copies cycled per graph: more than an H100's 50 MB L2
 MAX_REL_ERR = {"cublas": 1e-2, "gemv": 1e-2, "fp8_linear": 5e-2, "gemv_fp8": 1e-2}
 """fp8_linear at decode sizes quantizes the activations to float8 too (W8A8)."""
@@ -77,6 +78,8 @@ class Operands:
         self.ref = self.x.float() @ w.float().t()
         self.ref_fp8 = self.x.float() @ (q.float() * scale[:, None]).t()
         copies = max(1, min(PER_GRAPH, -(-COLD_BYTES // (n * k))))  # by the fp8 size
+        if HOT:  # one copy each, read again every call: from L2 where it fits
+            copies = 1
         self.w = [w] + [w.clone() for _ in range(max(1, copies // 2) - 1)]
         self.q = [q] + [q.clone() for _ in range(copies - 1)]
         self.scale = scale
@@ -196,6 +199,7 @@ def table(rows: list[dict], gbps: float) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sweep", action="store_true", help="sweep the gemv tiles per shape")
+    ap.add_argument("--hot", action="store_true", help="the same weights every call (L2)")
     ap.add_argument("--rows", type=int, nargs="+", default=list(ROWS), help="the M to time")
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     return ap.parse_args(argv)
@@ -203,6 +207,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    global HOT
+    HOT = args.hot
     if not torch.cuda.is_available():
         raise SystemExit("bench_gemv needs a CUDA GPU")
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, flush=True)

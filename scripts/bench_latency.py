@@ -73,6 +73,25 @@ def bench_hf(preset: str, prompt, new_tokens: int, overrides: dict) -> float:
     return (full.seconds - short.seconds) / (new_tokens - 1) * 1e3
 
 
+def graph_replay_ms(engine: LLMEngine, replays: int = 200) -> float | None:
+    """ms per back-to-back replay of the batch-1 decode graph on its last step's inputs:
+    the token's GPU chain alone, without the engine's work between steps (sampling, the
+    step's inputs, the replay's launch). None without graphs."""
+    graphs = getattr(engine.runner, "graphs", None)
+    if graphs is None or 1 not in graphs.graphs:
+        return None
+    graph = graphs.graphs[1]
+    for _ in range(10):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / replays
+
+
 def bench_mii(engine: LLMEngine, prompt, new_tokens: int, repeats: int = 3) -> dict:
     """Median of `repeats` runs after a warm-up. Each run's prompt is `prompt` with its
     tokens shifted by the run's number: no run's prefill hits the prefix cache that the
@@ -149,6 +168,7 @@ def main() -> None:
     shape = ModelShape.of(engine.runner.model, engine.hf_config)
     floor_ms = shape.weight_bytes / peaks["copy_bytes_per_s"] * 1e3
     ours = bench_mii(engine, prompt, args.new_tokens)
+    replay_ms = graph_replay_ms(engine)
     window = getattr(engine.hf_config, "sliding_window", None)
     result = {
         "device": torch.cuda.get_device_name(),
@@ -161,6 +181,7 @@ def main() -> None:
         "hf_ms_per_token": hf_ms,
         **ours,
         "ratio_to_floor": ours["ms_per_token"] / floor_ms,
+        "graph_replay_ms": replay_ms,
         "start_up_s": start_up.seconds,
     }
     suffix = ("_sync" if args.sync else "") + (f"_{args.quantization}" if args.quantization else "")
@@ -180,6 +201,8 @@ def main() -> None:
     if hf_ms:
         print(f"{'hf generate':<22}{hf_ms:>10.2f}{'':>10}")
     print(f"{'mii':<22}{ours['ms_per_token']:>10.2f}{ours['ttft_ms']:>10.2f}")
+    if replay_ms is not None:
+        print(f"{'decode graph alone':<22}{replay_ms:>10.2f}")
     print(f"{'weight floor':<22}{floor_ms:>10.2f}")
     print(f"mii / floor = {result['ratio_to_floor']:.2f}x")
     print(f"engine start-up {start_up.seconds:.1f} s (random weights, graphs, warm-up)")

@@ -33,6 +33,7 @@ import mii.kernels.decode_attention as da
 import mii.kernels.fp8_quant as fq
 import mii.kernels.rms_norm as rn
 import mii.kernels.rope_kv_write as rk
+import mii.kernels.step_inputs as si
 
 FLOAT32 = ("scale", "part", "weights")
 INT = {"peer_data_ptr": "*i64", "peer_flags_ptr": "*i64", "flags_ptr": "*i64",
@@ -106,6 +107,9 @@ CASES = [
     (rk._rope_kv_write_kernel, {**ROPE, "ROTATE": False}, ("bf16", {"cos_sin_ptr": "*fp32"})),
     (fq._act_and_mul_quantize_rows_kernel, {"GELU": False, "FP8_MAX": 448.0,
      "MIN_SCALE": 1e-12, "BLOCK": 16384}, ("bf16", {"q_ptr": "*fp8e4nv"})),
+    # a decode step's inputs into a CUDA graph's buffers
+    (si._step_inputs_kernel, {"BLOCK_W": 128},
+     ("i64", {"tables_ptr": "*i32", "lens_ptr": "*i32"})),
 ]
 results = []
 for fn, given, dtype in CASES:
@@ -137,4 +141,4 @@ def test_decode_kernels_compile_for_hopper():
     toolchain = [r for r in results if r[1] == "toolchain"]
     if toolchain:
         pytest.skip(f"no Hopper toolchain here: {toolchain[0][2]}")
-    assert len(results) == 20 and all(r[1] == "ok" for r in results)
+    assert len(results) == 21 and all(r[1] == "ok" for r in results)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from mii.engine.layers.attention import AttentionMetadata
+from mii.engine.step_plan import StepPlan
 
 
 def graph_batch_sizes(max_batch: int) -> list[int]:
@@ -83,6 +84,31 @@ class DecodeGraphs:
             and batch <= self.sizes[-1]
             and meta.block_tables.shape[1] <= self.max_blocks
         )
+
+    def fits_plan(self, plan: StepPlan) -> bool:
+        """`fits`, asked of the plan on the host."""
+        batch, width = plan.block_tables.shape
+        return plan.max_query_len == 1 and batch <= self.sizes[-1] and width <= self.max_blocks
+
+    def run_packed(
+        self, plan: StepPlan, packed: torch.Tensor, tokens: torch.Tensor | None
+    ) -> torch.Tensor:
+        """`run` for a plan packed on the device (`StepPlan.pack`): its arrays go into the
+        graph's buffers in one launch (kernels/step_inputs.py), the PENDING tokens from
+        `tokens` (the samples of the step before)."""
+        from mii.kernels.step_inputs import write_step_inputs  # triton: imported when used
+
+        batch, width = plan.block_tables.shape
+        size = self.sizes[bisect.bisect_left(self.sizes, batch)]
+        buffers = {
+            "input_ids": self.input_ids, "positions": self.positions,
+            "slot_mapping": self.slot_mapping, "block_tables": self.block_tables,
+            "seq_lens": self.seq_lens,
+        }  # fmt: skip
+        pending = len(plan.pending_rows)
+        write_step_inputs(packed, plan.offsets(), batch, width, pending, tokens, buffers, size)
+        self.graphs[size].replay()
+        return self.logits[size][:batch]
 
     def run(self, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:
         """Logits (batch, vocab) of a decode-only step, by replaying the nearest graph."""

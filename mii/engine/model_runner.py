@@ -22,7 +22,7 @@ from mii.engine.loader import (
 from mii.engine.quantization import checkpoint_quantization, plan_quantization
 from mii.engine.sampler import Sampler, SamplerOutput
 from mii.engine.scheduler import ScheduledChunk
-from mii.engine.step_plan import HEADER, StepPlan
+from mii.engine.step_plan import HEADER, PACKED_ARRAYS, StepPlan
 from mii.engine.tp.context import SINGLE, ParallelContext
 from mii.kernels.dispatch import split_prompts
 
@@ -30,6 +30,12 @@ GIB = 1 << 30
 MAX_GRAPH_BATCH = 512
 """Decode batches up to this many sequences (and max_num_seqs) replay CUDA graphs; larger
 ones run eagerly."""
+
+
+def _step_inputs_kernel() -> bool:
+    """Whether a graph step's inputs go into the graph's buffers in one launch
+    (kernels/step_inputs.py); `MII_STEP_INPUTS_KERNEL=0`: as torch copies (`DecodeGraphs.run`)."""
+    return os.environ.get("MII_STEP_INPUTS_KERNEL", "1") != "0"
 
 
 @dataclass
@@ -193,7 +199,11 @@ class ModelRunner:
         copy of the packed plan (one pageable copy per array would each wait for the
         stream), then views of it."""
         if self.device.type != "cuda":
-            return _inputs(plan, {k: torch.from_numpy(getattr(plan, k)) for k in _ARRAYS})
+            return _inputs(plan, {k: torch.from_numpy(getattr(plan, k)) for k in PACKED_ARRAYS})
+        return _inputs(plan, _device_views(plan, self._packed_on_device(plan)))
+
+    def _packed_on_device(self, plan: StepPlan) -> torch.Tensor:
+        """The packed plan (`StepPlan.pack`) on the device: one pinned host-to-device copy."""
         packed = plan.pack()
         if self._copied is not None:
             self._copied.synchronize()  # the last copy out of the pinned buffer is done
@@ -204,7 +214,7 @@ class ModelRunner:
         device = host.to(self.device, non_blocking=True)
         self._copied = torch.cuda.Event()
         self._copied.record()
-        return _inputs(plan, _device_views(plan, device))
+        return device
 
     @torch.inference_mode()
     def run(
@@ -229,6 +239,13 @@ class ModelRunner:
         """The forward pass (what every tensor-parallel rank runs): logits of the rows that
         sample, None when none does. `source`: the samples of the step before, for the
         PENDING tokens of the plan (rank 0 shares them with the other ranks)."""
+        graphs = self.graphs
+        if graphs is not None and graphs.fits_plan(plan) and _step_inputs_kernel():
+            packed = self._packed_on_device(plan)
+            tokens = None
+            if len(plan.pending_rows):
+                tokens = self._pending_tokens(source, int(plan.pending_sources.max()) + 1)
+            return graphs.run_packed(plan, packed, tokens)
         inputs = self.prepare(plan)
         if len(plan.pending_rows):
             tokens = self._pending_tokens(source, int(plan.pending_sources.max()) + 1)
@@ -262,10 +279,6 @@ class ModelRunner:
         if self.graphs is not None:
             self.graphs.release()
             self.graphs = None
-
-
-_ARRAYS = ("input_ids", "positions", "slot_mapping", "block_tables", "query_start_loc",
-           "seq_lens", "logits_indices", "pending_rows", "pending_sources")  # fmt: skip
 
 
 def _device_views(plan: StepPlan, packed: torch.Tensor) -> dict[str, torch.Tensor]:

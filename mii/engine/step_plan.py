@@ -15,6 +15,9 @@ if TYPE_CHECKING:
     from mii.engine.layers.rotary import LongPromptRope
 
 HEADER = 5  # tokens, sequences, block-table width, sampling rows, pending tokens
+PACKED_ARRAYS = ("input_ids", "positions", "slot_mapping", "block_tables", "query_start_loc",
+                 "seq_lens", "logits_indices", "pending_rows", "pending_sources")  # fmt: skip
+"""The arrays `pack` writes after the header, in order."""
 
 
 _EMPTY = np.zeros(0, dtype=np.int64)
@@ -136,6 +139,12 @@ class StepPlan:
             pending_rows=p_rows,
             pending_sources=p_sources,
         )
+
+    def offsets(self) -> dict[str, int]:
+        """Where `pack` puts each array, in elements from the packed vector's start."""
+        sizes = self.part_sizes(self.header())
+        starts = np.cumsum([HEADER, *sizes[:-1]]).tolist()
+        return dict(zip(PACKED_ARRAYS, starts, strict=True))
 
     @staticmethod
     def part_sizes(header) -> list[int]:

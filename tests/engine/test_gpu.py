@@ -69,6 +69,33 @@ def test_cuda_graphs_change_nothing(tiny_model):
     assert run_engine(path, prompts, 20) == run_engine(path, prompts, 20, eager=True)
 
 
+def test_step_inputs_kernel_changes_no_token(tiny_model, monkeypatch):
+    """kernels/step_inputs.py against the torch copies into the graphs' buffers: five
+    sequences (the graph of 8: padding rows) of which two finish early (the rows move)."""
+    from mii.engine.sampling_params import SamplingParams
+
+    path = tiny_model("llama3")
+    prompts = mixed_prompts(5, (3, 40, 11), seed=9)
+
+    def tokens() -> dict[str, list[int]]:
+        config = EngineConfig(model=path, dtype="bfloat16", device="cuda",
+                              scheduler=SchedulerConfig(max_num_batched_tokens=64))  # fmt: skip
+        engine = LLMEngine(config)
+        for i, (p, n) in enumerate(zip(prompts, (20, 6, 20, 3, 20), strict=True)):
+            engine.add_request(str(i), p, SamplingParams(max_new_tokens=n, min_new_tokens=n))
+        out: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                out[o.request_id].extend(o.token_ids)
+        return out
+
+    monkeypatch.setenv("MII_STEP_INPUTS_KERNEL", "0")
+    copies = tokens()
+    monkeypatch.setenv("MII_STEP_INPUTS_KERNEL", "1")
+    assert tokens() == copies
+    assert [len(t) for t in copies.values()] == [20, 6, 20, 3, 20]
+
+
 @pytest.mark.parametrize("arch", ["llama3", "mixtral"])
 @pytest.mark.parametrize("prompts", [1, 5])
 def test_programmatic_dependent_launch_changes_no_token(tiny_model, monkeypatch, prompts, arch):
