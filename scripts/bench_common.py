@@ -420,10 +420,15 @@ def graph_timed(fn, per_graph: int = 50, replays: int = 20, before_timing=None) 
     torch.cuda.synchronize()
     if before_timing is not None:
         before_timing()
+    return replay_ms(graph, replays) * 1000 / per_graph
+
+
+def replay_ms(graph, replays: int) -> float:
+    """Milliseconds per replay of a captured CUDA graph, `replays` back to back."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(replays):
         graph.replay()
     end.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / (replays * per_graph)
+    return start.elapsed_time(end) / replays

@@ -28,6 +28,7 @@ from bench_common import (
     hf_model,
     measure_peaks,
     preset_folder,
+    replay_ms,
     switches,
     write_json,
 )
@@ -83,13 +84,7 @@ def graph_replay_ms(engine: LLMEngine, replays: int = 200) -> float | None:
     graph = graphs.graphs[1]
     for _ in range(10):
         graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / replays
+    return replay_ms(graph, replays)
 
 
 def bench_mii(engine: LLMEngine, prompt, new_tokens: int, repeats: int = 3) -> dict:

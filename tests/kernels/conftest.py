@@ -28,6 +28,7 @@ KERNEL_MODULES = (
     "activation",
     "fp8_quant",
     "fp8_gemm",
+    "step_inputs",
 )
 
 if not torch.cuda.is_available() and "triton" not in sys.modules:

@@ -5,8 +5,6 @@ rows at slot -1 and length 1, and nothing past the plan's table width touched)."
 
 from __future__ import annotations
 
-import importlib
-
 import numpy as np
 import pytest
 import torch
@@ -14,16 +12,6 @@ import torch
 from mii.engine.step_plan import StepPlan
 
 MAX_BATCH, MAX_BLOCKS = 8, 300
-
-
-@pytest.fixture(scope="module")
-def step_inputs_interpreted(interpreted):
-    return importlib.import_module("mii.kernels.step_inputs")
-
-
-@pytest.fixture(scope="module")
-def step_inputs_compiled(compiled):
-    return importlib.import_module("mii.kernels.step_inputs")
 
 
 def _plan(batch: int, width: int, pending: list[tuple[int, int]], seed: int) -> StepPlan:
@@ -90,11 +78,11 @@ CASES = [  # batch, table width, graph size, (row, source) of the PENDING tokens
 
 
 @pytest.mark.parametrize(("batch", "width", "size", "pending"), CASES)
-def test_unpacks_a_plan_interpreted(step_inputs_interpreted, batch, width, size, pending):
-    _check(step_inputs_interpreted, "cpu", batch, width, size, pending)
+def test_unpacks_a_plan_interpreted(interpreted, batch, width, size, pending):
+    _check(interpreted.step_inputs, "cpu", batch, width, size, pending)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(("batch", "width", "size", "pending"), CASES)
-def test_unpacks_a_plan_gpu(step_inputs_compiled, batch, width, size, pending):
-    _check(step_inputs_compiled, "cuda", batch, width, size, pending)
+def test_unpacks_a_plan_gpu(compiled, batch, width, size, pending):
+    _check(compiled.step_inputs, "cuda", batch, width, size, pending)
