@@ -56,7 +56,6 @@ ROWS = (1, 2, 4)
 METHODS = ("cublas", "gemv", "fp8_linear", "gemv_fp8")
 LAYERS = 32
 REPLAYS, PER_GRAPH = 20, 50
-HOT = False  # --hot: the same weights every call (L2-warm where they fit)
 COLD_BYTES = 256 << 20  # weight copies cycled per graph: more than an H100's 50 MB L2
 MAX_REL_ERR = {"cublas": 1e-2, "gemv": 1e-2, "fp8_linear": 5e-2, "gemv_fp8": 1e-2}
 """fp8_linear at decode sizes quantizes the activations to float8 too (W8A8)."""
@@ -70,7 +69,7 @@ class Operands:
     """x (M, K) bf16; bf16 weights and their float8 quantization, each in enough copies to
     cycle through without L2 hits."""
 
-    def __init__(self, m: int, n: int, k: int):
+    def __init__(self, m: int, n: int, k: int, hot: bool = False):
         gen = torch.Generator(device="cuda").manual_seed(m * 131 + n + k)
         self.x = torch.randn(m, k, device="cuda", generator=gen, dtype=torch.bfloat16)
         w = torch.randn(n, k, device="cuda", generator=gen, dtype=torch.bfloat16) * 0.02
@@ -78,7 +77,7 @@ class Operands:
         self.ref = self.x.float() @ w.float().t()
         self.ref_fp8 = self.x.float() @ (q.float() * scale[:, None]).t()
         copies = max(1, min(PER_GRAPH, -(-COLD_BYTES // (n * k))))  # by the fp8 size
-        if HOT:  # one copy each, read again every call: from L2 where it fits
+        if hot:  # one copy each, read again every call: from L2 where it fits (--hot)
             copies = 1
         self.w = [w] + [w.clone() for _ in range(max(1, copies // 2) - 1)]
         self.q = [q] + [q.clone() for _ in range(copies - 1)]
@@ -125,9 +124,9 @@ def sweep_tiles(m: int, n: int, k: int, itemsize: int) -> list:
     return sorted(tiles)
 
 
-def bench_shape(name: str, m: int, sweep: bool) -> dict:
+def bench_shape(name: str, m: int, sweep: bool, hot: bool = False) -> dict:
     n, k, group = SHAPES[name]
-    ops = Operands(m, n, k)
+    ops = Operands(m, n, k, hot)
     row = {"shape": name, "group": group, "m": m, "n": n, "k": k}
     sms = gemv_mod._sm_count(torch.device("cuda"))
     row["tile_bf16"] = tuple(gemv_mod.gemv_tile(m, n, k, 2, sms))
@@ -207,8 +206,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    global HOT
-    HOT = args.hot
     if not torch.cuda.is_available():
         raise SystemExit("bench_gemv needs a CUDA GPU")
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, flush=True)
@@ -217,7 +214,7 @@ def main(argv=None) -> None:
     rows = []
     for m in args.rows:
         for name in args.shapes:
-            rows.append(bench_shape(name, m, args.sweep))
+            rows.append(bench_shape(name, m, args.sweep, args.hot))
             brief = {c: round(rows[-1][c], 2) for c in METHODS}
             print(f"{name} M={m} {brief}", flush=True)
     text = table(rows, gbps)
