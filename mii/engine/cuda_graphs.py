@@ -35,6 +35,12 @@ class DecodeGraphs:
         self.block_tables = torch.zeros((max_batch, max_blocks), dtype=i32, device=device)
         self.query_start_loc = torch.arange(max_batch + 1, dtype=i32, device=device)
         self.seq_lens = torch.ones(max_batch, dtype=i32, device=device)
+        # the buffers a step writes (`run_packed`), by the names kernels/step_inputs.py takes
+        self.inputs = {
+            "input_ids": self.input_ids, "positions": self.positions,
+            "slot_mapping": self.slot_mapping, "block_tables": self.block_tables,
+            "seq_lens": self.seq_lens,
+        }  # fmt: skip
         # Our own capture stream: torch's default one is made once per process, on the device
         # that was current then, and capturing on it switches to that device.
         self.stream = torch.cuda.Stream(device)
@@ -77,18 +83,15 @@ class DecodeGraphs:
         self.graphs.clear()
         self.logits.clear()
 
-    def fits(self, meta: AttentionMetadata) -> bool:
-        batch = meta.seq_lens.shape[0]
-        return (
-            meta.decode_only
-            and batch <= self.sizes[-1]
-            and meta.block_tables.shape[1] <= self.max_blocks
-        )
-
-    def fits_plan(self, plan: StepPlan) -> bool:
-        """`fits`, asked of the plan on the host."""
+    def fits(self, plan: StepPlan) -> bool:
+        """Whether a step replays a graph: decode-only, within the largest graph's batch
+        and block-table width."""
         batch, width = plan.block_tables.shape
         return plan.max_query_len == 1 and batch <= self.sizes[-1] and width <= self.max_blocks
+
+    def _padded(self, batch: int) -> int:
+        """The batch of the graph a step of `batch` sequences replays."""
+        return self.sizes[bisect.bisect_left(self.sizes, batch)]
 
     def run_packed(
         self, plan: StepPlan, packed: torch.Tensor, tokens: torch.Tensor | None
@@ -99,21 +102,16 @@ class DecodeGraphs:
         from mii.kernels.step_inputs import write_step_inputs  # triton: imported when used
 
         batch, width = plan.block_tables.shape
-        size = self.sizes[bisect.bisect_left(self.sizes, batch)]
-        buffers = {
-            "input_ids": self.input_ids, "positions": self.positions,
-            "slot_mapping": self.slot_mapping, "block_tables": self.block_tables,
-            "seq_lens": self.seq_lens,
-        }  # fmt: skip
+        size = self._padded(batch)
         pending = len(plan.pending_rows)
-        write_step_inputs(packed, plan.offsets(), batch, width, pending, tokens, buffers, size)
+        write_step_inputs(packed, plan.offsets(), batch, width, pending, tokens, self.inputs, size)
         self.graphs[size].replay()
         return self.logits[size][:batch]
 
     def run(self, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:
         """Logits (batch, vocab) of a decode-only step, by replaying the nearest graph."""
         batch = input_ids.shape[0]
-        size = self.sizes[bisect.bisect_left(self.sizes, batch)]
+        size = self._padded(batch)
         self.input_ids[:batch].copy_(input_ids)
         self.positions[:batch].copy_(positions)
         self.slot_mapping[:batch].copy_(meta.slot_mapping)

@@ -239,19 +239,17 @@ class ModelRunner:
         """The forward pass (what every tensor-parallel rank runs): logits of the rows that
         sample, None when none does. `source`: the samples of the step before, for the
         PENDING tokens of the plan (rank 0 shares them with the other ranks)."""
-        graphs = self.graphs
-        if graphs is not None and graphs.fits_plan(plan) and _step_inputs_kernel():
-            packed = self._packed_on_device(plan)
-            tokens = None
-            if len(plan.pending_rows):
-                tokens = self._pending_tokens(source, int(plan.pending_sources.max()) + 1)
-            return graphs.run_packed(plan, packed, tokens)
-        inputs = self.prepare(plan)
+        tokens = None
         if len(plan.pending_rows):
             tokens = self._pending_tokens(source, int(plan.pending_sources.max()) + 1)
+        graphs = self.graphs if self.graphs is not None and self.graphs.fits(plan) else None
+        if graphs is not None and _step_inputs_kernel():
+            return graphs.run_packed(plan, self._packed_on_device(plan), tokens)
+        inputs = self.prepare(plan)
+        if tokens is not None:
             inputs.input_ids[inputs.pending_rows] = tokens[inputs.pending_sources]
-        if self.graphs is not None and self.graphs.fits(inputs.meta):
-            return self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
+        if graphs is not None:
+            return graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
         if len(plan.logits_indices) == 0:
             return None

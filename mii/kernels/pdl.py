@@ -17,8 +17,9 @@ overwrite a buffer an earlier kernel still reads):
 - only constant data and the step's inputs are read before the wait. Constant: projection
   and norm weights, rotary tables, an fp8 cache's scales, the peer all-reduce's address
   tables. The step's inputs (positions, cache slots, sequence lengths, block tables) are
-  written by host copies and torch work before the step's forward starts (into the CUDA
-  graph's buffers before it replays), never by a kernel launched with PDL. The forward's
+  written by host copies, torch work and kernels/step_inputs.py (into the CUDA graph's
+  buffers before it replays) before the step's forward starts, never by a kernel launched
+  with PDL. The forward's
   first kernels (the embedding's, launched without PDL) start only once that work has
   ended and its stores are visible, and every kernel after them starts later still. (A
   kernel launched with PDL right after one launched without may see that one's stores
