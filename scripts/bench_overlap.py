@@ -12,7 +12,11 @@ LAYERS layers captured in one CUDA graph (weights cycled, so each layer's are L2
 - halves: the two halves one after the other in one stream (the weights read twice);
 - streams: the two halves on two streams, forked and joined inside the graph.
 
-    python scripts/bench_overlap.py [--batch 464] [--context 576]
+- streams_cN: the same, captured with the cuBLAS GEMMs held to all but N SMs
+  (`--carveout N ...`, torch's `_set_sm_carveout_experimental`), so that the other
+  stream's attention finds SMs free beside them.
+
+    python scripts/bench_overlap.py [--batch 464] [--context 576] [--carveout 16 32 48]
 """
 
 from __future__ import annotations
@@ -84,6 +88,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=464)
     ap.add_argument("--context", type=int, default=576)
     ap.add_argument("--replays", type=int, default=10)
+    ap.add_argument("--carveout", type=int, nargs="*", default=[], help="SMs the GEMMs leave")
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
     layers = [Layer(gen) for _ in range(LAYERS)]
@@ -107,16 +112,20 @@ def main() -> None:
         forward(x[a], layers, cache, a)
         torch.cuda.current_stream().wait_stream(side)
 
+    runs = [("whole", whole, None), ("halves", halves, None), ("streams", streams, None)]
+    runs += [(f"streams_c{n}", streams, n) for n in args.carveout]
     results = {}
-    for name, fn in (("whole", whole), ("halves", halves), ("streams", streams)):
+    for name, fn, carveout in runs:
+        torch._C._set_sm_carveout_experimental(carveout)
         graph = capture(fn)
+        torch._C._set_sm_carveout_experimental(None)
         graph.replay()
         results[name] = replay_ms(graph, args.replays) / LAYERS
         del graph
     print(f"{torch.cuda.get_device_name()}  batch {args.batch}  context {args.context}  "
           f"ms a layer (qkv, attention, o, gate_up, down)")  # fmt: skip
     for name, ms in results.items():
-        print(f"  {name:<8} {ms:8.3f}   / whole {ms / results['whole']:.2f}")
+        print(f"  {name:<12} {ms:8.3f}   / whole {ms / results['whole']:.2f}")
     write_json("bench_overlap.json", {"device": torch.cuda.get_device_name(), **vars(args),
                                       "ms_per_layer": results})  # fmt: skip
 
