@@ -13,6 +13,7 @@ import torch
 from mii.kernels import torch_ref
 from mii.kernels.fp8_ref import QuantizedRows
 from mii.kernels.fused_moe_ref import ExpertScales
+from mii.kernels.torch_ref import SplitSums
 
 
 def _triton_on(t: torch.Tensor) -> bool:
@@ -42,18 +43,22 @@ def gemv(
     w_scale: torch.Tensor | None,
     bias: torch.Tensor | None,
     gated: str | None = None,
-) -> torch.Tensor:
+    defer: bool = False,
+) -> torch.Tensor | SplitSums:
     """x @ (weight * w_scale[:, None]).T + bias for the rows `gemv_on` admits; with `gated`
     (a gated activation's name, "silu" or "gelu_tanh"), x is [gate | up] and the product is
-    act_and_mul(x, gated) @ ..., the activation done inside the GEMV."""
+    act_and_mul(x, gated) @ ..., the activation done inside the GEMV. `defer`: the product
+    may come as its `SplitSums`, for a reader that adds them up (`rms_norm`);
+    `MII_DEFER_SPLITS=0` turns that off."""
     from mii.kernels.gemv import gemv as kernel
 
     x = x if x.stride(-1) == 1 else x.contiguous()
-    return kernel(x, weight, w_scale, bias, gated=gated)
+    defer = defer and os.environ.get("MII_DEFER_SPLITS", "1") != "0"
+    return kernel(x, weight, w_scale, bias, gated=gated, defer=defer)
 
 
 def rms_norm(
-    x: torch.Tensor,
+    x: torch.Tensor | SplitSums,
     weight: torch.Tensor,
     eps: float,
     residual: torch.Tensor | None = None,
@@ -61,11 +66,14 @@ def rms_norm(
     quantize: bool = False,
 ) -> tuple[torch.Tensor | QuantizedRows, torch.Tensor]:
     """`quantize`: the normed rows come quantized per token for the W8A8 GEMM after them,
-    from the same kernel (`QuantizedRows`; CUDA only: the norm asks `fp8_rows_wanted`)."""
-    if _triton_on(x):
+    from the same kernel (`QuantizedRows`; CUDA only: the norm asks `fp8_rows_wanted`).
+    x may be a deferred GEMV's `SplitSums` (`gemv(..., defer=True)`)."""
+    if _triton_on(weight):
         from mii.kernels.rms_norm import rms_norm as kernel
 
         return kernel(x, weight, eps, residual, unit_offset, quantize)
+    if isinstance(x, SplitSums):
+        x = x.total()
     assert not quantize, "rows come quantized from the CUDA kernel only"
     return torch_ref.rms_norm_ref(x, weight, eps, residual, unit_offset)
 
@@ -231,19 +239,20 @@ def fp8_linear(
     scale: torch.Tensor,
     bias: torch.Tensor | None,
     gated: str | None = None,
-) -> torch.Tensor:
+    defer: bool = False,
+) -> torch.Tensor | SplitSums:
     """x @ (weight * scale[:, None]).T + bias with float8 weights (kernels/fp8_ref.py): on
     CUDA the GEMV for one row (`gemv_on`), else Triton or `torch._scaled_mm` by M
     (kernels/fp8_gemm.py); otherwise the weight dequantized into x's dtype for this call.
     `gated`: x is [gate | up] and act_and_mul(x, gated) is multiplied (inside the GEMV; in
     the per-token quantization before a W8A8 GEMM). x may come quantized already
-    (`rms_norm(..., quantize=True)`, where `fp8_rows_wanted`)."""
+    (`rms_norm(..., quantize=True)`, where `fp8_rows_wanted`). `defer`: as `gemv`'s."""
     if isinstance(x, QuantizedRows):
         from mii.kernels.fp8_gemm import quantized_linear
 
         return quantized_linear(x, weight, scale, bias)
     if gemv_on(x):
-        return gemv(x, weight, scale, bias, gated)
+        return gemv(x, weight, scale, bias, gated, defer)
     if _triton_on(x):
         from mii.kernels.fp8_gemm import fp8_linear as kernel
 

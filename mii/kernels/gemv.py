@@ -19,6 +19,12 @@ acq_rel atomic); the program that arrives last adds the SPLIT_K partials in spli
 (the same order whichever program is last, so the result is bit-reproducible run to run),
 applies the scale and bias, stores y in x's dtype and puts the counter back to 0 for the
 next call (CUDA graph replays included). With SPLIT_K == 1 the program stores y itself.
+That epilogue is a chain of round trips (the barrier and the atomic, the partials' reload,
+the store) after the last weight tile, which the next kernel waits behind: on an H200 it
+was 1-2.7 us of a 4.5-17.6 us one-row GEMV. `defer=True` leaves it to the kernel that
+reads y (the RMSNorm after the output and down projections, the rotary kernel after qkv):
+the GEMV returns the `SplitSums`, and that kernel adds the partials up in the same order
+where it would have loaded y (`split_sums`), the same bits.
 
 A gated MLP's down projection (`gated`) takes x = [gate | up] (M, 2K) instead and forms
 act(gate) * up where the x slice is loaded, with kernels/activation.py's `act_and_mul`
@@ -47,7 +53,7 @@ import triton.language as tl
 
 from mii.kernels.activation import act_and_mul
 from mii.kernels.pdl import pdl_args, release_next, wait_prior
-from mii.kernels.torch_ref import gelu_tanh_and_mul_ref, silu_and_mul_ref
+from mii.kernels.torch_ref import SplitSums, gelu_tanh_and_mul_ref, silu_and_mul_ref
 
 GATED_REFS = {"silu": silu_and_mul_ref, "gelu_tanh": gelu_tanh_and_mul_ref}
 """The gated activations `gemv` folds into its load of x, by name, with their references."""
@@ -230,15 +236,22 @@ def _tile_sums(
 
 
 @triton.jit
+def epilogue(acc, scale, bias, W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """acc * scale + bias in float32 (the caller casts it once to the output dtype)."""
+    if W_SCALED:
+        acc = acc * scale
+    if HAS_BIAS:
+        acc = acc + bias
+    return acc
+
+
+@triton.jit
 def _store_row(
     acc, row, rn, n_mask, scale, bias, out_ptr, stride_om,
     W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):  # fmt: skip
     """y = acc * scale + bias in float32, cast once to the output dtype."""
-    if W_SCALED:
-        acc = acc * scale
-    if HAS_BIAS:
-        acc = acc + bias
+    acc = epilogue(acc, scale, bias, W_SCALED, HAS_BIAS)
     tl.store(out_ptr + row * stride_om + rn, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
@@ -322,13 +335,40 @@ def _row_total(
 
 
 @triton.jit
+def split_constants(scale_ptr, bias_ptr, offs, mask, W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The scale and bias of a `SplitSums`'s columns `offs` (float32, 0 past `mask`): no
+    kernel writes them, so a reader loads them before its PDL wait."""
+    scale = tl.zeros(offs.shape, dtype=tl.float32)
+    bias = tl.zeros(offs.shape, dtype=tl.float32)
+    if W_SCALED:
+        scale = tl.load(scale_ptr + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return scale, bias
+
+
+@triton.jit
+def split_sums(
+    part_ptr, scale, bias, row, offs, mask, M, N,
+    SPLIT_K: tl.constexpr, W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
+):  # fmt: skip
+    """Columns `offs` of row `row` of a `SplitSums` (scale and bias from `split_constants`),
+    in float32 before the cast to its dtype: what the GEMV's epilogue would have stored,
+    the same bits. A kernel that reads y reads these in its place."""
+    total = split_total(part_ptr + row * N, offs, mask, M * N, SPLIT_K)
+    return epilogue(total, scale, bias, W_SCALED, HAS_BIAS)
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, part_ptr, count_ptr,
     N, K, stride_xm, stride_wn, stride_om,
     M: tl.constexpr, W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    GATED: tl.constexpr, GELU: tl.constexpr, PDL: tl.constexpr,
+    GATED: tl.constexpr, GELU: tl.constexpr, DEFER: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    """DEFER (with SPLIT_K > 1): store the partial sums and end; the kernel that reads y
+    adds them up (`SplitSums`)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -346,9 +386,9 @@ def _gemv_kernel(
     # the loop's end their loads would start only then, a round trip to memory more.
     scale = tl.zeros((BLOCK_N,), dtype=tl.float32)
     bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    if W_SCALED:
+    if W_SCALED and not DEFER:
         scale = tl.load(scale_ptr + rn, mask=n_mask, other=0.0)
-    if HAS_BIAS:
+    if HAS_BIAS and not DEFER:
         bias = tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
     if PDL:  # the first weight tile loads while the kernel before finishes (kernels/pdl.py)
         # an empty last split (past K) loads the last tile and leaves it unused
@@ -375,7 +415,7 @@ def _gemv_kernel(
                     M, W_SCALED, HAS_BIAS)  # fmt: skip
     else:
         _store_partials(part_ptr + pid_k * M * N + rn, acc0, acc1, acc2, acc3, n_mask, N, M)
-        if arrive_last(count_ptr + pid_n, SPLIT_K):  # the column tile's epilogue
+        if not DEFER and arrive_last(count_ptr + pid_n, SPLIT_K):  # the column tile's epilogue
             _store_rows(
                 _row_total(part_ptr, 0, rn, n_mask, N, M, SPLIT_K),
                 _row_total(part_ptr, 1, rn, n_mask, N, M, SPLIT_K),
@@ -390,12 +430,13 @@ _WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def reserve_workspace(
-    device: torch.device, split_k: int, m: int, n: int, block_n: int
+    device: torch.device, split_k: int, m: int, n: int, block_n: int, deferred: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The float32 partials (split_k, m, n) and the int32 arrival counters (one per column
     tile) of one call shape, allocated zeroed on first use and cached: call it (or `gemv`)
-    before capturing a CUDA graph."""
-    return cached_workspace(device, (split_k, m, n), triton.cdiv(n, block_n))
+    before capturing a CUDA graph. `deferred` calls have partials of their own (a
+    `SplitSums` waiting for its reader keeps them) and no counters."""
+    return cached_workspace(device, (split_k, m, n), 0 if deferred else triton.cdiv(n, block_n))
 
 
 def cached_workspace(
@@ -423,13 +464,15 @@ def gemv(
     bias: torch.Tensor | None = None,
     tile: GemvTile | None = None,
     gated: str | None = None,
-) -> torch.Tensor:
+    defer: bool = False,
+) -> torch.Tensor | SplitSums:
     """x (M, K) @ weight (N, K).T (* w_scale) (+ bias) -> (M, N) in x's dtype (`gemv_ref`).
     M of 1 to MAX_M; x and weight with dense rows; weight in x's dtype, or float8_e4m3fn with
     w_scale (N,) float32; bias (N,). `tile` overrides `gemv_tile` (benchmarks, tests).
     `gated` ("silu" or "gelu_tanh", a key of GATED_REFS): x is (M, 2K) = [gate | up] and the
     product is with act(gate) * up, rounded as kernels/activation.py rounds it, computed as
-    x is loaded (a gated MLP's down projection without the activation's launch)."""
+    x is loaded (a gated MLP's down projection without the activation's launch). `defer`:
+    where the tile splits K, return the `SplitSums` for the kernel after to add up."""
     assert gated is None or gated in GATED_REFS, f"gated activation {gated!r}"
     assert x.dim() == 2 and x.stride(1) == 1, "x must be (M, K) with dense rows"
     m, n, k = x.shape[0], weight.shape[0], weight.shape[-1]
@@ -451,9 +494,12 @@ def gemv(
         assert bias.shape == (n,) and bias.is_contiguous() and bias.is_floating_point()
     assert x.device == weight.device, "x and weight on different devices"
     tile = tile or gemv_tile(m, n, k, weight.element_size(), _sm_count(x.device))
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    defer = defer and tile.split_k > 1
+    out = torch.empty((0 if defer else m, n), dtype=x.dtype, device=x.device)
     if tile.split_k > 1:
-        partials, counters = reserve_workspace(x.device, tile.split_k, m, n, tile.block_n)
+        partials, counters = reserve_workspace(
+            x.device, tile.split_k, m, n, tile.block_n, defer
+        )  # fmt: skip
     else:
         partials, counters = out, out  # never read
     grid = (triton.cdiv(n, tile.block_n), tile.split_k)
@@ -462,7 +508,7 @@ def gemv(
         out, partials, counters, n, k, x.stride(0), weight.stride(0), out.stride(0),
         M=m, W_SCALED=fp8, HAS_BIAS=bias is not None, EVEN_K=k % tile.block_k == 0,
         BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, SPLIT_K=tile.split_k,
-        GATED=gated is not None, GELU=gated == "gelu_tanh",
+        GATED=gated is not None, GELU=gated == "gelu_tanh", DEFER=defer,
         num_warps=tile.num_warps, num_stages=tile.num_stages, **pdl_args(x),
     )  # fmt: skip
-    return out
+    return SplitSums(partials, w_scale, bias, x.dtype) if defer else out

@@ -23,6 +23,7 @@ Triton kernels fold the K scale into the score scale and the V scale into the ou
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -261,6 +262,35 @@ def _attend_group(
         out.copy_(o.squeeze(1))
     else:
         out[group.rows[group.valid]] = o[group.valid].to(out.dtype)
+
+
+class SplitSums(NamedTuple):
+    """A split-K GEMV's y (M, N) left as its partial sums (kernels/gemv.py, `gemv(..., defer=True)`):
+    y = (partials[0] + ... + partials[S-1]) * scale + bias in float32, cast once to `dtype`.
+    A kernel that reads y takes these instead (`split_sums`, the same bits), and the GEMV
+    skips its epilogue: the last split's arrival counter, its reload of the partials and its
+    store, a chain of round trips at the end of every split GEMV. `partials` is a cached
+    workspace of the call's shape: read it before the next deferred GEMV of that shape."""
+
+    partials: torch.Tensor  # (S, M, N) float32
+    scale: torch.Tensor | None  # (N,) float32 (float8 weights)
+    bias: torch.Tensor | None  # (N,)
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.partials.shape[1:]
+
+    def total(self) -> torch.Tensor:
+        """y as the GEMV would have stored it (torch, the splits added in order)."""
+        acc = self.partials[0].clone()
+        for part in self.partials[1:]:
+            acc += part
+        if self.scale is not None:
+            acc = acc * self.scale
+        if self.bias is not None:
+            acc = acc + self.bias.float()
+        return acc.to(self.dtype)
 
 
 def rms_norm_ref(

@@ -40,6 +40,44 @@ def test_logits_agree_with_bf16_on_a_real_width(tmp_path, tokens):
     assert cos.min() >= 0.99, cos.min()
 
 
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("quantization", [None, "fp8"])
+def test_norms_adding_the_gemv_split_sums_change_no_token(tmp_path, monkeypatch, quantization):
+    """At batch 1 the output and down projections' GEMVs leave their split-K partials to
+    the RMSNorm after them (`defer_splits`): the tokens of the GEMV's own epilogue, in CUDA
+    graphs and eager, at a width where those GEMVs split K."""
+    from transformers import LlamaConfig
+
+    from mii.engine.config import EngineConfig
+    from mii.engine.engine import LLMEngine
+    from mii.kernels import dispatch, gemv
+
+    LlamaConfig(
+        vocab_size=4096, hidden_size=1024, intermediate_size=2816, num_hidden_layers=3,
+        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
+        dtype="bfloat16",
+    ).save_pretrained(tmp_path)  # fmt: skip
+    assert gemv.gemv_tile(1, 1024, 1024, 1 if quantization else 2, 132).split_k > 1
+    sums = []
+    norm = dispatch.rms_norm
+    monkeypatch.setattr(dispatch, "rms_norm", lambda x, *a: sums.append(x) or norm(x, *a))
+    prompt = mixed_prompts(1, (9,), vocab=4096, seed=2)
+
+    def run(flag: str, eager: bool) -> list[list[int]]:
+        monkeypatch.setenv("MII_DEFER_SPLITS", flag)
+        config = EngineConfig(
+            model=str(tmp_path), device="cuda", dtype="bfloat16", quantization=quantization,
+            load_format="dummy", skip_tokenizer_init=True, enforce_eager=eager,
+        )  # fmt: skip
+        return greedy_tokens(LLMEngine(config), prompt, 24)
+
+    stored = run("0", eager=True)
+    assert not any(isinstance(x, gemv.SplitSums) for x in sums)
+    assert run("1", eager=True) == stored
+    assert sum(isinstance(x, gemv.SplitSums) for x in sums) >= 2 * 3 * 23  # o and down
+    assert run("1", eager=False) == stored
+
+
 @pytest.mark.timeout(120)
 def test_cuda_graphs_change_nothing_in_fp8(tiny_model):
     from mii.engine.config import EngineConfig, SchedulerConfig

@@ -261,3 +261,34 @@ def test_cuda_graph_replays_gpu(gemv_compiled, fp8, m):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, gemv_compiled.gemv(x, w, scale, b))
+
+
+def _check_deferred(module, x, w, scale, b, tile=None):
+    """gemv(defer=True) where the tile splits K: the SplitSums whose total has the bits of
+    the GEMV's own epilogue; without a split, y itself."""
+    with poisoned_allocations():
+        stored = module.gemv(x, w, scale, b, tile=tile)
+        deferred = module.gemv(x, w, scale, b, tile=tile, defer=True)
+    split = (tile or module.gemv_tile(x.shape[0], w.shape[0], w.shape[1], w.element_size(),
+                                      module._sm_count(x.device))).split_k  # fmt: skip
+    if split == 1:
+        assert isinstance(deferred, torch.Tensor) and torch.equal(deferred, stored)
+        return
+    assert isinstance(deferred, module.SplitSums)
+    assert deferred.partials.shape == (split, *stored.shape) and deferred.shape == stored.shape
+    assert torch.equal(deferred.total(), stored)
+
+
+@pytest.mark.parametrize("split_k", [1, 3])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_deferred_split_sums_interpreted(gemv_interpreted, fp8, split_k):
+    x, w, scale, b = _operands(2, 40, 300, "cpu", torch.float32, fp8, bias=fp8)
+    _check_deferred(gemv_interpreted, x, w, scale, b, gemv_interpreted.GemvTile(16, 64, split_k))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", GPU_SHAPES)
+@pytest.mark.parametrize("fp8", [False, True])
+def test_deferred_split_sums_gpu(gemv_compiled, fp8, shape):
+    x, w, scale, b = _operands(1, *shape, "cuda", torch.bfloat16, fp8, bias=not fp8)
+    _check_deferred(gemv_compiled, x, w, scale, b)

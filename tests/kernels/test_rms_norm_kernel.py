@@ -4,6 +4,8 @@ one code on the GPU."""
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from kernel_testing import TOLERANCE, poisoned_allocations, rel_err
@@ -129,3 +131,50 @@ def test_matches_reference_gpu(compiled, with_residual, hidden, dtype):
 @pytest.mark.parametrize("hidden", [2304, 3584])  # Gemma-2 2B, 9B
 def test_gemma_unit_offset_gpu(compiled, hidden):
     _check(compiled.rms_norm, 300, hidden, torch.bfloat16, torch.bfloat16, True, "cuda", True)
+
+
+def _check_split_sums(module, gemv, device, dtype, fp8, with_residual, bias, quantize=False):
+    """x as a GEMV's SplitSums: the bits of the norm of the GEMV's stored y, and the second
+    result that y (+ the residual), a tensor of its own."""
+    gen = torch.Generator().manual_seed(3)
+    hidden, k = 160, 320
+    h = torch.randn(1, k, generator=gen).to(device=device, dtype=dtype)
+    w = torch.randn(hidden, k, generator=gen) * 0.05
+    if fp8:
+        w, scale = quantize_rows_ref(w.to(device))
+    else:
+        w, scale = w.to(device=device, dtype=dtype), None
+    b = torch.randn(hidden, generator=gen).to(device=device, dtype=dtype) if bias else None
+    tile = gemv.GemvTile(16, 64, 3)
+    residual = torch.randn(1, hidden, generator=gen).to(device=device, dtype=dtype)
+    residual = residual if with_residual else None
+    weight = (1 + 0.1 * torch.randn(hidden, generator=gen)).to(device=device, dtype=dtype)
+    with poisoned_allocations():
+        y = gemv.gemv(h, w, scale, b, tile=tile)
+        expected, expected_residual = module.rms_norm(y, weight, 1e-6, residual, False, quantize)
+        sums = gemv.gemv(h, w, scale, b, tile=tile, defer=True)
+        out, new_residual = module.rms_norm(sums, weight, 1e-6, residual, False, quantize)
+    assert isinstance(sums, gemv.SplitSums)
+    if quantize:
+        assert torch.equal(out.q.view(torch.uint8), expected.q.view(torch.uint8))
+        assert torch.equal(out.scale, expected.scale)
+    else:
+        assert torch.equal(out, expected)
+    assert torch.equal(new_residual, expected_residual) and new_residual.shape == (1, hidden)
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_split_sums_input_interpreted(interpreted, with_residual, fp8):
+    gemv = importlib.import_module("mii.kernels.gemv")
+    _check_split_sums(interpreted.rms_norm, gemv, "cpu", torch.float32, fp8, with_residual,
+                      bias=with_residual, quantize=fp8 and with_residual)  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_split_sums_input_gpu(compiled, with_residual, fp8):
+    gemv = importlib.import_module("mii.kernels.gemv")
+    _check_split_sums(compiled.rms_norm, gemv, "cuda", torch.bfloat16, fp8, with_residual,
+                      bias=not with_residual)  # fmt: skip

@@ -27,6 +27,10 @@ class LinearBase(nn.Module):
     weight: nn.Parameter
     packed: torch.Tensor | None = None
     method: LinearMethod = UNQUANTIZED
+    defer_splits = False
+    """Set by a model whose next kernel after this layer is an RMSNorm: a one-row GEMV's
+    output may then come as its split-K partial sums, which the norm adds up
+    (kernels/gemv.py `SplitSums`)."""
 
     @property
     def output_loader(self):

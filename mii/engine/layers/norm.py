@@ -9,6 +9,7 @@ from mii.engine.layers.linear import LinearBase
 from mii.engine.tp.context import ParallelContext
 from mii.kernels import dispatch
 from mii.kernels.fp8_ref import QuantizedRows
+from mii.kernels.torch_ref import SplitSums
 
 
 class RMSNorm(nn.Module):
@@ -20,14 +21,16 @@ class RMSNorm(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,
+        x: torch.Tensor | SplitSums,
         residual: torch.Tensor | None = None,
         before: LinearBase | None = None,
     ) -> tuple[torch.Tensor | QuantizedRows, torch.Tensor]:
         """Returns (norm(x + residual), x + residual). `before`: the linear layer that
         alone takes the normed rows; where it would quantize them per token (FP8), they
         come quantized (`QuantizedRows`, from the same kernel)."""
-        quantize = before is not None and before.takes_quantized_rows(x)
+        # A GEMV's SplitSums is one row: the GEMV after takes it unquantized too.
+        deferred = isinstance(x, SplitSums)
+        quantize = before is not None and not deferred and before.takes_quantized_rows(x)
         return dispatch.rms_norm(x, self.weight, self.eps, residual, self.unit_offset, quantize)
 
     def after_all_reduce(

@@ -95,6 +95,8 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fam.gemma_norm)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fam.gemma_norm)
         self.attn_partial = self.self_attn.o_proj.bias is None
+        # On one rank the post-attention norm adds up the output GEMV's split sums itself.
+        self.self_attn.o_proj.defer_splits = self.attn_partial and tp.world_size == 1
 
     @property
     def mlp_in(self) -> nn.Module | None:
@@ -144,7 +146,8 @@ class LlamaModel(nn.Module):
 
     def _leave_mlp_reduces_to_the_next_norm(self) -> bool:
         """A layer whose MLP can leave its all-reduce does so where what follows takes partial
-        sums (a llama layer's input norm, the final norm); True if the last one did."""
+        sums (a llama layer's input norm, the final norm); True if the last one did. On one
+        rank that norm adds up the down projection's split sums too (`defer_splits`)."""
         layers = list(self.layers)
         for i, layer in enumerate(layers):
             after = layers[i + 1] if i + 1 < len(layers) else None
@@ -152,6 +155,7 @@ class LlamaModel(nn.Module):
                 after is None or isinstance(after, LlamaDecoderLayer)
             ):
                 layer.partial_out = True
+                layer.mlp.down_proj.defer_splits = self.tp.world_size == 1
                 if after is not None:
                     after.partial_in = True
         return bool(layers) and getattr(layers[-1], "partial_out", False)
