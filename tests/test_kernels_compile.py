@@ -72,18 +72,22 @@ CASES = [
     (ar._one_shot_kernel, {"WORLD": 4, "SLOTS": 8, "TOP_K": 2, "BLOCK": 2048}, "bf16"),
     (ar._one_shot_norm_kernel, {"WORLD": 2, "SLOTS": 8, "BLOCK_H": 4096}, "bf16"),
     (g._gemv_kernel, {"M": 1, "EVEN_K": True, "BLOCK_N": 16, "BLOCK_K": 256, "SPLIT_K": 4,
-                      "GATED": False}, "bf16"),
+                      "GATED": False, "DEFER": False}, "bf16"),
     (g._gemv_kernel, {"M": 2, "EVEN_K": True, "BLOCK_N": 16, "BLOCK_K": 256, "SPLIT_K": 4,
-                      "GATED": False, "PDL": False}, "bf16"),
+                      "GATED": False, "PDL": False, "DEFER": False}, "bf16"),
     (g._gemv_kernel, {"M": 1, "W_SCALED": True, "EVEN_K": False, "BLOCK_N": 16,
-                      "BLOCK_K": 512, "SPLIT_K": 1, "GATED": False}, "bf16"),
+                      "BLOCK_K": 512, "SPLIT_K": 1, "GATED": False, "DEFER": False}, "bf16"),
     # a gated MLP's down projection, the activation folded into the load of x
     (g._gemv_kernel, {"M": 1, "W_SCALED": False, "HAS_BIAS": False, "EVEN_K": True,
                       "BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 7, "GATED": True,
-                      "GELU": False}, "bf16"),
+                      "GELU": False, "DEFER": False}, "bf16"),
+    # the same over float8 weights, its partial sums left to the norm after it
+    (g._gemv_kernel, {"M": 1, "W_SCALED": True, "HAS_BIAS": False, "EVEN_K": True,
+                      "BLOCK_N": 32, "BLOCK_K": 512, "SPLIT_K": 7, "GATED": True,
+                      "GELU": False, "DEFER": True}, "bf16"),
     (g._gemv_kernel, {"M": 1, "W_SCALED": True, "HAS_BIAS": False, "EVEN_K": False,
                       "BLOCK_N": 32, "BLOCK_K": 512, "SPLIT_K": 1, "GATED": True,
-                      "GELU": True}, "bf16"),
+                      "GELU": True, "DEFER": False}, "bf16"),
     (mg._gate_up_kernel, {"EVEN_K": True, "BLOCK_N": 16, "BLOCK_K": 256, "SPLIT_K": 2}, "bf16"),
     (mg._down_kernel, {"EVEN_K": True, "BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 4}, "bf16"),
     (da._split_kernel, {**DECODE, "GROUP": 8, "HEAD_DIM": 128, "BLOCK_D": 128}, "bf16"),
@@ -94,10 +98,14 @@ CASES = [
      ("bf16", {"k_cache_ptr": "*fp8e4nv", "v_cache_ptr": "*fp8e4nv"})),
     (da._merge_kernel, {"HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_S": 16}, "bf16"),
     (rn._rms_norm_kernel, {"HAS_RESIDUAL": True, "UNIT_OFFSET": False, "BLOCK": 4096,
-                           "QUANTIZE": False, "ROUND_TO": "bf16"}, "bf16"),
+                           "QUANTIZE": False, "ROUND_TO": "bf16", "X_SPLITS": 0}, "bf16"),
+    # x a float8 GEMV's seven splits (`SplitSums`), added up as it loads
+    (rn._rms_norm_kernel, {"HAS_RESIDUAL": True, "UNIT_OFFSET": False, "BLOCK": 4096,
+                           "QUANTIZE": False, "ROUND_TO": "bf16", "X_SPLITS": 7,
+                           "X_SCALED": True, "X_BIAS": False}, ("bf16", {"x_ptr": "*fp32"})),
     # ending in the per-token quantization of an FP8 linear layer's input
     (rn._rms_norm_kernel, {"HAS_RESIDUAL": True, "UNIT_OFFSET": False, "BLOCK": 4096,
-                           "QUANTIZE": True, "ROUND_TO": "bf16"},
+                           "QUANTIZE": True, "ROUND_TO": "bf16", "X_SPLITS": 0},
      ("bf16", {"out_ptr": "*fp8e4nv"})),
     # rope + KV write: Mistral's heads into an fp8 cache; Phi's partial rotary; no rotary
     (rk._rope_kv_write_kernel, {**ROPE, "BLOCK_HQ": 32, "BLOCK_HKV": 8, "QUANTIZE": True},
@@ -141,4 +149,4 @@ def test_decode_kernels_compile_for_hopper():
     toolchain = [r for r in results if r[1] == "toolchain"]
     if toolchain:
         pytest.skip(f"no Hopper toolchain here: {toolchain[0][2]}")
-    assert len(results) == 21 and all(r[1] == "ok" for r in results)
+    assert len(results) == 23 and all(r[1] == "ok" for r in results)

@@ -21,10 +21,11 @@ applies the scale and bias, stores y in x's dtype and puts the counter back to 0
 next call (CUDA graph replays included). With SPLIT_K == 1 the program stores y itself.
 That epilogue is a chain of round trips (the barrier and the atomic, the partials' reload,
 the store) after the last weight tile, which the next kernel waits behind: on an H200 it
-was 1-2.7 us of a 4.5-17.6 us one-row GEMV. `defer=True` leaves it to the kernel that
-reads y (the RMSNorm after the output and down projections, the rotary kernel after qkv):
-the GEMV returns the `SplitSums`, and that kernel adds the partials up in the same order
-where it would have loaded y (`split_sums`), the same bits.
+was 1-2.8 us of a 4.5-17.6 us one-row GEMV. `defer=True` leaves it to the kernel that
+reads y (kernels/rms_norm.py, after the output and down projections): the GEMV returns
+the `SplitSums`, and that kernel adds the partials up in the same order where it would
+have loaded y (`split_sums`), the same bits. The engine defers float8 GEMVs only
+(kernels/dispatch.py says why).
 
 A gated MLP's down projection (`gated`) takes x = [gate | up] (M, 2K) instead and forms
 act(gate) * up where the x slice is loaded, with kernels/activation.py's `act_and_mul`
@@ -335,7 +336,9 @@ def _row_total(
 
 
 @triton.jit
-def split_constants(scale_ptr, bias_ptr, offs, mask, W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr):
+def split_constants(
+    scale_ptr, bias_ptr, offs, mask, W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr
+):  # fmt: skip
     """The scale and bias of a `SplitSums`'s columns `offs` (float32, 0 past `mask`): no
     kernel writes them, so a reader loads them before its PDL wait."""
     scale = tl.zeros(offs.shape, dtype=tl.float32)

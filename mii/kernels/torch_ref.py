@@ -265,12 +265,14 @@ def _attend_group(
 
 
 class SplitSums(NamedTuple):
-    """A split-K GEMV's y (M, N) left as its partial sums (kernels/gemv.py, `gemv(..., defer=True)`):
-    y = (partials[0] + ... + partials[S-1]) * scale + bias in float32, cast once to `dtype`.
-    A kernel that reads y takes these instead (`split_sums`, the same bits), and the GEMV
-    skips its epilogue: the last split's arrival counter, its reload of the partials and its
-    store, a chain of round trips at the end of every split GEMV. `partials` is a cached
-    workspace of the call's shape: read it before the next deferred GEMV of that shape."""
+    """A split-K GEMV's y (M, N) left as its partial sums (kernels/gemv.py,
+    `gemv(..., defer=True)`): y = (partials[0] + ... + partials[S-1]) * scale + bias in
+    float32, cast once to `dtype`.
+    A kernel that reads y takes these instead (kernels/gemv.py `split_sums`: the same bits);
+    the GEMV skips its epilogue: the last split's arrival counter, its reload of the
+    partials and its store, a chain of round trips at the end of every split GEMV.
+    `partials` is a cached workspace of the call's shape: read it before the next deferred
+    GEMV of that shape."""
 
     partials: torch.Tensor  # (S, M, N) float32
     scale: torch.Tensor | None  # (N,) float32 (float8 weights)
