@@ -24,8 +24,8 @@ the store) after the last weight tile, which the next kernel waits behind: on an
 was 1-2.8 us of a 4.5-17.6 us one-row GEMV. `defer=True` leaves it to the kernel that
 reads y (kernels/rms_norm.py, after the output and down projections): the GEMV returns
 the `SplitSums`, and that kernel adds the partials up in the same order where it would
-have loaded y (`split_sums`), the same bits. The engine defers float8 GEMVs only
-(kernels/dispatch.py says why).
+have loaded y (kernels/split_k.py `split_sums`), the same bits. The engine defers float8 GEMVs
+only (kernels/dispatch.py says why).
 
 A gated MLP's down projection (`gated`) takes x = [gate | up] (M, 2K) instead and forms
 act(gate) * up where the x slice is loaded, with kernels/activation.py's `act_and_mul`
@@ -54,6 +54,7 @@ import triton.language as tl
 
 from mii.kernels.activation import act_and_mul
 from mii.kernels.pdl import pdl_args, release_next, wait_prior
+from mii.kernels.split_k import arrive_last, cached_workspace, epilogue, split_tiles, split_total
 from mii.kernels.torch_ref import SplitSums, gelu_tanh_and_mul_ref, silu_and_mul_ref
 
 GATED_REFS = {"silu": silu_and_mul_ref, "gelu_tanh": gelu_tanh_and_mul_ref}
@@ -237,16 +238,6 @@ def _tile_sums(
 
 
 @triton.jit
-def epilogue(acc, scale, bias, W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """acc * scale + bias in float32 (the caller casts it once to the output dtype)."""
-    if W_SCALED:
-        acc = acc * scale
-    if HAS_BIAS:
-        acc = acc + bias
-    return acc
-
-
-@triton.jit
 def _store_row(
     acc, row, rn, n_mask, scale, bias, out_ptr, stride_om,
     W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -296,34 +287,6 @@ def weight_tile(rows_ptr, ks, k_mask, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def split_tiles(pid_k, K, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-    """The K tiles [first, end) that split pid_k of SPLIT_K sums (the last may be short or,
-    past K, empty)."""
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(k_tiles, SPLIT_K)
-    first = pid_k * per_split
-    return first, tl.minimum(first + per_split, k_tiles)
-
-
-@triton.jit
-def split_total(part_ptr, rn, n_mask, stride_split, SPLIT_K: tl.constexpr):
-    """One output row's SPLIT_K partial sums added in split order (bit-reproducible)."""
-    total = tl.zeros(rn.shape, dtype=tl.float32)
-    for s in tl.static_range(SPLIT_K):
-        # .cg: from L2, where the other programs' stores are (not a stale L1 line)
-        total += tl.load(part_ptr + s * stride_split + rn, mask=n_mask, cache_modifier=".cg")
-    return total
-
-
-@triton.jit
-def arrive_last(count_ptr, SPLIT_K: tl.constexpr):
-    """After this program's partial stores: whether it is its tile's last split (then it
-    writes the output and puts the counter back to 0)."""
-    tl.debug_barrier()  # every thread's stores before the program's one release
-    return tl.atomic_add(count_ptr, 1, sem="acq_rel") == SPLIT_K - 1
-
-
-@triton.jit
 def _row_total(
     part_ptr, ROW: tl.constexpr, rn, n_mask, N, M: tl.constexpr, SPLIT_K: tl.constexpr
 ):  # fmt: skip
@@ -333,33 +296,6 @@ def _row_total(
     if ROW < M:
         total = split_total(part_ptr + ROW * N, rn, n_mask, M * N, SPLIT_K)
     return total
-
-
-@triton.jit
-def split_constants(
-    scale_ptr, bias_ptr, offs, mask, W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr
-):  # fmt: skip
-    """The scale and bias of a `SplitSums`'s columns `offs` (float32, 0 past `mask`): no
-    kernel writes them, so a reader loads them before its PDL wait."""
-    scale = tl.zeros(offs.shape, dtype=tl.float32)
-    bias = tl.zeros(offs.shape, dtype=tl.float32)
-    if W_SCALED:
-        scale = tl.load(scale_ptr + offs, mask=mask, other=0.0)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    return scale, bias
-
-
-@triton.jit
-def split_sums(
-    part_ptr, scale, bias, row, offs, mask, M, N,
-    SPLIT_K: tl.constexpr, W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
-):  # fmt: skip
-    """Columns `offs` of row `row` of a `SplitSums` (scale and bias from `split_constants`),
-    in float32 before the cast to its dtype: what the GEMV's epilogue would have stored,
-    the same bits. A kernel that reads y reads these in its place."""
-    total = split_total(part_ptr + row * N, offs, mask, M * N, SPLIT_K)
-    return epilogue(total, scale, bias, W_SCALED, HAS_BIAS)
 
 
 @triton.jit
@@ -429,9 +365,6 @@ def _gemv_kernel(
             tl.atomic_xchg(count_ptr + pid_n, 0)  # clean for the next call
 
 
-_WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
 def reserve_workspace(
     device: torch.device, split_k: int, m: int, n: int, block_n: int, deferred: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -440,24 +373,6 @@ def reserve_workspace(
     before capturing a CUDA graph. `deferred` calls have partials of their own (a
     `SplitSums` waiting for its reader keeps them) and no counters."""
     return cached_workspace(device, (split_k, m, n), 0 if deferred else triton.cdiv(n, block_n))
-
-
-def cached_workspace(
-    device: torch.device, partials_shape: tuple[int, ...], counters: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zeroed float32 partials of `partials_shape` and `counters` int32 arrival counters on
-    `device`, allocated on first use and kept for every later call of the same shape (the
-    counters are back at 0 after each call)."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    key = (device, partials_shape, counters)
-    if key not in _WORKSPACES:
-        _WORKSPACES[key] = (
-            torch.zeros(partials_shape, dtype=torch.float32, device=device),
-            torch.zeros(counters, dtype=torch.int32, device=device),
-        )
-    return _WORKSPACES[key]
 
 
 def gemv(

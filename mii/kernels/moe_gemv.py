@@ -65,15 +65,12 @@ from mii.kernels.gemv import (
     TILE_ROW_BYTES,
     GemvTile,
     _sm_count,
-    arrive_last,
-    cached_workspace,
     split_k,
-    split_tiles,
-    split_total,
     warps_for,
     weight_tile,
     x_slice,
 )
+from mii.kernels.split_k import arrive_last, cached_workspace, split_tiles, split_total
 
 MAX_TOKENS = 4  # the sizes the tiles were chosen for; larger T runs, slower than the GEMMs
 GATE_UP_ROWS = 16  # BLOCK_N of gate_up: 16 gate + 16 up rows a step, as gemv's 32 rows

@@ -16,8 +16,9 @@ import triton.language as tl
 from mii.kernels import fp8_ref
 from mii.kernels.fp8_quant import quantized_outputs, store_quantized
 from mii.kernels.fp8_ref import QuantizedRows
-from mii.kernels.gemv import SplitSums, split_constants, split_sums
 from mii.kernels.pdl import pdl_args, release_next, wait_prior
+from mii.kernels.split_k import split_constants, split_sums
+from mii.kernels.torch_ref import SplitSums
 
 FP8_MAX = tl.constexpr(fp8_ref.FP8_MAX)
 MIN_SCALE = tl.constexpr(fp8_ref.MIN_SCALE)

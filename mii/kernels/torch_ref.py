@@ -268,7 +268,7 @@ class SplitSums(NamedTuple):
     """A split-K GEMV's y (M, N) left as its partial sums (kernels/gemv.py,
     `gemv(..., defer=True)`): y = (partials[0] + ... + partials[S-1]) * scale + bias in
     float32, cast once to `dtype`.
-    A kernel that reads y takes these instead (kernels/gemv.py `split_sums`: the same bits);
+    A kernel that reads y takes these instead (kernels/split_k.py `split_sums`: the same bits);
     the GEMV skips its epilogue: the last split's arrival counter, its reload of the
     partials and its store, a chain of round trips at the end of every split GEMV.
     `partials` is a cached workspace of the call's shape: read it before the next deferred

@@ -69,7 +69,7 @@ def make_layer(tokens, hidden, inner, experts, *, dtype, device, fp8=False, seed
 
 def _counters(module):
     """Every cached arrival counter (the expert GEMV keeps its workspaces in gemv's cache)."""
-    return [c for _, c in importlib.import_module("mii.kernels.gemv")._WORKSPACES.values()]
+    return [c for _, c in importlib.import_module("mii.kernels.split_k")._WORKSPACES.values()]
 
 
 def mismatched(actual: torch.Tensor, expected: torch.Tensor) -> float:
