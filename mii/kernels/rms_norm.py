@@ -127,8 +127,8 @@ def rms_norm(
     fresh = residual is not None or splits is not None
     new_residual = torch.empty(shape, dtype=dtype, device=device) if fresh else x
     x2 = splits.partials if splits else _rows(x)  # (N, H); partials (S, N, H)
-    res2 = new_residual if residual is None else _rows(residual)
     new2 = _rows(new_residual)
+    res2 = new2 if residual is None else _rows(residual)  # read only with a residual
     if quantize:
         out2, scale = quantized_outputs(new2.shape[0], hidden, device)
         out = QuantizedRows(out2, scale, out_dtype)
