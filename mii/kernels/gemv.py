@@ -54,7 +54,14 @@ import triton.language as tl
 
 from mii.kernels.activation import act_and_mul
 from mii.kernels.pdl import pdl_args, release_next, wait_prior
-from mii.kernels.split_k import arrive_last, cached_workspace, epilogue, split_tiles, split_total
+from mii.kernels.split_k import (
+    arrive_last,
+    cached_workspace,
+    epilogue,
+    split_constants,
+    split_tiles,
+    split_total,
+)
 from mii.kernels.torch_ref import SplitSums, gelu_tanh_and_mul_ref, silu_and_mul_ref
 
 GATED_REFS = {"silu": silu_and_mul_ref, "gelu_tanh": gelu_tanh_and_mul_ref}
@@ -322,13 +329,11 @@ def _gemv_kernel(
     acc3 = tl.zeros((BLOCK_N,), dtype=tl.float32)
     release_next(PDL)
     # The epilogue's constants load first (before the wait, as the first weight tile): at
-    # the loop's end their loads would start only then, a round trip to memory more.
-    scale = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    if W_SCALED and not DEFER:
-        scale = tl.load(scale_ptr + rn, mask=n_mask, other=0.0)
-    if HAS_BIAS and not DEFER:
-        bias = tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+    # the loop's end their loads would start only then, a round trip to memory more. A
+    # deferred GEMV loads none: its reader applies them.
+    scale, bias = split_constants(
+        scale_ptr, bias_ptr, rn, n_mask, W_SCALED and not DEFER, HAS_BIAS and not DEFER
+    )  # fmt: skip
     if PDL:  # the first weight tile loads while the kernel before finishes (kernels/pdl.py)
         # an empty last split (past K) loads the last tile and leaves it unused
         ks = tl.minimum(k_first, tl.cdiv(K, BLOCK_K) - 1) * BLOCK_K + rk

@@ -57,8 +57,9 @@ def epilogue(acc, scale, bias, W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr):
 def split_constants(
     scale_ptr, bias_ptr, offs, mask, W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr
 ):  # fmt: skip
-    """The scale and bias of a `SplitSums`'s columns `offs` (float32, 0 past `mask`): no
-    kernel writes them, so a reader loads them before its PDL wait."""
+    """The scale and bias of columns `offs` of a GEMV's y, or of its `SplitSums` (float32, 0
+    past `mask`, 0 where not W_SCALED / HAS_BIAS): no kernel writes them, so the GEMV or the
+    reader loads them before its PDL wait."""
     scale = tl.zeros(offs.shape, dtype=tl.float32)
     bias = tl.zeros(offs.shape, dtype=tl.float32)
     if W_SCALED:
