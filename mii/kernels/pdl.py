@@ -19,9 +19,9 @@ overwrite a buffer an earlier kernel still reads):
   tables. The step's inputs (positions, cache slots, sequence lengths, block tables) are
   written by host copies, torch work and kernels/step_inputs.py (into the CUDA graph's
   buffers before it replays) before the step's forward starts, never by a kernel launched
-  with PDL. The forward's
-  first kernels (the embedding's, launched without PDL) start only once that work has
-  ended and its stores are visible, and every kernel after them starts later still. (A
+  with PDL. The forward's first kernels (the embedding's, launched without PDL) start only
+  once that work has ended and its stores are visible, and every kernel after them starts
+  later still. (A
   kernel launched with PDL right after one launched without may see that one's stores
   only after its wait; no step input is written right before a kernel that reads it.)
   A buffer that a kernel launched with PDL may write is read after the wait, always.
