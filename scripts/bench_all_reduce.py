@@ -1,6 +1,7 @@
 """All-reduce on two GPUs: NCCL against the one-shot peer all-reduce (mii/engine/tp/
-peer_all_reduce.py) over the message sizes of decode and prefill steps, each replayed in a
-CUDA graph as the engine's decode steps run them. Checks that both give the same sums.
+peer_all_reduce.py), pulling and pushing, over the message sizes of decode and prefill
+steps, each replayed in a CUDA graph as the engine's decode steps run them. Checks that
+each gives NCCL's sums.
 Prints microseconds per all-reduce; writes bench_all_reduce.json under $OUT when set.
 
     python scripts/bench_all_reduce.py [KB ...]   # needs 2 GPUs
@@ -35,16 +36,21 @@ def _rank(rank: int, port: int, queue, sizes_kb: tuple[int, ...]) -> None:
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     device = torch.device("cuda", rank)
-    peer = PeerAllReduce.create(dist.group.WORLD, device, torch.bfloat16)
+    peers = {
+        how: PeerAllReduce.create(dist.group.WORLD, device, torch.bfloat16, push=how == "push")
+        for how in ("pull", "push")
+    }
+    peer = peers["push"]
     rows = []
     for kb in sizes_kb:
         x = torch.randn(kb * 512, device=device, dtype=torch.bfloat16)
         expected = x.clone()
         dist.all_reduce(expected)
         row = {"kb": kb, "nccl_us": _timed(lambda t: dist.all_reduce(t.clone()), x)}
-        if peer is not None:
-            row["same_sum"] = bool(torch.equal(peer(x), expected))
-            row["peer_us"] = _timed(peer, x)
+        for how, path in peers.items():
+            if path is not None:
+                row[f"same_sum_{how}"] = bool(torch.equal(path(x), expected))
+                row[f"{how}_us"] = _timed(path, x)
         rows.append(row)
         if rank == 0:  # as it goes: a size that hangs shows which it is
             print(f"  {kb} KB: {row}", flush=True)
@@ -69,11 +75,12 @@ def main() -> None:
     write_json("bench_all_reduce.json", result)
     print(f"{result['device']} x2, bf16, us per all-reduce in CUDA graphs "
           f"(peer path open: {result['peer']}; {result['why_not'] or ''})")  # fmt: skip
-    print(f"{'KB':>6}{'NCCL':>10}{'one-shot':>10}{'ratio':>8}  same sum")
+    print(f"{'KB':>6}{'NCCL':>10}{'pull':>10}{'push':>10}{'push/NCCL':>11}  same sum")
     for r in result["rows"]:
-        peer = r.get("peer_us", float("nan"))
-        print(f"{r['kb']:>6}{r['nccl_us']:>10.1f}{peer:>10.1f}{peer / r['nccl_us']:>8.2f}"
-              f"  {r.get('same_sum')}")  # fmt: skip
+        pull, push = (r.get(f"{how}_us", float("nan")) for how in ("pull", "push"))
+        same = f"{r.get('same_sum_pull')} {r.get('same_sum_push')}"
+        print(f"{r['kb']:>6}{r['nccl_us']:>10.1f}{pull:>10.1f}{push:>10.1f}"
+              f"{push / r['nccl_us']:>11.2f}  {same}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -12,6 +12,15 @@ Why two halves are enough: a rank that starts call e + 2 (which overwrites call 
 has passed call e + 1's wait, so every peer has started call e + 1, and a stream starts a
 kernel only after the one before it (call e, whose reads of that half) has finished.
 
+Push buffers (`PeerBuffers.push`, data (3, world, capacity)) take the other way round: a
+call's program stores its chunk straight into slot `rank` of every peer's data, in the
+third of the call's epoch modulo 3, and then reads its own third, slot by slot, until no
+element is the empty mark (-0.0; a -0.0 in x is sent as +0.0, the same in a sum), and
+sums in rank order. No flags, no fence, no read of a peer's memory: the data is its own
+signal (what other servers call a Lamport all-reduce). Once read, a third is marked empty
+again in the call after (every peer's stores into it have landed, and none writes it
+again before this rank's next-but-one call reaches them).
+
 Only peer loads and stores are used: no NVLink multicast (`multimem`), which stays off on
 these machines.
 """
@@ -82,8 +91,9 @@ def _one_shot_kernel(
     x_ptr, out_ptr, data_ptr, peer_data_ptr, flags_ptr, peer_flags_ptr, abort_at_ptr, epoch_ptr,
     n, half, hidden, rank,
     WORLD: tl.constexpr, SLOTS: tl.constexpr, TOP_K: tl.constexpr, BLOCK: tl.constexpr,
-    PDL: tl.constexpr,
+    PUSH: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    """`half`: the elements of a data half (pull), of a slot (PUSH)."""
     release_next(PDL)
     peer_data, peer_flags, abort_at = _addresses(
         peer_data_ptr, peer_flags_ptr, abort_at_ptr, WORLD, SLOTS
@@ -101,10 +111,16 @@ def _one_shot_kernel(
         for k in tl.static_range(TOP_K):
             total += tl.load(x_ptr + first + k * hidden, mask=mask, other=0.0).to(tl.float32)
         x = total.to(out_ptr.dtype.element_ty)
-    total = _exchange(
-        x, offs, mask, data_ptr, peer_data, peer_flags, abort_at, flags_ptr, epoch_ptr, half,
-        rank, WORLD, SLOTS,
-    )  # fmt: skip
+    if PUSH:
+        total = _push_exchange(
+            x, offs, mask, offs < half, data_ptr, peer_data,
+            abort_at, epoch_ptr, half, rank, WORLD, SLOTS,
+        )  # fmt: skip
+    else:
+        total = _exchange(
+            x, offs, mask, data_ptr, peer_data, peer_flags, abort_at, flags_ptr, epoch_ptr, half,
+            rank, WORLD, SLOTS,
+        )  # fmt: skip
     tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -124,6 +140,59 @@ def _exchange(
     tl.store(data_ptr + parity + offs, x, mask=mask)
     _signal_and_wait(flags_ptr, peer_flags, abort_at, epoch, rank, WORLD, SLOTS)
     return _sum_ranks(x, peer_data, parity + offs, mask, rank, WORLD, SLOTS)
+
+
+@triton.jit
+def _empty(v):
+    """Where v holds the empty mark, -0.0 (any float dtype)."""
+    return v.to(tl.float32).to(tl.int32, bitcast=True) == -2147483648
+
+
+@triton.jit
+def _push_exchange(
+    x, offs, mask, own, data_ptr, peer_data, abort_at, epoch_ptr, slot, rank,
+    WORLD: tl.constexpr, SLOTS: tl.constexpr,
+):  # fmt: skip
+    """This program's call over push buffers: x stored into slot `rank` of the call's third
+    of every peer's data, then every peer's slot of this rank's third read until it holds
+    no empty mark, and summed in rank order (float32; this rank's own x in its place). Then
+    the third of the call before is marked empty again, all of this program's chunk
+    (`own`: its elements within a slot, whatever this call's size): a later call of another
+    size must not find a stale value there. `peer_data`, `abort_at`: from `_addresses`."""
+    pid = tl.program_id(0)
+    epoch = tl.load(epoch_ptr + pid) + 1
+    tl.store(epoch_ptr + pid, epoch)
+    third = (epoch % 3) * WORLD * slot
+    sent = tl.where(x == 0, tl.zeros_like(x), x)  # -0.0 is the empty mark
+    for peer in tl.static_range(WORLD):
+        if peer != rank:
+            base = _pick(peer_data, peer, SLOTS).to(tl.pointer_type(x.dtype))
+            base = tl.multiple_of(base, 16)
+            tl.store(base + third + rank * slot + offs, sent, mask=mask)
+    abort = abort_at.to(tl.pointer_type(tl.int32))  # in pinned host memory
+    acc = tl.zeros(x.shape, dtype=tl.float32)
+    for peer in tl.static_range(WORLD):
+        if peer == rank:
+            acc += x.to(tl.float32)
+        else:
+            at = data_ptr + third + peer * slot + offs
+            part = tl.load(at, mask=mask, other=0.0, volatile=True)
+            waiting = tl.sum((_empty(part) & mask).to(tl.int32), 0)
+            spins = 0
+            while waiting > 0:
+                part = tl.load(at, mask=mask, other=0.0, volatile=True)
+                waiting = tl.sum((_empty(part) & mask).to(tl.int32), 0)
+                spins += 1
+                if spins % ABORT_POLL == 0:  # noqa: SIM102 - a read over PCIe, only now and then
+                    if tl.load(abort, volatile=True) != 0:
+                        waiting = 0
+            acc += part.to(tl.float32)
+    before = ((epoch + 2) % 3) * WORLD * slot
+    for peer in tl.static_range(WORLD):
+        if peer != rank:
+            tl.store(data_ptr + before + peer * slot + offs, tl.full(x.shape, -0.0, x.dtype),
+                     mask=own)  # fmt: skip
+    return acc
 
 
 @triton.jit
@@ -177,9 +246,11 @@ def _one_shot_norm_kernel(
 
 
 class PeerBuffers:
-    """One rank's view of the group's buffers: its own `data` (2, capacity) and `flags`
-    (MAX_PROGRAMS, MAX_RANKS) int64, and every rank's addresses of them (peers' mapped
-    into this process), as int64 device tensors the kernel reads."""
+    """One rank's view of the group's buffers: its own `data` and `flags` (MAX_PROGRAMS,
+    MAX_RANKS) int64, and every rank's addresses of them (peers' mapped into this process),
+    as int64 device tensors the kernel reads. `data` (2, capacity) pulls; (3, world,
+    capacity), filled with -0.0 (`push_data`), pushes (the module's docstring), and its
+    flags are not used."""
 
     def __init__(
         self,
@@ -189,10 +260,11 @@ class PeerBuffers:
         data_addresses: list[int],
         flag_addresses: list[int],
     ) -> None:
-        assert data.dim() == 2 and data.shape[0] == 2 and data.is_contiguous()
-        assert flags.dtype == torch.int64 and flags.shape[1] == MAX_RANKS
         assert len(data_addresses) == len(flag_addresses) <= MAX_RANKS
         self.rank, self.world = rank, len(data_addresses)
+        self.push = data.dim() == 3
+        assert data.shape[:-1] == ((3, self.world) if self.push else (2,)) and data.is_contiguous()
+        assert flags.dtype == torch.int64 and flags.shape[1] == MAX_RANKS
         self.data, self.flags = data, flags
         device = data.device
         self.peer_data = torch.tensor(data_addresses, dtype=torch.int64, device=device)
@@ -211,7 +283,12 @@ class PeerBuffers:
     @property
     def capacity(self) -> int:
         """The most elements one call takes."""
-        return min(self.data.shape[1], self.flags.shape[0] * BLOCK)
+        return min(self.data.shape[-1], self.flags.shape[0] * BLOCK)
+
+
+def push_data(world: int, capacity: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """A rank's data for push buffers: three thirds of `world` slots, every element empty."""
+    return torch.full((3, world, capacity), -0.0, dtype=dtype, device=device)
 
 
 def one_shot_all_reduce(x: torch.Tensor, buffers: PeerBuffers, top_k: int = 1) -> torch.Tensor:
@@ -230,9 +307,9 @@ def one_shot_all_reduce(x: torch.Tensor, buffers: PeerBuffers, top_k: int = 1) -
     out = torch.empty(shape, dtype=x.dtype, device=x.device)
     _one_shot_kernel[(triton.cdiv(n, BLOCK),)](
         x, out, buffers.data, buffers.peer_data, buffers.flags, buffers.peer_flags,
-        buffers.abort_at, buffers.epochs, n, buffers.data.shape[1], hidden, buffers.rank,
-        WORLD=buffers.world, SLOTS=MAX_RANKS, TOP_K=top_k, BLOCK=BLOCK, num_warps=4,
-        **pdl_args(x),
+        buffers.abort_at, buffers.epochs, n, buffers.data.shape[-1], hidden, buffers.rank,
+        WORLD=buffers.world, SLOTS=MAX_RANKS, TOP_K=top_k, BLOCK=BLOCK, PUSH=buffers.push,
+        num_warps=4, **pdl_args(x),
     )  # fmt: skip
     return out
 
@@ -247,6 +324,7 @@ def one_shot_all_reduce_norm(
     rows, never shared with `one_shot_all_reduce` calls (whose programs cover other parts
     of the data: the halves alternate per program)."""
     assert x.dim() == 2 and x.is_contiguous() and x.dtype == buffers.data.dtype
+    assert not buffers.push, "the norm's all-reduce pulls"
     assert residual.shape == x.shape and residual.is_contiguous() and residual.dtype == x.dtype
     assert weight.shape == (x.shape[1],) and weight.dtype == x.dtype and weight.is_contiguous()
     rows, hidden = x.shape

@@ -264,20 +264,24 @@ def test_gpu_device_map_places_rank0(tiny_model):
 @pytest.mark.gpu
 @needs_two_gpus
 @pytest.mark.parametrize("arch", ["llama3", "mixtral"])
-@pytest.mark.parametrize("norm", ["0", "1"], ids=["plain", "with-norm"])
+@pytest.mark.parametrize(
+    "norm, push", [("0", "1"), ("0", "0"), ("1", "1")], ids=["plain", "pull", "with-norm"]
+)
 def test_gpu_peer_all_reduce_takes_decode_steps_and_changes_no_token(
-    tiny_model, monkeypatch, arch, norm
+    tiny_model, monkeypatch, arch, norm, push
 ):
-    """Small all-reduces go through NVLink peer memory (one shot), and sum as NCCL does; a
-    Mixtral layer's sum over its top-k experts rides in the same launch, and with
-    MII_PEER_ALL_REDUCE_NORM=1 the residual add and RMSNorm after it."""
+    """Small all-reduces go through NVLink peer memory (one shot, pushed or pulled), and sum
+    as NCCL does; a Mixtral layer's sum over its top-k experts rides in the same launch, and
+    with MII_PEER_ALL_REDUCE_NORM=1 the residual add and RMSNorm after it."""
     path = tiny_model(arch)
     prompts = mixed_prompts(6, (1, 17, 70, 5, 130, 2), seed=3)
     opts = dict(device="cuda", dtype="bfloat16", max_num_batched_tokens=64, tensor_parallel=2)
     monkeypatch.setenv("MII_PEER_ALL_REDUCE_MAX_BYTES", str(512 * 1024))
     monkeypatch.setenv("MII_PEER_ALL_REDUCE_NORM", norm)
+    monkeypatch.setenv("MII_PEER_ALL_REDUCE_PUSH", push)
     with pipeline(path, **opts) as pipe:
         assert pipe.engine.runner.tp.peer is not None
+        assert pipe.engine.runner.tp.peer.buffers.push == (push == "1")
         assert (pipe.engine.runner.tp.peer.norm_buffers is not None) == (norm == "1")
         with_peer = [r.token_ids for r in pipe(prompts, max_new_tokens=16, **GREEDY)]
     monkeypatch.setenv("MII_PEER_ALL_REDUCE_MAX_BYTES", "0")

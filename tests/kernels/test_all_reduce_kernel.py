@@ -26,10 +26,15 @@ def ar_compiled(compiled):
 class Group:
     """Every rank's buffers of a `world`-rank group, in this process."""
 
-    def __init__(self, module, world, capacity, dtype, device, programs=None):
-        self.m, self.world = module, world
+    def __init__(self, module, world, capacity, dtype, device, programs=None, push=False):
+        self.m, self.world, self.push = module, world, push
         programs = programs or -(-capacity // module.BLOCK)
-        self.data = [torch.zeros(2, capacity, dtype=dtype, device=device) for _ in range(world)]
+        self.data = [
+            module.push_data(world, capacity, dtype, device)
+            if push
+            else torch.zeros(2, capacity, dtype=dtype, device=device)
+            for _ in range(world)
+        ]
         self.flags = [
             torch.zeros(programs, module.MAX_RANKS, dtype=torch.int64, device=device)
             for _ in range(world)
@@ -49,9 +54,21 @@ class Group:
         `programs` programs: the flat kernel's by default)."""
         programs = programs or -(-inputs[0].numel() // self.m.BLOCK)
         for peer in range(self.world):
-            if peer != rank:
+            if peer != rank and self.push:  # its data pushed into this rank's third
+                self.data[rank][epoch % 3, peer, : inputs[peer].numel()] = sent(inputs[peer])
+            elif peer != rank:
                 self.data[peer][epoch % 2, : inputs[peer].numel()] = inputs[peer].flatten()
                 self.flags[rank][:programs, peer] = epoch
+
+
+def sent(x):
+    """x as a push sends it: -0.0 (the empty mark) as +0.0."""
+    return torch.where(x == 0, torch.zeros_like(x), x.flatten())
+
+
+def empty(t):
+    """Where t holds the empty mark (-0.0)."""
+    return (t == 0) & torch.signbit(t)
 
 
 def rank_order_sum(inputs):
@@ -61,29 +78,42 @@ def rank_order_sum(inputs):
     return acc.to(inputs[0].dtype)
 
 
-def check_calls(module, world, n, dtype, device, rank=1):
-    group = Group(module, world, 3 * module.BLOCK, dtype, device)
+def check_calls(module, world, n, dtype, device, rank=1, push=False):
+    capacity = 3 * module.BLOCK
+    group = Group(module, world, capacity, dtype, device, push=push)
     mine = group.view(rank)
     programs = -(-n // module.BLOCK)
-    for epoch in (1, 2, 3):  # each half used, then the first again
+    for epoch in (1, 2, 3, 4):  # each half (third) used, then the first again
         gen = torch.Generator().manual_seed(epoch)
         inputs = [
             torch.randn(n, generator=gen).to(dtype=dtype, device=device) for _ in range(world)
         ]
+        inputs[rank][::7] = -0.0  # sent as +0.0 by a push
         group.peer_calls(rank, epoch, inputs)
         out = module.one_shot_all_reduce(inputs[rank], mine)
         assert torch.equal(out, rank_order_sum(inputs)), f"call {epoch}"
-        assert torch.equal(group.data[rank][epoch % 2, :n], inputs[rank]), "own half"
-        for peer in range(world):  # this rank's signal, in every rank's flags
-            assert (group.flags[peer][:programs, rank] == epoch).all()
         assert (mine.epochs[:programs] == epoch).all() and (mine.epochs[programs:] == 0).all()
+        if not push:
+            assert torch.equal(group.data[rank][epoch % 2, :n], inputs[rank]), "own half"
+            for peer in range(world):  # this rank's signal, in every rank's flags
+                assert (group.flags[peer][:programs, rank] == epoch).all()
+            continue
+        for peer in range(world):  # this rank's data, in its slot of every peer's third
+            if peer != rank:
+                bits = torch.int16 if dtype.itemsize == 2 else torch.int32
+                got = group.data[peer][epoch % 3, rank, :n].view(bits)
+                assert got.equal(sent(inputs[rank]).view(bits)), f"pushed to rank {peer}"
+        # the third of the call before is empty again in every program's whole chunk
+        chunk = min(capacity, programs * module.BLOCK)
+        assert empty(group.data[rank][(epoch + 2) % 3, :, :chunk]).all()
 
 
 @pytest.mark.parametrize("world", WORLD_SIZES)
 @pytest.mark.parametrize("n", [8, 2048, 5000])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_one_shot_sums_every_rank_in_rank_order(ar_interpreted, world, n, dtype):
-    check_calls(ar_interpreted, world, n, dtype, "cpu")
+@pytest.mark.parametrize("push", [False, True], ids=["pull", "push"])
+def test_one_shot_sums_every_rank_in_rank_order(ar_interpreted, world, n, dtype, push):
+    check_calls(ar_interpreted, world, n, dtype, "cpu", push=push)
 
 
 def test_every_rank_gets_the_same_bits(ar_interpreted):
@@ -99,17 +129,19 @@ def test_every_rank_gets_the_same_bits(ar_interpreted):
 
 
 @pytest.mark.parametrize("top_k", [2, 3])
-def test_expert_rows_summed_before_the_ranks(ar_interpreted, top_k):
+@pytest.mark.parametrize("push", [False, True], ids=["pull", "push"])
+def test_expert_rows_summed_before_the_ranks(ar_interpreted, top_k, push):
     """(T, top_k, H) expert outputs: each rank's rows of a token summed as torch.sum(dim=1)
     rounds them, then the ranks' sums, into (T, H)."""
-    check_expert_rows(ar_interpreted, top_k, torch.float16, "cpu")
+    check_expert_rows(ar_interpreted, top_k, torch.float16, "cpu", push=push)
 
 
-def check_expert_rows(m, top_k, dtype, device, world=2, rank=0, tokens=3, hidden=1500):
+def check_expert_rows(m, top_k, dtype, device, world=2, rank=0, tokens=3, hidden=1500,
+                      push=False):  # fmt: skip
     experts = [torch.randn(tokens, top_k, hidden).to(dtype=dtype, device=device)
                for _ in range(world)]  # fmt: skip
     summed = [e.sum(dim=1) for e in experts]
-    group = Group(m, world, tokens * hidden, dtype, device)
+    group = Group(m, world, tokens * hidden, dtype, device, push=push)
     group.peer_calls(rank, 1, [s.flatten() for s in summed])
     out = m.one_shot_all_reduce(experts[rank], group.view(rank), top_k=top_k)
     assert out.shape == (tokens, hidden)
@@ -158,17 +190,21 @@ def test_all_reduce_with_norm_refuses_more_rows_than_flags(ar_interpreted):
         m.one_shot_all_reduce_norm(x, x, torch.ones(8), 1e-5, group.view(0))
 
 
-def test_an_abort_releases_a_wait_for_a_dead_peer(ar_interpreted):
+@pytest.mark.parametrize("push", [False, True], ids=["pull", "push"])
+def test_an_abort_releases_a_wait_for_a_dead_peer(ar_interpreted, push):
     """A peer that never signals (it died) holds the call only until the host raises the
     abort word; every later call returns at once too."""
     m = ar_interpreted
-    group = Group(m, 2, m.BLOCK, torch.float32, "cpu")
+    group = Group(m, 2, m.BLOCK, torch.float32, "cpu", push=push)
     mine = group.view(0)
     mine.abort()
     for _ in range(2):
         out = m.one_shot_all_reduce(torch.ones(m.BLOCK), mine)
         assert out.shape == (m.BLOCK,)
-    assert (group.flags[1][:, 0] == 2).all(), "its own signals still went out"
+    if push:
+        assert (group.data[1][2, 0] == 1).all(), "its own data still went out"
+    else:
+        assert (group.flags[1][:, 0] == 2).all(), "its own signals still went out"
 
 
 def test_a_message_past_the_buffers_is_refused(ar_interpreted):
@@ -180,25 +216,31 @@ def test_a_message_past_the_buffers_is_refused(ar_interpreted):
 @pytest.mark.gpu
 @pytest.mark.parametrize("world", WORLD_SIZES)
 @pytest.mark.parametrize("n", [4096, 5000])
-def test_gpu_one_shot_sums_every_rank_in_rank_order(ar_compiled, world, n):
-    check_calls(ar_compiled, world, n, torch.bfloat16, "cuda")
+@pytest.mark.parametrize("push", [False, True], ids=["pull", "push"])
+def test_gpu_one_shot_sums_every_rank_in_rank_order(ar_compiled, world, n, push):
+    check_calls(ar_compiled, world, n, torch.bfloat16, "cuda", push=push)
 
 
 @pytest.mark.gpu
-def test_gpu_an_abort_releases_a_wait_for_a_dead_peer(ar_compiled):
+@pytest.mark.parametrize("push", [False, True], ids=["pull", "push"])
+def test_gpu_an_abort_releases_a_wait_for_a_dead_peer(ar_compiled, push):
     m = ar_compiled
-    group = Group(m, 2, m.BLOCK, torch.bfloat16, "cuda")
+    group = Group(m, 2, m.BLOCK, torch.bfloat16, "cuda", push=push)
     mine = group.view(0)
     x = torch.ones(m.BLOCK, dtype=torch.bfloat16, device="cuda")
     m.one_shot_all_reduce(x, mine)  # the peer never signals: this call waits on the GPU
     mine.abort()  # from the host, while the stream is stuck in the kernel
     torch.cuda.synchronize()
-    assert (group.flags[1][:, 0] == 1).all()
+    if push:
+        assert (group.data[1][1, 0] == 1).all()
+    else:
+        assert (group.flags[1][:, 0] == 1).all()
 
 
 @pytest.mark.gpu
-def test_gpu_expert_rows_summed_before_the_ranks(ar_compiled):
-    check_expert_rows(ar_compiled, 2, torch.bfloat16, "cuda", tokens=5, hidden=4096)
+@pytest.mark.parametrize("push", [False, True], ids=["pull", "push"])
+def test_gpu_expert_rows_summed_before_the_ranks(ar_compiled, push):
+    check_expert_rows(ar_compiled, 2, torch.bfloat16, "cuda", tokens=5, hidden=4096, push=push)
 
 
 @pytest.mark.gpu

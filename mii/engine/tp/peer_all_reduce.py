@@ -12,6 +12,10 @@ these machines. Anything this path cannot take (no peer access, an odd dtype or 
 to NCCL, and a group whose first all-reduce disagrees with NCCL's never uses it.
 `MII_PEER_ALL_REDUCE_MAX_BYTES` sets the largest message it takes (0: off; 512 KB unset).
 
+The flat all-reduce pushes (each rank stores its message into every peer's buffer, and
+the data is its own signal: kernels/all_reduce.py); `MII_PEER_ALL_REDUCE_PUSH=0` has it
+pull instead (signal the peers, then read their copies).
+
 `add_norm` folds the residual add and RMSNorm that follow a row-parallel projection into
 the same launch (`RMSNorm.after_all_reduce`, which the llama layers call): opt-in with
 `MII_PEER_ALL_REDUCE_NORM=1`; with it, the group's first call checks it against NCCL and
@@ -37,6 +41,7 @@ from mii.kernels.all_reduce import (
     PeerBuffers,
     one_shot_all_reduce,
     one_shot_all_reduce_norm,
+    push_data,
 )
 
 log = logging.getLogger(__name__)
@@ -81,6 +86,11 @@ def max_bytes_setting() -> int:
         )  # fmt: skip
         return LARGEST_BYTES
     return value
+
+
+def push_setting() -> bool:
+    """Whether the flat all-reduce pushes (`MII_PEER_ALL_REDUCE_PUSH`, on unless 0)."""
+    return os.environ.get("MII_PEER_ALL_REDUCE_PUSH", "1") != "0"
 
 
 def _closed(exc: BaseException) -> None:
@@ -148,9 +158,12 @@ class PeerAllReduce:
         _open_paths.add(self)
 
     @classmethod
-    def create(cls, group: Any, device: torch.device, dtype: torch.dtype) -> PeerAllReduce | None:
+    def create(
+        cls, group: Any, device: torch.device, dtype: torch.dtype, push: bool | None = None
+    ) -> PeerAllReduce | None:
         """For an NCCL group of 2-8 ranks on GPUs with peer access; None where that path is
-        not open (a collective call: every rank of the group must make it)."""
+        not open (a collective call: every rank of the group must make it). `push`: the
+        flat all-reduce's buffers push (None: `MII_PEER_ALL_REDUCE_PUSH`)."""
         max_bytes = max_bytes_setting()
         world = dist.get_world_size(group)
         if (
@@ -161,9 +174,9 @@ class PeerAllReduce:
             or dist.get_backend(group) != "nccl"
         ):
             return None
-        peer = None
+        peer, push = None, push_setting() if push is None else push
         try:
-            peer = cls._open(group, device, dtype, max_bytes)
+            peer = cls._open(group, device, dtype, max_bytes, push)
         except Exception as exc:  # noqa: BLE001 - any failure means: use NCCL
             _closed(exc)
         # Every rank takes the same path, or their collectives would pair up wrongly: the
@@ -179,19 +192,22 @@ class PeerAllReduce:
         return peer if _everywhere(peer is not None, group, device) else None
 
     @classmethod
-    def _open(cls, group: Any, device: torch.device, dtype: torch.dtype, max_bytes: int):
+    def _open(
+        cls, group: Any, device: torch.device, dtype: torch.dtype, max_bytes: int, push: bool
+    ):  # fmt: skip
         elems = max_bytes // dtype.itemsize
         norm = os.environ.get("MII_PEER_ALL_REDUCE_NORM", "0") == "1"
-        # A (data, flags) pair per kernel: the flat one's flags per BLOCK chunk, add_norm's
-        # per row.
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        # A (data, flags) pair per kernel: the flat one's flags (its programs' epochs) per
+        # BLOCK chunk, add_norm's per row (which always pulls).
         flag_rows = [triton_cdiv(elems, BLOCK)] + ([NORM_ROWS] if norm else [])
         pairs = [
-            (torch.zeros((2, elems), dtype=dtype, device=device),
+            (push_data(world, elems, dtype, device) if push and i == 0
+             else torch.zeros((2, elems), dtype=dtype, device=device),
              torch.zeros((rows, MAX_RANKS), dtype=torch.int64, device=device))
-            for rows in flag_rows
+            for i, rows in enumerate(flag_rows)
         ]  # fmt: skip
         addresses, mapped = _map_group([t for pair in pairs for t in pair], group)
-        rank = dist.get_rank(group)
         buffers = [
             PeerBuffers(rank, data, flags, addresses[2 * i], addresses[2 * i + 1])
             for i, (data, flags) in enumerate(pairs)
@@ -201,13 +217,15 @@ class PeerAllReduce:
     def _check(self, group: Any, device: torch.device) -> None:
         """The first all-reduce agrees with NCCL's, or this path stays closed."""
         rank = dist.get_rank(group)
-        x = torch.arange(4096, device=device, dtype=self.buffers.data.dtype) % 97 + rank
-        expected = x.clone()
-        dist.all_reduce(expected, group=group)
-        got = self(x)
-        torch.cuda.synchronize(device)
-        if not torch.equal(got, expected):
-            raise RuntimeError("peer all-reduce disagreed with NCCL")
+        for call in range(4):  # past the push buffers' third third, back to the first
+            x = torch.arange(4096, device=device, dtype=self.buffers.data.dtype) % 97 + rank
+            x = x - 48 + call
+            expected = x.clone()
+            dist.all_reduce(expected, group=group)
+            got = self(x)
+            torch.cuda.synchronize(device)
+            if not torch.equal(got, expected):
+                raise RuntimeError("peer all-reduce disagreed with NCCL")
         if self.norm_buffers is not None:
             self._check_norm(x, expected)
 
