@@ -149,6 +149,13 @@ def _empty(v):
 
 
 @triton.jit
+def _empty_mark(x):
+    """The empty mark in x's shape and dtype: -0.0 from its bits (a -0.0 constant compiles to
+    +0.0 on the GPU)."""
+    return tl.full(x.shape, -2147483648, tl.int32).to(tl.float32, bitcast=True).to(x.dtype)
+
+
+@triton.jit
 def _push_exchange(
     x, offs, mask, own, data_ptr, peer_data, abort_at, epoch_ptr, slot, rank,
     WORLD: tl.constexpr, SLOTS: tl.constexpr,
@@ -190,8 +197,7 @@ def _push_exchange(
     before = ((epoch + 2) % 3) * WORLD * slot
     for peer in tl.static_range(WORLD):
         if peer != rank:
-            tl.store(data_ptr + before + peer * slot + offs, tl.full(x.shape, -0.0, x.dtype),
-                     mask=own)  # fmt: skip
+            tl.store(data_ptr + before + peer * slot + offs, _empty_mark(x), mask=own)
     return acc
 
 

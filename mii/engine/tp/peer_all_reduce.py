@@ -216,16 +216,18 @@ class PeerAllReduce:
 
     def _check(self, group: Any, device: torch.device) -> None:
         """The first all-reduce agrees with NCCL's, or this path stays closed."""
-        rank = dist.get_rank(group)
-        for call in range(4):  # past the push buffers' third third, back to the first
+        rank, agreed = dist.get_rank(group), True
+        # Four calls: past the push buffers' third third, back to the first. Every rank makes
+        # all of them whatever it finds (a rank that stopped early would leave its peers
+        # waiting for its data, and pair their collectives wrongly).
+        for call in range(4):
             x = torch.arange(4096, device=device, dtype=self.buffers.data.dtype) % 97 + rank
             x = x - 48 + call
             expected = x.clone()
             dist.all_reduce(expected, group=group)
-            got = self(x)
-            torch.cuda.synchronize(device)
-            if not torch.equal(got, expected):
-                raise RuntimeError("peer all-reduce disagreed with NCCL")
+            agreed &= torch.equal(self(x), expected)
+        if not _everywhere(agreed, group, device):  # or a rank would go on to the norm's check
+            raise RuntimeError("peer all-reduce disagreed with NCCL")
         if self.norm_buffers is not None:
             self._check_norm(x, expected)
 
