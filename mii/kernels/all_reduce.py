@@ -222,10 +222,13 @@ def _one_shot_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, new_residual_ptr,
     data_ptr, peer_data_ptr, flags_ptr, peer_flags_ptr, abort_at_ptr, epoch_ptr,
     hidden, half, rank, eps,
-    WORLD: tl.constexpr, SLOTS: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr,
+    WORLD: tl.constexpr, SLOTS: tl.constexpr, BLOCK_H: tl.constexpr, PUSH: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     """`_one_shot_kernel` with one program per row (its flags and epochs per row), then the
-    residual add and the RMSNorm of kernels/rms_norm.py on the summed row."""
+    residual add and the RMSNorm of kernels/rms_norm.py on the summed row. A push's program
+    marks empty the row it reads (the same `hidden` every call: `one_shot_all_reduce_norm`
+    holds its buffers to one)."""
     release_next(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK_H)
@@ -241,10 +244,16 @@ def _one_shot_norm_kernel(
     # the residual before the exchange's stores and spins (its load would otherwise start
     # only once they are over)
     residual = tl.load(residual_ptr + offs, mask=mask, other=0.0)
-    total = _exchange(
-        x, offs, mask, data_ptr, peer_data, peer_flags, abort_at, flags_ptr, epoch_ptr, half,
-        rank, WORLD, SLOTS,
-    ).to(x.dtype)  # fmt: skip
+    if PUSH:
+        total = _push_exchange(
+            x, offs, mask, mask, data_ptr, peer_data, abort_at, epoch_ptr, half, rank, WORLD,
+            SLOTS,
+        ).to(x.dtype)  # fmt: skip
+    else:
+        total = _exchange(
+            x, offs, mask, data_ptr, peer_data, peer_flags, abort_at, flags_ptr, epoch_ptr,
+            half, rank, WORLD, SLOTS,
+        ).to(x.dtype)  # fmt: skip
     summed = add_rounded(total, residual)
     tl.store(new_residual_ptr + offs, summed, mask=mask)
     out = normalized(summed, w, hidden, eps, False)
@@ -276,10 +285,23 @@ class PeerBuffers:
         self.peer_data = torch.tensor(data_addresses, dtype=torch.int64, device=device)
         self.peer_flags = torch.tensor(flag_addresses, dtype=torch.int64, device=device)
         self.epochs = torch.zeros(flags.shape[0], dtype=torch.int64, device=device)
+        self.row_width = 0
+        """The width of the rows `one_shot_all_reduce_norm` takes (0: none yet)."""
         # The abort word lives in host memory the GPU reads directly (pinned), so that the
         # host can release a kernel that waits for a dead peer while the stream is stuck.
         self.abort_word = torch.zeros(1, dtype=torch.int32, pin_memory=data.is_cuda)
         self.abort_at = torch.tensor([self.abort_word.data_ptr()], dtype=torch.int64, device=device)
+
+    def reset(self) -> None:
+        """Back to new: every element empty, no call made. Only with no call of the group in
+        flight, on every rank, between barriers (no peer may push into these meanwhile)."""
+        if self.push:
+            self.data.fill_(-0.0)
+        else:
+            self.data.zero_()
+        self.flags.zero_()
+        self.epochs.zero_()
+        self.row_width = 0
 
     def abort(self) -> None:
         """Release every wait of this rank's calls, now and later: their sums are garbage
@@ -330,20 +352,23 @@ def one_shot_all_reduce_norm(
     rows, never shared with `one_shot_all_reduce` calls (whose programs cover other parts
     of the data: the halves alternate per program)."""
     assert x.dim() == 2 and x.is_contiguous() and x.dtype == buffers.data.dtype
-    assert not buffers.push, "the norm's all-reduce pulls"
     assert residual.shape == x.shape and residual.is_contiguous() and residual.dtype == x.dtype
     assert weight.shape == (x.shape[1],) and weight.dtype == x.dtype and weight.is_contiguous()
     rows, hidden = x.shape
-    assert 0 < rows <= buffers.flags.shape[0] and x.numel() <= buffers.data.shape[1], (
+    assert 0 < rows <= buffers.flags.shape[0] and x.numel() <= buffers.data.shape[-1], (
         "message larger than the peer buffers"
     )
+    # a push's program clears the row it read, at this width: a later call of another width
+    # could find a stale value of the row before (the engine's calls all have one)
+    buffers.row_width = buffers.row_width or hidden
+    assert hidden == buffers.row_width, "one width of rows per buffers"
     out, new_residual = torch.empty_like(x), torch.empty_like(x)
     block = triton.next_power_of_2(hidden)
     _one_shot_norm_kernel[(rows,)](
         x, residual, weight, out, new_residual,
         buffers.data, buffers.peer_data, buffers.flags, buffers.peer_flags, buffers.abort_at,
-        buffers.epochs, hidden, buffers.data.shape[1], buffers.rank, eps,
-        WORLD=buffers.world, SLOTS=MAX_RANKS, BLOCK_H=block,
+        buffers.epochs, hidden, buffers.data.shape[-1], buffers.rank, eps,
+        WORLD=buffers.world, SLOTS=MAX_RANKS, BLOCK_H=block, PUSH=buffers.push,
         num_warps=min(16, max(4, block // 512)), **pdl_args(x),
     )  # fmt: skip
     return out, new_residual

@@ -63,7 +63,8 @@ class Group:
 
 def sent(x):
     """x as a push sends it: -0.0 (the empty mark) as +0.0."""
-    return torch.where(x == 0, torch.zeros_like(x), x.flatten())
+    x = x.flatten()
+    return torch.where(x == 0, torch.zeros_like(x), x)
 
 
 def empty(t):
@@ -83,6 +84,7 @@ def check_calls(module, world, n, dtype, device, rank=1, push=False):
     group = Group(module, world, capacity, dtype, device, push=push)
     mine = group.view(rank)
     programs = -(-n // module.BLOCK)
+    assert not push or empty(group.data[rank]).all(), "push buffers start empty"
     for epoch in (1, 2, 3, 4):  # each half (third) used, then the first again
         gen = torch.Generator().manual_seed(epoch)
         inputs = [
@@ -148,13 +150,13 @@ def check_expert_rows(m, top_k, dtype, device, world=2, rank=0, tokens=3, hidden
     assert torch.equal(out, rank_order_sum(summed))
 
 
-def check_norm_calls(m, norm, world, rows, hidden, dtype, device, rank=1):
+def check_norm_calls(m, norm, world, rows, hidden, dtype, device, rank=1, push=False):
     """The all-reduce with the residual add and RMSNorm folded in gives the bits of the
-    all-reduce followed by kernels/rms_norm.py, over three calls (each half, then the first
-    again)."""
-    group = Group(m, world, 2 * rows * hidden, dtype, device, programs=rows + 1)
+    all-reduce followed by kernels/rms_norm.py, over four calls (each half or third, then the
+    first again)."""
+    group = Group(m, world, 2 * rows * hidden, dtype, device, programs=rows + 1, push=push)
     mine = group.view(rank)
-    for epoch in (1, 2, 3):
+    for epoch in (1, 2, 3, 4):
         gen = torch.Generator().manual_seed(epoch)
 
         def rand(*shape, gen=gen):
@@ -170,6 +172,13 @@ def check_norm_calls(m, norm, world, rows, hidden, dtype, device, rank=1):
         want_out, want_residual = norm.rms_norm(rank_order_sum(inputs), weight, 1e-5, residual)
         assert torch.equal(new_residual, want_residual), f"call {epoch}"
         assert torch.equal(out, want_out), f"call {epoch}"
+        if push:  # this rank's rows in every peer's third; the third before empty again
+            for peer in range(world):
+                if peer != rank:
+                    got = group.data[peer][epoch % 3, rank, : rows * hidden]
+                    assert got.equal(sent(inputs[rank]))
+            assert empty(group.data[rank][(epoch + 2) % 3, :, : rows * hidden]).all()
+            continue
         for peer in range(world):  # this rank's signal, one per row, in every rank's flags
             assert (group.flags[peer][:rows, rank] == epoch).all()
             assert (group.flags[peer][rows:, rank] == 0).all()
@@ -177,9 +186,32 @@ def check_norm_calls(m, norm, world, rows, hidden, dtype, device, rank=1):
 
 @pytest.mark.parametrize("world", WORLD_SIZES)
 @pytest.mark.parametrize("rows, hidden", [(1, 64), (3, 200)])
-def test_all_reduce_with_residual_and_norm(ar_interpreted, world, rows, hidden):
+@pytest.mark.parametrize("push", [False, True], ids=["pull", "push"])
+def test_all_reduce_with_residual_and_norm(ar_interpreted, world, rows, hidden, push):
     norm = importlib.import_module("mii.kernels.rms_norm")
-    check_norm_calls(ar_interpreted, norm, world, rows, hidden, torch.float32, "cpu")
+    check_norm_calls(ar_interpreted, norm, world, rows, hidden, torch.float32, "cpu", push=push)
+
+
+@pytest.mark.parametrize("push", [False, True], ids=["pull", "push"])
+def test_reset_buffers_start_over(ar_interpreted, push):
+    """`reset` makes used buffers new again: empty (push) or zero, no call counted, any
+    width of rows."""
+    m = ar_interpreted
+    group = Group(m, 2, 64, torch.float32, "cpu", programs=2, push=push)
+    mine = group.view(0)
+    group.peer_calls(0, 1, [torch.ones(2, 16)] * 2, programs=2)
+    m.one_shot_all_reduce_norm(torch.ones(2, 16), torch.ones(2, 16), torch.ones(16), 1e-5, mine)
+    assert mine.row_width == 16 and (mine.epochs[:2] == 1).all()
+    with pytest.raises(AssertionError, match="one width"):
+        m.one_shot_all_reduce_norm(torch.ones(1, 32), torch.ones(1, 32), torch.ones(32), 1e-5, mine)
+    mine.reset()
+    assert mine.row_width == 0 and (mine.epochs == 0).all() and (mine.flags == 0).all()
+    assert empty(mine.data).all() if push else (mine.data == 0).all()
+    group.peer_calls(0, 1, [torch.ones(1, 32)] * 2, programs=1)
+    out, _ = m.one_shot_all_reduce_norm(
+        torch.ones(1, 32), torch.zeros(1, 32), torch.ones(32), 1e-5, mine
+    )
+    assert out.shape == (1, 32) and mine.row_width == 32
 
 
 def test_all_reduce_with_norm_refuses_more_rows_than_flags(ar_interpreted):
@@ -245,6 +277,7 @@ def test_gpu_expert_rows_summed_before_the_ranks(ar_compiled, push):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("rows", [1, 7])
-def test_gpu_all_reduce_with_residual_and_norm(ar_compiled, rows):
+@pytest.mark.parametrize("push", [False, True], ids=["pull", "push"])
+def test_gpu_all_reduce_with_residual_and_norm(ar_compiled, rows, push):
     norm = importlib.import_module("mii.kernels.rms_norm")
-    check_norm_calls(ar_compiled, norm, 2, rows, 4096, torch.bfloat16, "cuda")
+    check_norm_calls(ar_compiled, norm, 2, rows, 4096, torch.bfloat16, "cuda", push=push)

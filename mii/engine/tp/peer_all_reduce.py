@@ -198,14 +198,14 @@ class PeerAllReduce:
         elems = max_bytes // dtype.itemsize
         norm = os.environ.get("MII_PEER_ALL_REDUCE_NORM", "0") == "1"
         rank, world = dist.get_rank(group), dist.get_world_size(group)
-        # A (data, flags) pair per kernel: the flat one's flags (its programs' epochs) per
-        # BLOCK chunk, add_norm's per row (which always pulls).
+        # A (data, flags) pair per kernel: the flat one's flags (a push: only its programs'
+        # epochs) per BLOCK chunk, add_norm's per row.
         flag_rows = [triton_cdiv(elems, BLOCK)] + ([NORM_ROWS] if norm else [])
         pairs = [
-            (push_data(world, elems, dtype, device) if push and i == 0
+            (push_data(world, elems, dtype, device) if push
              else torch.zeros((2, elems), dtype=dtype, device=device),
              torch.zeros((rows, MAX_RANKS), dtype=torch.int64, device=device))
-            for i, rows in enumerate(flag_rows)
+            for rows in flag_rows
         ]  # fmt: skip
         addresses, mapped = _map_group([t for pair in pairs for t in pair], group)
         buffers = [
@@ -229,17 +229,28 @@ class PeerAllReduce:
         if not _everywhere(agreed, group, device):  # or a rank would go on to the norm's check
             raise RuntimeError("peer all-reduce disagreed with NCCL")
         if self.norm_buffers is not None:
-            self._check_norm(x, expected)
+            self._check_norm(x, expected, group, device)
 
-    def _check_norm(self, x: torch.Tensor, expected: torch.Tensor) -> None:
+    def _check_norm(
+        self, x: torch.Tensor, expected: torch.Tensor, group: Any, device: torch.device
+    ) -> None:
         from mii.kernels.rms_norm import rms_norm
 
         rows = x.view(2, -1)
         weight = torch.linspace(0.5, 1.5, rows.shape[1], device=x.device, dtype=rows.dtype)
         normed = self.add_norm(rows, rows, weight, 1e-5)
-        for a, b in zip(normed, rms_norm(expected.view(2, -1), weight, 1e-5, rows), strict=True):
-            if not torch.equal(a, b):
-                raise RuntimeError("peer all-reduce with the norm disagreed with NCCL and rms_norm")
+        agreed = all(
+            torch.equal(a, b)
+            for a, b in zip(normed, rms_norm(expected.view(2, -1), weight, 1e-5, rows), strict=True)
+        )  # fmt: skip
+        # The engine's rows are wider than the check's: the buffers start over at its width.
+        torch.cuda.synchronize(device)
+        dist.barrier(group=group)
+        self.norm_buffers.reset()
+        torch.cuda.synchronize(device)
+        dist.barrier(group=group)
+        if not _everywhere(agreed, group, device):
+            raise RuntimeError("peer all-reduce with the norm disagreed with NCCL and rms_norm")
 
     @property
     def max_bytes(self) -> int:
