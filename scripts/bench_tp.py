@@ -55,9 +55,13 @@ def build_engine(
     return LLMEngine(config, random_weights=True, load_tokenizer_files=False)
 
 
-def latency_job(args, folder: str, device_ids: tuple[int, ...], peer_bytes: int = 0) -> dict:
+def latency_job(
+    args, folder: str, device_ids: tuple[int, ...], peer_bytes: int = 0, env: dict | None = None
+) -> dict:  # fmt: skip
     """Batch-1 latency; `peer_bytes` > 0 sends all-reduces up to that size through the
-    one-shot peer path (mii/engine/tp/peer_all_reduce.py), 0 leaves them all to NCCL."""
+    one-shot peer path (mii/engine/tp/peer_all_reduce.py), 0 leaves them all to NCCL. `env`:
+    settings for this process (and the ranks it starts)."""
+    os.environ.update(env or {})
     os.environ["MII_PEER_ALL_REDUCE_MAX_BYTES"] = str(peer_bytes)  # read as the model builds
     engine = build_engine(folder, device_ids, max_seqs=8, budget=2048, sync=args.sync)
     try:
@@ -156,6 +160,9 @@ def main() -> None:
     ap.add_argument("--skip-nccl", action="store_true",
                     help="with --peer-bytes: time TP=2 only with the peer path")  # fmt: skip
     ap.add_argument("--sync", action="store_true", help="no asynchronous scheduling")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:VAR=V,VAR=V",
+                    help="with --peer-bytes: also time TP=2 with the peer path under these "
+                    "settings (repeatable), e.g. 'norm:MII_PEER_ALL_REDUCE_NORM=1'")  # fmt: skip
     args = ap.parse_args()
     if args.skip_nccl and not args.peer_bytes:
         raise SystemExit("--skip-nccl needs --peer-bytes")
@@ -174,6 +181,12 @@ def main() -> None:
         peer = run_jobs([(latency_job, (args, folder, (0, 1), args.peer_bytes))])[0]
         result["latency_tp2_peer"] = peer
         result["latency_ratio_peer"] = peer["ms_per_token"] / lat1["ms_per_token"]
+        result["variants"] = {}
+        for variant in args.variant:
+            name, _, settings = variant.partition(":")
+            env = dict(kv.split("=", 1) for kv in settings.split(",") if kv)
+            job = (latency_job, (args, folder, (0, 1), args.peer_bytes, env))
+            result["variants"][name] = {"env": env, **run_jobs([job])[0]}
     if not args.skip_offline:
         prompts = random_prompts(args.requests, args.offline_prompt_len, VOCAB)
         result["offline_tp2"] = bench_offline(args, folder, [(0, 1)], prompts)
@@ -195,8 +208,15 @@ def print_table(r: dict) -> None:
             print(f"{name:<26}{r[key]['ms_per_token']:>10.2f}{r[key]['ttft_ms']:>10.1f}")
     if "latency_ratio" in r:
         print(f"TP=2 / TP=1 = {r['latency_ratio']:.2f}x (target <= 0.60x)")
+    variants = r.get("variants", {})
+    for name, v in variants.items():
+        label = f"TP=2, peer, {name}"
+        print(f"{label:<26}{v['ms_per_token']:>10.2f}{v['ttft_ms']:>10.1f}  {v['env']}")
     if "latency_ratio_peer" in r:
         print(f"TP=2 one-shot peer / TP=1 = {r['latency_ratio_peer']:.2f}x")
+    for name, v in variants.items():
+        ratio = v["ms_per_token"] / r["latency_tp1"]["ms_per_token"]
+        print(f"TP=2 peer, {name} / TP=1 = {ratio:.2f}x")
     if "offline_tp2" in r:
         print(f"{'offline throughput':<26}{'tokens':>10}{'seconds':>10}{'tok/s':>10}")
         for name, key in (
