@@ -39,7 +39,7 @@ FLOAT32 = ("scale", "part", "weights")
 INT = {"peer_data_ptr": "*i64", "peer_flags_ptr": "*i64", "flags_ptr": "*i64",
        "epoch_ptr": "*i64", "abort_at_ptr": "*i64", "count_ptr": "*i32", "experts_ptr": "*i32",
        "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32", "positions_ptr": "*i64",
-       "slots_ptr": "*i64"}
+       "slots_ptr": "*i64", "push_data_ptr": "*i64", "push_epoch_ptr": "*i64"}
 SCALARS = {"qk_scale": "fp32", "softcap_inv": "fp32", "softcap_log2e": "fp32", "eps": "fp32"}
 
 def signature(fn, consts, dtype):
@@ -68,26 +68,37 @@ DECODE = {"BLOCK_SIZE": 16, "BLOCK_M": 16, "BLOCK_N": 64, "SINGLE_SPLIT": False,
 ROPE = {"HEAD_DIM": 128, "ROT_HALF": 64, "BLOCK_SIZE": 16, "BLOCK_HQ": 32, "BLOCK_HKV": 32,
         "BLOCK_HALF": 64, "BLOCK_D": 128, "BLOCK_TAIL": 1, "ROTATE": True, "QUANTIZE": False}
 CASES = [
-    (ar._one_shot_kernel, {"WORLD": 2, "SLOTS": 8, "TOP_K": 1, "BLOCK": 2048}, "bf16"),
-    (ar._one_shot_kernel, {"WORLD": 4, "SLOTS": 8, "TOP_K": 2, "BLOCK": 2048}, "bf16"),
-    (ar._one_shot_norm_kernel, {"WORLD": 2, "SLOTS": 8, "BLOCK_H": 4096}, "bf16"),
+    (ar._one_shot_kernel, {"WORLD": 2, "SLOTS": 8, "TOP_K": 1, "BLOCK": 2048, "PUSH": False},
+     "bf16"),
+    (ar._one_shot_kernel, {"WORLD": 4, "SLOTS": 8, "TOP_K": 2, "BLOCK": 2048, "PUSH": True},
+     "bf16"),
+    (ar._one_shot_norm_kernel, {"WORLD": 2, "SLOTS": 8, "BLOCK_H": 4096, "PUSH": True,
+                                "PUSHED": False}, "bf16"),
+    # after a GEMV that pushed its rows
+    (ar._one_shot_norm_kernel, {"WORLD": 2, "SLOTS": 8, "BLOCK_H": 4096, "PUSH": True,
+                                "PUSHED": True}, "bf16"),
     (g._gemv_kernel, {"M": 1, "EVEN_K": True, "BLOCK_N": 16, "BLOCK_K": 256, "SPLIT_K": 4,
-                      "GATED": False, "DEFER": False}, "bf16"),
+                      "GATED": False, "DEFER": False, "PUSH_WORLD": 0}, "bf16"),
     (g._gemv_kernel, {"M": 2, "EVEN_K": True, "BLOCK_N": 16, "BLOCK_K": 256, "SPLIT_K": 4,
-                      "GATED": False, "PDL": False, "DEFER": False}, "bf16"),
+                      "GATED": False, "PDL": False, "DEFER": False, "PUSH_WORLD": 0}, "bf16"),
     (g._gemv_kernel, {"M": 1, "W_SCALED": True, "EVEN_K": False, "BLOCK_N": 16,
-                      "BLOCK_K": 512, "SPLIT_K": 1, "GATED": False, "DEFER": False}, "bf16"),
+                      "BLOCK_K": 512, "SPLIT_K": 1, "GATED": False, "DEFER": False,
+                      "PUSH_WORLD": 0}, "bf16"),
     # a gated MLP's down projection, the activation folded into the load of x
     (g._gemv_kernel, {"M": 1, "W_SCALED": False, "HAS_BIAS": False, "EVEN_K": True,
                       "BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 7, "GATED": True,
-                      "GELU": False, "DEFER": False}, "bf16"),
+                      "GELU": False, "DEFER": False, "PUSH_WORLD": 0}, "bf16"),
     # the same over float8 weights, its partial sums left to the norm after it
     (g._gemv_kernel, {"M": 1, "W_SCALED": True, "HAS_BIAS": False, "EVEN_K": True,
                       "BLOCK_N": 32, "BLOCK_K": 512, "SPLIT_K": 7, "GATED": True,
-                      "GELU": False, "DEFER": True}, "bf16"),
+                      "GELU": False, "DEFER": True, "PUSH_WORLD": 0}, "bf16"),
     (g._gemv_kernel, {"M": 1, "W_SCALED": True, "HAS_BIAS": False, "EVEN_K": False,
                       "BLOCK_N": 32, "BLOCK_K": 512, "SPLIT_K": 1, "GATED": True,
-                      "GELU": True, "DEFER": False}, "bf16"),
+                      "GELU": True, "DEFER": False, "PUSH_WORLD": 0}, "bf16"),
+    # a row-parallel down projection at TP=2, its rows pushed to the peer as they are stored
+    (g._gemv_kernel, {"M": 1, "W_SCALED": False, "HAS_BIAS": False, "EVEN_K": True,
+                      "BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 7, "GATED": True,
+                      "GELU": False, "DEFER": False, "PUSH_WORLD": 2}, "bf16"),
     (mg._gate_up_kernel, {"EVEN_K": True, "BLOCK_N": 16, "BLOCK_K": 256, "SPLIT_K": 2}, "bf16"),
     (mg._down_kernel, {"EVEN_K": True, "BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 4}, "bf16"),
     (da._split_kernel, {**DECODE, "GROUP": 8, "HEAD_DIM": 128, "BLOCK_D": 128}, "bf16"),
@@ -149,4 +160,4 @@ def test_decode_kernels_compile_for_hopper():
     toolchain = [r for r in results if r[1] == "toolchain"]
     if toolchain:
         pytest.skip(f"no Hopper toolchain here: {toolchain[0][2]}")
-    assert len(results) == 23 and all(r[1] == "ok" for r in results)
+    assert len(results) == 25 and all(r[1] == "ok" for r in results)

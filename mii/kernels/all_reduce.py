@@ -27,6 +27,8 @@ these machines.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -50,9 +52,8 @@ def _addresses(peer_data_ptr, peer_flags_ptr, abort_at_ptr, WORLD: tl.constexpr,
     loaded where they are used, each sat behind a store (the compiler keeps a load after a
     store that may alias), one round trip to memory after another in a few-microsecond call."""
     slots = tl.arange(0, SLOTS)
-    data = tl.load(peer_data_ptr + slots, mask=slots < WORLD, other=0)
     flags = tl.load(peer_flags_ptr + slots, mask=slots < WORLD, other=0)
-    return data, flags, tl.load(abort_at_ptr)
+    return peer_table(peer_data_ptr, WORLD, SLOTS), flags, tl.load(abort_at_ptr)
 
 
 @triton.jit
@@ -114,7 +115,7 @@ def _one_shot_kernel(
     if PUSH:
         total = _push_exchange(
             x, offs, mask, offs < half, data_ptr, peer_data,
-            abort_at, epoch_ptr, half, rank, WORLD, SLOTS,
+            abort_at, epoch_ptr, half, rank, WORLD, SLOTS, True,
         )  # fmt: skip
     else:
         total = _exchange(
@@ -156,26 +157,56 @@ def _empty_mark(x):
 
 
 @triton.jit
-def _push_exchange(
-    x, offs, mask, own, data_ptr, peer_data, abort_at, epoch_ptr, slot, rank,
-    WORLD: tl.constexpr, SLOTS: tl.constexpr,
-):  # fmt: skip
-    """This program's call over push buffers: x stored into slot `rank` of the call's third
-    of every peer's data, then every peer's slot of this rank's third read until it holds
-    no empty mark, and summed in rank order (float32; this rank's own x in its place). Then
-    the third of the call before is marked empty again, all of this program's chunk
-    (`own`: its elements within a slot, whatever this call's size): a later call of another
-    size must not find a stale value there. `peer_data`, `abort_at`: from `_addresses`."""
-    pid = tl.program_id(0)
-    epoch = tl.load(epoch_ptr + pid) + 1
-    tl.store(epoch_ptr + pid, epoch)
-    third = (epoch % 3) * WORLD * slot
-    sent = tl.where(x == 0, tl.zeros_like(x), x)  # -0.0 is the empty mark
+def _send(x, offs, mask, third, peer_data, slot, rank, WORLD: tl.constexpr, SLOTS: tl.constexpr):
+    """x stored at `offs` of slot `rank` of `third` of every peer's push data (-0.0, the
+    empty mark, sent as +0.0)."""
+    sent = tl.where(x == 0, tl.zeros_like(x), x)
     for peer in tl.static_range(WORLD):
         if peer != rank:
             base = _pick(peer_data, peer, SLOTS).to(tl.pointer_type(x.dtype))
             base = tl.multiple_of(base, 16)
             tl.store(base + third + rank * slot + offs, sent, mask=mask)
+
+
+@triton.jit
+def push_row(
+    y, row, cols, mask, width, peer_data, epoch_ptr, slot, rank,
+    WORLD: tl.constexpr, SLOTS: tl.constexpr,
+):  # fmt: skip
+    """Columns `cols` of row `row` (of `width`) of a rank's part of a sum, sent as
+    `one_shot_all_reduce_norm` would send them, for its call with `pushed=True` to read
+    (kernels/gemv.py pushes its output this way). Reads the row's epoch: only after the PDL
+    wait. `peer_data`: the group's data addresses (`peer_table`)."""
+    epoch = tl.load(epoch_ptr + row) + 1
+    third = (epoch % 3) * WORLD * slot
+    _send(y, row * width + cols, mask, third, peer_data, slot, rank, WORLD, SLOTS)
+
+
+@triton.jit
+def peer_table(peer_data_ptr, WORLD: tl.constexpr, SLOTS: tl.constexpr):
+    """The group's data addresses, (SLOTS,) int64 (constant: load before the PDL wait)."""
+    slots = tl.arange(0, SLOTS)
+    return tl.load(peer_data_ptr + slots, mask=slots < WORLD, other=0)
+
+
+@triton.jit
+def _push_exchange(
+    x, offs, mask, own, data_ptr, peer_data, abort_at, epoch_ptr, slot, rank,
+    WORLD: tl.constexpr, SLOTS: tl.constexpr, SEND: tl.constexpr,
+):  # fmt: skip
+    """This program's call over push buffers: x stored into slot `rank` of the call's third
+    of every peer's data (not SEND: the kernel before did, `push_row`), then every peer's
+    slot of this rank's third read until it holds no empty mark, and summed in rank order
+    (float32; this rank's own x in its place). Then the third of the call before is marked
+    empty again, all of this program's chunk (`own`: its elements within a slot, whatever
+    this call's size): a later call of another size must not find a stale value there.
+    `peer_data`, `abort_at`: from `_addresses`."""
+    pid = tl.program_id(0)
+    epoch = tl.load(epoch_ptr + pid) + 1
+    tl.store(epoch_ptr + pid, epoch)
+    third = (epoch % 3) * WORLD * slot
+    if SEND:
+        _send(x, offs, mask, third, peer_data, slot, rank, WORLD, SLOTS)
     abort = abort_at.to(tl.pointer_type(tl.int32))  # in pinned host memory
     acc = tl.zeros(x.shape, dtype=tl.float32)
     for peer in tl.static_range(WORLD):
@@ -223,12 +254,12 @@ def _one_shot_norm_kernel(
     data_ptr, peer_data_ptr, flags_ptr, peer_flags_ptr, abort_at_ptr, epoch_ptr,
     hidden, half, rank, eps,
     WORLD: tl.constexpr, SLOTS: tl.constexpr, BLOCK_H: tl.constexpr, PUSH: tl.constexpr,
-    PDL: tl.constexpr,
+    PUSHED: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """`_one_shot_kernel` with one program per row (its flags and epochs per row), then the
     residual add and the RMSNorm of kernels/rms_norm.py on the summed row. A push's program
     marks empty the row it reads (the same `hidden` every call: `one_shot_all_reduce_norm`
-    holds its buffers to one)."""
+    holds its buffers to one). PUSHED: the kernel before sent x already (`push_row`)."""
     release_next(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK_H)
@@ -247,7 +278,7 @@ def _one_shot_norm_kernel(
     if PUSH:
         total = _push_exchange(
             x, offs, mask, mask, data_ptr, peer_data, abort_at, epoch_ptr, half, rank, WORLD,
-            SLOTS,
+            SLOTS, not PUSHED,
         ).to(x.dtype)  # fmt: skip
     else:
         total = _exchange(
@@ -314,6 +345,20 @@ class PeerBuffers:
         return min(self.data.shape[-1], self.flags.shape[0] * BLOCK)
 
 
+class Pushed(NamedTuple):
+    """A row-parallel projection's rows on this rank (its part of their sum over the group)
+    that the GEMV making them sent to every peer already (`gemv(..., push=buffers)`). The
+    RMSNorm after the projection completes the all-reduce:
+    `one_shot_all_reduce_norm(y, ..., buffers, pushed=True)`."""
+
+    y: torch.Tensor
+    buffers: PeerBuffers
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.y.shape
+
+
 def push_data(world: int, capacity: int, dtype: torch.dtype, device) -> torch.Tensor:
     """A rank's data for push buffers: three thirds of `world` slots, every element empty."""
     return torch.full((3, world, capacity), -0.0, dtype=dtype, device=device)
@@ -344,13 +389,15 @@ def one_shot_all_reduce(x: torch.Tensor, buffers: PeerBuffers, top_k: int = 1) -
 
 def one_shot_all_reduce_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-    buffers: PeerBuffers,
+    buffers: PeerBuffers, pushed: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """`rms_norm(one_shot_all_reduce(x), weight, eps, residual)` in one launch: (the norm
     of the group's sum of x plus residual, that sum plus residual), x and residual (T, H)
     with dense rows in weight's dtype. One program per row: `buffers` of at least T flag
     rows, never shared with `one_shot_all_reduce` calls (whose programs cover other parts
-    of the data: the halves alternate per program)."""
+    of the data: the halves alternate per program). `pushed`: the kernel that wrote x
+    sent it to the peers already (`gemv(..., push=buffers)`), push buffers only."""
+    assert buffers.push or not pushed, "only push buffers take pushed rows"
     assert x.dim() == 2 and x.is_contiguous() and x.dtype == buffers.data.dtype
     assert residual.shape == x.shape and residual.is_contiguous() and residual.dtype == x.dtype
     assert weight.shape == (x.shape[1],) and weight.dtype == x.dtype and weight.is_contiguous()
@@ -368,7 +415,7 @@ def one_shot_all_reduce_norm(
         x, residual, weight, out, new_residual,
         buffers.data, buffers.peer_data, buffers.flags, buffers.peer_flags, buffers.abort_at,
         buffers.epochs, hidden, buffers.data.shape[-1], buffers.rank, eps,
-        WORLD=buffers.world, SLOTS=MAX_RANKS, BLOCK_H=block, PUSH=buffers.push,
+        WORLD=buffers.world, SLOTS=MAX_RANKS, BLOCK_H=block, PUSH=buffers.push, PUSHED=pushed,
         num_warps=min(16, max(4, block // 512)), **pdl_args(x),
     )  # fmt: skip
     return out, new_residual

@@ -7,6 +7,7 @@ users never pay for the import; `MII_DISABLE_TRITON=1` forces the references eve
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 
@@ -44,19 +45,22 @@ def gemv(
     bias: torch.Tensor | None,
     gated: str | None = None,
     defer: bool = False,
-) -> torch.Tensor | SplitSums:
+    push: Any = None,
+) -> torch.Tensor | SplitSums | Any:
     """x @ (weight * w_scale[:, None]).T + bias for the rows `gemv_on` admits; with `gated`
     (a gated activation's name, "silu" or "gelu_tanh"), x is [gate | up] and the product is
     act_and_mul(x, gated) @ ..., the activation done inside the GEMV. `defer`: the product
     of float8 weights may come as its `SplitSums`, for a reader that adds them up
     (`rms_norm`); `MII_DEFER_SPLITS=0` turns that off. Not bf16 weights: on an H200 (Mistral-7B
     shape, batch 1) FP8 went from 2.54 to 2.50 ms a token, but bf16 from 3.91 to 4.00, all of
-    it from the down projection (one program reads the seven splits in the norm after it)."""
+    it from the down projection (one program reads the seven splits in the norm after it).
+    `push`: a row-parallel projection's push buffers (`LinearBase.push_to`): the rows come
+    as `Pushed`, sent to the peers already."""
     from mii.kernels.gemv import gemv as kernel
 
     x = x if x.stride(-1) == 1 else x.contiguous()
     defer = defer and w_scale is not None and os.environ.get("MII_DEFER_SPLITS", "1") != "0"
-    return kernel(x, weight, w_scale, bias, gated=gated, defer=defer)
+    return kernel(x, weight, w_scale, bias, gated=gated, defer=defer and push is None, push=push)
 
 
 def rms_norm(
@@ -242,19 +246,20 @@ def fp8_linear(
     bias: torch.Tensor | None,
     gated: str | None = None,
     defer: bool = False,
-) -> torch.Tensor | SplitSums:
+    push: Any = None,
+) -> torch.Tensor | SplitSums | Any:
     """x @ (weight * scale[:, None]).T + bias with float8 weights (kernels/fp8_ref.py): on
     CUDA the GEMV for one row (`gemv_on`), else Triton or `torch._scaled_mm` by M
     (kernels/fp8_gemm.py); otherwise the weight dequantized into x's dtype for this call.
     `gated`: x is [gate | up] and act_and_mul(x, gated) is multiplied (inside the GEMV; in
     the per-token quantization before a W8A8 GEMM). x may come quantized already
-    (`rms_norm(..., quantize=True)`, where `fp8_rows_wanted`). `defer`: as `gemv`'s."""
+    (`rms_norm(..., quantize=True)`, where `fp8_rows_wanted`). `defer`, `push`: as `gemv`'s."""
     if isinstance(x, QuantizedRows):
         from mii.kernels.fp8_gemm import quantized_linear
 
         return quantized_linear(x, weight, scale, bias)
     if gemv_on(x):
-        return gemv(x, weight, scale, bias, gated, defer)
+        return gemv(x, weight, scale, bias, gated, defer, push)
     if _triton_on(x):
         from mii.kernels.fp8_gemm import fp8_linear as kernel
 

@@ -53,6 +53,7 @@ import triton
 import triton.language as tl
 
 from mii.kernels.activation import act_and_mul
+from mii.kernels.all_reduce import MAX_RANKS, PeerBuffers, Pushed, peer_table, push_row
 from mii.kernels.pdl import pdl_args, release_next, wait_prior
 from mii.kernels.split_k import (
     arrive_last,
@@ -67,6 +68,7 @@ from mii.kernels.torch_ref import SplitSums, gelu_tanh_and_mul_ref, silu_and_mul
 GATED_REFS = {"silu": silu_and_mul_ref, "gelu_tanh": gelu_tanh_and_mul_ref}
 """The gated activations `gemv` folds into its load of x, by name, with their references."""
 MAX_M = 4
+PUSH_SLOTS = tl.constexpr(MAX_RANKS)
 DEFAULT_SMS = 132  # H100 SXM; the real count is read from the device on CUDA
 PROGRAMS_PER_SM = 4  # target grid size, in programs per SM
 TILE_ROW_BYTES = 512  # bytes of one weight row a tile spans (BLOCK_K * itemsize)
@@ -270,6 +272,36 @@ def _store_rows(
 
 
 @triton.jit
+def _push_rows(
+    acc0, acc1, acc2, acc3, rn, n_mask, scale, bias, N, peers, epoch_ptr, slot, rank, dtype,
+    M: tl.constexpr, W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, WORLD: tl.constexpr,
+):  # fmt: skip
+    """The first M rows' y, as `_store_rows` stores them, sent to the group's push buffers
+    (nothing for WORLD 0)."""
+    if WORLD > 0:
+        _push_one(acc0, 0, rn, n_mask, scale, bias, N, peers, epoch_ptr, slot, rank, dtype,
+                  W_SCALED, HAS_BIAS, WORLD)  # fmt: skip
+        if M > 1:
+            _push_one(acc1, 1, rn, n_mask, scale, bias, N, peers, epoch_ptr, slot, rank, dtype,
+                      W_SCALED, HAS_BIAS, WORLD)  # fmt: skip
+        if M > 2:
+            _push_one(acc2, 2, rn, n_mask, scale, bias, N, peers, epoch_ptr, slot, rank, dtype,
+                      W_SCALED, HAS_BIAS, WORLD)  # fmt: skip
+        if M > 3:
+            _push_one(acc3, 3, rn, n_mask, scale, bias, N, peers, epoch_ptr, slot, rank, dtype,
+                      W_SCALED, HAS_BIAS, WORLD)  # fmt: skip
+
+
+@triton.jit
+def _push_one(
+    acc, row, rn, n_mask, scale, bias, N, peers, epoch_ptr, slot, rank, dtype,
+    W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, WORLD: tl.constexpr,
+):  # fmt: skip
+    y = epilogue(acc, scale, bias, W_SCALED, HAS_BIAS).to(dtype)
+    push_row(y, row, rn, n_mask, N, peers, epoch_ptr, slot, rank, WORLD, PUSH_SLOTS)
+
+
+@triton.jit
 def _store_partials(part, acc0, acc1, acc2, acc3, n_mask, N, M: tl.constexpr):
     """One split's float32 sums of its first M rows: part = workspace[split, 0, tile]."""
     tl.store(part, acc0, mask=n_mask)
@@ -308,13 +340,16 @@ def _row_total(
 @triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, part_ptr, count_ptr,
-    N, K, stride_xm, stride_wn, stride_om,
+    N, K, stride_xm, stride_wn, stride_om, push_data_ptr, push_epoch_ptr, push_slot, push_rank,
     M: tl.constexpr, W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    GATED: tl.constexpr, GELU: tl.constexpr, DEFER: tl.constexpr, PDL: tl.constexpr,
+    GATED: tl.constexpr, GELU: tl.constexpr, DEFER: tl.constexpr, PUSH_WORLD: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     """DEFER (with SPLIT_K > 1): store the partial sums and end; the kernel that reads y
-    adds them up (`SplitSums`)."""
+    adds them up (`SplitSums`). PUSH_WORLD > 0: y is this rank's part of a sum over a group
+    of PUSH_WORLD ranks, also sent into their push buffers (kernels/all_reduce.py
+    `push_row`) as each column tile is stored."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -334,6 +369,7 @@ def _gemv_kernel(
     scale, bias = split_constants(
         scale_ptr, bias_ptr, rn, n_mask, W_SCALED and not DEFER, HAS_BIAS and not DEFER
     )  # fmt: skip
+    peers = peer_table(push_data_ptr, PUSH_WORLD, PUSH_SLOTS)  # constant, as the weights
     if PDL:  # the first weight tile loads while the kernel before finishes (kernels/pdl.py)
         # an empty last split (past K) loads the last tile and leaves it unused
         ks = tl.minimum(k_first, tl.cdiv(K, BLOCK_K) - 1) * BLOCK_K + rk
@@ -357,16 +393,21 @@ def _gemv_kernel(
     if SPLIT_K == 1:
         _store_rows(acc0, acc1, acc2, acc3, rn, n_mask, scale, bias, out_ptr, stride_om,
                     M, W_SCALED, HAS_BIAS)  # fmt: skip
+        _push_rows(acc0, acc1, acc2, acc3, rn, n_mask, scale, bias, N, peers, push_epoch_ptr,
+                   push_slot, push_rank, out_ptr.dtype.element_ty, M, W_SCALED, HAS_BIAS,
+                   PUSH_WORLD)  # fmt: skip
     else:
         _store_partials(part_ptr + pid_k * M * N + rn, acc0, acc1, acc2, acc3, n_mask, N, M)
         if not DEFER and arrive_last(count_ptr + pid_n, SPLIT_K):  # the column tile's epilogue
-            _store_rows(
-                _row_total(part_ptr, 0, rn, n_mask, N, M, SPLIT_K),
-                _row_total(part_ptr, 1, rn, n_mask, N, M, SPLIT_K),
-                _row_total(part_ptr, 2, rn, n_mask, N, M, SPLIT_K),
-                _row_total(part_ptr, 3, rn, n_mask, N, M, SPLIT_K),
-                rn, n_mask, scale, bias, out_ptr, stride_om, M, W_SCALED, HAS_BIAS,
-            )  # fmt: skip
+            acc0 = _row_total(part_ptr, 0, rn, n_mask, N, M, SPLIT_K)
+            acc1 = _row_total(part_ptr, 1, rn, n_mask, N, M, SPLIT_K)
+            acc2 = _row_total(part_ptr, 2, rn, n_mask, N, M, SPLIT_K)
+            acc3 = _row_total(part_ptr, 3, rn, n_mask, N, M, SPLIT_K)
+            _store_rows(acc0, acc1, acc2, acc3, rn, n_mask, scale, bias, out_ptr, stride_om,
+                        M, W_SCALED, HAS_BIAS)  # fmt: skip
+            _push_rows(acc0, acc1, acc2, acc3, rn, n_mask, scale, bias, N, peers,
+                       push_epoch_ptr, push_slot, push_rank, out_ptr.dtype.element_ty, M,
+                       W_SCALED, HAS_BIAS, PUSH_WORLD)  # fmt: skip
             tl.atomic_xchg(count_ptr + pid_n, 0)  # clean for the next call
 
 
@@ -388,14 +429,18 @@ def gemv(
     tile: GemvTile | None = None,
     gated: str | None = None,
     defer: bool = False,
-) -> torch.Tensor | SplitSums:
+    push: PeerBuffers | None = None,
+) -> torch.Tensor | SplitSums | Pushed:
     """x (M, K) @ weight (N, K).T (* w_scale) (+ bias) -> (M, N) in x's dtype (`gemv_ref`).
     M of 1 to MAX_M; x and weight with dense rows; weight in x's dtype, or float8_e4m3fn with
     w_scale (N,) float32; bias (N,). `tile` overrides `gemv_tile` (benchmarks, tests).
     `gated` ("silu" or "gelu_tanh", a key of GATED_REFS): x is (M, 2K) = [gate | up] and the
     product is with act(gate) * up, rounded as kernels/activation.py rounds it, computed as
     x is loaded (a gated MLP's down projection without the activation's launch). `defer`:
-    where the tile splits K, return the `SplitSums` for the kernel after to add up."""
+    where the tile splits K, return the `SplitSums` for the kernel after to add up. `push`:
+    y is this rank's part of a sum over the group of these push buffers; each tile of it is
+    sent to the peers as it is stored, and y comes as `Pushed` for the norm after to finish
+    (`one_shot_all_reduce_norm(..., pushed=True)`); not with `defer`."""
     assert gated is None or gated in GATED_REFS, f"gated activation {gated!r}"
     assert x.dim() == 2 and x.stride(1) == 1, "x must be (M, K) with dense rows"
     m, n, k = x.shape[0], weight.shape[0], weight.shape[-1]
@@ -418,6 +463,14 @@ def gemv(
     assert x.device == weight.device, "x and weight on different devices"
     tile = tile or gemv_tile(m, n, k, weight.element_size(), _sm_count(x.device))
     defer = defer and tile.split_k > 1
+    if push is not None:
+        assert not defer, "a pushed GEMV stores y"
+        assert push.push and x.dtype == push.data.dtype, "push buffers of y's dtype"
+        assert m <= push.flags.shape[0] and m * n <= push.data.shape[-1], (
+            "y larger than the push buffers"
+        )
+        assert push.row_width in (0, n), "one width of rows per buffers"
+        push.row_width = n
     out = torch.empty((0 if defer else m, n), dtype=x.dtype, device=x.device)
     if tile.split_k > 1:
         partials, counters = reserve_workspace(
@@ -429,9 +482,20 @@ def gemv(
     _gemv_kernel[grid](
         x, weight, weight if w_scale is None else w_scale, weight if bias is None else bias,
         out, partials, counters, n, k, x.stride(0), weight.stride(0), out.stride(0),
-        M=m, W_SCALED=fp8, HAS_BIAS=bias is not None, EVEN_K=k % tile.block_k == 0,
-        BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, SPLIT_K=tile.split_k,
-        GATED=gated is not None, GELU=gated == "gelu_tanh", DEFER=defer,
-        num_warps=tile.num_warps, num_stages=tile.num_stages, **pdl_args(x),
+        *_push_args(push, out), M=m, W_SCALED=fp8, HAS_BIAS=bias is not None,
+        EVEN_K=k % tile.block_k == 0, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
+        SPLIT_K=tile.split_k, GATED=gated is not None, GELU=gated == "gelu_tanh", DEFER=defer,
+        PUSH_WORLD=0 if push is None else push.world, num_warps=tile.num_warps,
+        num_stages=tile.num_stages, **pdl_args(x),
     )  # fmt: skip
+    if push is not None:
+        return Pushed(out, push)
     return SplitSums(partials, w_scale, bias, x.dtype) if defer else out
+
+
+def _push_args(push: PeerBuffers | None, out: torch.Tensor) -> tuple:
+    """The kernel's push arguments: the group's data addresses, the rows' epochs, a slot's
+    elements, the rank (placeholders, never read, without `push`)."""
+    if push is None:
+        return out, out, 0, 0
+    return push.peer_data, push.epochs, push.data.shape[-1], push.rank

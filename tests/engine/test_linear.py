@@ -26,7 +26,8 @@ def gemv_calls(monkeypatch):
     argument of each call."""
     calls = []
 
-    def gemv(x, weight, w_scale, bias, gated=None, defer=False):  # y itself: defer allows it
+    def gemv(x, weight, w_scale, bias, gated=None, defer=False, push=None):  # y: defer allows it
+        assert push is None, "one rank: nothing to push"
         from mii.kernels.gemv import gemv_ref  # imports triton: at run time, not collection
 
         calls.append(gated)

@@ -272,19 +272,43 @@ def test_gpu_peer_all_reduce_takes_decode_steps_and_changes_no_token(
 ):
     """Small all-reduces go through NVLink peer memory (one shot, pushed or pulled), and sum
     as NCCL does; a Mixtral layer's sum over its top-k experts rides in the same launch, and
-    with MII_PEER_ALL_REDUCE_NORM=1 the residual add and RMSNorm after it."""
+    with MII_PEER_ALL_REDUCE_NORM=1 the residual add and RMSNorm after it (and the output and
+    down projections' one-row GEMVs send their rows to the peer themselves)."""
     path = tiny_model(arch)
     prompts = mixed_prompts(6, (1, 17, 70, 5, 130, 2), seed=3)
     opts = dict(device="cuda", dtype="bfloat16", max_num_batched_tokens=64, tensor_parallel=2)
     monkeypatch.setenv("MII_PEER_ALL_REDUCE_MAX_BYTES", str(512 * 1024))
     monkeypatch.setenv("MII_PEER_ALL_REDUCE_NORM", norm)
     monkeypatch.setenv("MII_PEER_ALL_REDUCE_PUSH", push)
+    gemvs = pushed_gemv_calls(monkeypatch)  # rank 0's, this process's: the graphs' captures too
     with pipeline(path, **opts) as pipe:
         assert pipe.engine.runner.tp.peer is not None
         assert pipe.engine.runner.tp.peer.buffers.push == (push == "1")
         assert (pipe.engine.runner.tp.peer.norm_buffers is not None) == (norm == "1")
+        o_proj = pipe.engine.runner.model.model.layers[0].self_attn.o_proj
+        assert (o_proj.push_to is not None) == (norm == "1")
         with_peer = [r.token_ids for r in pipe(prompts, max_new_tokens=16, **GREEDY)]
+        # one sequence: its decode steps' one-row projections go through the GEMV (pushing
+        # its rows with the norm on)
+        alone = pipe(prompts[2:3], max_new_tokens=16, **GREEDY)[0].token_ids
+        assert (gemvs["pushed"] > 0) == (norm == "1") and gemvs["all"] > 0
     monkeypatch.setenv("MII_PEER_ALL_REDUCE_MAX_BYTES", "0")
     with pipeline(path, **opts) as pipe:
         assert pipe.engine.runner.tp.peer is None
         assert [r.token_ids for r in pipe(prompts, max_new_tokens=16, **GREEDY)] == with_peer
+        assert pipe(prompts[2:3], max_new_tokens=16, **GREEDY)[0].token_ids == alone
+
+
+def pushed_gemv_calls(monkeypatch) -> dict:
+    """Counts of this process's GEMV calls from here on: all, and those pushing rows."""
+    from mii.kernels import gemv
+
+    counts, launch = {"all": 0, "pushed": 0}, gemv.gemv
+
+    def counted(*args, push=None, **kwargs):
+        counts["all"] += 1
+        counts["pushed"] += push is not None
+        return launch(*args, push=push, **kwargs)
+
+    monkeypatch.setattr(gemv, "gemv", counted)
+    return counts

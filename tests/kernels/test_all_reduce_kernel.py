@@ -281,3 +281,77 @@ def test_gpu_expert_rows_summed_before_the_ranks(ar_compiled, push):
 def test_gpu_all_reduce_with_residual_and_norm(ar_compiled, rows, push):
     norm = importlib.import_module("mii.kernels.rms_norm")
     check_norm_calls(ar_compiled, norm, 2, rows, 4096, torch.bfloat16, "cuda", push=push)
+
+
+def check_gemv_push(m, gemv, norm, world, rows, dtype, device, split_k, hidden=64, k=128):
+    """Every rank's GEMV sends its rows to the peers as it stores them (`push=`); the norm
+    after it, told they are `pushed`, reads the peers' rows and gives the bits of the
+    all-reduce then the norm. A call between them that is not pushed (a prefill step's
+    rows, the norm sending its x itself) keeps the ranks' thirds in step."""
+    group = Group(m, world, 2 * rows * hidden, dtype, device, programs=rows + 1, push=True)
+    views = [group.view(r) for r in range(world)]
+    tile = gemv.GemvTile(block_n=16, block_k=32, split_k=split_k, num_warps=4, num_stages=2)
+    gen = torch.Generator().manual_seed(split_k)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype=dtype, device=device)
+
+    weights = [rand(hidden, k) / 8 for _ in range(world)]  # each rank's shard
+    for epoch in (1, 2, 3, 4, 5):
+        xs = [rand(rows, k) for _ in range(world)]
+        residual, weight = rand(rows, hidden), rand(hidden)
+        plain = [gemv.gemv(xs[r], weights[r], tile=tile) for r in range(world)]
+        if epoch == 3:  # not pushed: each rank's norm sends its own rows
+            outs = []
+            for r in range(world):
+                group.peer_calls(r, epoch, plain, programs=rows)
+                outs.append(m.one_shot_all_reduce_norm(plain[r], residual, weight, 1e-5, views[r]))
+        else:
+            ys = [gemv.gemv(xs[r], weights[r], tile=tile, push=views[r]) for r in range(world)]
+            assert all(isinstance(y, m.Pushed) and torch.equal(y.y, p)
+                       for y, p in zip(ys, plain, strict=True))  # fmt: skip
+            outs = [
+                m.one_shot_all_reduce_norm(ys[r].y, residual, weight, 1e-5, views[r], pushed=True)
+                for r in range(world)
+            ]  # fmt: skip
+        want = norm.rms_norm(rank_order_sum(plain), weight, 1e-5, residual)
+        for r, (out, new_residual) in enumerate(outs):
+            assert torch.equal(new_residual, want[1]) and torch.equal(out, want[0]), (epoch, r)
+        for r in range(world):
+            assert empty(group.data[r][(epoch + 2) % 3, :, : rows * hidden]).all()
+            assert (views[r].epochs[:rows] == epoch).all()
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_gemv_pushes_its_rows_for_the_norm(ar_interpreted, world, rows, split_k):
+    gemv = importlib.import_module("mii.kernels.gemv")
+    norm = importlib.import_module("mii.kernels.rms_norm")
+    check_gemv_push(ar_interpreted, gemv, norm, world, rows, torch.float32, "cpu", split_k)
+
+
+def test_gemv_push_refuses_what_the_buffers_cannot_take(ar_interpreted):
+    m, gemv = ar_interpreted, importlib.import_module("mii.kernels.gemv")
+    pulled = Group(m, 2, 64, torch.float32, "cpu", programs=2).view(0)
+    pushed = Group(m, 2, 64, torch.float32, "cpu", programs=2, push=True).view(0)
+    x, w = torch.ones(1, 32), torch.ones(16, 32)
+    with pytest.raises(AssertionError, match="push buffers"):
+        gemv.gemv(x, w, push=pulled)
+    with pytest.raises(AssertionError, match="larger than the push buffers"):
+        gemv.gemv(torch.ones(3, 32), torch.ones(32, 32), push=pushed)
+    with pytest.raises(AssertionError, match="stores y"):
+        tile = gemv.GemvTile(block_n=16, block_k=16, split_k=2, num_warps=4, num_stages=2)
+        gemv.gemv(x, w, tile=tile, defer=True, push=pushed)
+    with pytest.raises(AssertionError, match="pushed rows"):
+        m.one_shot_all_reduce_norm(x, x, torch.ones(32), 1e-5, pulled, pushed=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 4])
+@pytest.mark.parametrize("split_k", [1, 4])
+def test_gpu_gemv_pushes_its_rows_for_the_norm(ar_compiled, rows, split_k):
+    gemv = importlib.import_module("mii.kernels.gemv")
+    norm = importlib.import_module("mii.kernels.rms_norm")
+    check_gemv_push(ar_compiled, gemv, norm, 2, rows, torch.bfloat16, "cuda", split_k,
+                    hidden=4096, k=2048)  # fmt: skip

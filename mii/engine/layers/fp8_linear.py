@@ -68,14 +68,16 @@ class Fp8LinearMethod(LinearMethod):
         if getattr(layer, "dequantized", None) is not None:
             return F.linear(x, layer.dequantized, bias)
         return dispatch.fp8_linear(x, layer.weight, layer.weight_scale, bias,
-                                   defer=layer.defer_splits)  # fmt: skip
+                                   defer=layer.defer_splits, push=layer.push_to)  # fmt: skip
 
     def apply_gated(self, layer: nn.Module, x: torch.Tensor, bias, activation: str):
         if _on_cpu_weights(layer):
             return super().apply_gated(layer, x, bias, activation)
         # one row: the GEMV forms the activation as it loads x; more: activation, then GEMM
         weight, scale = layer.weight, layer.weight_scale
-        return dispatch.fp8_linear(x, weight, scale, bias, activation, layer.defer_splits)
+        return dispatch.fp8_linear(
+            x, weight, scale, bias, activation, layer.defer_splits, layer.push_to
+        )  # fmt: skip
 
     def takes_quantized_rows(self, layer: nn.Module, x: torch.Tensor) -> bool:
         return not _on_cpu_weights(layer) and dispatch.fp8_rows_wanted(x, layer.weight)

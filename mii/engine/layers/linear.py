@@ -31,6 +31,11 @@ class LinearBase(nn.Module):
     """Set by a model whose next kernel after this layer is an RMSNorm: a one-row GEMV's
     output may then come as its split-K partial sums, which the norm adds up
     (kernels/gemv.py `SplitSums`)."""
+    push_to = None
+    """Push buffers of the group (kernels/all_reduce.py `PeerBuffers`), set by a model on a
+    row-parallel projection whose partial sums go to `RMSNorm.after_all_reduce`: a one-row
+    GEMV sends its rows to the peers as it stores them and returns them as `Pushed`; the
+    norm finishes the all-reduce."""
 
     @property
     def output_loader(self):
@@ -201,6 +206,7 @@ class RowParallelLinear(LinearBase):
         return self._reduce(self.matmul(x, None, gated=activation), reduce)
 
     def _reduce(self, partial: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+        assert not reduce or self.push_to is None, "a pushing layer's caller reduces"
         if not reduce:
             assert self.bias is None, "a bias joins after the reduction"
             return partial

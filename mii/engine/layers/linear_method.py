@@ -59,13 +59,16 @@ class UnquantizedLinearMethod(LinearMethod):
         if layer.packed is not None:
             return packed_linear(x, layer.packed, bias)
         if dispatch.gemv_on(x):
-            return dispatch.gemv(x, layer.weight, None, bias, defer=layer.defer_splits)
+            return dispatch.gemv(
+                x, layer.weight, None, bias, defer=layer.defer_splits, push=layer.push_to
+            )  # fmt: skip
         return F.linear(x, layer.weight, bias)
 
     def apply_gated(self, layer: nn.Module, x: torch.Tensor, bias, activation: str):
         if layer.packed is None and dispatch.gemv_on(x):
             return dispatch.gemv(
-                x, layer.weight, None, bias, gated=activation, defer=layer.defer_splits
+                x, layer.weight, None, bias, gated=activation, defer=layer.defer_splits,
+                push=layer.push_to,
             )  # fmt: skip
         return super().apply_gated(layer, x, bias, activation)
 

@@ -8,6 +8,7 @@ from torch import nn
 from mii.engine.layers.linear import LinearBase
 from mii.engine.tp.context import ParallelContext
 from mii.kernels import dispatch
+from mii.kernels.all_reduce import Pushed
 from mii.kernels.fp8_ref import QuantizedRows
 from mii.kernels.torch_ref import SplitSums
 
@@ -41,8 +42,12 @@ class RMSNorm(nn.Module):
         before: LinearBase | None = None,
     ) -> tuple[torch.Tensor | QuantizedRows, torch.Tensor]:
         """`self(tp.all_reduce(x), residual, before)` for x a row-parallel projection's
-        partial sums: one launch where the one-shot peer all-reduce takes it (decode steps)."""
+        partial sums: one launch where the one-shot peer all-reduce takes it (decode steps).
+        x may come `Pushed` (`LinearBase.push_to`): its GEMV sent it to the peers already."""
         peer = tp.peer
+        if isinstance(x, Pushed):
+            assert peer.fits_norm(x.y, residual, self.weight) and not self.unit_offset
+            return peer.add_norm(x.y, residual, self.weight, self.eps, pushed=True)
         fused = peer is not None and residual is not None and not self.unit_offset
         if fused and peer.fits_norm(x, residual, self.weight):
             return peer.add_norm(x, residual, self.weight, self.eps)

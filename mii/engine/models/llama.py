@@ -77,6 +77,14 @@ class LlamaMLP(nn.Module):
         return self.down_proj.forward_gated(self.gate_up_proj(x), self.activation, reduce)
 
 
+def gemv_push(tp: ParallelContext, norm: RMSNorm) -> Any:
+    """The push buffers for a row-parallel projection whose partial sums go to `norm`'s
+    `after_all_reduce` (`LinearBase.push_to`), or None."""
+    if tp.peer is None or norm.unit_offset:
+        return None
+    return tp.peer.gemv_push
+
+
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm attention and MLP with residuals. The all-reduces of the row-parallel output
     and down projections are left to the norms after them (`RMSNorm.after_all_reduce`: one
@@ -95,8 +103,11 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fam.gemma_norm)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fam.gemma_norm)
         self.attn_partial = self.self_attn.o_proj.bias is None
-        # On one rank the post-attention norm adds up the output GEMV's split sums itself.
+        # On one rank the post-attention norm adds up the output GEMV's split sums itself; on
+        # several, the output GEMV may send its rows to the peers for that norm.
         self.self_attn.o_proj.defer_splits = self.attn_partial and tp.world_size == 1
+        if self.attn_partial:
+            self.self_attn.o_proj.push_to = gemv_push(tp, self.post_attention_layernorm)
 
     @property
     def mlp_in(self) -> nn.Module | None:
@@ -156,6 +167,8 @@ class LlamaModel(nn.Module):
             ):
                 layer.partial_out = True
                 layer.mlp.down_proj.defer_splits = self.tp.world_size == 1
+                norm = self.norm if after is None else after.input_layernorm
+                layer.mlp.down_proj.push_to = gemv_push(self.tp, norm)
                 if after is not None:
                     after.partial_in = True
         return bool(layers) and getattr(layers[-1], "partial_out", False)

@@ -281,11 +281,23 @@ class PeerAllReduce:
         )
 
     def add_norm(
-        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+        pushed: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """(RMSNorm(sum over the group of x + residual) * weight, that sum + residual) in one
-        launch: what `all_reduce` then the fused residual-add RMSNorm give, bit for bit."""
-        return one_shot_all_reduce_norm(x, residual, weight, eps, self.norm_buffers)
+        launch: what `all_reduce` then the fused residual-add RMSNorm give, bit for bit.
+        `pushed`: x is a GEMV's output that it sent to the peers already (`gemv_push`)."""
+        return one_shot_all_reduce_norm(x, residual, weight, eps, self.norm_buffers, pushed)
+
+    @property
+    def gemv_push(self) -> PeerBuffers | None:
+        """The buffers a row-parallel projection's one-row GEMV sends its rows into, for the
+        norm after it (`LinearBase.push_to`): `add_norm`'s, where they push and
+        `MII_PEER_GEMV_PUSH` is not 0; else None."""
+        buffers = self.norm_buffers
+        if buffers is None or not buffers.push:
+            return None
+        return buffers if os.environ.get("MII_PEER_GEMV_PUSH", "1") != "0" else None
 
     def __call__(self, x: torch.Tensor, top_k: int = 1) -> torch.Tensor:
         """The sum over the group (with `top_k` > 1: of x (T, top_k, H) over dim 1 too)."""
