@@ -162,7 +162,7 @@ def main() -> None:
     ap.add_argument("--sync", action="store_true", help="no asynchronous scheduling")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:VAR=V,VAR=V",
                     help="with --peer-bytes: also time TP=2 with the peer path under these "
-                    "settings (repeatable), e.g. 'norm:MII_PEER_ALL_REDUCE_NORM=1'")  # fmt: skip
+                    "settings (repeatable), e.g. 'apart:MII_PEER_ALL_REDUCE_NORM=0'")  # fmt: skip
     args = ap.parse_args()
     if args.skip_nccl and not args.peer_bytes:
         raise SystemExit("--skip-nccl needs --peer-bytes")

@@ -17,11 +17,13 @@ the data is its own signal: kernels/all_reduce.py); `MII_PEER_ALL_REDUCE_PUSH=0`
 pull instead (signal the peers, then read their copies).
 
 `add_norm` folds the residual add and RMSNorm that follow a row-parallel projection into
-the same launch (`RMSNorm.after_all_reduce`, which the llama layers call): opt-in with
-`MII_PEER_ALL_REDUCE_NORM=1`; with it, the group's first call checks it against NCCL and
-rms_norm too. Its GPU tests pass (Llama-3 and Mixtral at TP=2), and on two H200s it took
-batch 1 from 2.77 to 2.74 ms a token (Mistral-7B shape, docs/performance.md): too little
-to make it the default yet.
+the same launch (`RMSNorm.after_all_reduce`, which the llama layers call), and the group's
+first call checks it against NCCL and rms_norm too. With push buffers, the output and down
+projections' one-row GEMVs send their rows to the peers themselves as they store them
+(`gemv_push`, `LinearBase.push_to`), and `add_norm` only reads and sums. On two H200s
+(Mistral-7B shape, batch 1, docs/performance.md) these took TP=2 from 2.47 ms a token to
+2.44 (the fold) and 2.40 (the fold and the GEMVs' push). On by default;
+`MII_PEER_ALL_REDUCE_NORM=0` turns both off, `MII_PEER_GEMV_PUSH=0` the GEMVs' push.
 """
 
 from __future__ import annotations
@@ -152,7 +154,7 @@ class PeerAllReduce:
         self, buffers: PeerBuffers, norm_buffers: PeerBuffers | None, mapped: list
     ) -> None:
         self.buffers = buffers
-        # `add_norm`'s (its programs cover rows, not chunks); None: MII_PEER_ALL_REDUCE_NORM off
+        # `add_norm`'s (its programs cover rows, not chunks); None: MII_PEER_ALL_REDUCE_NORM=0
         self.norm_buffers = norm_buffers
         self._mapped = mapped  # the peers' buffers opened here: the mapping lives with them
         _open_paths.add(self)
@@ -196,7 +198,7 @@ class PeerAllReduce:
         cls, group: Any, device: torch.device, dtype: torch.dtype, max_bytes: int, push: bool
     ):  # fmt: skip
         elems = max_bytes // dtype.itemsize
-        norm = os.environ.get("MII_PEER_ALL_REDUCE_NORM", "0") == "1"
+        norm = os.environ.get("MII_PEER_ALL_REDUCE_NORM", "1") != "0"
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         # A (data, flags) pair per kernel: the flat one's flags (a push: only its programs'
         # epochs) per BLOCK chunk, add_norm's per row.
@@ -266,8 +268,8 @@ class PeerAllReduce:
         )
 
     def fits_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor) -> bool:
-        """Whether `add_norm(x, residual, weight, eps)` takes them (`MII_PEER_ALL_REDUCE_NORM=1`:
-        opt-in)."""
+        """Whether `add_norm(x, residual, weight, eps)` takes them (not with
+        `MII_PEER_ALL_REDUCE_NORM=0`)."""
         return (
             self.norm_buffers is not None
             and x.dim() == 2
