@@ -248,57 +248,36 @@ def _tile_sums(
 
 @triton.jit
 def _store_row(
-    acc, row, rn, n_mask, scale, bias, out_ptr, stride_om,
-    W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    acc, row, rn, n_mask, scale, bias, out_ptr, stride_om, N, peers, epoch_ptr, slot, rank,
+    W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, PUSH_WORLD: tl.constexpr,
 ):  # fmt: skip
-    """y = acc * scale + bias in float32, cast once to the output dtype."""
-    acc = epilogue(acc, scale, bias, W_SCALED, HAS_BIAS)
-    tl.store(out_ptr + row * stride_om + rn, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+    """y = acc * scale + bias in float32, cast once to the output dtype; with PUSH_WORLD,
+    also sent to the group's push buffers (kernels/all_reduce.py `push_row`; `peers`, the
+    rows' epochs, a slot's elements and the rank: `_gemv_kernel`'s push arguments)."""
+    y = epilogue(acc, scale, bias, W_SCALED, HAS_BIAS).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * stride_om + rn, y, mask=n_mask)
+    if PUSH_WORLD > 0:
+        push_row(y, row, rn, n_mask, N, peers, epoch_ptr, slot, rank, PUSH_WORLD, PUSH_SLOTS)
 
 
 @triton.jit
 def _store_rows(
-    acc0, acc1, acc2, acc3, rn, n_mask, scale, bias, out_ptr, stride_om,
-    M: tl.constexpr, W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    acc0, acc1, acc2, acc3, rn, n_mask, scale, bias, out_ptr, stride_om, N, peers, epoch_ptr,
+    slot, rank, M: tl.constexpr, W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PUSH_WORLD: tl.constexpr,
 ):  # fmt: skip
     """The first M rows' epilogues."""
-    _store_row(acc0, 0, rn, n_mask, scale, bias, out_ptr, stride_om, W_SCALED, HAS_BIAS)
+    _store_row(acc0, 0, rn, n_mask, scale, bias, out_ptr, stride_om, N, peers, epoch_ptr, slot,
+               rank, W_SCALED, HAS_BIAS, PUSH_WORLD)  # fmt: skip
     if M > 1:
-        _store_row(acc1, 1, rn, n_mask, scale, bias, out_ptr, stride_om, W_SCALED, HAS_BIAS)
+        _store_row(acc1, 1, rn, n_mask, scale, bias, out_ptr, stride_om, N, peers, epoch_ptr,
+                   slot, rank, W_SCALED, HAS_BIAS, PUSH_WORLD)  # fmt: skip
     if M > 2:
-        _store_row(acc2, 2, rn, n_mask, scale, bias, out_ptr, stride_om, W_SCALED, HAS_BIAS)
+        _store_row(acc2, 2, rn, n_mask, scale, bias, out_ptr, stride_om, N, peers, epoch_ptr,
+                   slot, rank, W_SCALED, HAS_BIAS, PUSH_WORLD)  # fmt: skip
     if M > 3:
-        _store_row(acc3, 3, rn, n_mask, scale, bias, out_ptr, stride_om, W_SCALED, HAS_BIAS)
-
-
-@triton.jit
-def _push_rows(
-    acc0, acc1, acc2, acc3, rn, n_mask, scale, bias, N, peers, epoch_ptr, slot, rank, dtype,
-    M: tl.constexpr, W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, WORLD: tl.constexpr,
-):  # fmt: skip
-    """The first M rows' y, as `_store_rows` stores them, sent to the group's push buffers
-    (nothing for WORLD 0)."""
-    if WORLD > 0:
-        _push_one(acc0, 0, rn, n_mask, scale, bias, N, peers, epoch_ptr, slot, rank, dtype,
-                  W_SCALED, HAS_BIAS, WORLD)  # fmt: skip
-        if M > 1:
-            _push_one(acc1, 1, rn, n_mask, scale, bias, N, peers, epoch_ptr, slot, rank, dtype,
-                      W_SCALED, HAS_BIAS, WORLD)  # fmt: skip
-        if M > 2:
-            _push_one(acc2, 2, rn, n_mask, scale, bias, N, peers, epoch_ptr, slot, rank, dtype,
-                      W_SCALED, HAS_BIAS, WORLD)  # fmt: skip
-        if M > 3:
-            _push_one(acc3, 3, rn, n_mask, scale, bias, N, peers, epoch_ptr, slot, rank, dtype,
-                      W_SCALED, HAS_BIAS, WORLD)  # fmt: skip
-
-
-@triton.jit
-def _push_one(
-    acc, row, rn, n_mask, scale, bias, N, peers, epoch_ptr, slot, rank, dtype,
-    W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, WORLD: tl.constexpr,
-):  # fmt: skip
-    y = epilogue(acc, scale, bias, W_SCALED, HAS_BIAS).to(dtype)
-    push_row(y, row, rn, n_mask, N, peers, epoch_ptr, slot, rank, WORLD, PUSH_SLOTS)
+        _store_row(acc3, 3, rn, n_mask, scale, bias, out_ptr, stride_om, N, peers, epoch_ptr,
+                   slot, rank, W_SCALED, HAS_BIAS, PUSH_WORLD)  # fmt: skip
 
 
 @triton.jit
@@ -391,11 +370,9 @@ def _gemv_kernel(
         )  # fmt: skip
 
     if SPLIT_K == 1:
-        _store_rows(acc0, acc1, acc2, acc3, rn, n_mask, scale, bias, out_ptr, stride_om,
-                    M, W_SCALED, HAS_BIAS)  # fmt: skip
-        _push_rows(acc0, acc1, acc2, acc3, rn, n_mask, scale, bias, N, peers, push_epoch_ptr,
-                   push_slot, push_rank, out_ptr.dtype.element_ty, M, W_SCALED, HAS_BIAS,
-                   PUSH_WORLD)  # fmt: skip
+        _store_rows(acc0, acc1, acc2, acc3, rn, n_mask, scale, bias, out_ptr, stride_om, N,
+                    peers, push_epoch_ptr, push_slot, push_rank, M, W_SCALED, HAS_BIAS,
+                    PUSH_WORLD)  # fmt: skip
     else:
         _store_partials(part_ptr + pid_k * M * N + rn, acc0, acc1, acc2, acc3, n_mask, N, M)
         if not DEFER and arrive_last(count_ptr + pid_n, SPLIT_K):  # the column tile's epilogue
@@ -403,11 +380,9 @@ def _gemv_kernel(
             acc1 = _row_total(part_ptr, 1, rn, n_mask, N, M, SPLIT_K)
             acc2 = _row_total(part_ptr, 2, rn, n_mask, N, M, SPLIT_K)
             acc3 = _row_total(part_ptr, 3, rn, n_mask, N, M, SPLIT_K)
-            _store_rows(acc0, acc1, acc2, acc3, rn, n_mask, scale, bias, out_ptr, stride_om,
-                        M, W_SCALED, HAS_BIAS)  # fmt: skip
-            _push_rows(acc0, acc1, acc2, acc3, rn, n_mask, scale, bias, N, peers,
-                       push_epoch_ptr, push_slot, push_rank, out_ptr.dtype.element_ty, M,
-                       W_SCALED, HAS_BIAS, PUSH_WORLD)  # fmt: skip
+            _store_rows(acc0, acc1, acc2, acc3, rn, n_mask, scale, bias, out_ptr, stride_om, N,
+                        peers, push_epoch_ptr, push_slot, push_rank, M, W_SCALED, HAS_BIAS,
+                        PUSH_WORLD)  # fmt: skip
             tl.atomic_xchg(count_ptr + pid_n, 0)  # clean for the next call
 
 
