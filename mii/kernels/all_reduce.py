@@ -27,14 +27,13 @@ these machines.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
 
 from mii.kernels.pdl import pdl_args, release_next, wait_prior
 from mii.kernels.rms_norm import add_rounded, normalized
+from mii.kernels.torch_ref import Pushed  # noqa: F401 - what `gemv(..., push=)` returns
 
 MAX_RANKS = 8
 ABORT_POLL = tl.constexpr(1024)
@@ -343,20 +342,6 @@ class PeerBuffers:
     def capacity(self) -> int:
         """The most elements one call takes."""
         return min(self.data.shape[-1], self.flags.shape[0] * BLOCK)
-
-
-class Pushed(NamedTuple):
-    """A row-parallel projection's rows on this rank (its part of their sum over the group)
-    that the GEMV making them sent to every peer already (`gemv(..., push=buffers)`). The
-    RMSNorm after the projection completes the all-reduce:
-    `one_shot_all_reduce_norm(y, ..., buffers, pushed=True)`."""
-
-    y: torch.Tensor
-    buffers: PeerBuffers
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.y.shape
 
 
 def push_data(world: int, capacity: int, dtype: torch.dtype, device) -> torch.Tensor:

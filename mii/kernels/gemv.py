@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 
 from mii.kernels.activation import act_and_mul
-from mii.kernels.all_reduce import MAX_RANKS, PeerBuffers, Pushed, peer_table, push_row
+from mii.kernels.all_reduce import MAX_RANKS, PeerBuffers, peer_table, push_row
 from mii.kernels.pdl import pdl_args, release_next, wait_prior
 from mii.kernels.split_k import (
     arrive_last,
@@ -63,7 +63,7 @@ from mii.kernels.split_k import (
     split_tiles,
     split_total,
 )
-from mii.kernels.torch_ref import SplitSums, gelu_tanh_and_mul_ref, silu_and_mul_ref
+from mii.kernels.torch_ref import Pushed, SplitSums, gelu_tanh_and_mul_ref, silu_and_mul_ref
 
 GATED_REFS = {"silu": silu_and_mul_ref, "gelu_tanh": gelu_tanh_and_mul_ref}
 """The gated activations `gemv` folds into its load of x, by name, with their references."""

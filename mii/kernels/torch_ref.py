@@ -23,7 +23,7 @@ Triton kernels fold the K scale into the score scale and the V scale into the ou
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -293,6 +293,20 @@ class SplitSums(NamedTuple):
         if self.bias is not None:
             acc = acc + self.bias.float()
         return acc.to(self.dtype)
+
+
+class Pushed(NamedTuple):
+    """A row-parallel projection's rows on this rank (its part of their sum over the group)
+    that the GEMV making them sent to every peer already (kernels/gemv.py,
+    `gemv(..., push=buffers)`). The RMSNorm after the projection completes the all-reduce
+    (kernels/all_reduce.py `one_shot_all_reduce_norm(y, ..., buffers, pushed=True)`)."""
+
+    y: torch.Tensor
+    buffers: Any  # kernels/all_reduce.py PeerBuffers
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.y.shape
 
 
 def rms_norm_ref(

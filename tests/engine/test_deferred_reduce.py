@@ -12,7 +12,7 @@ from test_tensor_parallel import pipeline
 
 from mii.engine.layers.norm import RMSNorm
 from mii.engine.tp.context import SINGLE
-from mii.kernels.all_reduce import Pushed
+from mii.kernels.torch_ref import Pushed
 
 
 @pytest.mark.timeout(120)

@@ -8,9 +8,8 @@ from torch import nn
 from mii.engine.layers.linear import LinearBase
 from mii.engine.tp.context import ParallelContext
 from mii.kernels import dispatch
-from mii.kernels.all_reduce import Pushed
 from mii.kernels.fp8_ref import QuantizedRows
-from mii.kernels.torch_ref import SplitSums
+from mii.kernels.torch_ref import Pushed, SplitSums
 
 
 class RMSNorm(nn.Module):
