@@ -338,6 +338,15 @@ class PeerBuffers:
         from then on (for a group being torn down after a rank died)."""
         self.abort_word[0] = 1
 
+    def takes_rows(self, rows: int, width: int, dtype: torch.dtype) -> bool:
+        """Whether `one_shot_all_reduce_norm` takes (rows, width) of dtype over these."""
+        return (
+            dtype == self.data.dtype
+            and 0 < rows <= self.flags.shape[0]
+            and rows * width <= self.data.shape[-1]
+            and self.row_width in (0, width)
+        )
+
     @property
     def capacity(self) -> int:
         """The most elements one call takes."""

@@ -415,7 +415,8 @@ def gemv(
     where the tile splits K, return the `SplitSums` for the kernel after to add up. `push`:
     y is this rank's part of a sum over the group of these push buffers; each tile of it is
     sent to the peers as it is stored, and y comes as `Pushed` for the norm after to finish
-    (`one_shot_all_reduce_norm(..., pushed=True)`); not with `defer`."""
+    (`one_shot_all_reduce_norm(..., pushed=True)`); not with `defer`. A y the buffers
+    cannot take comes plain."""
     assert gated is None or gated in GATED_REFS, f"gated activation {gated!r}"
     assert x.dim() == 2 and x.stride(1) == 1, "x must be (M, K) with dense rows"
     m, n, k = x.shape[0], weight.shape[0], weight.shape[-1]
@@ -439,13 +440,12 @@ def gemv(
     tile = tile or gemv_tile(m, n, k, weight.element_size(), _sm_count(x.device))
     defer = defer and tile.split_k > 1
     if push is not None:
-        assert not defer, "a pushed GEMV stores y"
-        assert push.push and x.dtype == push.data.dtype, "push buffers of y's dtype"
-        assert m <= push.flags.shape[0] and m * n <= push.data.shape[-1], (
-            "y larger than the push buffers"
-        )
-        assert push.row_width in (0, n), "one width of rows per buffers"
-        push.row_width = n
+        assert push.push and not defer, "a GEMV pushes y, to push buffers"
+        # y those buffers cannot take (a small MII_PEER_ALL_REDUCE_MAX_BYTES, another dtype)
+        # comes plain, and the norm after all-reduces it as it would without the push
+        push = push if push.takes_rows(m, n, x.dtype) else None
+        if push is not None:
+            push.row_width = n
     out = torch.empty((0 if defer else m, n), dtype=x.dtype, device=x.device)
     if tile.split_k > 1:
         partials, counters = reserve_workspace(

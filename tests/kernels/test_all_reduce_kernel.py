@@ -329,16 +329,26 @@ def test_gemv_pushes_its_rows_for_the_norm(ar_interpreted, world, rows, split_k)
     check_gemv_push(ar_interpreted, gemv, norm, world, rows, torch.float32, "cpu", split_k)
 
 
-def test_gemv_push_refuses_what_the_buffers_cannot_take(ar_interpreted):
+def test_gemv_push_gives_plain_rows_where_the_buffers_cannot_take_them(ar_interpreted):
+    """Rows past the buffers' size, of another dtype or another width than the rows they
+    took come plain (the norm after all-reduces them without the push); pull buffers and a
+    deferred push are refused."""
     m, gemv = ar_interpreted, importlib.import_module("mii.kernels.gemv")
     pulled = Group(m, 2, 64, torch.float32, "cpu", programs=2).view(0)
-    pushed = Group(m, 2, 64, torch.float32, "cpu", programs=2, push=True).view(0)
+    group = Group(m, 2, 64, torch.float32, "cpu", programs=2, push=True)
+    pushed = group.view(0)
     x, w = torch.ones(1, 32), torch.ones(16, 32)
-    with pytest.raises(AssertionError, match="push buffers"):
+    for rows, width, dtype in ((3, 32, torch.float32), (1, 96, torch.float32),
+                               (1, 16, torch.float16)):  # fmt: skip
+        y = gemv.gemv(torch.ones(rows, 32, dtype=dtype), torch.ones(width, 32, dtype=dtype),
+                      push=pushed)  # fmt: skip
+        assert isinstance(y, torch.Tensor) and y.shape == (rows, width)
+    assert empty(group.data[1]).all() and pushed.row_width == 0, "nothing sent"
+    assert isinstance(gemv.gemv(x, w, push=pushed), m.Pushed) and pushed.row_width == 16
+    assert isinstance(gemv.gemv(torch.ones(1, 32), torch.ones(32, 32), push=pushed), torch.Tensor)
+    with pytest.raises(AssertionError, match="to push buffers"):
         gemv.gemv(x, w, push=pulled)
-    with pytest.raises(AssertionError, match="larger than the push buffers"):
-        gemv.gemv(torch.ones(3, 32), torch.ones(32, 32), push=pushed)
-    with pytest.raises(AssertionError, match="stores y"):
+    with pytest.raises(AssertionError, match="to push buffers"):
         tile = gemv.GemvTile(block_n=16, block_k=16, split_k=2, num_warps=4, num_stages=2)
         gemv.gemv(x, w, tile=tile, defer=True, push=pushed)
     with pytest.raises(AssertionError, match="pushed rows"):
