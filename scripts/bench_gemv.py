@@ -14,6 +14,11 @@ o 2048->4096). Per shape and M, each checked against the float32 reference, then
 - gemv_fp8_deferred: the same with `defer=True`: where K splits, the partial sums stored
   and no epilogue (the reader after it adds them up: `SplitSums`), so the difference to
   gemv_fp8 is what the epilogue costs
+- gemv_deferred: the bf16 GEMV with `defer=True` (the engine defers float8 GEMVs only)
+
+`--norm` times each method with the residual add and RMSNorm after it (kernels/rms_norm.py,
+given the `SplitSums` where deferred): the pair the engine runs for the output and down
+projections, so a deferred row shows what leaving the splits to the norm costs or saves.
 
 Timing as the engine's decode steps run: PER_GRAPH calls captured in one CUDA graph, replayed
 REPLAYS times. The calls cycle over enough copies of the weights that they do not stay in L2
@@ -24,7 +29,7 @@ projections (and of the TP=2 rank's) against the weights' read floor at copy ban
 --sweep also times a set of tiles per shape around `gemv_tile`'s and prints the best.
 Writes $OUT/bench_gemv.json.
 
-    python scripts/bench_gemv.py [--sweep] [--rows 1 2 4] [--shapes qkv tp2_o ...]
+    python scripts/bench_gemv.py [--sweep] [--norm] [--rows 1 2 4] [--shapes qkv tp2_o ...]
 """
 
 from __future__ import annotations
@@ -56,12 +61,12 @@ SHAPES = {  # name: (N, K, group)
 }
 """Mixtral-8x7B's attention at TP=2 is tp2_qkv (3072x4096) and tp2_o (4096x2048)."""
 ROWS = (1, 2, 4)
-METHODS = ("cublas", "gemv", "fp8_linear", "gemv_fp8", "gemv_fp8_deferred")
+METHODS = ("cublas", "gemv", "gemv_deferred", "fp8_linear", "gemv_fp8", "gemv_fp8_deferred")
 LAYERS = 32
 REPLAYS, PER_GRAPH = 20, 50
 COLD_BYTES = 256 << 20  # weight copies cycled per graph: more than an H100's 50 MB L2
-MAX_REL_ERR = {"cublas": 1e-2, "gemv": 1e-2, "fp8_linear": 5e-2, "gemv_fp8": 1e-2,
-               "gemv_fp8_deferred": 1e-2}  # fmt: skip
+MAX_REL_ERR = {"cublas": 1e-2, "gemv": 1e-2, "gemv_deferred": 1e-2, "fp8_linear": 5e-2,
+               "gemv_fp8": 1e-2, "gemv_fp8_deferred": 1e-2}  # fmt: skip
 """fp8_linear at decode sizes quantizes the activations to float8 too (W8A8)."""
 
 
@@ -73,9 +78,12 @@ class Operands:
     """x (M, K) bf16; bf16 weights and their float8 quantization, each in enough copies to
     cycle through without L2 hits."""
 
-    def __init__(self, m: int, n: int, k: int, hot: bool = False):
+    def __init__(self, m: int, n: int, k: int, hot: bool = False, norm: bool = False):
         gen = torch.Generator(device="cuda").manual_seed(m * 131 + n + k)
         self.x = torch.randn(m, k, device="cuda", generator=gen, dtype=torch.bfloat16)
+        self.norm = norm  # each call followed by the residual add and RMSNorm (--norm)
+        self.residual = torch.randn(m, n, device="cuda", generator=gen, dtype=torch.bfloat16)
+        self.norm_weight = torch.rand(n, device="cuda", generator=gen, dtype=torch.bfloat16)
         w = torch.randn(n, k, device="cuda", generator=gen, dtype=torch.bfloat16) * 0.02
         q, scale = quantize_rows(w)
         self.ref = self.x.float() @ w.float().t()
@@ -88,12 +96,24 @@ class Operands:
         self.scale = scale
 
     def call(self, method: str, tile=None):
-        """fn(i) running `method` on the i-th weight copy (cycled)."""
+        """fn(i) running `method` on the i-th weight copy (cycled); with `norm`, the RMSNorm
+        of its y (or of its `SplitSums`) plus the residual after it."""
+        product = self._product(method, tile)
+        if not self.norm:
+            return product
+        from mii.kernels.rms_norm import rms_norm
+
+        residual, weight = self.residual, self.norm_weight
+        return lambda i: rms_norm(product(i), weight, 1e-5, residual)
+
+    def _product(self, method: str, tile=None):
         x, ws, qs, scale = self.x, self.w, self.q, self.scale
         if method == "cublas":
             return lambda i: torch.matmul(x, ws[i % len(ws)].t())
         if method == "gemv":
             return lambda i: gemv_mod.gemv(x, ws[i % len(ws)], tile=tile)
+        if method == "gemv_deferred":
+            return lambda i: gemv_mod.gemv(x, ws[i % len(ws)], tile=tile, defer=True)
         if method == "fp8_linear":
             from mii.kernels.fp8_gemm import fp8_linear
 
@@ -105,7 +125,9 @@ class Operands:
         raise ValueError(method)
 
     def check(self, method: str, tile=None) -> float:
-        out = self.call(method, tile)(0)
+        """The product's error (the norm after it, with --norm, is not checked here: its
+        kernel tests hold a SplitSums' norm to the norm of y, bit for bit)."""
+        out = self._product(method, tile)(0)
         out = out.total() if isinstance(out, gemv_mod.SplitSums) else out
         err = rel_err(out, self.ref_fp8 if "fp8" in method else self.ref)
         assert err < MAX_REL_ERR[method], f"{method} {tile}: rel err {err:.3g}"
@@ -132,10 +154,10 @@ def sweep_tiles(m: int, n: int, k: int, itemsize: int) -> list:
     return sorted(tiles)
 
 
-def bench_shape(name: str, m: int, sweep: bool, hot: bool = False) -> dict:
+def bench_shape(name: str, m: int, sweep: bool, hot: bool = False, norm: bool = False) -> dict:
     n, k, group = SHAPES[name]
-    ops = Operands(m, n, k, hot)
-    row = {"shape": name, "group": group, "m": m, "n": n, "k": k}
+    ops = Operands(m, n, k, hot, norm)
+    row = {"shape": name, "group": group, "m": m, "n": n, "k": k, "norm": norm}
     sms = gemv_mod._sm_count(torch.device("cuda"))
     row["tile_bf16"] = tuple(gemv_mod.gemv_tile(m, n, k, 2, sms))
     row["tile_fp8"] = tuple(gemv_mod.gemv_tile(m, n, k, 1, sms))
@@ -167,7 +189,8 @@ def bench_shape(name: str, m: int, sweep: bool, hot: bool = False) -> dict:
 
 def table(rows: list[dict], gbps: float) -> str:
     lines = [f"{torch.cuda.get_device_name()}: copy bandwidth {gbps:.0f} GB/s (read + write); "
-             f"us per call (weight GB/s), CUDA graphs of {PER_GRAPH} calls, L2-cold weights",
+             f"us per call (weight GB/s), CUDA graphs of {PER_GRAPH} calls, L2-cold weights"
+             + ("; each call with the RMSNorm after it" if rows and rows[0].get("norm") else ""),
              ""]  # fmt: skip
     lines.append(f"{'shape':12} {'M':>2} " + " ".join(f"{c:>17}" for c in METHODS)
                  + "  gemv / cublas, gemv_fp8 / fp8_linear")  # fmt: skip
@@ -207,6 +230,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sweep", action="store_true", help="sweep the gemv tiles per shape")
     ap.add_argument("--hot", action="store_true", help="the same weights every call (L2)")
+    ap.add_argument("--norm", action="store_true", help="each call followed by the RMSNorm")
     ap.add_argument("--rows", type=int, nargs="+", default=list(ROWS), help="the M to time")
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     return ap.parse_args(argv)
@@ -222,7 +246,7 @@ def main(argv=None) -> None:
     rows = []
     for m in args.rows:
         for name in args.shapes:
-            rows.append(bench_shape(name, m, args.sweep, args.hot))
+            rows.append(bench_shape(name, m, args.sweep, args.hot, args.norm))
             brief = {c: round(rows[-1][c], 2) for c in METHODS}
             print(f"{name} M={m} {brief}", flush=True)
     text = table(rows, gbps)
