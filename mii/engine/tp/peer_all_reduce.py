@@ -273,8 +273,8 @@ class PeerAllReduce:
         return (
             self.norm_buffers is not None
             and x.dim() == 2
-            and 0 < x.shape[0] <= NORM_ROWS
             and self.fits(x)
+            and self.norm_buffers.takes_rows(x.shape[0], x.shape[1], x.dtype)
             and residual.shape == x.shape
             and residual.dtype == x.dtype
             and residual.is_contiguous()
